@@ -1,0 +1,76 @@
+"""The Transformer family in JAX/Flax: one attention, one block, three architectures.
+
+Glossary
+--------
+Shape letters (as in `jax.nn.dot_product_attention`):
+    B batch, T query length, S key/value length, N query heads, K key/value heads,
+    H head dimension, D model dimension (d_model), F feed-forward dimension (d_ff),
+    V vocabulary size, L layers.
+Masks: boolean, True = may attend, shaped [B, 1, T, S]; built from positions and segment ids.
+Segment ids: [B, T] ints; 0 = padding, equal non-zero ids = the same packed document.
+Logical axis names (for sharding): see `transformer.sharding`.
+Dtypes: parameters in `param_dtype` (float32), compute in `dtype`; softmax, logits and
+losses in float32.
+"""
+
+from transformer.attention import attention_weights, dot_product_attention
+from transformer.cache import DecoderCache, KVCache, init_cache
+from transformer.config import (
+    PRESETS,
+    Activation,
+    AttentionImplementation,
+    ModelConfig,
+    Norm,
+    NormPosition,
+    PositionEncoding,
+    RematPolicy,
+)
+from transformer.layers import Block, Embedder, FeedForward, MultiHeadAttention, RelativePositionBias
+from transformer.masks import (
+    AttentionMask,
+    causal_mask,
+    cross_attention_mask,
+    padding_mask,
+    segment_mask,
+    self_attention_mask,
+)
+from transformer.models import CausalLM, MaskedLM, Seq2SeqLM, SequenceClassifier, TokenClassifier, merge_pretrained
+from transformer.positions import apply_rotary, relative_position_bucket, sinusoidal_embedding
+from transformer.stacks import Stack
+
+__all__ = [
+    "PRESETS",
+    "Activation",
+    "AttentionImplementation",
+    "AttentionMask",
+    "Block",
+    "CausalLM",
+    "DecoderCache",
+    "Embedder",
+    "FeedForward",
+    "KVCache",
+    "MaskedLM",
+    "ModelConfig",
+    "MultiHeadAttention",
+    "Norm",
+    "NormPosition",
+    "PositionEncoding",
+    "RelativePositionBias",
+    "RematPolicy",
+    "Seq2SeqLM",
+    "SequenceClassifier",
+    "Stack",
+    "TokenClassifier",
+    "apply_rotary",
+    "attention_weights",
+    "causal_mask",
+    "cross_attention_mask",
+    "dot_product_attention",
+    "init_cache",
+    "merge_pretrained",
+    "padding_mask",
+    "relative_position_bucket",
+    "segment_mask",
+    "self_attention_mask",
+    "sinusoidal_embedding",
+]

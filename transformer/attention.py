@@ -1,0 +1,236 @@
+"""Scaled dot-product attention: one pure function, four implementations.
+
+Shapes (letters as in `jax.nn.dot_product_attention`):
+    q: [B, T, N, H]    k, v: [B, S, K, H]    output: [B, T, N, H]
+with N query heads sharing K key/value heads (grouped-query attention when K < N; query head
+n uses key/value head n // (N // K)). Logits and softmax are computed in float32.
+
+Implementations:
+    "reference"  plain einsums; the ground truth every other implementation is tested against.
+    "xla"        `jax.nn.dot_product_attention` lowered by XLA.
+    "cudnn"      `jax.nn.dot_product_attention` on cuDNN's fused flash attention (NVIDIA GPUs,
+                 bfloat16/float16 inputs). Only used when asked for explicitly.
+    "chunked"    online softmax over blocks of queries and keys (Rabe & Staats 2021; flash
+                 attention's recurrence): memory grows linearly with length, in the forward
+                 and (through rematerialisation of each query block) the backward pass.
+
+Rows whose mask allows no key at all (padding queries) produce unspecified values.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from transformer.config import AttentionImplementation
+from transformer.masks import AttentionMask
+
+Mask = AttentionMask | jax.Array | None
+
+# Masked logits get this value rather than -inf, so a fully masked row stays finite.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Mask = None,
+    bias: jax.Array | None = None,
+    *,
+    scale: float | None = None,
+    implementation: AttentionImplementation | str = AttentionImplementation.XLA,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    chunk_size: int = 512,
+) -> jax.Array:
+    """softmax(q k^T * scale + bias, masked) v.
+
+    mask: an `AttentionMask`, or a boolean array broadcastable to [B, N, T, S] (True = attend).
+    bias: float array broadcastable to [B, N, T, S], added to the logits (T5 relative bias).
+    scale: multiplies the logits; defaults to 1 / sqrt(H).
+    dropout_rate, dropout_rng: dropout on the attention weights (training only). With "xla",
+        the weights are then computed explicitly, as "reference" does.
+    chunk_size: block length of queries and keys for "chunked".
+    """
+    implementation = AttentionImplementation(implementation)
+    _check_shapes(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dropout = dropout_rate > 0.0
+    if dropout and dropout_rng is None:
+        raise ValueError("dropout_rate > 0 needs a dropout_rng.")
+
+    if implementation == AttentionImplementation.CHUNKED:
+        return _chunked_attention(q, k, v, mask, bias, scale, chunk_size, dropout_rate, dropout_rng)
+    if implementation == AttentionImplementation.REFERENCE or (
+        implementation == AttentionImplementation.XLA and dropout
+    ):
+        weights = attention_weights(q, k, mask, bias, scale=scale)
+        if dropout:
+            weights = _dropout(weights, dropout_rate, dropout_rng)
+        return _weighted_values(weights, v)
+    if implementation == AttentionImplementation.CUDNN:
+        if dropout:
+            raise ValueError("The 'cudnn' attention implementation has no attention dropout; set "
+                             "attention_dropout_rate=0 or use the 'xla' implementation.")
+        if jax.default_backend() != "gpu":
+            raise ValueError(
+                f"The 'cudnn' attention implementation needs an NVIDIA GPU, but JAX runs on "
+                f"{jax.default_backend()!r}; use 'xla' or 'chunked'."
+            )
+    dense = _dense_mask(mask)
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=dense, scale=scale,
+        implementation=implementation.value,
+    )
+
+
+def attention_weights(
+    q: jax.Array, k: jax.Array, mask: Mask = None, bias: jax.Array | None = None, *, scale: float | None = None
+) -> jax.Array:
+    """The attention probabilities softmax(q k^T * scale + bias, masked). -> [B, N, T, S] float32."""
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    scale = head_dim ** -0.5 if scale is None else scale
+    q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, T, K, G, H]
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(batch, num_heads, q_len, k.shape[1]) * scale  # [B, N, T, S]
+    if bias is not None:
+        logits += bias.astype(jnp.float32)
+    dense = _dense_mask(mask)
+    if dense is not None:
+        logits = jnp.where(dense, logits, _MASK_VALUE)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _weighted_values(weights: jax.Array, v: jax.Array) -> jax.Array:
+    """[B, N, T, S] weights x [B, S, K, H] values -> [B, T, N, H]."""
+    batch, num_heads, q_len, kv_len = weights.shape
+    num_kv_heads = v.shape[2]
+    weights = weights.reshape(batch, num_kv_heads, num_heads // num_kv_heads, q_len, kv_len)
+    out = jnp.einsum("bkgts,bskh->btkgh", weights.astype(v.dtype), v)
+    return out.reshape(batch, q_len, num_heads, v.shape[-1])
+
+
+def _check_shapes(q, k, v):
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(
+            f"Attention expects q [B, T, N, H] and k, v [B, S, K, H]; got {q.shape}, {k.shape}, {v.shape}."
+        )
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"Attention shapes do not match: q {q.shape}, k {k.shape}; batch and head dim must "
+            "agree and the number of key/value heads must divide the number of query heads."
+        )
+
+
+def _dense_mask(mask: Mask) -> jax.Array | None:
+    return mask.dense() if isinstance(mask, AttentionMask) else mask
+
+
+def _dropout(weights: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    return jnp.where(keep, weights / (1.0 - rate), 0.0)
+
+
+def _blocks(x: jax.Array, axis: int, block: int) -> jax.Array:
+    """Pads `axis` to a multiple of `block` and moves the block index to the front.
+
+    [..., L, ...] -> [L // block, ..., block, ...]; a size-1 (broadcast) axis stays as it is,
+    with a leading block axis of 1.
+    """
+    if x.shape[axis] == 1:
+        return jnp.expand_dims(x, 0)
+    pad = -x.shape[axis] % block
+    x = jnp.pad(x, [(0, pad) if i == axis else (0, 0) for i in range(x.ndim)])
+    x = x.reshape(*x.shape[:axis], x.shape[axis] // block, block, *x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def _blocks_2d(x: jax.Array, q_block: int, kv_block: int) -> jax.Array:
+    """[B, M, T, S] -> [T // q_block, S // kv_block, B, M, q_block, kv_block] (see `_blocks`)."""
+    return jnp.swapaxes(_blocks(_blocks(x, 2, q_block), 4, kv_block), 0, 1)
+
+
+def _pick(blocks: jax.Array, index: jax.Array) -> jax.Array:
+    """Block `index` of `_blocks` output (block 0 when the axis was broadcast)."""
+    return blocks[jnp.minimum(index, blocks.shape[0] - 1)]
+
+
+def _chunked_attention(q, k, v, mask, bias, scale, chunk_size, dropout_rate, dropout_rng):
+    batch, q_len, num_heads, head_dim = q.shape
+    kv_len, num_kv_heads = k.shape[1], k.shape[2]
+    groups = num_heads // num_kv_heads
+    q_block, kv_block = min(chunk_size, q_len), min(chunk_size, kv_len)
+    num_q_blocks, num_kv_blocks = -(-q_len // q_block), -(-kv_len // kv_block)
+
+    if mask is None:  # still needed: padding keys up to a whole block must be masked
+        mask = AttentionMask(
+            jnp.ones((batch, q_len), jnp.int32), jnp.ones((batch, kv_len), jnp.int32),
+            jnp.zeros((batch, q_len), jnp.int32), jnp.zeros((batch, kv_len), jnp.int32),
+        )
+    if isinstance(mask, AttentionMask):  # factors in blocks: [num_blocks, B, block]
+        q_factors = (_blocks(mask.q_segment_ids, 1, q_block), _blocks(mask.q_positions, 1, q_block))
+        kv_factors = (_blocks(mask.kv_segment_ids, 1, kv_block), _blocks(mask.kv_positions, 1, kv_block))
+        dense_blocks = None
+    else:  # [num_q_blocks, num_kv_blocks, B, 1|N, q_block, kv_block]
+        mask = jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, kv_len))
+        dense_blocks = _blocks_2d(mask, q_block, kv_block)
+    bias_blocks = None if bias is None else _blocks_2d(bias, q_block, kv_block)
+
+    q_blocks = _blocks(q, 1, q_block)  # [nq, B, q_block, N, H]
+    k_blocks = _blocks(k, 1, kv_block)  # [nk, B, kv_block, K, H]
+    v_blocks = _blocks(v, 1, kv_block)
+
+    def to_groups(x):  # [B, 1|N, t, s] -> [B, 1|K, 1|G, t, s], matching [B, K, G, t, s] logits
+        if x.shape[1] == 1:
+            return x[:, :, None]
+        return x.reshape(x.shape[0], num_kv_heads, groups, *x.shape[2:])
+
+    def attend_query_block(xs):
+        qi, qb = xs
+        qb = qb.reshape(batch, q_block, num_kv_heads, groups, head_dim)
+
+        def step(carry, xs):
+            ki, kb, vb = xs
+            running_max, normalizer, acc = carry
+            logits = jnp.einsum("bqkgh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32)
+            logits *= scale  # [B, K, G, q_block, kv_block]
+            if bias_blocks is not None:
+                logits += to_groups(_pick(_pick(bias_blocks, qi), ki).astype(jnp.float32))
+            if dense_blocks is None:
+                block_mask = AttentionMask(
+                    _pick(q_factors[0], qi), _pick(kv_factors[0], ki),
+                    _pick(q_factors[1], qi), _pick(kv_factors[1], ki), causal=mask.causal,
+                ).dense()
+            else:
+                block_mask = _pick(_pick(dense_blocks, qi), ki)
+            logits = jnp.where(to_groups(block_mask), logits, _MASK_VALUE)
+            new_max = jnp.maximum(running_max, logits.max(axis=-1))
+            correction = jnp.exp(running_max - new_max)
+            probs = jnp.exp(logits - new_max[..., None])
+            normalizer = normalizer * correction + probs.sum(axis=-1)
+            if dropout_rate > 0.0:
+                rng = jax.random.fold_in(dropout_rng, qi * num_kv_blocks + ki)
+                probs = _dropout(probs, dropout_rate, rng)
+            acc = acc * correction[..., None] + jnp.einsum(
+                "bkgqs,bskh->bkgqh", probs.astype(v.dtype), vb, preferred_element_type=jnp.float32
+            )
+            return (new_max, normalizer, acc), None
+
+        stats_shape = (batch, num_kv_heads, groups, q_block)
+        init = (
+            jnp.full(stats_shape, -jnp.inf, jnp.float32),
+            jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros((*stats_shape, head_dim), jnp.float32),
+        )
+        (_, normalizer, acc), _ = jax.lax.scan(step, init, (jnp.arange(num_kv_blocks), k_blocks, v_blocks))
+        out = acc / normalizer[..., None]  # [B, K, G, q_block, H]
+        return jnp.moveaxis(out, 3, 1).reshape(batch, q_block, num_heads, head_dim)
+
+    # Each query block is rematerialised in the backward pass, so only one block's
+    # [B, N, q_block, S] intermediates are alive at a time.
+    out = jax.lax.map(jax.checkpoint(attend_query_block), (jnp.arange(num_q_blocks), q_blocks))  # [nq, B, qb, N, H]
+    out = jnp.moveaxis(out, 0, 1).reshape(batch, num_q_blocks * q_block, num_heads, head_dim)
+    return out[:, :q_len].astype(q.dtype)
+

@@ -1,0 +1,335 @@
+"""ModelConfig: the architecture of every model in the library, and its named presets.
+
+The config holds the architecture only. Modes such as training versus inference
+(`deterministic`) or decoding (a cache) are call arguments, never config fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+import jax.numpy as jnp
+
+
+class PositionEncoding(enum.StrEnum):
+    SINUSOIDAL = "sinusoidal"  # fixed sin/cos added to the embeddings (2017 paper)
+    LEARNED = "learned"  # a trained table added to the embeddings (BERT, GPT-2)
+    ROPE = "rope"  # rotary, applied to queries and keys (RoFormer, LLaMA)
+    RELATIVE = "relative"  # T5 bucketed relative-position bias on the attention logits
+
+
+class Norm(enum.StrEnum):
+    LAYERNORM = "layernorm"
+    RMSNORM = "rmsnorm"
+
+
+class NormPosition(enum.StrEnum):
+    PRE = "pre"  # x + f(norm(x)), with a final norm after the stack (GPT-2, T5)
+    POST = "post"  # norm(x + f(x)) (2017 paper, BERT)
+
+
+class Activation(enum.StrEnum):
+    RELU = "relu"
+    GELU = "gelu"  # exact erf GELU (BERT)
+    GELU_TANH = "gelu_tanh"  # tanh approximation (GPT-2)
+    SWIGLU = "swiglu"  # gated: silu(x W) * (x V)
+    GEGLU = "geglu"  # gated: gelu(x W) * (x V)
+
+    @property
+    def gated(self) -> bool:
+        return self in (Activation.SWIGLU, Activation.GEGLU)
+
+
+class AttentionImplementation(enum.StrEnum):
+    REFERENCE = "reference"  # plain einsums, the ground truth for the others
+    XLA = "xla"  # jax.nn.dot_product_attention, XLA lowering
+    CUDNN = "cudnn"  # jax.nn.dot_product_attention, cuDNN flash attention (NVIDIA only)
+    CHUNKED = "chunked"  # online softmax over blocks: memory linear in length
+
+
+class RematPolicy(enum.StrEnum):
+    NONE = "none"  # keep every activation
+    FULL = "full"  # recompute the whole block in the backward pass
+    DOTS = "dots"  # keep matmul outputs, recompute the rest
+    DOTS_NO_BATCH = "dots_no_batch"  # keep weight matmuls, recompute attention
+
+
+_ENUM_FIELDS = {
+    "position": PositionEncoding,
+    "norm": Norm,
+    "norm_position": NormPosition,
+    "activation": Activation,
+    "attention_implementation": AttentionImplementation,
+    "remat_policy": RematPolicy,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of an encoder-only, decoder-only or encoder-decoder Transformer.
+
+    `num_encoder_layers` and `num_decoder_layers` say which stacks exist: BERT has
+    only an encoder, GPT-2 only a decoder, T5 and the 2017 Transformer both.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_heads: int
+    d_ff: int
+    num_encoder_layers: int = 0
+    num_decoder_layers: int = 0
+    num_kv_heads: int | None = None  # None: = num_heads; fewer = grouped/multi-query attention
+    head_dim: int | None = None  # None: d_model // num_heads
+    max_length: int = 512  # longest sequence (learned table size, generation limit)
+    position: PositionEncoding = PositionEncoding.LEARNED
+    rope_theta: float = 10_000.0
+    relative_num_buckets: int = 32
+    relative_max_distance: int = 128
+    norm: Norm = Norm.LAYERNORM
+    norm_position: NormPosition = NormPosition.PRE
+    norm_epsilon: float = 1e-5
+    embedding_norm: bool = False  # normalize the summed embeddings (BERT)
+    activation: Activation = Activation.GELU
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.0
+    use_bias: bool = True  # biases in attention and feed-forward projections
+    tie_embeddings: bool = True  # output logits use the token embedding matrix
+    scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (2017 paper)
+    rescale_tied_logits: bool = False  # multiply by d_model**-0.5 before tied logits (T5)
+    attention_logit_scaling: bool = True  # divide logits by sqrt(head_dim); T5 folds it into init
+    type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0 = none
+    dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)
+    param_dtype: str = "float32"
+    scan_layers: bool = True  # nn.scan over layers: compile time independent of depth
+    remat_policy: RematPolicy = RematPolicy.NONE
+    attention_implementation: AttentionImplementation = AttentionImplementation.XLA
+
+    def __post_init__(self):
+        for name, enum_type in _ENUM_FIELDS.items():
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum_type(value))
+            except ValueError:
+                choices = ", ".join(repr(m.value) for m in enum_type)
+                raise ValueError(
+                    f"ModelConfig.{name}={value!r} is not supported; choose one of {choices}."
+                ) from None
+        for name in ("dtype", "param_dtype"):
+            try:
+                dtype = jnp.dtype(getattr(self, name))
+            except TypeError:
+                dtype = None
+            if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(
+                    f"ModelConfig.{name}={getattr(self, name)!r} is not a floating dtype; "
+                    "use 'float32', 'bfloat16' or 'float16'."
+                )
+        self._check()
+
+    def _check(self):
+        def positive(name):
+            if getattr(self, name) is None or getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
+
+        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_length"):
+            positive(name)
+        for name in ("num_encoder_layers", "num_decoder_layers", "type_vocab_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.num_encoder_layers == 0 and self.num_decoder_layers == 0:
+            raise ValueError(
+                "ModelConfig has no layers: set num_encoder_layers (encoder-only), "
+                "num_decoder_layers (decoder-only) or both (encoder-decoder)."
+            )
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"ModelConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "choose num_heads dividing d_model, or set head_dim explicitly."
+            )
+        if self.head_dim is not None:
+            positive("head_dim")
+        kv_heads = self.kv_heads
+        if kv_heads <= 0 or self.num_heads % kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
+                "(grouped-query attention shares each key/value head among num_heads // num_kv_heads "
+                "query heads); use a divisor of num_heads, or None for num_heads."
+            )
+        if self.position == PositionEncoding.ROPE and self.dim_per_head % 2:
+            raise ValueError(
+                f"Rotary position encoding needs an even head dimension, got {self.dim_per_head}; "
+                "change head_dim (or d_model / num_heads)."
+            )
+        if self.position == PositionEncoding.SINUSOIDAL and self.d_model % 2:
+            raise ValueError(f"Sinusoidal positions need an even d_model, got {self.d_model}.")
+        if self.position == PositionEncoding.RELATIVE and self.relative_num_buckets < 4:
+            raise ValueError("ModelConfig.relative_num_buckets must be >= 4.")
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {rate}.")
+        if self.norm_epsilon <= 0:
+            raise ValueError(f"ModelConfig.norm_epsilon must be positive, got {self.norm_epsilon}.")
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (num_kv_heads, defaulting to num_heads)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        """Head dimension H (head_dim, defaulting to d_model // num_heads)."""
+        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (and validated); unknown fields are an error."""
+        _check_keys(changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (enums as strings), suitable for JSON or YAML."""
+        return {
+            f.name: (v.value if isinstance(v, enum.Enum) else v)
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """The inverse of `to_dict`; unknown keys are an error naming the valid ones."""
+        _check_keys(values)
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> ModelConfig:
+        """A named preset (see `PRESETS`), optionally with some fields changed."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}.")
+        return PRESETS[name].replace(**changes)
+
+
+def _check_keys(values: dict[str, Any]) -> None:
+    valid = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(
+            f"Unknown ModelConfig field(s) {', '.join(map(repr, unknown))}; valid fields: {', '.join(sorted(valid))}."
+        )
+
+
+# Reference architectures. Parameter counts are checked against the published
+# implementations in tests/test_presets.py.
+_BERT = dict(
+    vocab_size=30_522,
+    type_vocab_size=2,
+    max_length=512,
+    position=PositionEncoding.LEARNED,
+    norm=Norm.LAYERNORM,
+    norm_position=NormPosition.POST,
+    norm_epsilon=1e-12,
+    embedding_norm=True,
+    activation=Activation.GELU,
+    dropout_rate=0.1,
+    attention_dropout_rate=0.1,
+)
+_GPT2 = dict(
+    vocab_size=50_257,
+    max_length=1024,
+    position=PositionEncoding.LEARNED,
+    norm=Norm.LAYERNORM,
+    norm_position=NormPosition.PRE,
+    norm_epsilon=1e-5,
+    activation=Activation.GELU_TANH,
+    dropout_rate=0.1,
+    attention_dropout_rate=0.1,
+)
+_T5 = dict(
+    vocab_size=32_128,
+    max_length=512,
+    position=PositionEncoding.RELATIVE,
+    norm=Norm.RMSNORM,
+    norm_position=NormPosition.PRE,
+    norm_epsilon=1e-6,
+    activation=Activation.RELU,
+    dropout_rate=0.1,
+    use_bias=False,
+    rescale_tied_logits=True,
+    attention_logit_scaling=False,
+)
+_TRANSFORMER_2017 = dict(
+    vocab_size=37_000,  # shared source/target BPE vocabulary (the paper: "about 37000 tokens")
+    max_length=1024,
+    position=PositionEncoding.SINUSOIDAL,
+    norm=Norm.LAYERNORM,
+    norm_position=NormPosition.POST,
+    norm_epsilon=1e-6,
+    activation=Activation.RELU,
+    dropout_rate=0.1,
+    scale_embeddings=True,
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "bert-base": ModelConfig(**_BERT, d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=12),
+    "bert-large": ModelConfig(**_BERT, d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=24),
+    "bert-tiny": ModelConfig(
+        **{**_BERT, "vocab_size": 1024, "max_length": 128}, d_model=64, num_heads=4, d_ff=256, num_encoder_layers=2
+    ),
+    "gpt2-small": ModelConfig(**_GPT2, d_model=768, num_heads=12, d_ff=3072, num_decoder_layers=12),
+    "gpt2-medium": ModelConfig(**_GPT2, d_model=1024, num_heads=16, d_ff=4096, num_decoder_layers=24),
+    "gpt2-tiny": ModelConfig(
+        **{**_GPT2, "vocab_size": 1024, "max_length": 256}, d_model=64, num_heads=4, d_ff=256, num_decoder_layers=2
+    ),
+    "t5-small": ModelConfig(
+        **_T5, d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6, num_decoder_layers=6
+    ),
+    "t5-base": ModelConfig(
+        **_T5, d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=12, num_decoder_layers=12
+    ),
+    "t5-tiny": ModelConfig(
+        **{**_T5, "vocab_size": 1024, "max_length": 128},
+        d_model=64,
+        num_heads=4,
+        d_ff=256,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+    ),
+    "transformer-base": ModelConfig(
+        **_TRANSFORMER_2017, d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6, num_decoder_layers=6
+    ),
+    "transformer-big": ModelConfig(
+        **{**_TRANSFORMER_2017, "dropout_rate": 0.3},
+        d_model=1024,
+        num_heads=16,
+        d_ff=4096,
+        num_encoder_layers=6,
+        num_decoder_layers=6,
+    ),
+    "transformer-tiny": ModelConfig(
+        **{**_TRANSFORMER_2017, "vocab_size": 1024, "max_length": 128},
+        d_model=64,
+        num_heads=4,
+        d_ff=256,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+    ),
+    # A modern decoder-only recipe: rotary positions, RMSNorm, SwiGLU, grouped-query attention.
+    "llama-tiny": ModelConfig(
+        vocab_size=1024,
+        d_model=64,
+        num_heads=4,
+        num_kv_heads=2,
+        d_ff=192,
+        num_decoder_layers=2,
+        max_length=256,
+        position=PositionEncoding.ROPE,
+        norm=Norm.RMSNORM,
+        norm_position=NormPosition.PRE,
+        norm_epsilon=1e-6,
+        activation=Activation.SWIGLU,
+        dropout_rate=0.0,
+        use_bias=False,
+        tie_embeddings=False,
+    ),
+}

@@ -1,0 +1,276 @@
+"""Task models: thin heads over the shared embedder and stacks.
+
+    CausalLM            decoder-only language model (GPT-2)
+    MaskedLM            encoder + masked-LM head (+ next-sentence head) (BERT pretraining)
+    SequenceClassifier  encoder + pooled [CLS] classifier
+    TokenClassifier     encoder + per-token classifier
+    Seq2SeqLM           encoder-decoder (2017 Transformer, T5), with `encode` and `decode`
+
+Encoder models share the parameter names "embed", "encoder" and "pooler", so a pretrained
+body is moved under a new head with `merge_pretrained`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from transformer import sharding as ax
+from transformer.cache import DecoderCache
+from transformer.config import ModelConfig
+from transformer.layers import Embedder, activation_fn, dense, norm
+from transformer.positions import default_positions
+from transformer.stacks import Stack
+
+
+def _inputs(config: ModelConfig, tokens, segment_ids, positions, cache: DecoderCache | None = None):
+    """Checks [B, T] tokens and fills in default segment ids (all 1) and positions."""
+    if tokens.ndim != 2:
+        raise ValueError(f"Expected token ids of shape [batch, length], got shape {tokens.shape}.")
+    batch, length = tokens.shape
+    if cache is None and length > config.max_length:
+        raise ValueError(
+            f"Sequence length {length} exceeds the model's context of {config.max_length} tokens "
+            "(ModelConfig.max_length); truncate the input or use a config with a longer max_length."
+        )
+    if cache is not None and length > cache.max_length:
+        raise ValueError(f"{length} new tokens do not fit a cache of {cache.max_length} slots.")
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, length), jnp.int32)
+    if positions is None:
+        offset = 0 if cache is None else cache.lengths[:, None]
+        positions = default_positions(batch, length, offset)
+    return segment_ids, positions
+
+
+def _require(config: ModelConfig, *, encoder: bool = False, decoder: bool = False, model: str):
+    if encoder and config.num_encoder_layers == 0:
+        raise ValueError(f"{model} needs an encoder: set num_encoder_layers > 0.")
+    if decoder and config.num_decoder_layers == 0:
+        raise ValueError(f"{model} needs a decoder: set num_decoder_layers > 0.")
+
+
+def _output_logits(module: nn.Module, config: ModelConfig, x: jax.Array) -> jax.Array:
+    """[B, T, D] -> [B, T, V] float32, tied to the embeddings or through `lm_head`."""
+    if config.tie_embeddings:
+        return module.embed.attend(x)
+    return module.lm_head(x).astype(jnp.float32)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model: logits for the next token at every position."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        _require(cfg, decoder=True, model="CausalLM")
+        self.embed = Embedder(cfg)
+        self.decoder = Stack(cfg, cfg.num_decoder_layers, causal=True, name="decoder")
+        if not cfg.tie_embeddings:
+            self.lm_head = dense(cfg, cfg.vocab_size, (ax.EMBED, ax.VOCAB), use_bias=False, name="lm_head")
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: DecoderCache | None = None,
+        deterministic: bool = True,
+    ):
+        """tokens [B, T] -> logits [B, T, V] float32; with a cache, (logits, updated cache).
+
+        segment_ids [B, T]: 0 = padding, and packed documents get distinct ids so that they
+        never attend to each other. positions [B, T] default to 0..T-1 (after the cached
+        tokens when decoding). With a cache, the tokens extend each row of the cache; padding
+        (segment 0) at the end of a row is not counted in its length.
+        """
+        segment_ids, positions = _inputs(self.config, tokens, segment_ids, positions, cache)
+        x = self.embed(tokens, positions, deterministic=deterministic)
+        x, cache = self.decoder(x, segment_ids, positions, cache=cache, deterministic=deterministic)
+        logits = _output_logits(self, self.config, x)
+        return logits if cache is None else (logits, cache)
+
+
+class _EncoderModel(nn.Module):
+    """Embedder + encoder stack (+ pooler): the pretrained body of the encoder-only models."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        _require(cfg, encoder=True, model=type(self).__name__)
+        self.embed = Embedder(cfg)
+        self.encoder = Stack(cfg, cfg.num_encoder_layers, causal=False, name="encoder")
+        self.pooler = dense(cfg, cfg.d_model, (ax.EMBED, ax.EMBED), use_bias=True, name="pooler")
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def encode(self, tokens, token_types=None, segment_ids=None, positions=None, *, deterministic=True):
+        """tokens [B, T] -> hidden states [B, T, D]."""
+        segment_ids, positions = _inputs(self.config, tokens, segment_ids, positions)
+        x = self.embed(tokens, positions, token_types, deterministic=deterministic)
+        x, _ = self.encoder(x, segment_ids, positions, deterministic=deterministic)
+        return x
+
+    def pool(self, hidden: jax.Array) -> jax.Array:
+        """BERT's pooled representation: tanh(W h_[CLS] + b) of the first token. -> [B, D]."""
+        return jnp.tanh(self.pooler(hidden[:, 0]))
+
+
+class MaskedLM(_EncoderModel):
+    """Encoder with BERT's masked-LM head, and a next-sentence head when asked for.
+
+    Returns MLM logits [B, T, V] float32, or (MLM logits, NSP logits [B, 2]) with
+    `next_sentence_prediction=True`.
+    """
+
+    next_sentence_prediction: bool = False
+
+    def setup(self):
+        super().setup()
+        cfg = self.config
+        self.mlm_transform = dense(cfg, cfg.d_model, (ax.EMBED, ax.EMBED), use_bias=True, name="mlm_transform")
+        self.mlm_norm = norm(cfg, name="mlm_norm")
+        if cfg.tie_embeddings:
+            self.mlm_bias = self.param(
+                "mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, (ax.VOCAB,)),
+                (cfg.vocab_size,), cfg.param_dtype,
+            )
+        else:
+            self.lm_head = dense(cfg, cfg.vocab_size, (ax.EMBED, ax.VOCAB), use_bias=True, name="lm_head")
+        if self.next_sentence_prediction:
+            self.nsp_head = dense(cfg, 2, (ax.EMBED, ax.LABELS), use_bias=True, name="nsp_head")
+
+    def __call__(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
+        cfg = self.config
+        hidden = self.encode(tokens, token_types, segment_ids, positions, deterministic=deterministic)
+        h = self.mlm_norm(activation_fn(cfg.activation)(self.mlm_transform(hidden)))
+        logits = _output_logits(self, cfg, h)
+        if cfg.tie_embeddings:
+            logits += self.mlm_bias
+        if not self.next_sentence_prediction:
+            return logits
+        return logits, self.nsp_head(self.pool(hidden)).astype(jnp.float32)
+
+
+class SequenceClassifier(_EncoderModel):
+    """Encoder + pooled [CLS] + linear classifier: logits [B, num_labels] float32."""
+
+    num_labels: int = 2
+
+    def setup(self):
+        super().setup()
+        self.classifier = dense(self.config, self.num_labels, (ax.EMBED, ax.LABELS), use_bias=True, name="classifier")
+
+    def __call__(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
+        hidden = self.encode(tokens, token_types, segment_ids, positions, deterministic=deterministic)
+        pooled = self.dropout(self.pool(hidden), deterministic=deterministic)
+        return self.classifier(pooled).astype(jnp.float32)
+
+
+class TokenClassifier(_EncoderModel):
+    """Encoder + linear classifier on every token: logits [B, T, num_labels] float32."""
+
+    num_labels: int = 2
+
+    def setup(self):
+        super().setup()
+        self.classifier = dense(self.config, self.num_labels, (ax.EMBED, ax.LABELS), use_bias=True, name="classifier")
+
+    def __call__(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
+        hidden = self.encode(tokens, token_types, segment_ids, positions, deterministic=deterministic)
+        return self.classifier(self.dropout(hidden, deterministic=deterministic)).astype(jnp.float32)
+
+
+class Seq2SeqLM(nn.Module):
+    """Encoder-decoder: the decoder attends causally to itself and fully to the encoder output.
+
+    Source and target share one embedding matrix (and, tied, the output projection).
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        _require(cfg, encoder=True, decoder=True, model="Seq2SeqLM")
+        self.embed = Embedder(cfg)
+        self.encoder = Stack(cfg, cfg.num_encoder_layers, causal=False, name="encoder")
+        self.decoder = Stack(cfg, cfg.num_decoder_layers, causal=True, has_cross_attention=True, name="decoder")
+        if not cfg.tie_embeddings:
+            self.lm_head = dense(cfg, cfg.vocab_size, (ax.EMBED, ax.VOCAB), use_bias=False, name="lm_head")
+
+    def encode(self, source, *, segment_ids=None, positions=None, deterministic=True) -> jax.Array:
+        """source tokens [B, S] -> encoder output [B, S, D]."""
+        segment_ids, positions = _inputs(self.config, source, segment_ids, positions)
+        x = self.embed(source, positions, deterministic=deterministic)
+        x, _ = self.encoder(x, segment_ids, positions, deterministic=deterministic)
+        return x
+
+    def decode(
+        self,
+        target_in: jax.Array,
+        encoded: jax.Array | None,
+        *,
+        source_segment_ids: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: DecoderCache | None = None,
+        deterministic: bool = True,
+    ):
+        """Decoder inputs [B, T] (targets shifted right) + encoder output -> logits [B, T, V].
+
+        With a cache, returns (logits, updated cache); the first call passes `encoded` and
+        fills the cache with the cross-attention keys and values, later calls pass None.
+        """
+        segment_ids, positions = _inputs(self.config, target_in, segment_ids, positions, cache)
+        x = self.embed(target_in, positions, deterministic=deterministic)
+        x, cache = self.decoder(
+            x, segment_ids, positions, encoded=encoded, encoded_segment_ids=source_segment_ids,
+            cache=cache, deterministic=deterministic,
+        )
+        logits = _output_logits(self, self.config, x)
+        return logits if cache is None else (logits, cache)
+
+    def __call__(
+        self,
+        source: jax.Array,
+        target_in: jax.Array,
+        *,
+        source_segment_ids: jax.Array | None = None,
+        target_segment_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
+        """source [B, S], decoder inputs [B, T] -> logits [B, T, V] float32 (teacher forcing)."""
+        encoded = self.encode(source, segment_ids=source_segment_ids, deterministic=deterministic)
+        return self.decode(
+            target_in, encoded, source_segment_ids=source_segment_ids, segment_ids=target_segment_ids,
+            deterministic=deterministic,
+        )
+
+
+def merge_pretrained(params, pretrained) -> tuple[dict, list[str]]:
+    """Copies every parameter of `pretrained` whose path also exists in `params`.
+
+    This moves a pretrained body under a new head: e.g. `MaskedLM` parameters into a freshly
+    initialised `SequenceClassifier`, whose "embed", "encoder" and "pooler" then come from
+    pretraining while "classifier" stays newly initialised. Both trees may be boxed
+    (`nn.Partitioned`) or plain. Returns the merged plain tree and the '/'-joined paths that
+    kept their fresh initialisation. A shape mismatch on a shared path is an error.
+    """
+    target = traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
+    source = traverse_util.flatten_dict(nn.meta.unbox(pretrained), sep="/")
+    fresh = []
+    for path, value in target.items():
+        if path not in source:
+            fresh.append(path)
+            continue
+        if source[path].shape != value.shape:
+            raise ValueError(
+                f"Pretrained parameter {path!r} has shape {source[path].shape} but the model expects "
+                f"{value.shape}; the two configs differ (vocab_size, d_model, heads or layers)."
+            )
+        target[path] = jnp.asarray(source[path], value.dtype)
+    return traverse_util.unflatten_dict(target, sep="/"), sorted(fresh)

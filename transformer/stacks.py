@@ -1,0 +1,145 @@
+"""Stacks of Blocks: the encoder and the decoder differ only in the mask and cross-attention."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from transformer import sharding as ax
+from transformer.cache import DecoderCache, KVCache
+from transformer.config import ModelConfig, NormPosition, PositionEncoding, RematPolicy
+from transformer.layers import Block, RelativePositionBias, norm
+from transformer.masks import AttentionMask, cross_attention_mask, self_attention_mask
+
+_REMAT_POLICIES = {
+    RematPolicy.FULL: jax.checkpoint_policies.nothing_saveable,
+    RematPolicy.DOTS: jax.checkpoint_policies.dots_saveable,
+    RematPolicy.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# Block.__call__(self, x, caches, self_mask, positions, self_bias, encoded, cross_mask, deterministic)
+_DETERMINISTIC_ARGNUM = 7
+
+
+def block_class(config: ModelConfig) -> type[Block]:
+    """Block, wrapped in nn.remat with the configured policy (unless the policy is "none")."""
+    if config.remat_policy == RematPolicy.NONE:
+        return Block
+    return nn.remat(
+        Block,
+        policy=_REMAT_POLICIES[config.remat_policy],
+        prevent_cse=not config.scan_layers,
+        static_argnums=(_DETERMINISTIC_ARGNUM,),
+    )
+
+
+def scan_blocks(config: ModelConfig, num_layers: int, has_cross_attention: bool, *, name: str) -> nn.Module:
+    """`num_layers` Blocks as one nn.scan: parameters stacked on a leading "layers" axis.
+
+    The scanned stack computes exactly what a Python loop over `num_layers` Blocks does
+    (tests/test_models.py checks it); compile time no longer grows with depth.
+    """
+    scanned = nn.scan(
+        block_class(config),
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0,) + (nn.broadcast,) * 6,
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: ax.LAYERS},
+    )
+    return scanned(config, has_cross_attention, name=name)
+
+
+class Stack(nn.Module):
+    """Blocks over embedded tokens, plus (pre-LN) a final norm.
+
+    causal: decoder self-attention (a token sees itself and earlier tokens) or encoder
+        self-attention (every token sees every other in its segment).
+    has_cross_attention: decoder of an encoder-decoder model, attending to `encoded`.
+    """
+
+    config: ModelConfig
+    num_layers: int
+    causal: bool
+    has_cross_attention: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        segment_ids: jax.Array,
+        positions: jax.Array,
+        *,
+        encoded: jax.Array | None = None,
+        encoded_segment_ids: jax.Array | None = None,
+        cache: DecoderCache | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, DecoderCache | None]:
+        """x: [B, T, D]; segment_ids, positions: [B, T] (segment 0 = padding).
+
+        encoded, encoded_segment_ids: [B, S, D], [B, S] encoder output, for cross-attention;
+        with a cache, only on the first call (afterwards its keys and values are cached).
+        Returns [B, T, D] and the updated cache (None without one).
+        """
+        cfg = self.config
+        if cache is None:
+            self_mask = self_attention_mask(segment_ids, positions, causal=self.causal)
+            kv_positions = positions
+        else:
+            slots = jnp.arange(cache.max_length, dtype=jnp.int32)[None, :]  # [1, max_length]
+            is_token = (segment_ids != 0).astype(jnp.int32)
+            lengths = cache.lengths + is_token.sum(axis=-1)
+            kv_positions = jnp.broadcast_to(slots, (x.shape[0], cache.max_length))
+            kv_segment_ids = (slots < lengths[:, None]).astype(jnp.int32)
+            self_mask = AttentionMask(is_token, kv_segment_ids, positions, kv_positions, causal=self.causal)
+
+        self_bias = None
+        if cfg.position == PositionEncoding.RELATIVE:
+            relative_bias = RelativePositionBias(cfg, bidirectional=not self.causal, name="relative_position_bias")
+            self_bias = relative_bias(positions, kv_positions)  # [B, N, T, S]
+
+        cross_mask = None
+        if self.has_cross_attention:
+            if encoded is None and cache is not None:
+                encoded_segment_ids = cache.source_segment_ids
+            encoded_segment_ids = _default_segments(encoded, encoded_segment_ids)
+            q_segment_ids = segment_ids if cache is None else (segment_ids != 0).astype(jnp.int32)
+            cross_mask = cross_attention_mask(q_segment_ids, encoded_segment_ids)
+
+        caches = (None, None) if cache is None else (cache.self_attention, cache.cross_attention)
+        broadcast_args = (self_mask, positions, self_bias, encoded, cross_mask, deterministic)
+        if cfg.scan_layers:
+            x, (self_kv, cross_kv) = scan_blocks(cfg, self.num_layers, self.has_cross_attention, name="layers")(
+                x, caches, *broadcast_args
+            )
+        else:
+            x, (self_kv, cross_kv) = self._loop(x, caches, broadcast_args)
+
+        if cfg.norm_position == NormPosition.PRE:
+            x = norm(cfg, name="final_norm")(x)
+        if cache is None:
+            return x, None
+        return x, DecoderCache(self_kv, lengths, cross_kv if self.has_cross_attention else None, encoded_segment_ids)
+
+    def _loop(self, x, caches, broadcast_args):
+        """The unscanned stack: layers_0 .. layers_{L-1}, each with its own parameters."""
+        block = block_class(self.config)
+        outputs = []
+        for i in range(self.num_layers):
+            layer_caches = jax.tree.map(lambda c: c[i], caches)
+            x, layer_caches = block(self.config, self.has_cross_attention, name=f"layers_{i}")(
+                x, layer_caches, *broadcast_args
+            )
+            outputs.append(layer_caches)
+        stacked = jax.tree.map(lambda *c: jnp.stack(c), *outputs) if outputs[0] != (None, None) else (None, None)
+        return x, stacked
+
+
+def _default_segments(encoded: jax.Array | None, segment_ids: jax.Array | None) -> jax.Array:
+    if encoded is None:
+        if segment_ids is None:
+            raise ValueError("A decoder with cross-attention needs the encoder output (encoded=...).")
+        return segment_ids
+    if segment_ids is None:
+        return jnp.ones(encoded.shape[:2], jnp.int32)
+    return segment_ids
