@@ -262,15 +262,16 @@ def merge_pretrained(params, pretrained) -> tuple[dict, list[str]]:
     """
     target = traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
     source = traverse_util.flatten_dict(nn.meta.unbox(pretrained), sep="/")
-    fresh = []
-    for path, value in target.items():
-        if path not in source:
-            fresh.append(path)
-            continue
-        if source[path].shape != value.shape:
-            raise ValueError(
-                f"Pretrained parameter {path!r} has shape {source[path].shape} but the model expects "
-                f"{value.shape}; the two configs differ (vocab_size, d_model, heads or layers)."
-            )
-        target[path] = jnp.asarray(source[path], value.dtype)
-    return traverse_util.unflatten_dict(target, sep="/"), sorted(fresh)
+    mismatched = [
+        f"{path}: pretrained {source[path].shape}, model {value.shape}"
+        for path, value in target.items()
+        if path in source and source[path].shape != value.shape
+    ]
+    if mismatched:
+        raise ValueError(
+            "Pretrained parameters do not fit the model; the two configs differ (vocab_size, d_model, "
+            "heads or layers): " + "; ".join(mismatched)
+        )
+    fresh = sorted(path for path in target if path not in source)
+    merged = {path: jnp.asarray(source.get(path, value), value.dtype) for path, value in target.items()}
+    return traverse_util.unflatten_dict(merged, sep="/"), fresh

@@ -18,7 +18,7 @@ _REMAT_POLICIES = {
     RematPolicy.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 # Block.__call__(self, x, caches, self_mask, positions, self_bias, encoded, cross_mask, deterministic)
-_DETERMINISTIC_ARGNUM = 7
+_DETERMINISTIC_ARGNUM = 8  # counting self as 0
 
 
 def block_class(config: ModelConfig) -> type[Block]:

@@ -1,0 +1,393 @@
+"""Behaviour of the task models: causality, bidirectionality, padding, packing, caching."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import transformer as tfm
+
+ATOL = 1e-5  # float32 logits of order 1
+RNG = jax.random.PRNGKey(0)
+
+
+@functools.cache
+def init(model):
+    """Variables of `model`, initialised once per model (parameters do not depend on lengths)."""
+    dummy = jnp.ones((1, 4), jnp.int32)
+    return jax.jit(model.init)(RNG, *[dummy] * (2 if isinstance(model, tfm.Seq2SeqLM) else 1))
+
+
+@functools.cache
+def _compiled_apply(model):
+    return jax.jit(model.apply, static_argnames=("deterministic", "method"))
+
+
+def apply(model, variables, *args, **kwargs):
+    """model.apply, compiled once per model, shapes and static arguments (eager scans are slow)."""
+    return _compiled_apply(model)(variables, *args, **kwargs)
+
+
+def preset(name, **changes):
+    return tfm.ModelConfig.preset(name, dropout_rate=0.0, attention_dropout_rate=0.0, **changes)
+
+
+# Decoder-only variants covering every position encoding and norm placement.
+DECODERS = {
+    "gpt2 (learned, pre-LN)": preset("gpt2-tiny"),
+    "llama (rope, GQA, swiglu)": preset("llama-tiny"),
+    "t5 decoder (relative bias)": preset("t5-tiny", num_encoder_layers=0),
+    "2017 decoder (sinusoidal, post-LN)": preset("transformer-tiny", num_encoder_layers=0),
+    "gpt2, chunked attention": preset("gpt2-tiny", attention_implementation="chunked"),
+    "gpt2, reference attention": preset("gpt2-tiny", attention_implementation="reference"),
+}
+SEQ2SEQ = {"t5": preset("t5-tiny"), "2017": preset("transformer-tiny")}
+
+
+def random_tokens(shape, vocab, seed=0):
+    return jax.random.randint(jax.random.PRNGKey(seed), shape, 1, vocab)
+
+
+@pytest.mark.parametrize("name", sorted(DECODERS))
+def test_decoder_is_causal(name):
+    """Changing token t never changes logits before t, and does change them from t on."""
+    cfg = DECODERS[name]
+    model = tfm.CausalLM(cfg)
+    tokens = random_tokens((2, 12), cfg.vocab_size)
+    variables = init(model)
+    t = 5
+    changed = tokens.at[:, t].set((tokens[:, t] + 1) % cfg.vocab_size)
+    before, after = apply(model, variables, tokens), apply(model, variables, changed)
+    np.testing.assert_allclose(before[:, :t], after[:, :t], atol=ATOL)
+    assert jnp.abs(before[:, t:] - after[:, t:]).max(axis=-1).min() > 1e-4
+
+
+def test_encoder_is_bidirectional():
+    """In an encoder, changing token t changes the outputs at earlier positions too."""
+    cfg = preset("bert-tiny")
+    model = tfm.MaskedLM(cfg)
+    tokens = random_tokens((2, 12), cfg.vocab_size)
+    variables = init(model)
+    changed = tokens.at[:, 8].set((tokens[:, 8] + 1) % cfg.vocab_size)
+    difference = jnp.abs(apply(model, variables, tokens) - apply(model, variables, changed)).max(axis=-1)
+    assert difference[:, :8].min() > 1e-4
+
+
+def _padded(tokens, pad_length, vocab):
+    """Appends `pad_length` random (garbage) tokens marked as padding by segment id 0."""
+    batch, length = tokens.shape
+    padding = random_tokens((batch, pad_length), vocab, seed=7)
+    segments = jnp.concatenate([jnp.ones((batch, length), jnp.int32), jnp.zeros((batch, pad_length), jnp.int32)], 1)
+    return jnp.concatenate([tokens, padding], axis=1), segments
+
+
+@pytest.mark.parametrize("name", sorted(DECODERS))
+def test_padding_never_changes_real_positions_decoder(name):
+    cfg = DECODERS[name]
+    model = tfm.CausalLM(cfg)
+    tokens = random_tokens((2, 8), cfg.vocab_size)
+    padded, segments = _padded(tokens, 5, cfg.vocab_size)
+    variables = init(model)
+    np.testing.assert_allclose(
+        apply(model, variables, padded, segment_ids=segments)[:, :8], apply(model, variables, tokens), atol=ATOL
+    )
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked"])
+def test_padding_never_changes_real_positions_encoder(implementation):
+    cfg = preset("bert-tiny", attention_implementation=implementation)
+    model = tfm.TokenClassifier(cfg, num_labels=3)
+    tokens = random_tokens((2, 8), cfg.vocab_size)
+    padded, segments = _padded(tokens, 5, cfg.vocab_size)
+    variables = init(model)
+    np.testing.assert_allclose(
+        apply(model, variables, padded, segment_ids=segments)[:, :8], apply(model, variables, tokens), atol=ATOL
+    )
+
+
+@pytest.mark.parametrize("name", sorted(SEQ2SEQ))
+def test_padding_never_changes_real_positions_seq2seq(name):
+    cfg = SEQ2SEQ[name]
+    model = tfm.Seq2SeqLM(cfg)
+    source, target = random_tokens((2, 7), cfg.vocab_size), random_tokens((2, 5), cfg.vocab_size, seed=1)
+    padded_source, source_segments = _padded(source, 4, cfg.vocab_size)
+    padded_target, target_segments = _padded(target, 3, cfg.vocab_size)
+    variables = init(model)
+    padded = apply(
+        model, variables, padded_source, padded_target,
+        source_segment_ids=source_segments, target_segment_ids=target_segments,
+    )
+    np.testing.assert_allclose(padded[:, :5], apply(model, variables, source, target), atol=ATOL)
+
+
+def _packed(documents):
+    """One row holding the documents back to back, with segment ids 1, 2, ... and restarting positions."""
+    tokens = jnp.concatenate(documents, axis=1)
+    segments = jnp.concatenate([jnp.full(d.shape, i + 1, jnp.int32) for i, d in enumerate(documents)], axis=1)
+    positions = jnp.concatenate([jnp.arange(d.shape[1])[None] for d in documents], axis=1)
+    return tokens, segments, positions
+
+
+@pytest.mark.parametrize("name", sorted(DECODERS))
+def test_packed_documents_never_attend_to_each_other(name):
+    """A row packing two documents gives each document's logits exactly as if it were alone."""
+    cfg = DECODERS[name]
+    model = tfm.CausalLM(cfg)
+    first, second = random_tokens((1, 5), cfg.vocab_size), random_tokens((1, 7), cfg.vocab_size, seed=1)
+    tokens, segments, positions = _packed([first, second])
+    variables = init(model)
+    packed = apply(model, variables, tokens, segment_ids=segments, positions=positions)
+    np.testing.assert_allclose(packed[:, :5], apply(model, variables, first), atol=ATOL)
+    np.testing.assert_allclose(packed[:, 5:], apply(model, variables, second), atol=ATOL)
+
+
+def test_packed_documents_never_attend_to_each_other_encoder():
+    cfg = preset("bert-tiny")
+    model = tfm.MaskedLM(cfg)
+    first, second = random_tokens((1, 5), cfg.vocab_size), random_tokens((1, 7), cfg.vocab_size, seed=1)
+    tokens, segments, positions = _packed([first, second])
+    variables = init(model)
+    packed = apply(model, variables, tokens, segment_ids=segments, positions=positions)
+    np.testing.assert_allclose(packed[:, :5], apply(model, variables, first), atol=ATOL)
+    np.testing.assert_allclose(packed[:, 5:], apply(model, variables, second), atol=ATOL)
+
+
+@pytest.mark.parametrize("name", sorted(SEQ2SEQ))
+def test_seq2seq_decoder_reads_the_source_and_is_causal(name):
+    """The decoder output depends on every source token (cross-attention) and only on earlier targets."""
+    cfg = SEQ2SEQ[name]
+    model = tfm.Seq2SeqLM(cfg)
+    source, target = random_tokens((2, 7), cfg.vocab_size), random_tokens((2, 6), cfg.vocab_size, seed=1)
+    variables = init(model)
+    logits = apply(model, variables, source, target)
+    for s in (0, 6):
+        changed_source = source.at[:, s].set((source[:, s] + 1) % cfg.vocab_size)
+        assert jnp.abs(apply(model, variables, changed_source, target) - logits).max(axis=-1).min() > 1e-4
+    changed_target = target.at[:, 3].set((target[:, 3] + 1) % cfg.vocab_size)
+    after = apply(model, variables, source, changed_target)
+    np.testing.assert_allclose(after[:, :3], logits[:, :3], atol=ATOL)
+    assert jnp.abs(after[:, 3:] - logits[:, 3:]).max(axis=-1).min() > 1e-4
+
+
+@pytest.mark.parametrize("base", ["t5-tiny", "gpt2-tiny"])
+def test_decoder_block_without_cross_attention_is_the_decoder_only_block(base):
+    """Silence the cross-attention of an encoder-decoder model and its decoder IS the decoder-only model.
+
+    With pre-LN blocks, zeroing the cross-attention output projection turns that residual
+    sub-layer into the identity; the rest of every decoder block then has exactly the
+    parameters and the computation of the decoder-only model's block.
+    """
+    cfg = preset(base, num_encoder_layers=2, num_decoder_layers=2)
+    seq2seq, causal = tfm.Seq2SeqLM(cfg), tfm.CausalLM(cfg.replace(num_encoder_layers=0))
+    source, target = random_tokens((2, 5), cfg.vocab_size), random_tokens((2, 6), cfg.vocab_size, seed=1)
+    params = nn.meta.unbox(init(seq2seq)["params"])
+    cross_out = params["decoder"]["layers"]["cross_attention"]["out"]
+    cross_out = jax.tree.map(jnp.zeros_like, cross_out)
+    params["decoder"]["layers"]["cross_attention"]["out"] = cross_out
+
+    layers = {k: v for k, v in params["decoder"]["layers"].items() if not k.startswith("cross_attention")}
+    causal_params = {"embed": params["embed"], "decoder": {**params["decoder"], "layers": layers}}
+    expected_shapes = jax.eval_shape(causal.init, RNG, target)["params"]
+    assert jax.tree.structure(nn.meta.unbox(expected_shapes)) == jax.tree.structure(causal_params)
+
+    np.testing.assert_allclose(
+        apply(seq2seq, {"params": params}, source, target),
+        apply(causal, {"params": causal_params}, target),
+        atol=ATOL,
+    )
+
+
+def _unstack_layers(tree):
+    """Scanned parameters {"layers": stacked} -> unscanned {"layers_0": ..., "layers_1": ...}."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == "layers":
+            depth = jax.tree.leaves(value)[0].shape[0]
+            out.update({f"layers_{i}": jax.tree.map(lambda x: x[i], value) for i in range(depth)})
+        else:
+            out[key] = _unstack_layers(value)
+    return out
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "t5-tiny", "bert-tiny"])
+def test_scanned_stack_equals_python_loop(name):
+    """nn.scan over layers computes exactly what a loop over separately named layers does."""
+    cfg = preset(name)
+    model, args = {
+        "gpt2-tiny": (tfm.CausalLM, 1), "t5-tiny": (tfm.Seq2SeqLM, 2), "bert-tiny": (tfm.MaskedLM, 1)
+    }[name]
+    tokens = random_tokens((2, 9), cfg.vocab_size)
+    variables = init(model(cfg))
+    unrolled = model(cfg.replace(scan_layers=False))
+    params = _unstack_layers(nn.meta.unbox(variables["params"]))
+    assert jax.tree.structure(params) == jax.tree.structure(
+        nn.meta.unbox(jax.eval_shape(unrolled.init, RNG, *[tokens] * args)["params"])
+    )
+    np.testing.assert_allclose(
+        apply(unrolled, {"params": params}, *[tokens] * args), apply(model(cfg), variables, *[tokens] * args),
+        atol=ATOL,
+    )
+
+
+@functools.cache
+def _loss_and_grad(cfg):
+    """Mean log-probability of a fixed batch and its gradient, with dropout active."""
+    model = tfm.CausalLM(cfg)
+    tokens = random_tokens((2, 10), cfg.vocab_size)
+    params = init(tfm.CausalLM(cfg.replace(remat_policy="none")))["params"]
+
+    def loss(params):
+        logits = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": RNG})
+        return jax.nn.log_softmax(logits).mean()
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize(
+    "policy, scan", [("full", True), ("dots", True), ("dots_no_batch", True), ("full", False)]
+)
+def test_remat_keeps_loss_and_gradients(policy, scan):
+    """Rematerialisation trades memory for compute without changing the loss or its gradient."""
+    cfg = tfm.ModelConfig.preset("llama-tiny", dropout_rate=0.1, scan_layers=scan)
+    loss, grads = _loss_and_grad(cfg)
+    remat_loss, remat_grads = _loss_and_grad(cfg.replace(remat_policy=policy))
+    np.testing.assert_allclose(loss, remat_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), grads, remat_grads)
+
+
+@pytest.mark.parametrize("name", sorted(DECODERS))
+def test_cached_decoding_equals_full_forward(name):
+    """Prefilling a prompt and then decoding one token at a time reproduces the full forward pass."""
+    cfg = DECODERS[name]
+    model = tfm.CausalLM(cfg)
+    tokens = random_tokens((2, 10), cfg.vocab_size)
+    variables = init(model)
+    full = apply(model, variables, tokens)
+    logits, cache = apply(model, variables, tokens[:, :4], cache=tfm.init_cache(cfg, 2, 16))
+    outputs = [logits]
+    for t in range(4, 10):
+        logits, cache = apply(model, variables, tokens[:, t : t + 1], cache=cache)
+        outputs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=ATOL)
+    np.testing.assert_array_equal(cache.lengths, [10, 10])
+
+
+@pytest.mark.parametrize("name", sorted(SEQ2SEQ))
+def test_cached_seq2seq_decoding_equals_full_forward(name):
+    """The encoder runs once; its keys/values are cached at the first decode call and reused."""
+    cfg = SEQ2SEQ[name]
+    model = tfm.Seq2SeqLM(cfg)
+    source, target = random_tokens((2, 7), cfg.vocab_size), random_tokens((2, 6), cfg.vocab_size, seed=1)
+    source_segments = jnp.array([[1] * 7, [1] * 5 + [0] * 2])
+    variables = init(model)
+    full = apply(model, variables, source, target, source_segment_ids=source_segments)
+    encoded = apply(model, variables, source, segment_ids=source_segments, method="encode")
+    logits, cache = apply(
+        model, variables, target[:, :2], encoded, source_segment_ids=source_segments,
+        cache=tfm.init_cache(cfg, 2, 8), method="decode",
+    )
+    assert cache.cross_attention.k.shape == (cfg.num_decoder_layers, 2, 7, cfg.kv_heads, cfg.dim_per_head)
+    outputs = [logits]
+    for t in range(2, 6):
+        logits, cache = apply(model, variables, target[:, t : t + 1], None, cache=cache, method="decode")
+        outputs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), full, atol=ATOL)
+
+
+def test_ragged_prompts_decode_like_each_prompt_alone():
+    """Right-padded prompts of different lengths share a batch; each row decodes as if alone."""
+    cfg = DECODERS["llama (rope, GQA, swiglu)"]
+    model = tfm.CausalLM(cfg)
+    lengths = [3, 6]
+    prompts = [random_tokens((1, n), cfg.vocab_size, seed=n) for n in lengths]
+    batch = jnp.concatenate([jnp.pad(p, ((0, 0), (0, 6 - p.shape[1]))) for p in prompts])
+    segments = (jnp.arange(6)[None] < jnp.array(lengths)[:, None]).astype(jnp.int32)
+    variables = init(model)
+    logits, cache = apply(model, variables, batch, segment_ids=segments, cache=tfm.init_cache(cfg, 2, 12))
+    np.testing.assert_array_equal(cache.lengths, lengths)
+    next_tokens = random_tokens((2, 1), cfg.vocab_size, seed=9)
+    step_logits, cache = apply(model, variables, next_tokens, cache=cache)
+    for row, prompt in enumerate(prompts):
+        alone = apply(model, variables, jnp.concatenate([prompt, next_tokens[row : row + 1]], axis=1))
+        np.testing.assert_allclose(logits[row, lengths[row] - 1], alone[0, -2], atol=ATOL)
+        np.testing.assert_allclose(step_logits[row, 0], alone[0, -1], atol=ATOL)
+
+
+def test_pretrained_body_moves_under_a_new_head():
+    """MLM-pretrained embeddings, encoder and pooler load into a classifier; only its head is new."""
+    cfg = preset("bert-tiny")
+    tokens = random_tokens((2, 8), cfg.vocab_size)
+    pretrained = init(tfm.MaskedLM(cfg, next_sentence_prediction=True))["params"]
+    classifier = tfm.SequenceClassifier(cfg, num_labels=3)
+    fresh = init(classifier)["params"]
+    params, new = tfm.merge_pretrained(fresh, pretrained)
+    assert new == ["classifier/bias", "classifier/kernel"]
+    body = lambda p: {k: nn.meta.unbox(p)[k] for k in ("embed", "encoder", "pooler")}  # noqa: E731
+    jax.tree.map(np.testing.assert_array_equal, body(params), body(pretrained))
+    assert apply(classifier, {"params": params}, tokens).shape == (2, 3)
+
+    other = jax.eval_shape(tfm.MaskedLM(cfg.replace(vocab_size=512)).init, RNG, tokens)["params"]
+    with pytest.raises(ValueError, match="embed/token/embedding"):
+        tfm.merge_pretrained(fresh, other)
+
+
+def test_dropout_only_in_training_and_reproducible():
+    cfg = tfm.ModelConfig.preset("gpt2-tiny")
+    model = tfm.CausalLM(cfg)
+    tokens = random_tokens((2, 8), cfg.vocab_size)
+    variables = init(model)
+    train = lambda seed: apply(  # noqa: E731
+        model, variables, tokens, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}
+    )
+    np.testing.assert_array_equal(train(1), train(1))
+    assert jnp.abs(train(1) - train(2)).max() > 1e-3
+    assert jnp.abs(train(1) - apply(model, variables, tokens)).max() > 1e-3
+
+
+def test_every_parameter_has_logical_axis_names():
+    """Each parameter is boxed with one logical name per dimension; scanned stacks lead with "layers"."""
+    for model, args in [
+        (tfm.Seq2SeqLM(tfm.ModelConfig.preset("t5-tiny")), 2),
+        (tfm.MaskedLM(tfm.ModelConfig.preset("bert-tiny"), next_sentence_prediction=True), 1),
+        (tfm.CausalLM(tfm.ModelConfig.preset("llama-tiny")), 1),
+    ]:
+        params = jax.eval_shape(model.init, RNG, *[jnp.zeros((1, 4), jnp.int32)] * args)["params"]
+        boxes = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        assert boxes and all(isinstance(b, nn.Partitioned) for b in boxes)
+        for path, box in jax.tree_util.tree_flatten_with_path(
+            params, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+        )[0]:
+            assert len(box.names) == box.value.ndim, path
+            assert all(isinstance(n, str) for n in box.names), path
+            if any(getattr(k, "key", None) == "layers" for k in path):
+                assert box.names[0] == "layers", path
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    cfg = preset("gpt2-tiny")
+    tokens = random_tokens((2, 8), cfg.vocab_size)
+    variables = init(tfm.CausalLM(cfg))
+    logits = apply(tfm.CausalLM(cfg.replace(dtype="bfloat16")), variables, tokens)
+    assert logits.dtype == jnp.float32
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.meta.unbox(variables)))
+    np.testing.assert_allclose(logits, apply(tfm.CausalLM(cfg), variables, tokens), atol=0.05)
+
+
+def test_bad_inputs_are_clear_errors():
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="needs a decoder"):
+        tfm.CausalLM(tfm.ModelConfig.preset("bert-tiny")).init(RNG, tokens)
+    with pytest.raises(ValueError, match="needs an encoder"):
+        tfm.SequenceClassifier(tfm.ModelConfig.preset("gpt2-tiny")).init(RNG, tokens)
+    cfg = tfm.ModelConfig.preset("gpt2-tiny", max_length=16)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        tfm.CausalLM(cfg).init(RNG, jnp.zeros((1, 17), jnp.int32))
+    with pytest.raises(ValueError, match=r"\[batch, length\]"):
+        tfm.CausalLM(cfg).init(RNG, jnp.zeros((8,), jnp.int32))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        tfm.init_cache(cfg, 1, 32)
