@@ -133,6 +133,12 @@ def _dropout(weights: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     return jnp.where(keep, weights / (1.0 - rate), 0.0)
 
 
+def _as_4d(x: jax.Array) -> jax.Array:
+    """A mask or bias broadcastable to [B, N, T, S], with its missing leading axes added."""
+    x = jnp.asarray(x)
+    return x.reshape((1,) * (4 - x.ndim) + x.shape)
+
+
 def _blocks(x: jax.Array, axis: int, block: int) -> jax.Array:
     """Pads `axis` to a multiple of `block` and moves the block index to the front.
 
@@ -174,9 +180,10 @@ def _chunked_attention(q, k, v, mask, bias, scale, chunk_size, dropout_rate, dro
         kv_factors = (_blocks(mask.kv_segment_ids, 1, kv_block), _blocks(mask.kv_positions, 1, kv_block))
         dense_blocks = None
     else:  # [num_q_blocks, num_kv_blocks, B, 1|N, q_block, kv_block]
+        mask = _as_4d(mask)
         mask = jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, kv_len))
         dense_blocks = _blocks_2d(mask, q_block, kv_block)
-    bias_blocks = None if bias is None else _blocks_2d(bias, q_block, kv_block)
+    bias_blocks = None if bias is None else _blocks_2d(_as_4d(bias), q_block, kv_block)
 
     q_blocks = _blocks(q, 1, q_block)  # [nq, B, q_block, N, H]
     k_blocks = _blocks(k, 1, kv_block)  # [nk, B, kv_block, K, H]

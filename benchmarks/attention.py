@@ -1,0 +1,105 @@
+"""Attention implementations side by side: compiled temporary memory and time per call.
+
+    python benchmarks/attention.py [--lengths 1024 2048 4096 8192] [--heads 8] [--head-dim 64]
+        [--dtype float32] [--backward] [--out benchmarks/results/attention.json]
+
+Causal self-attention, batch 1. Memory is XLA's own count of temporary buffers of the
+compiled program (`memory_analysis().temp_size_in_bytes`); time is the median of repeated
+calls after compilation. Ratios are against "xla" in the same run. "cudnn" runs only on
+NVIDIA GPUs; an implementation whose program does not fit is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import transformer as tfm
+
+
+def measure(implementation: str, length: int, heads: int, head_dim: int, dtype, backward: bool, repeats: int):
+    shape = jax.ShapeDtypeStruct((1, length, heads, head_dim), dtype)
+    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+
+    def attend(q, k, v, segment_ids, positions):
+        mask = tfm.self_attention_mask(segment_ids, positions, causal=True)
+        return tfm.dot_product_attention(q, k, v, mask, implementation=implementation)
+
+    fn = attend
+    if backward:
+        fn = jax.grad(lambda q, k, v, s, p: attend(q, k, v, s, p).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    compiled = jax.jit(fn).lower(shape, shape, shape, ids, ids).compile()
+    temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q, k, v = (jax.random.normal(key, shape.shape, dtype) for key in keys)
+    positions = jnp.arange(length, dtype=jnp.int32)[None]
+    segment_ids = jnp.ones((1, length), jnp.int32)
+    args = (q, k, v, segment_ids, positions)
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return temp_bytes, statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--backward", action="store_true", help="measure the gradient instead of the forward pass")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/attention.json")
+    args = parser.parse_args()
+
+    implementations = ["xla", "reference", "chunked"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+    dtype = jnp.dtype(args.dtype)
+    rows = []
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+          f"{'forward+backward' if args.backward else 'forward'}, heads={args.heads}, head_dim={args.head_dim}, "
+          f"dtype={args.dtype}")
+    print(f"{'length':>7} {'implementation':>14} {'temp MiB':>10} {'x xla':>7} {'ms/call':>9} {'x xla':>7}")
+    for length in args.lengths:
+        baseline = None
+        for implementation in implementations:
+            try:
+                temp, seconds = measure(
+                    implementation, length, args.heads, args.head_dim, dtype, args.backward, args.repeats
+                )
+            except Exception as error:  # noqa: BLE001 - report, e.g. out of memory, and go on
+                print(f"{length:>7} {implementation:>14}  failed: {type(error).__name__}: {str(error)[:80]}")
+                rows.append({"length": length, "implementation": implementation, "error": str(error)[:500]})
+                continue
+            baseline = baseline or (temp, seconds)
+            row = {
+                "length": length, "implementation": implementation, "temp_bytes": temp, "seconds": seconds,
+                "memory_vs_xla": temp / max(baseline[0], 1), "time_vs_xla": seconds / baseline[1],
+            }
+            rows.append(row)
+            print(f"{length:>7} {implementation:>14} {temp / 2**20:>10.1f} {row['memory_vs_xla']:>7.2f} "
+                  f"{seconds * 1e3:>9.2f} {row['time_vs_xla']:>7.2f}")
+
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+        "host": platform.node(), "backward": args.backward, "heads": args.heads, "head_dim": args.head_dim,
+        "dtype": args.dtype, "date": time.strftime("%Y-%m-%d"),
+    }
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""ModelConfig: presets build, bad configs fail early with a useful message, round trips."""
+
+import dataclasses
+
+import pytest
+
+from transformer.config import (
+    PRESETS,
+    Activation,
+    AttentionImplementation,
+    ModelConfig,
+    Norm,
+    PositionEncoding,
+)
+
+TINY = dict(vocab_size=32, d_model=16, num_heads=4, d_ff=32, num_decoder_layers=1)
+
+
+def tiny(**changes):
+    return ModelConfig(**{**TINY, **changes})
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds(name):
+    """Every named preset is a valid config, reachable through ModelConfig.preset."""
+    config = ModelConfig.preset(name)
+    assert config == PRESETS[name]
+    assert config.num_encoder_layers + config.num_decoder_layers > 0
+    assert config.kv_heads * (config.num_heads // config.kv_heads) == config.num_heads
+
+
+def test_preset_applies_changes():
+    """preset(name, **changes) is the preset with those fields replaced, validated."""
+    config = ModelConfig.preset("gpt2-tiny", num_decoder_layers=1, dropout_rate=0.0)
+    assert config.num_decoder_layers == 1 and config.dropout_rate == 0.0
+    assert config.replace(num_decoder_layers=2, dropout_rate=0.1) == PRESETS["gpt2-tiny"]
+    with pytest.raises(ValueError, match="num_heads"):
+        ModelConfig.preset("gpt2-tiny", num_heads=5)
+
+
+def test_unknown_preset_lists_valid_names():
+    """A typo in a preset name says which names exist."""
+    with pytest.raises(ValueError, match="gpt2-smal") as info:
+        ModelConfig.preset("gpt2-smal")
+    message = str(info.value)
+    for name in PRESETS:
+        assert name in message
+
+
+def test_head_dim_must_divide_d_model_unless_explicit():
+    """d_model % num_heads != 0 is an error naming both fields, unless head_dim is set."""
+    with pytest.raises(ValueError, match="d_model=18.*num_heads=4"):
+        tiny(d_model=18)
+    config = tiny(d_model=18, head_dim=8)
+    assert config.dim_per_head == 8
+    assert tiny().dim_per_head == 4
+
+
+@pytest.mark.parametrize("num_kv_heads", [3, 0, 8])
+def test_num_kv_heads_must_divide_num_heads(num_kv_heads):
+    """Grouped-query attention needs num_kv_heads to be a divisor of num_heads."""
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        tiny(num_kv_heads=num_kv_heads)
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 1, 2, 4])
+def test_valid_num_kv_heads(num_kv_heads):
+    """Divisors of num_heads (and None = num_heads) are accepted; kv_heads resolves None."""
+    assert tiny(num_kv_heads=num_kv_heads).kv_heads == (num_kv_heads or 4)
+
+
+@pytest.mark.parametrize(
+    "field, enum_type",
+    [
+        ("activation", Activation),
+        ("position", PositionEncoding),
+        ("norm", Norm),
+        ("attention_implementation", AttentionImplementation),
+    ],
+)
+def test_unknown_choice_lists_choices(field, enum_type):
+    """An unsupported string for an enum field names the field and every valid choice."""
+    with pytest.raises(ValueError, match=field) as info:
+        tiny(**{field: "bogus"})
+    message = str(info.value)
+    assert "bogus" in message
+    for member in enum_type:
+        assert repr(member.value) in message
+
+
+def test_config_needs_layers():
+    """A config with neither encoder nor decoder layers is rejected."""
+    with pytest.raises(ValueError, match="num_encoder_layers"):
+        tiny(num_decoder_layers=0)
+
+
+@pytest.mark.parametrize("field", ["dropout_rate", "attention_dropout_rate"])
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
+def test_dropout_rate_outside_unit_interval(field, rate):
+    """Dropout rates must lie in [0, 1)."""
+    with pytest.raises(ValueError, match=field):
+        tiny(**{field: rate})
+
+
+@pytest.mark.parametrize("field", ["dtype", "param_dtype"])
+@pytest.mark.parametrize("dtype", ["int32", "bool", "not-a-dtype"])
+def test_dtype_must_be_floating(field, dtype):
+    """Compute and parameter dtypes must be floating point."""
+    with pytest.raises(ValueError, match=field):
+        tiny(**{field: dtype})
+
+
+def test_floating_dtypes_accepted():
+    """bfloat16 and float16 are valid compute dtypes."""
+    assert tiny(dtype="bfloat16").dtype == "bfloat16"
+    assert tiny(dtype="float16", param_dtype="bfloat16").param_dtype == "bfloat16"
+
+
+def test_rope_needs_even_head_dim():
+    """Rotary embeddings rotate pairs of dimensions, so the head dimension must be even."""
+    with pytest.raises(ValueError, match="even head dimension"):
+        tiny(position="rope", d_model=12, num_heads=4)  # head dim 3
+    with pytest.raises(ValueError, match="even head dimension"):
+        tiny(position="rope", head_dim=5)
+    assert tiny(position="rope").dim_per_head == 4
+
+
+def test_replace_unknown_key_is_named():
+    """replace() with a misspelt field names it instead of silently ignoring it."""
+    with pytest.raises(ValueError, match="'num_head'"):
+        tiny().replace(num_head=2)
+
+
+def test_from_dict_unknown_key_is_named():
+    """from_dict() with an unknown key names it and lists the valid fields."""
+    values = {**tiny().to_dict(), "dropout": 0.1}
+    with pytest.raises(ValueError, match="'dropout'") as info:
+        ModelConfig.from_dict(values)
+    assert "dropout_rate" in str(info.value)
+
+
+def test_replace_validates():
+    """replace() goes through the same checks as construction."""
+    with pytest.raises(ValueError, match="dropout_rate"):
+        tiny().replace(dropout_rate=2.0)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_dict_round_trip(name):
+    """to_dict gives plain values (enums as str) and from_dict restores an equal config."""
+    config = PRESETS[name]
+    values = config.to_dict()
+    assert set(values) == {f.name for f in dataclasses.fields(ModelConfig)}
+    assert all(type(v) in (int, float, str, bool, type(None)) for v in values.values())
+    assert ModelConfig.from_dict(values) == config
+
+
+def test_enum_fields_accept_strings():
+    """Enum fields accept plain strings, are converted to the enum, and compare equal to str."""
+    config = tiny(position="rope", norm="rmsnorm", activation="swiglu", attention_implementation="chunked")
+    assert config.position is PositionEncoding.ROPE
+    assert config.norm is Norm.RMSNORM
+    assert config.activation is Activation.SWIGLU and config.activation.gated
+    assert config.attention_implementation is AttentionImplementation.CHUNKED
+    assert config.position == "rope" and config.norm == "rmsnorm"
+    assert config == tiny(
+        position=PositionEncoding.ROPE,
+        norm=Norm.RMSNORM,
+        activation=Activation.SWIGLU,
+        attention_implementation=AttentionImplementation.CHUNKED,
+    )
+
+
+def test_config_is_frozen():
+    """A config cannot be mutated in place; replace() returns a new one."""
+    config = tiny()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.d_model = 32
+    assert config.replace(d_model=32).d_model == 32
+    assert config.d_model == 16
+
+
+def test_config_is_keyword_only():
+    """Fields are keyword-only, so a reordering of fields cannot silently swap values."""
+    with pytest.raises(TypeError):
+        ModelConfig(32, 16, 4, 32)
