@@ -1,0 +1,351 @@
+"""Data: sources -> tokenized features -> deterministic, resumable, per-process batches.
+
+Sources give lists of example dicts: {"text"} for documents, {"text", "label"} for
+classification, {"source", "target"} for translation. Task pipelines turn them into
+fixed-shape numpy features (all int32 unless noted):
+
+    causal LM       tokens, targets, segment_ids, positions, weights (float32)      [T]
+    masked LM       tokens, token_types, segment_ids, targets, weights (float32)    [T]
+                    (+ nsp_labels [], 0 = B follows A, 1 = B is random)
+    seq2seq         source, source_segment_ids [S]; target_in, target_segment_ids,
+                    targets, weights (float32) [T]
+    classification  tokens, segment_ids [T]; labels [], weights (float32) []
+
+Segment ids are 0 on padding; weights are 0 wherever no loss is taken. `batches` shuffles
+(reshuffling every epoch), repeats, gives each process its share of every global batch and
+returns a grain iterator whose `get_state()` / `set_state()` resume exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Iterable, Sequence
+
+import grain
+import numpy as np
+
+from transformer.tokenizer import Tokenizer
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _read_lines(path: str | os.PathLike) -> list[str]:
+    """Lines of a UTF-8 file (without line ends); empty or undecodable files are errors."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Data file {path} does not exist.")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: bytes that are not UTF-8 ({error.reason}); re-encode the file as UTF-8.")
+    if not text.strip():
+        raise ValueError(f"Data file {path} is empty.")
+    return text.splitlines()
+
+
+def read_text(paths: Iterable[str | os.PathLike], *, one_document_per_line: bool = False) -> list[dict]:
+    """Plain text files -> [{"text"}]: a document per file, or per non-empty line."""
+    examples = []
+    for path in paths:
+        lines = _read_lines(path)
+        if one_document_per_line:
+            examples.extend({"text": line} for line in lines if line.strip())
+        else:
+            examples.append({"text": "\n".join(lines)})
+    return examples
+
+
+def read_jsonl(paths: Iterable[str | os.PathLike], fields: Sequence[str] = ("text",)) -> list[dict]:
+    """JSON-lines files -> [{field: value}] for the named fields (each must be present)."""
+    examples = []
+    for path in paths:
+        for number, line in enumerate(_read_lines(path), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}).") from None
+            missing = [f for f in fields if not isinstance(record, dict) or f not in record]
+            if missing:
+                raise ValueError(f"{path}:{number}: missing field(s) {', '.join(map(repr, missing))}.")
+            examples.append({f: record[f] for f in fields})
+    return examples
+
+
+def read_tsv(paths: Iterable[str | os.PathLike], columns: Sequence[str] = ("text", "label")) -> list[dict]:
+    """Tab-separated files -> [{column: value}]; every row must have exactly len(columns) fields."""
+    examples = []
+    for path in paths:
+        for number, line in enumerate(_read_lines(path), start=1):
+            if not line.strip():
+                continue
+            values = line.split("\t")
+            if len(values) != len(columns):
+                raise ValueError(
+                    f"{path}:{number}: {len(values)} tab-separated columns, expected {len(columns)} "
+                    f"({', '.join(columns)})."
+                )
+            examples.append(dict(zip(columns, values)))
+    return examples
+
+
+def encode_labels(examples: list[dict], label_names: Sequence[str] | None = None) -> tuple[list[dict], list[str]]:
+    """String labels -> ids. Without `label_names`, the sorted set of labels seen defines them.
+
+    A label outside `label_names` is an error naming the example.
+    """
+    if label_names is None:
+        label_names = sorted({str(e["label"]) for e in examples})
+    index = {name: i for i, name in enumerate(label_names)}
+    encoded = []
+    for number, example in enumerate(examples):
+        label = example["label"]
+        if isinstance(label, (int, np.integer)) and 0 <= label < len(label_names):
+            encoded.append(example)
+            continue
+        if str(label) not in index:
+            raise ValueError(
+                f"Example {number}: label {label!r} is not one of the labels {list(label_names)}."
+            )
+        encoded.append({**example, "label": index[str(label)]})
+    return encoded, list(label_names)
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _pad(values: Sequence[int], length: int, fill: int = 0, dtype=np.int32) -> np.ndarray:
+    out = np.full((length,), fill, dtype)
+    out[: len(values)] = values[:length]
+    return out
+
+
+class PackedLM:
+    """Causal-LM rows: documents joined with EOS, cut into rows of `length` tokens.
+
+    Row i holds stream[i*length : (i+1)*length] as inputs and the next tokens as targets.
+    Each document keeps its own segment id and positions from 0, so attention never crosses
+    documents; the target after a document's EOS (the next document's first token) has
+    weight 0. A random-access sequence: `len()` rows, `[i]` a feature dict.
+    """
+
+    def __init__(self, documents: Sequence[dict], tokenizer: Tokenizer, length: int):
+        if not documents:
+            raise ValueError("No documents to pack.")
+        encoded = tokenizer.encode_batch([d["text"] for d in documents])
+        pieces = [np.asarray(ids + [tokenizer.eos_id], np.int32) for ids in encoded]
+        self.stream = np.concatenate(pieces)
+        self.document = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
+        starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
+        self.position = (np.arange(len(self.stream)) - np.repeat(starts, [len(p) for p in pieces])).astype(np.int32)
+        self.length = length
+        if len(self.stream) < length + 1:
+            raise ValueError(f"The documents hold {len(self.stream)} tokens, fewer than one row of {length + 1}.")
+
+    def __len__(self) -> int:
+        return (len(self.stream) - 1) // self.length
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        start, end = index * self.length, (index + 1) * self.length
+        document = self.document[start:end]
+        _, segment_ids = np.unique(document, return_inverse=True)  # 0, 1, ... in order of appearance
+        return {
+            "tokens": self.stream[start:end],
+            "targets": self.stream[start + 1 : end + 1],
+            "segment_ids": (segment_ids + 1).astype(np.int32),
+            "positions": self.position[start:end],
+            "weights": (self.document[start + 1 : end + 1] == document).astype(np.float32),
+        }
+
+
+def mask_tokens(
+    tokens: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    maskable: np.ndarray,
+    mask_id: int,
+    random_ids: np.ndarray,
+    mask_rate: float = 0.15,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BERT's masking: of the maskable tokens, `mask_rate` are chosen as targets; of those 80%
+    become [MASK], 10% a random token from `random_ids`, 10% stay unchanged.
+
+    tokens, maskable: [T]. Returns the corrupted tokens and the loss weights [T] (1 on chosen).
+    """
+    candidates = np.flatnonzero(maskable)
+    num_chosen = min(len(candidates), max(1, int(round(mask_rate * len(candidates))))) if len(candidates) else 0
+    chosen = rng.choice(candidates, size=num_chosen, replace=False)
+    action = rng.random(num_chosen)
+    corrupted = tokens.copy()
+    corrupted[chosen[action < 0.8]] = mask_id
+    randomised = chosen[(action >= 0.8) & (action < 0.9)]
+    corrupted[randomised] = rng.choice(random_ids, size=len(randomised))
+    weights = np.zeros(tokens.shape, np.float32)
+    weights[chosen] = 1.0
+    return corrupted, weights
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+    document: int
+    start: int  # first sentence
+    end: int  # one past the last sentence
+
+
+class MaskedLMExamples:
+    """BERT pretraining examples: [CLS] A [SEP] (B [SEP]), masked when indexed with an rng.
+
+    Documents are split into sentences (non-empty lines), and sentences are grouped into
+    chunks that fill the budget of segment A. With `next_sentence`, B is the following chunk
+    of the same document (label 0) or, half of the time, a random chunk (label 1).
+    """
+
+    def __init__(self, documents: Sequence[dict], tokenizer: Tokenizer, length: int, *, next_sentence: bool):
+        self.tokenizer, self.length, self.next_sentence = tokenizer, length, next_sentence
+        sentences = [[line for line in d["text"].splitlines() if line.strip()] for d in documents]
+        flat = tokenizer.encode_batch([s for doc in sentences for s in doc])
+        self.sentences, offset = [], 0
+        for doc in sentences:
+            self.sentences.append(flat[offset : offset + len(doc)])
+            offset += len(doc)
+        budget = (length - 3) // 2 if next_sentence else length - 2
+        self.chunks = []
+        for d, doc in enumerate(self.sentences):
+            start, size = 0, 0
+            for i, ids in enumerate(doc):
+                if size and size + len(ids) > budget:
+                    self.chunks.append(_Chunk(d, start, i))
+                    start, size = i, 0
+                size += len(ids)
+            if size:
+                self.chunks.append(_Chunk(d, start, len(doc)))
+        if not self.chunks:
+            raise ValueError("No sentences to build masked-LM examples from.")
+        special = np.zeros(tokenizer.vocab_size, bool)
+        special[list(tokenizer.special_ids)] = True
+        self.random_ids = np.flatnonzero(~special).astype(np.int32)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def _ids(self, chunk: _Chunk) -> list[int]:
+        return [t for ids in self.sentences[chunk.document][chunk.start : chunk.end] for t in ids]
+
+    def example(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        tok = self.tokenizer
+        chunk = self.chunks[index]
+        first = self._ids(chunk)
+        features = {}
+        if self.next_sentence:
+            follows = index + 1 < len(self.chunks) and self.chunks[index + 1].document == chunk.document
+            is_random = not follows or rng.random() < 0.5
+            other = int(rng.integers(len(self.chunks))) if is_random else index + 1
+            if is_random and other in (index, index + 1):
+                other = (index + len(self.chunks) // 2) % len(self.chunks)
+            second = self._ids(self.chunks[other])
+            while len(first) + len(second) > self.length - 3:  # truncate the longer segment
+                (first if len(first) >= len(second) else second).pop()
+            ids = [tok.cls_id, *first, tok.sep_id, *second, tok.sep_id]
+            token_types = [0] * (len(first) + 2) + [1] * (len(second) + 1)
+            features["nsp_labels"] = np.int32(is_random)
+        else:
+            first = first[: self.length - 2]
+            ids = [tok.cls_id, *first, tok.sep_id]
+            token_types = [0] * len(ids)
+        tokens = _pad(ids, self.length, tok.pad_id)
+        maskable = ~np.isin(tokens, list(tok.special_ids))
+        corrupted, weights = mask_tokens(tokens, rng, maskable=maskable, mask_id=tok.mask_id, random_ids=self.random_ids)
+        features.update(
+            tokens=corrupted,
+            token_types=_pad(token_types, self.length),
+            segment_ids=_pad([1] * len(ids), self.length),
+            targets=tokens,
+            weights=weights,
+        )
+        return features
+
+
+def seq2seq_features(
+    example: dict, tokenizer: Tokenizer, source_length: int, target_length: int
+) -> dict[str, np.ndarray]:
+    """Source + EOS; decoder input = BOS + target (teacher forcing), predicting target + EOS."""
+    tok = tokenizer
+    source = tok.encode(example["source"])[: source_length - 1] + [tok.eos_id]
+    target = tok.encode(example["target"])[: target_length - 1] + [tok.eos_id]
+    target_in = [tok.bos_id] + target[:-1]
+    return {
+        "source": _pad(source, source_length, tok.pad_id),
+        "source_segment_ids": _pad([1] * len(source), source_length),
+        "target_in": _pad(target_in, target_length, tok.pad_id),
+        "target_segment_ids": _pad([1] * len(target), target_length),
+        "targets": _pad(target, target_length, tok.pad_id),
+        "weights": _pad([1] * len(target), target_length, dtype=np.float32),
+    }
+
+
+def classification_features(example: dict, tokenizer: Tokenizer, length: int) -> dict[str, np.ndarray]:
+    """[CLS] text [SEP], truncated to `length`, with its integer label."""
+    tok = tokenizer
+    ids = [tok.cls_id, *tok.encode(example["text"])[: length - 2], tok.sep_id]
+    return {
+        "tokens": _pad(ids, length, tok.pad_id),
+        "segment_ids": _pad([1] * len(ids), length),
+        "labels": np.int32(example["label"]),
+        "weights": np.float32(1.0),
+    }
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def _zeros_like(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.zeros_like(v) for k, v in features.items()}
+
+
+def batches(
+    dataset: grain.MapDataset,
+    *,
+    global_batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    random_map=None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.DatasetIterator:
+    """A resumable iterator over this process's part of every global batch.
+
+    dataset: random-access features (`grain.MapDataset.source(...)` of a sequence, mapped).
+    shuffle: a seeded permutation, different in every epoch; num_epochs None repeats forever.
+    random_map: fn(features, np.random.Generator) applied after repetition, seeded per
+        element and epoch (e.g. MLM masking: every epoch masks afresh, reproducibly).
+    Global batch i is elements [i * global_batch_size, (i + 1) * global_batch_size) of the
+    shuffled stream; process p gets every process_count-th of them, starting at p. With a
+    finite number of epochs the stream is completed to whole global batches with all-zero
+    (weight 0) features, so every process sees the same number of batches.
+    The iterator's `get_state()` / `set_state()` resume exactly.
+    """
+    if global_batch_size % process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by the {process_count} processes."
+        )
+    if len(dataset) == 0:
+        raise ValueError("The data set is empty.")
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed)
+    dataset = dataset.repeat(num_epochs)
+    if random_map is not None:
+        dataset = dataset.random_map(random_map, seed=seed + 1)
+    if num_epochs is not None and len(dataset) % global_batch_size:
+        stream, filler = dataset, _zeros_like(dataset[0])
+        padded_length = -(-len(stream) // global_batch_size) * global_batch_size
+        dataset = grain.MapDataset.range(padded_length).map(lambda i: stream[i] if i < len(stream) else filler)
+    local_batch = global_batch_size // process_count
+    dataset = dataset[process_index::process_count].batch(local_batch, drop_remainder=True)
+    return iter(dataset.to_iter_dataset())

