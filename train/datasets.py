@@ -30,6 +30,7 @@ import zlib
 from typing import Callable
 
 SPLIT_NAMES = ("train", "validation", "test")
+EXTRACTED_VERSION = 1  # bump when reading or splitting changes, so stale caches are not used
 
 
 def cache_dir() -> pathlib.Path:
@@ -132,11 +133,12 @@ def _read_bible(path: pathlib.Path) -> list[tuple[str, dict]]:
                 "ON en.bNumber = fr.bNumber AND en.cNumber = fr.cNumber AND en.vNumber = fr.vNumber "
                 "WHERE en.bbName = '4' AND fr.bbName = 'l' ORDER BY en.bNumber, en.cNumber, en.vNumber"
             ).fetchall()
-    return [
-        (f"{book}:{chapter}:{verse}", {"source": english.replace("`", "'"), "target": french})
-        for book, chapter, verse, english, french in rows
+    pairs = [
+        {"source": english.replace("`", "'"), "target": french}
+        for _, _, _, english, french in rows
         if "dummy verse" not in english and "dummy verse" not in french
     ]
+    return [(pair["source"], pair) for pair in pairs]  # split by the English text: repeats stay together
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -172,7 +174,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ),
         read=_read_bible,
         split=_split_by_hash,
-        splits_doc="by verse 'book:chapter:verse': crc32 % 20 == 0 is test, == 1 validation (about 5% each)",
+        splits_doc="by English text: crc32 % 20 == 0 is test, == 1 validation (about 5% each)",
     ),
 }
 
@@ -187,7 +189,7 @@ def load_dataset(name: str, split: str) -> list[dict]:
     if split not in SPLIT_NAMES:
         raise ValueError(f"Unknown split {split!r}; use one of {', '.join(SPLIT_NAMES)}.")
     spec = DATASETS[name]
-    extracted = cache_dir() / "datasets" / f"{name}.json"
+    extracted = cache_dir() / "datasets" / f"{name}.v{EXTRACTED_VERSION}.json"
     if not extracted.exists():
         keyed = spec.read(fetch(spec.package))
         splits = spec.split([key for key, _ in keyed])
