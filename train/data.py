@@ -45,7 +45,8 @@ def _read_lines(path: str | os.PathLike) -> list[str]:
         raise ValueError(f"{path}:{line}: bytes that are not UTF-8 ({error.reason}); re-encode the file as UTF-8.")
     if not text.strip():
         raise ValueError(f"Data file {path} is empty.")
-    return text.splitlines()
+    lines = [line.removesuffix("\r") for line in text.split("\n")]  # only \n ends a line
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def read_text(paths: Iterable[str | os.PathLike], *, one_document_per_line: bool = False) -> list[dict]:
@@ -96,17 +97,23 @@ def read_tsv(paths: Iterable[str | os.PathLike], columns: Sequence[str] = ("text
 
 
 def encode_labels(examples: list[dict], label_names: Sequence[str] | None = None) -> tuple[list[dict], list[str]]:
-    """String labels -> ids. Without `label_names`, the sorted set of labels seen defines them.
+    """Labels -> ids 0..n-1 and their names.
 
-    A label outside `label_names` is an error naming the example.
+    With `label_names`, a label is one of the names (or already an id into them). Without,
+    the sorted set of labels seen defines the names (integers sorted as numbers).
+    A label outside the set is an error naming the example.
     """
     if label_names is None:
-        label_names = sorted({str(e["label"]) for e in examples})
+        seen = {e["label"] for e in examples}
+        integers = all(isinstance(v, (int, np.integer)) for v in seen)
+        label_names = [str(v) for v in sorted(seen, key=int if integers else str)]
+    else:
+        label_names = [str(name) for name in label_names]
     index = {name: i for i, name in enumerate(label_names)}
     encoded = []
     for number, example in enumerate(examples):
         label = example["label"]
-        if isinstance(label, (int, np.integer)) and 0 <= label < len(label_names):
+        if str(label) not in index and isinstance(label, (int, np.integer)) and 0 <= label < len(label_names):
             encoded.append(example)
             continue
         if str(label) not in index:
@@ -227,12 +234,34 @@ class MaskedLMExamples:
                 self.chunks.append(_Chunk(d, start, len(doc)))
         if not self.chunks:
             raise ValueError("No sentences to build masked-LM examples from.")
+        if next_sentence and len(self.chunks) < 3:
+            raise ValueError(
+                f"Next-sentence prediction needs at least 3 chunks of text to draw random pairs from, "
+                f"got {len(self.chunks)}; use more text or next_sentence=False."
+            )
+        self._document_chunks = {}  # document -> (first chunk, one past its last chunk)
+        for i, c in enumerate(self.chunks):
+            first, _ = self._document_chunks.get(c.document, (i, i))
+            self._document_chunks[c.document] = (first, i + 1)
         special = np.zeros(tokenizer.vocab_size, bool)
         special[list(tokenizer.special_ids)] = True
         self.random_ids = np.flatnonzero(~special).astype(np.int32)
 
     def __len__(self) -> int:
         return len(self.chunks)
+
+    def _random_chunk(self, index: int, rng: np.random.Generator) -> int:
+        """A chunk from another document (as BERT does), or any chunk but A and its follower."""
+        document = self.chunks[index].document
+        first, last = self._document_chunks[document]
+        if last - first < len(self.chunks):  # another document exists: skip this one's chunks
+            other = int(rng.integers(len(self.chunks) - (last - first)))
+            return other if other < first else other + (last - first)
+        excluded = sorted({index, min(index + 1, len(self.chunks) - 1)})
+        other = int(rng.integers(len(self.chunks) - len(excluded)))
+        for e in excluded:
+            other += other >= e
+        return other
 
     def _ids(self, chunk: _Chunk) -> list[int]:
         return [t for ids in self.sentences[chunk.document][chunk.start : chunk.end] for t in ids]
@@ -245,9 +274,7 @@ class MaskedLMExamples:
         if self.next_sentence:
             follows = index + 1 < len(self.chunks) and self.chunks[index + 1].document == chunk.document
             is_random = not follows or rng.random() < 0.5
-            other = int(rng.integers(len(self.chunks))) if is_random else index + 1
-            if is_random and other in (index, index + 1):
-                other = (index + len(self.chunks) // 2) % len(self.chunks)
+            other = self._random_chunk(index, rng) if is_random else index + 1
             second = self._ids(self.chunks[other])
             while len(first) + len(second) > self.length - 3:  # truncate the longer segment
                 (first if len(first) >= len(second) else second).pop()

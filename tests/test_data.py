@@ -1,0 +1,614 @@
+"""Data: readers fail clearly, task features have exact layouts, batches are deterministic and resumable.
+
+All text is synthetic and written under pytest's tmp_path; nothing is downloaded.
+"""
+
+import json
+import re
+
+import grain
+import numpy as np
+import pytest
+
+from train import data
+from transformer.tokenizer import Tokenizer
+
+SYLLABLES = "ka to ri mu sen lo va tal ber quin dor ash pel grim so na fe lix or tho".split()
+
+
+def sentences(count: int, seed: int) -> list[str]:
+    """`count` sentences of 4-13 pseudo-words drawn (Zipf-like) from a fixed lexicon."""
+    lexicon_rng = np.random.default_rng(1234)
+    words = sorted({"".join(lexicon_rng.choice(SYLLABLES, lexicon_rng.integers(1, 4))) for _ in range(600)})
+    frequency = 1.0 / np.arange(1, len(words) + 1)
+    frequency /= frequency.sum()
+    rng = np.random.default_rng(seed)
+    return [
+        " ".join(rng.choice(words, rng.integers(4, 14), p=frequency)).capitalize() + "."
+        for _ in range(count)
+    ]
+
+
+def documents(count: int, seed: int, min_sentences: int = 1, max_sentences: int = 6) -> list[dict]:
+    """[{"text"}] documents of a varying number of sentences, one per line."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(min_sentences, max_sentences + 1, size=count)
+    pool = iter(sentences(int(sizes.sum()), seed))
+    return [{"text": "\n".join(next(pool) for _ in range(size))} for size in sizes]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tokenizer")
+    corpus = folder / "train.txt"
+    corpus.write_text("\n".join(sentences(10_000, seed=0)) + "\n")
+    return Tokenizer.train([corpus], 400, model_prefix=folder / "spm")
+
+
+def write(path, content):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+def at(path, line=None) -> str:
+    """A regex matching `path` (and `:line`) in an error message."""
+    return re.escape(str(path) if line is None else f"{path}:{line}:")
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def test_read_text_document_per_file(tmp_path):
+    """Without one_document_per_line each file is one document holding all its lines."""
+    a = write(tmp_path / "a.txt", "First line.\n\nThird line.\n")
+    b = write(tmp_path / "b.txt", "Only line")
+    assert data.read_text([a, b]) == [{"text": "First line.\n\nThird line."}, {"text": "Only line"}]
+
+
+def test_read_text_document_per_line(tmp_path):
+    """With one_document_per_line every non-blank line is a document, in file order."""
+    a = write(tmp_path / "a.txt", "One.\n\n  \nTwo.\r\n")
+    b = write(tmp_path / "b.txt", "Three.\n")
+    documents = data.read_text([a, b], one_document_per_line=True)
+    assert documents == [{"text": "One."}, {"text": "Two."}, {"text": "Three."}]
+
+
+def test_read_jsonl_keeps_named_fields(tmp_path):
+    """read_jsonl returns exactly the named fields of every record, skipping blank lines."""
+    records = [{"text": "a", "label": "x", "id": 1}, {"text": "b\tc", "label": "y"}]
+    path = write(tmp_path / "d.jsonl", json.dumps(records[0]) + "\n\n" + json.dumps(records[1]) + "\n")
+    assert data.read_jsonl([path]) == [{"text": "a"}, {"text": "b\tc"}]
+    assert data.read_jsonl([path], fields=("label", "text")) == [
+        {"label": "x", "text": "a"},
+        {"label": "y", "text": "b\tc"},
+    ]
+
+
+def test_read_jsonl_missing_field_names_file_and_line(tmp_path):
+    """A record without a requested field is a ValueError naming file:line and the field."""
+    path = write(tmp_path / "d.jsonl", '{"text": "a"}\n\n{"txt": "b"}\n')
+    with pytest.raises(ValueError, match=at(path, 3) + ".*'text'"):
+        data.read_jsonl([path])
+    not_an_object = write(tmp_path / "e.jsonl", '{"text": "a"}\n["text"]\n')
+    with pytest.raises(ValueError, match=at(not_an_object, 2)):
+        data.read_jsonl([not_an_object])
+
+
+def test_read_jsonl_invalid_json_names_file_and_line(tmp_path):
+    """A line that is not JSON is a ValueError naming file:line."""
+    path = write(tmp_path / "d.jsonl", '{"text": "a"}\n{"text": "b"\n')
+    with pytest.raises(ValueError, match=at(path, 2) + ".*JSON"):
+        data.read_jsonl([path])
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\x85"], ids=["U+2028", "NEL"])
+@pytest.mark.parametrize("reader", ["jsonl", "tsv"])
+def test_unicode_line_separators_inside_values_are_kept(tmp_path, reader, separator):
+    """Only newlines end records: a JSONL or TSV value holding U+2028 or NEL is read back unchanged."""
+    text = f"before{separator}after"
+    if reader == "jsonl":
+        path = write(tmp_path / "d.jsonl", json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        assert data.read_jsonl([path]) == [{"text": text}]
+    else:
+        path = write(tmp_path / "d.tsv", f"{text}\tpos\n")
+        assert data.read_tsv([path]) == [{"text": text, "label": "pos"}]
+
+
+def test_read_tsv_columns(tmp_path):
+    """read_tsv maps each row's tab-separated values to the named columns, skipping blank lines."""
+    path = write(tmp_path / "d.tsv", "good film\tpos\n\nbad film\tneg\n")
+    assert data.read_tsv([path]) == [{"text": "good film", "label": "pos"}, {"text": "bad film", "label": "neg"}]
+    assert data.read_tsv([path], columns=("a", "b")) == [{"a": "good film", "b": "pos"}, {"a": "bad film", "b": "neg"}]
+
+
+@pytest.mark.parametrize("row", ["no tab here", "too\tmany\ttabs"])
+def test_read_tsv_wrong_column_count_names_file_and_line(tmp_path, row):
+    """A row with the wrong number of columns is a ValueError naming file:line."""
+    path = write(tmp_path / "d.tsv", f"ok\tpos\n{row}\n")
+    with pytest.raises(ValueError, match=at(path, 2)):
+        data.read_tsv([path])
+
+
+READERS = {
+    "text": lambda paths: data.read_text(paths),
+    "text_lines": lambda paths: data.read_text(paths, one_document_per_line=True),
+    "jsonl": lambda paths: data.read_jsonl(paths),
+    "tsv": lambda paths: data.read_tsv(paths),
+}
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+@pytest.mark.parametrize("content", ["", " \n\n\t\n"], ids=["empty", "blank"])
+def test_empty_file_names_it(tmp_path, reader, content):
+    """An empty (or whitespace-only) file is a ValueError naming the file, in every reader."""
+    path = write(tmp_path / "empty.txt", content)
+    with pytest.raises(ValueError, match=at(path) + ".*empty"):
+        READERS[reader]([path])
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_undecodable_bytes_name_file_and_line(tmp_path, reader):
+    """Bytes that are not UTF-8 are a ValueError naming file:line of the bad bytes."""
+    path = write(tmp_path / "bad.txt", b"ok\n\xff\xfe bad\n")
+    with pytest.raises(ValueError, match=at(path, 2)):
+        READERS[reader]([path])
+
+
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_missing_file_names_it(tmp_path, reader):
+    """A missing file is a FileNotFoundError naming it."""
+    path = tmp_path / "missing.txt"
+    with pytest.raises(FileNotFoundError, match=at(path)):
+        READERS[reader]([path])
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def test_encode_labels_sorted_names():
+    """Without label_names the sorted set of string labels names the ids; other fields are kept."""
+    examples = [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}, {"text": "c", "label": "neutral"}]
+    encoded, names = data.encode_labels(examples)
+    assert names == ["neg", "neutral", "pos"]
+    assert encoded == [{"text": "a", "label": 2}, {"text": "b", "label": 0}, {"text": "c", "label": 1}]
+    assert examples[0]["label"] == "pos"  # the input is not modified
+
+
+def test_encode_labels_explicit_names():
+    """Explicit label_names fix the ids in their given order, even for labels not present."""
+    examples = [{"label": "pos"}, {"label": "neg"}]
+    encoded, names = data.encode_labels(examples, label_names=("pos", "neg", "unsure"))
+    assert names == ["pos", "neg", "unsure"]
+    assert [e["label"] for e in encoded] == [0, 1]
+
+
+def test_encode_labels_unknown_label_is_named():
+    """A label outside label_names is a ValueError naming the label and the example."""
+    with pytest.raises(ValueError, match=r"Example 1: label 'maybe'"):
+        data.encode_labels([{"label": "pos"}, {"label": "maybe"}], label_names=["neg", "pos"])
+
+
+def test_encode_labels_integer_labels_keep_their_meaning():
+    """With 11 integer classes, names[encoded label] is the original label for every example."""
+    examples = [{"label": i} for i in range(11)]
+    encoded, names = data.encode_labels(examples)
+    assert [names[e["label"]] for e in encoded] == [str(i) for i in range(11)]
+
+
+# ----------------------------------------------------------------------------- causal LM packing
+
+
+def test_packed_lm_rows(tok):
+    """Rows are full, targets are the next stream token, and no token's context crosses a document.
+
+    Within a row: positions restart at 0 exactly where the segment id changes, the segment id
+    grows by 1 at each document boundary, and the weight is 0 exactly where the target is the
+    next document's first token (the input is a document's EOS). Rows concatenate to the stream.
+    """
+    docs = documents(120, seed=1, max_sentences=2)
+    length = 32
+    packed = data.PackedLM(docs, tok, length)
+
+    pieces = [tok.encode(d["text"]) + [tok.eos_id] for d in docs]
+    stream = np.concatenate(pieces)
+    document = np.concatenate([np.full(len(p), i) for i, p in enumerate(pieces)])
+    position = np.concatenate([np.arange(len(p)) for p in pieces])
+    assert len(packed) == (len(stream) - 1) // length
+
+    boundaries = 0
+    for index in range(len(packed)):
+        row = packed[index]
+        start = index * length
+        assert {k: v.shape for k, v in row.items()} == {
+            k: (length,) for k in ("tokens", "targets", "segment_ids", "positions", "weights")
+        }
+        np.testing.assert_array_equal(row["tokens"], stream[start : start + length])
+        np.testing.assert_array_equal(row["targets"], stream[start + 1 : start + length + 1])
+        assert (row["segment_ids"] > 0).all()  # no padding anywhere
+        np.testing.assert_array_equal(row["positions"], position[start : start + length])
+
+        segments, positions = row["segment_ids"], row["positions"]
+        assert segments[0] == 1
+        step = np.diff(segments)
+        assert set(step.tolist()) <= {0, 1}
+        changes = np.flatnonzero(step) + 1
+        np.testing.assert_array_equal(changes, np.flatnonzero(positions[1:] == 0) + 1)
+        np.testing.assert_array_equal(changes, np.flatnonzero(row["tokens"][:-1] == tok.eos_id) + 1)
+        # same segment <=> same document: attention masked by segment never crosses documents
+        same_segment = segments[:, None] == segments[None, :]
+        same_document = document[start : start + length][:, None] == document[start : start + length][None, :]
+        np.testing.assert_array_equal(same_segment, same_document)
+
+        np.testing.assert_array_equal(row["weights"], (row["tokens"] != tok.eos_id).astype(np.float32))
+        np.testing.assert_array_equal(
+            row["weights"] == 0, document[start + 1 : start + length + 1] != document[start : start + length]
+        )
+        boundaries += len(changes)
+    assert boundaries > len(packed)  # the check saw many boundaries, several per row
+
+    tokens = np.concatenate([packed[i]["tokens"] for i in range(len(packed))])
+    np.testing.assert_array_equal(tokens, stream[: len(tokens)])
+
+
+def test_packed_lm_too_little_text(tok):
+    """Documents holding fewer tokens than one row (+1) are a ValueError, as is no document."""
+    with pytest.raises(ValueError, match="fewer than one row"):
+        data.PackedLM([{"text": "Ka to."}], tok, 64)
+    with pytest.raises(ValueError):
+        data.PackedLM([], tok, 64)
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+def test_mask_tokens_statistics():
+    """BERT masking over 2000x128 tokens: 15% of maskable chosen; of those 80/10/10 mask/random/kept;
+    special tokens never chosen or changed; random replacements only from random_ids."""
+    rng = np.random.default_rng(0)
+    mask_id = 6
+    random_ids = np.arange(7, 27)  # 20 ids, a strict subset of the ids in the text
+    tokens = rng.integers(7, 47, size=(2000, 128)).astype(np.int32)
+    special = rng.random(tokens.shape) < 0.1
+    tokens[special] = rng.integers(0, 6, size=special.sum())  # pad, unk, bos, eos, cls, sep
+    maskable = ~special
+
+    masking_rng = np.random.default_rng(1)
+    results = [
+        data.mask_tokens(t, masking_rng, maskable=m, mask_id=mask_id, random_ids=random_ids)
+        for t, m in zip(tokens.copy(), maskable)
+    ]
+    corrupted = np.stack([c for c, _ in results])
+    weights = np.stack([w for _, w in results])
+    chosen = weights == 1
+    assert set(np.unique(weights).tolist()) == {0.0, 1.0}
+
+    assert abs(chosen.sum() / maskable.sum() - 0.15) < 0.005
+    assert not chosen[special].any()
+    np.testing.assert_array_equal(corrupted[~chosen], tokens[~chosen])  # only chosen tokens change
+
+    masked = chosen & (corrupted == mask_id)
+    changed = chosen & (corrupted != mask_id) & (corrupted != tokens)
+    kept = chosen & (corrupted == tokens)
+    assert (masked | changed | kept)[chosen].all()
+    assert np.isin(corrupted[changed], random_ids).all()
+    # a random replacement equals the original with probability 1/len(random_ids) when it is one of them
+    same_by_chance = 0.1 * np.isin(tokens[chosen], random_ids).mean() / len(random_ids)
+    n = chosen.sum()
+    assert abs(masked.sum() / n - 0.8) < 0.01
+    assert abs(changed.sum() / n - (0.1 - same_by_chance)) < 0.01
+    assert abs(kept.sum() / n - (0.1 + same_by_chance)) < 0.01
+
+
+def test_mask_tokens_without_maskable_tokens_changes_nothing():
+    """A sequence of special tokens only comes back unchanged with zero weights."""
+    tokens = np.array([4, 9, 9, 5, 0, 0], np.int32)
+    corrupted, weights = data.mask_tokens(
+        tokens, np.random.default_rng(0), maskable=np.zeros(6, bool), mask_id=6, random_ids=np.arange(7, 20)
+    )
+    np.testing.assert_array_equal(corrupted, tokens)
+    assert not weights.any()
+
+
+# ----------------------------------------------------------------------------- masked LM examples
+
+MLM_LENGTH = 64
+
+
+@pytest.fixture(scope="module")
+def mlm_docs():
+    return documents(30, seed=2, min_sentences=6, max_sentences=20)
+
+
+@pytest.fixture(scope="module")
+def nsp_examples(mlm_docs, tok):
+    return data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, next_sentence=True)
+
+
+def chunk_ids(docs, tok, chunk) -> list[int]:
+    """The token ids of a chunk, recomputed from its document's lines."""
+    lines = [line for line in docs[chunk.document]["text"].splitlines() if line.strip()]
+    return [t for line in lines[chunk.start : chunk.end] for t in tok.encode(line)]
+
+
+def split_pair(example, tok):
+    """[CLS] A [SEP] B [SEP] PAD... -> (A, B, number of real tokens), checking the layout."""
+    targets = example["targets"]
+    seps = np.flatnonzero(targets == tok.sep_id)
+    assert targets[0] == tok.cls_id and len(seps) == 2
+    first, second = seps
+    return targets[1:first].tolist(), targets[first + 1 : second].tolist(), second + 1
+
+
+def has_follower(examples, index) -> bool:
+    chunks = examples.chunks
+    return index + 1 < len(chunks) and chunks[index + 1].document == chunks[index].document
+
+
+def test_masked_lm_pair_layout(nsp_examples, tok):
+    """[CLS] A [SEP] B [SEP] then padding; token types 0 on [CLS] A [SEP], 1 on B [SEP]; segment ids
+    1 on real tokens; weights 0 on CLS/SEP/PAD; tokens equal targets wherever the weight is 0."""
+    special = list(tok.special_ids)
+    for index in range(len(nsp_examples)):
+        example = nsp_examples.example(index, np.random.default_rng(index))
+        assert set(example) == {"tokens", "token_types", "segment_ids", "targets", "weights", "nsp_labels"}
+        first, second, real = split_pair(example, tok)
+        assert first and second
+        expected_types = [0] * (len(first) + 2) + [1] * (len(second) + 1) + [0] * (MLM_LENGTH - real)
+        np.testing.assert_array_equal(example["token_types"], expected_types)
+        np.testing.assert_array_equal(example["segment_ids"], np.arange(MLM_LENGTH) < real)
+        assert (example["targets"][real:] == tok.pad_id).all()
+        assert not example["weights"][np.isin(example["targets"], special)].any()
+        unweighted = example["weights"] == 0
+        np.testing.assert_array_equal(example["tokens"][unweighted], example["targets"][unweighted])
+        assert example["weights"].sum() >= 1
+
+
+def test_masked_lm_next_sentence_labels(nsp_examples, mlm_docs, tok):
+    """Label 0: A starts the chunk and B is the chunk that follows it in the same document.
+    Label 1: B is not that following chunk. Where a following chunk exists, labels are ~50/50."""
+    labels = []
+    for seed in range(8):
+        for index in range(len(nsp_examples)):
+            example = nsp_examples.example(index, np.random.default_rng([seed, index]))
+            first, second, _ = split_pair(example, tok)
+            chunk = nsp_examples.chunks[index]
+            own = chunk_ids(mlm_docs, tok, chunk)
+            assert own[: len(first)] == first
+            following = None
+            if has_follower(nsp_examples, index):
+                following = chunk_ids(mlm_docs, tok, nsp_examples.chunks[index + 1])
+                labels.append(int(example["nsp_labels"]))
+            if example["nsp_labels"] == 0:
+                assert following is not None and nsp_examples.chunks[index + 1].start == chunk.end
+                assert following[: len(second)] == second
+            else:
+                assert example["nsp_labels"] == 1
+                assert following is None or following[: len(second)] != second
+    assert len(labels) > 1000
+    assert abs(np.mean(labels) - 0.5) < 0.05
+
+
+def test_masked_lm_random_pair_is_not_the_next_chunk_in_a_small_corpus(tok):
+    """In a one-document corpus, a label-1 example never pairs A with its true following chunk;
+    a corpus too small to draw random pairs from is a clear error."""
+    docs = [{"text": "\n".join(sentences(3, seed=7))}]
+    with pytest.raises(ValueError, match="at least 3 chunks"):
+        data.MaskedLMExamples(docs, tok, MLM_LENGTH, next_sentence=True)
+    docs = [{"text": "\n".join(sentences(12, seed=7))}]
+    examples = data.MaskedLMExamples(docs, tok, MLM_LENGTH, next_sentence=True)
+    assert len(examples) >= 3 and has_follower(examples, 0)
+    following = chunk_ids(docs, tok, examples.chunks[1])
+    for seed in range(50):
+        example = examples.example(0, np.random.default_rng(seed))
+        _, second, _ = split_pair(example, tok)
+        if example["nsp_labels"] == 1:
+            assert following[: len(second)] != second
+
+
+def test_masked_lm_is_deterministic_per_rng_seed(nsp_examples):
+    """The same (index, rng seed) gives identical examples; other seeds mask differently."""
+    for index in (0, len(nsp_examples) // 2, len(nsp_examples) - 1):
+        a = nsp_examples.example(index, np.random.default_rng(5))
+        b = nsp_examples.example(index, np.random.default_rng(5))
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+        others = [nsp_examples.example(index, np.random.default_rng(s))["tokens"] for s in range(6, 10)]
+        assert any(not np.array_equal(a["tokens"], o) for o in others)
+
+
+def test_masked_lm_single_segment(mlm_docs, tok):
+    """Without next_sentence: [CLS] text [SEP] PAD..., token types all 0, no nsp_labels; the text is
+    the start of its chunk; special tokens are never masked."""
+    examples = data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, next_sentence=False)
+    for index in range(len(examples)):
+        example = examples.example(index, np.random.default_rng(index))
+        assert "nsp_labels" not in example
+        targets = example["targets"]
+        seps = np.flatnonzero(targets == tok.sep_id)
+        assert targets[0] == tok.cls_id and len(seps) == 1
+        real = seps[0] + 1
+        assert targets[1 : real - 1].tolist() == chunk_ids(mlm_docs, tok, examples.chunks[index])[: real - 2]
+        assert (targets[real:] == tok.pad_id).all()
+        assert not example["token_types"].any()
+        np.testing.assert_array_equal(example["segment_ids"], np.arange(MLM_LENGTH) < real)
+        assert not example["weights"][np.isin(targets, list(tok.special_ids))].any()
+        unweighted = example["weights"] == 0
+        np.testing.assert_array_equal(example["tokens"][unweighted], targets[unweighted])
+
+
+# ----------------------------------------------------------------------------- seq2seq and classification
+
+
+@pytest.mark.parametrize("lengths", [(48, 40), (8, 6)], ids=["fits", "truncated"])
+def test_seq2seq_features(tok, lengths):
+    """Source = text + EOS; targets = text + EOS; target_in = [BOS] + targets[:-1] (exact shift);
+    weights and segment ids 1 exactly on real tokens; long texts truncated to the lengths."""
+    source_length, target_length = lengths
+    source_text, target_text = sentences(2, seed=3)
+    features = data.seq2seq_features({"source": source_text, "target": target_text}, tok, source_length, target_length)
+    source_ids, target_ids = tok.encode(source_text), tok.encode(target_text)
+    assert len(source_ids) > 8 and len(target_ids) > 6
+
+    source = source_ids[: source_length - 1] + [tok.eos_id]
+    targets = target_ids[: target_length - 1] + [tok.eos_id]
+    m, n = len(source), len(targets)
+    assert features["source"].shape == (source_length,) and features["targets"].shape == (target_length,)
+    assert features["source"][:m].tolist() == source and (features["source"][m:] == tok.pad_id).all()
+    assert features["targets"][:n].tolist() == targets and (features["targets"][n:] == tok.pad_id).all()
+    assert features["target_in"][:n].tolist() == [tok.bos_id] + features["targets"][: n - 1].tolist()
+    assert (features["target_in"][n:] == tok.pad_id).all()
+    np.testing.assert_array_equal(features["source_segment_ids"], np.arange(source_length) < m)
+    np.testing.assert_array_equal(features["target_segment_ids"], np.arange(target_length) < n)
+    np.testing.assert_array_equal(features["weights"], np.arange(target_length) < n)
+    assert features["weights"].dtype == np.float32
+    if lengths == (8, 6):
+        assert m == source_length and n == target_length
+
+
+@pytest.mark.parametrize("length", [64, 6], ids=["fits", "truncated"])
+def test_classification_features(tok, length):
+    """[CLS] text [SEP] PAD..., truncated to length, segment ids on real tokens, label kept."""
+    text = sentences(1, seed=4)[0]
+    features = data.classification_features({"text": text, "label": 3}, tok, length)
+    ids = [tok.cls_id, *tok.encode(text)[: length - 2], tok.sep_id]
+    assert len(ids) == (6 if length == 6 else len(tok.encode(text)) + 2)
+    assert features["tokens"][: len(ids)].tolist() == ids
+    assert (features["tokens"][len(ids) :] == tok.pad_id).all()
+    np.testing.assert_array_equal(features["segment_ids"], np.arange(length) < len(ids))
+    assert features["labels"] == 3 and features["labels"].dtype == np.int32
+    assert features["weights"] == 1.0
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def indexed(count: int) -> grain.MapDataset:
+    """Example i has index i + 1 (0 marks filler), a small token row and weight 1."""
+    return grain.MapDataset.source(list(range(count))).map(
+        lambda i: {"index": np.int32(i + 1), "tokens": np.arange(3, dtype=np.int32) + 10 * i, "weights": np.float32(1)}
+    )
+
+
+def take(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def assert_same_batch(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_batches_deterministic_for_a_seed():
+    """Two iterators with the same seed give identical batches; another seed gives other batches."""
+    first = take(data.batches(indexed(50), global_batch_size=8, seed=3), 15)
+    again = take(data.batches(indexed(50), global_batch_size=8, seed=3), 15)
+    other = take(data.batches(indexed(50), global_batch_size=8, seed=4), 15)
+    for a, b in zip(first, again):
+        assert_same_batch(a, b)
+    assert any(not np.array_equal(a["index"], b["index"]) for a, b in zip(first, other))
+    assert first[0]["tokens"].shape == (8, 3)
+
+
+def test_batches_every_epoch_is_a_new_permutation():
+    """Each epoch visits every example exactly once, in a different order from the other epochs."""
+    batches = list(data.batches(indexed(50), global_batch_size=10, seed=0, num_epochs=3))
+    assert len(batches) == 15
+    order = np.concatenate([b["index"] for b in batches]).reshape(3, 50)
+    for epoch in order:
+        assert sorted(epoch.tolist()) == list(range(1, 51))
+    assert len({tuple(epoch) for epoch in order}) == 3
+    assert order[0].tolist() != list(range(1, 51))  # shuffled
+
+
+def test_batches_without_shuffle_keep_order():
+    """shuffle=False yields the data set in order, epoch after epoch."""
+    batches = take(data.batches(indexed(6), global_batch_size=4, shuffle=False), 3)
+    assert np.concatenate([b["index"] for b in batches]).tolist() == [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("k", [2, 8])  # 8 batches of 8 cross the epoch boundary of 50 examples
+def test_batches_state_round_trip(k):
+    """After k batches, get_state() restored into a fresh iterator gives the same following batches."""
+    iterator = data.batches(indexed(50), global_batch_size=8, seed=1)
+    take(iterator, k)
+    state = iterator.get_state()
+    expected = take(iterator, 3)
+    fresh = data.batches(indexed(50), global_batch_size=8, seed=1)
+    fresh.set_state(state)
+    for a, b in zip(expected, take(fresh, 3)):
+        assert_same_batch(a, b)
+
+
+def test_batches_state_round_trip_with_random_masking(nsp_examples):
+    """With MLM masking as random_map, a restored iterator reproduces the masks of the next batch."""
+    dataset = grain.MapDataset.range(len(nsp_examples))
+    mask = lambda i, rng: nsp_examples.example(i, rng)  # noqa: E731
+    steps_per_epoch = len(nsp_examples) // 8
+    iterator = data.batches(dataset, global_batch_size=8, seed=2, random_map=mask)
+    take(iterator, steps_per_epoch)
+    state = iterator.get_state()
+    expected = take(iterator, 2)
+    fresh = data.batches(dataset, global_batch_size=8, seed=2, random_map=mask)
+    fresh.set_state(state)
+    for a, b in zip(expected, take(fresh, 2)):
+        assert_same_batch(a, b)
+
+
+def test_batches_random_map_masks_afresh_every_epoch(nsp_examples):
+    """random_map is seeded per element and epoch: the same example is masked differently next epoch."""
+    dataset = grain.MapDataset.range(len(nsp_examples))
+    size = len(nsp_examples)
+    batches = list(
+        data.batches(
+            dataset, global_batch_size=size, shuffle=False, num_epochs=2,
+            random_map=lambda i, rng: nsp_examples.example(i, rng),
+        )
+    )
+    assert len(batches) == 2
+    first, second = batches
+    different = [not np.array_equal(first["weights"][i], second["weights"][i]) for i in range(size)]
+    assert np.mean(different) > 0.9
+
+
+@pytest.mark.parametrize("process_count", [2, 3])
+def test_batches_split_over_processes(process_count):
+    """With num_epochs=1 every example appears exactly once over all processes; every process yields
+    the same number of batches; at step i the processes' rows are exactly global batch i; filler
+    rows are all zero with weight 0."""
+    global_batch_size, count = 6, 50
+    single = list(data.batches(indexed(count), global_batch_size=global_batch_size, seed=5, num_epochs=1))
+    per_process = [
+        list(
+            data.batches(
+                indexed(count), global_batch_size=global_batch_size, seed=5, num_epochs=1,
+                process_index=p, process_count=process_count,
+            )
+        )
+        for p in range(process_count)
+    ]
+    assert len(single) == -(-count // global_batch_size)
+    assert [len(b) for b in per_process] == [len(single)] * process_count
+
+    seen = []
+    for step, global_batch in enumerate(single):
+        rows = {key: np.concatenate([b[step][key] for b in per_process]) for key in global_batch}
+        assert all(b[step]["index"].shape == (global_batch_size // process_count,) for b in per_process)
+        order, global_order = np.argsort(rows["index"], kind="stable"), np.argsort(global_batch["index"], kind="stable")
+        for key in global_batch:
+            np.testing.assert_array_equal(rows[key][order], global_batch[key][global_order], err_msg=key)
+        filler = rows["index"] == 0
+        assert not rows["tokens"][filler].any() and not rows["weights"][filler].any()
+        assert (rows["weights"][~filler] == 1).all()
+        seen.extend(rows["index"][~filler].tolist())
+    assert sorted(seen) == list(range(1, count + 1))
+
+
+def test_batches_global_batch_must_divide_over_processes():
+    """A global batch size not divisible by process_count is a ValueError naming both."""
+    with pytest.raises(ValueError, match=r"global_batch_size=7.*2 processes"):
+        data.batches(indexed(10), global_batch_size=7, process_count=2)
