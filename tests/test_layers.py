@@ -22,7 +22,7 @@ def test_cached_single_token_attention_equals_full_forward(name):
     cfg = CONFIGS[name]
     batch, length = 2, 9
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, length, cfg.d_model))
-    positions = tfm.positions.default_positions(batch, length)
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     segments = jnp.ones((batch, length), jnp.int32)
     attention = tfm.MultiHeadAttention(cfg)
     full_mask = tfm.self_attention_mask(segments, positions, causal=True)
@@ -32,14 +32,14 @@ def test_cached_single_token_attention_equals_full_forward(name):
 
     shape = (batch, length, cfg.kv_heads, cfg.dim_per_head)
     cache = tfm.KVCache(jnp.zeros(shape), jnp.zeros(shape))
-    slots = tfm.positions.default_positions(batch, length)
+    slots = positions
     step = jax.jit(lambda c, xt, t: attention.apply(
         variables, xt,
         tfm.AttentionMask(
             jnp.ones((batch, 1), jnp.int32), (slots <= t).astype(jnp.int32),
             jnp.full((batch, 1), t), slots, causal=True,
         ),
-        positions=jnp.full((batch, 1), t), cache=c,
+        positions=jnp.full((batch, 1), t), cache=c, cache_index=t,
     ))
     for t in range(length):
         out, cache = step(cache, x[:, t : t + 1], t)

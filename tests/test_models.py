@@ -391,3 +391,62 @@ def test_bad_inputs_are_clear_errors():
         tfm.CausalLM(cfg).init(RNG, jnp.zeros((8,), jnp.int32))
     with pytest.raises(ValueError, match="exceeds the model's context"):
         tfm.init_cache(cfg, 1, 32)
+
+
+def test_left_padded_prompts_decode_like_each_prompt_alone():
+    """Left padding (segment 0 before the text) works with the cache too: pads are never attended."""
+    cfg = DECODERS["t5 decoder (relative bias)"]
+    model = tfm.CausalLM(cfg)
+    lengths = [3, 6]
+    prompts = [random_tokens((1, n), cfg.vocab_size, seed=n) for n in lengths]
+    batch = jnp.concatenate([jnp.pad(p, ((0, 0), (6 - p.shape[1], 0))) for p in prompts])
+    segments = (jnp.arange(6)[None] >= 6 - jnp.array(lengths)[:, None]).astype(jnp.int32)
+    variables = init(model)
+    logits, cache = apply(model, variables, batch, segment_ids=segments, cache=tfm.init_cache(cfg, 2, 12))
+    np.testing.assert_array_equal(cache.lengths, lengths)
+    next_tokens = random_tokens((2, 1), cfg.vocab_size, seed=9)
+    step_logits, _ = apply(model, variables, next_tokens, cache=cache)
+    for row, prompt in enumerate(prompts):
+        alone = apply(model, variables, jnp.concatenate([prompt, next_tokens[row : row + 1]], axis=1))
+        np.testing.assert_allclose(logits[row, -1], alone[0, -2], atol=ATOL)
+        np.testing.assert_allclose(step_logits[row, 0], alone[0, -1], atol=ATOL)
+
+
+def test_cache_overflow_is_an_error():
+    cfg = preset("gpt2-tiny")
+    model = tfm.CausalLM(cfg)
+    tokens = random_tokens((1, 3), cfg.vocab_size)
+    _, cache = model.apply(init(model), tokens, cache=tfm.init_cache(cfg, 1, 4))
+    with pytest.raises(ValueError, match="do not fit the cache: 3 of its 4 slots"):
+        model.apply(init(model), tokens, cache=cache)
+
+
+def test_packed_targets_without_source_segments_see_the_whole_source():
+    """Without source segment ids, cross-attention masks padding only: every packed target
+    segment attends to the whole source, exactly as when it is decoded alone."""
+    cfg = SEQ2SEQ["t5"]
+    model = tfm.Seq2SeqLM(cfg)
+    source = random_tokens((1, 6), cfg.vocab_size)
+    first, second = random_tokens((1, 3), cfg.vocab_size, seed=1), random_tokens((1, 4), cfg.vocab_size, seed=2)
+    target, segments, positions = _packed([first, second])
+    variables = init(model)
+    encoded = apply(model, variables, source, method="encode")
+    packed = apply(model, variables, target, encoded, segment_ids=segments, positions=positions, method="decode")
+    np.testing.assert_allclose(packed[:, 3:], apply(model, variables, source, second), atol=ATOL)
+
+
+def test_bfloat16_logits_are_accumulated_in_float32():
+    """The output projection accumulates in float32: logits are not merely bfloat16 values cast up."""
+    for name in ("gpt2-tiny", "llama-tiny"):  # tied and untied output projections
+        cfg = preset(name, dtype="bfloat16")
+        model = tfm.CausalLM(cfg)
+        logits = apply(model, init(model), random_tokens((2, 8), cfg.vocab_size))
+        assert jnp.any(logits != logits.astype(jnp.bfloat16).astype(jnp.float32)), name
+
+
+def test_merge_pretrained_refuses_a_different_layer_layout():
+    cfg = preset("bert-tiny")
+    scanned = init(tfm.MaskedLM(cfg))["params"]
+    unscanned = init(tfm.MaskedLM(cfg.replace(scan_layers=False)))["params"]
+    with pytest.raises(ValueError, match="'encoder'.*scan_layers"):
+        tfm.merge_pretrained(unscanned, scanned)

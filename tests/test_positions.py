@@ -5,14 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer.positions import apply_rotary, default_positions, relative_position_bucket, sinusoidal_embedding
+from transformer.positions import apply_rotary, relative_position_bucket, segment_positions, sinusoidal_embedding
 
 
-def test_default_positions():
-    """Every row counts offset, offset+1, ... as int32."""
-    positions = default_positions(2, 4, offset=3)
+def test_segment_positions():
+    """Positions restart in every packed segment, and left padding does not shift the text."""
+    positions = segment_positions(jnp.array([[0, 0, 1, 1, 1], [1, 1, 2, 2, 0]]))
     assert positions.dtype == jnp.int32
-    np.testing.assert_array_equal(positions, [[3, 4, 5, 6], [3, 4, 5, 6]])
+    np.testing.assert_array_equal(positions, [[0, 1, 0, 1, 2], [0, 1, 0, 1, 0]])
 
 
 def test_sinusoidal_matches_paper_formula():

@@ -79,9 +79,10 @@ def dot_product_attention(
                 f"{jax.default_backend()!r}; use 'xla' or 'chunked'."
             )
     dense = _dense_mask(mask)
+    if bias is not None and implementation == AttentionImplementation.CUDNN:
+        bias = bias.astype(q.dtype)  # cuDNN takes the bias in the input dtype; XLA adds it in float32
     return jax.nn.dot_product_attention(
-        q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=dense, scale=scale,
-        implementation=implementation.value,
+        q, k, v, bias=bias, mask=dense, scale=scale, implementation=implementation.value
     )
 
 

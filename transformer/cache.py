@@ -13,8 +13,8 @@ from transformer.config import ModelConfig
 class KVCache:
     """Keys and values of one attention layer: k, v [B, S, K, H] (a leading L axis when stacked).
 
-    Self-attention caches are preallocated to the longest sequence and filled slot by slot,
-    a token's keys and values living in the slot of its position. Cross-attention caches
+    Self-attention caches are preallocated and filled slot by slot: every call appends its
+    tokens (padding included) at the same slot index in every row. Cross-attention caches
     hold the encoder's keys and values, computed once.
     """
 
@@ -22,41 +22,60 @@ class KVCache:
     v: jax.Array
 
     def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
-        """Stores new k, v [B, T, K, H] in slots start[b] .. start[b] + T - 1 of each row.
-
-        The caller guarantees start + T <= S (generation checks the length limit first).
-        """
-
-        def write_row(cache_row, new_row, index):  # [S, K, H], [T, K, H], []
-            return jax.lax.dynamic_update_slice(cache_row, new_row.astype(cache_row.dtype), (index, 0, 0))
-
-        write_rows = jax.vmap(write_row)
-        return KVCache(write_rows(self.k, k, start), write_rows(self.v, v, start))
+        """Stores new k, v [B, T, K, H] in slots start .. start + T - 1 of every row."""
+        index = (0, start, 0, 0)
+        return KVCache(
+            jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), index),
+            jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), index),
+        )
 
 
 @struct.dataclass
 class DecoderCache:
-    """Everything a decoder stack needs to extend its sequences one step at a time.
+    """Everything a decoder stack needs to extend its sequences a few tokens at a time.
 
-    self_attention: stacked KVCache, k and v [L, B, max_length, K, H].
-    lengths: [B] int32, tokens already in the cache for each row.
-    cross_attention: stacked encoder K/V [L, B, S, K, H], filled by the first call that
-        passes the encoder output; None for decoder-only models.
-    source_segment_ids: [B, S] encoder segment ids (0 = padding) for the cross-attention mask.
+    self_attention: stacked KVCache, k and v [L, B, S, K, H].
+    segment_ids: [B, S] per slot; 0 = empty or padding (never attended to).
+    positions: [B, S] per slot, the token positions (for causality and position encodings).
+    end: [] int32, slots written so far (the same in every row).
+    cross_attention: stacked encoder K/V [L, B, S_source, K, H], filled by the first call
+        that passes the encoder output; None for decoder-only models.
+    source_segment_ids: [B, S_source] encoder segment ids (0 = padding).
     """
 
     self_attention: KVCache
-    lengths: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+    end: jax.Array
     cross_attention: KVCache | None = None
     source_segment_ids: jax.Array | None = None
 
     @property
     def max_length(self) -> int:
-        return self.self_attention.k.shape[2]
+        """Slots per row."""
+        return self.segment_ids.shape[1]
+
+    @property
+    def lengths(self) -> jax.Array:
+        """[B] real (non-padding) tokens in each row."""
+        return (self.segment_ids != 0).sum(axis=-1).astype(jnp.int32)
+
+    def append(self, segment_ids: jax.Array, positions: jax.Array) -> DecoderCache:
+        """Records the segment ids and positions [B, T] of T new tokens written at `end`."""
+        index = (0, self.end)
+        return self.replace(
+            segment_ids=jax.lax.dynamic_update_slice(self.segment_ids, segment_ids.astype(jnp.int32), index),
+            positions=jax.lax.dynamic_update_slice(self.positions, positions.astype(jnp.int32), index),
+            end=self.end + segment_ids.shape[1],
+        )
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_length: int | None = None) -> DecoderCache:
-    """An empty cache for `config`'s decoder, holding up to `max_length` tokens per row."""
+    """An empty cache for `config`'s decoder with `max_length` slots per row.
+
+    Every call writes all its tokens, padding included, so the slots must cover the padded
+    prompt plus every token to be generated.
+    """
     if config.num_decoder_layers == 0:
         raise ValueError("This config has no decoder (num_decoder_layers=0); encoders need no cache.")
     max_length = config.max_length if max_length is None else max_length
@@ -67,4 +86,5 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int | None = No
         )
     shape = (config.num_decoder_layers, batch_size, max_length, config.kv_heads, config.dim_per_head)
     zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
-    return DecoderCache(KVCache(zeros, zeros), jnp.zeros((batch_size,), jnp.int32))
+    slots = jnp.zeros((batch_size, max_length), jnp.int32)
+    return DecoderCache(KVCache(zeros, zeros), slots, slots, jnp.zeros((), jnp.int32))

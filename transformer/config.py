@@ -98,7 +98,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # output logits use the token embedding matrix
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (2017 paper)
     rescale_tied_logits: bool = False  # multiply by d_model**-0.5 before tied logits (T5)
-    attention_logit_scaling: bool = True  # divide logits by sqrt(head_dim); T5 folds it into init
+    attention_logit_scaling: bool = True  # divide logits by sqrt(head_dim); T5 does not (its init does)
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0 = none
     dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)
     param_dtype: str = "float32"
@@ -126,6 +126,7 @@ class ModelConfig:
                     f"ModelConfig.{name}={getattr(self, name)!r} is not a floating dtype; "
                     "use 'float32', 'bfloat16' or 'float16'."
                 )
+            object.__setattr__(self, name, dtype.name)  # a plain string, e.g. for JSON
         self._check()
 
     def _check(self):
@@ -166,6 +167,11 @@ class ModelConfig:
             raise ValueError(f"Sinusoidal positions need an even d_model, got {self.d_model}.")
         if self.position == PositionEncoding.RELATIVE and self.relative_num_buckets < 4:
             raise ValueError("ModelConfig.relative_num_buckets must be >= 4.")
+        if self.position == PositionEncoding.RELATIVE and self.relative_max_distance <= self.relative_num_buckets // 2:
+            raise ValueError(
+                f"ModelConfig.relative_max_distance={self.relative_max_distance} must exceed "
+                f"relative_num_buckets // 2 = {self.relative_num_buckets // 2} (exact buckets end there)."
+            )
         for name in ("dropout_rate", "attention_dropout_rate"):
             rate = getattr(self, name)
             if not 0.0 <= rate < 1.0:

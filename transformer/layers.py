@@ -8,6 +8,7 @@ One `Block` serves all three architectures. It never decides causality: it recei
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -19,8 +20,6 @@ from transformer.attention import Mask, dot_product_attention
 from transformer.cache import KVCache
 from transformer.config import Activation, ModelConfig, Norm, NormPosition, PositionEncoding
 from transformer.positions import apply_rotary, relative_position_bucket, sinusoidal_embedding
-
-KERNEL_INIT = nn.initializers.normal(stddev=0.02)
 
 _ACTIVATIONS: dict[Activation, Callable[[jax.Array], jax.Array]] = {
     Activation.RELU: nn.relu,
@@ -36,8 +35,21 @@ def activation_fn(activation: Activation) -> Callable[[jax.Array], jax.Array]:
     return _ACTIVATIONS[activation]
 
 
-def dense(config: ModelConfig, features, axes: tuple[str, ...], *, name: str, axis=-1, use_bias=None):
-    """A DenseGeneral whose kernel and bias carry logical axis names `axes` (inputs..., outputs...)."""
+def dense(
+    config: ModelConfig,
+    features,
+    axes: tuple[str, ...],
+    *,
+    name: str,
+    axis=-1,
+    use_bias: bool | None = None,
+    float32_output: bool = False,
+    kernel_stddev: float = 0.02,
+):
+    """A DenseGeneral whose kernel and bias carry logical axis names `axes` (inputs..., outputs...).
+
+    float32_output: accumulate and return float32 whatever the compute dtype (logits).
+    """
     features = features if isinstance(features, tuple) else (features,)
     return nn.DenseGeneral(
         features,
@@ -45,8 +57,11 @@ def dense(config: ModelConfig, features, axes: tuple[str, ...], *, name: str, ax
         use_bias=config.use_bias if use_bias is None else use_bias,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
-        kernel_init=nn.with_logical_partitioning(KERNEL_INIT, axes),
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(kernel_stddev), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-len(features) :]),
+        dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+        if float32_output
+        else None,
         name=name,
     )
 
@@ -109,9 +124,11 @@ class Embedder(nn.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the token embedding matrix: [B, T, D] -> [B, T, V] float32."""
-        if self.config.rescale_tied_logits:
-            x *= self.config.d_model**-0.5
-        return self.token.attend(x).astype(jnp.float32)
+        cfg = self.config
+        if cfg.rescale_tied_logits:
+            x *= cfg.d_model**-0.5
+        embedding = self.token.embedding.astype(cfg.dtype)  # [V, D]
+        return jnp.einsum("btd,vd->btv", x.astype(cfg.dtype), embedding, preferred_element_type=jnp.float32)
 
 
 class RelativePositionBias(nn.Module):
@@ -126,7 +143,7 @@ class RelativePositionBias(nn.Module):
         cfg = self.config
         table = self.param(
             "embedding",
-            nn.with_logical_partitioning(KERNEL_INIT, (ax.RELATIVE_BUCKETS, ax.HEADS)),
+            nn.with_logical_partitioning(nn.initializers.normal(0.02), (ax.RELATIVE_BUCKETS, ax.HEADS)),
             (cfg.relative_num_buckets, cfg.num_heads),
             cfg.param_dtype,
         )
@@ -142,8 +159,7 @@ class MultiHeadAttention(nn.Module):
     """Multi-head (grouped-query) attention; self-attention or cross-attention.
 
     Self-attention takes keys and values from its own input; with a cache, the new keys
-    and values are written into the cache at the tokens' positions and attention runs over
-    the whole cache. Cross-attention takes keys and values from `kv_input` (the encoder
+    and values are appended to the cache and attention runs over all its slots. Cross-attention takes keys and values from `kv_input` (the encoder
     output) and returns them as a cache, so decoding computes them once.
     """
 
@@ -160,16 +176,22 @@ class MultiHeadAttention(nn.Module):
         kv_input: jax.Array | None = None,
         bias: jax.Array | None = None,
         cache: KVCache | None = None,
+        cache_index: jax.Array | None = None,
         deterministic: bool = True,
     ) -> tuple[jax.Array, KVCache | None]:
-        """x: [B, T, D]; positions [B, T] (rotary encoding and cache slots); kv_input [B, S, D].
+        """x: [B, T, D]; positions [B, T] (rotary encoding); kv_input [B, S, D].
 
+        With a self-attention cache, the new keys and values go to slots cache_index ..
+        cache_index + T - 1, and `mask` covers all the cache's slots.
         Returns the output [B, T, D] and the updated cache (for cross-attention: the encoder
         keys and values; None for self-attention without a cache).
         """
         cfg = self.config
         heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
-        q = dense(cfg, (heads, head_dim), (ax.EMBED, ax.HEADS, ax.HEAD_DIM), name="query")(x)  # [B, T, N, H]
+        # Without 1/sqrt(H) logit scaling (T5), the query initialisation carries it instead.
+        query_stddev = 0.02 if cfg.attention_logit_scaling else 0.02 * head_dim**-0.5
+        q_axes = (ax.EMBED, ax.HEADS, ax.HEAD_DIM)
+        q = dense(cfg, (heads, head_dim), q_axes, kernel_stddev=query_stddev, name="query")(x)  # [B, T, N, H]
         kv_axes = (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM)
         project_key = dense(cfg, (kv_heads, head_dim), kv_axes, name="key")
         project_value = dense(cfg, (kv_heads, head_dim), kv_axes, name="value")
@@ -186,8 +208,8 @@ class MultiHeadAttention(nn.Module):
                 q = apply_rotary(q, positions, cfg.rope_theta)
                 k = apply_rotary(k, positions, cfg.rope_theta)
             if cache is not None:
-                cache = cache.write(k, v, positions[:, 0])
-                k, v = cache.k, cache.v  # [B, max_length, K, H]
+                cache = cache.write(k, v, cache_index)
+                k, v = cache.k, cache.v  # [B, S, K, H], S = cache slots
 
         dropout_rate = 0.0 if deterministic else cfg.attention_dropout_rate
         out = dot_product_attention(
@@ -214,7 +236,7 @@ class FeedForward(nn.Module):
         if cfg.activation.gated:
             h = act(dense(cfg, cfg.d_ff, axes, name="wi_0")(x)) * dense(cfg, cfg.d_ff, axes, name="wi_1")(x)
         else:
-            h = act(dense(cfg, cfg.d_ff, axes, name="wi")(x))
+            h = act(dense(cfg, cfg.d_ff, axes, name="wi")(x))  # [B, T, F]
         return dense(cfg, cfg.d_model, (ax.MLP, ax.EMBED), name="wo")(h)  # [B, T, D]
 
 
@@ -235,6 +257,7 @@ class Block(nn.Module):
         caches: tuple[KVCache | None, KVCache | None],
         self_mask: Mask,
         positions: jax.Array,
+        cache_index: jax.Array | None,
         self_bias: jax.Array | None,
         encoded: jax.Array | None,
         cross_mask: Mask,
@@ -258,7 +281,8 @@ class Block(nn.Module):
             nonlocal self_cache
             attention = MultiHeadAttention(cfg, name="self_attention")
             h, self_cache = attention(
-                h, self_mask, positions=positions, bias=self_bias, cache=self_cache, deterministic=deterministic
+                h, self_mask, positions=positions, bias=self_bias, cache=self_cache, cache_index=cache_index,
+                deterministic=deterministic,
             )
             return h
 

@@ -21,28 +21,53 @@ from transformer import sharding as ax
 from transformer.cache import DecoderCache
 from transformer.config import ModelConfig
 from transformer.layers import Embedder, activation_fn, dense, norm
-from transformer.positions import default_positions
+from transformer.positions import segment_positions
 from transformer.stacks import Stack
 
 
 def _inputs(config: ModelConfig, tokens, segment_ids, positions, cache: DecoderCache | None = None):
-    """Checks [B, T] tokens and fills in default segment ids (all 1) and positions."""
+    """Checks [B, T] tokens and fills in default segment ids (all 1) and positions.
+
+    Default positions count from 0 within each segment (packed documents restart, left
+    padding does not shift the text); with a cache they continue after its real tokens.
+    """
     if tokens.ndim != 2:
         raise ValueError(f"Expected token ids of shape [batch, length], got shape {tokens.shape}.")
     batch, length = tokens.shape
+    for name, value in (("segment_ids", segment_ids), ("positions", positions)):
+        if value is not None and value.shape != tokens.shape:
+            raise ValueError(f"{name} has shape {value.shape}; it must match the tokens' shape {tokens.shape}.")
     if cache is None and length > config.max_length:
         raise ValueError(
             f"Sequence length {length} exceeds the model's context of {config.max_length} tokens "
             "(ModelConfig.max_length); truncate the input or use a config with a longer max_length."
         )
-    if cache is not None and length > cache.max_length:
-        raise ValueError(f"{length} new tokens do not fit a cache of {cache.max_length} slots.")
+    if cache is not None:
+        end = _concrete(cache.end)
+        if cache.segment_ids.shape[0] != batch:
+            raise ValueError(f"The cache holds {cache.segment_ids.shape[0]} rows but the tokens have {batch}.")
+        if (0 if end is None else end) + length > cache.max_length:
+            raise ValueError(
+                f"{length} new tokens do not fit the cache: {end or 0} of its {cache.max_length} slots are "
+                "used. Allocate a larger cache with init_cache(..., max_length=...)."
+            )
     if segment_ids is None:
         segment_ids = jnp.ones((batch, length), jnp.int32)
     if positions is None:
-        offset = 0 if cache is None else cache.lengths[:, None]
-        positions = default_positions(batch, length, offset)
+        if cache is None:
+            positions = segment_positions(segment_ids)
+        else:
+            is_token = (segment_ids != 0).astype(jnp.int32)
+            positions = cache.lengths[:, None] + jnp.cumsum(is_token, axis=1) - is_token
     return segment_ids, positions
+
+
+def _concrete(value: jax.Array) -> int | None:
+    """The value of a scalar when known outside of tracing (eager calls), else None."""
+    try:
+        return int(value)
+    except jax.errors.ConcretizationTypeError:
+        return None
 
 
 def _require(config: ModelConfig, *, encoder: bool = False, decoder: bool = False, model: str):
@@ -52,11 +77,22 @@ def _require(config: ModelConfig, *, encoder: bool = False, decoder: bool = Fals
         raise ValueError(f"{model} needs a decoder: set num_decoder_layers > 0.")
 
 
+def _lm_head(config: ModelConfig, *, use_bias: bool = False) -> nn.Module | None:
+    """The untied output projection [D] -> [V] (float32 logits), or None when tied."""
+    if config.tie_embeddings:
+        return None
+    return dense(config, config.vocab_size, (ax.EMBED, ax.VOCAB), use_bias=use_bias, float32_output=True, name="lm_head")
+
+
+def _classifier(config: ModelConfig, num_labels: int, name: str) -> nn.Module:
+    return dense(config, num_labels, (ax.EMBED, ax.LABELS), use_bias=True, float32_output=True, name=name)
+
+
 def _output_logits(module: nn.Module, config: ModelConfig, x: jax.Array) -> jax.Array:
     """[B, T, D] -> [B, T, V] float32, tied to the embeddings or through `lm_head`."""
     if config.tie_embeddings:
         return module.embed.attend(x)
-    return module.lm_head(x).astype(jnp.float32)
+    return module.lm_head(x)
 
 
 class CausalLM(nn.Module):
@@ -69,8 +105,7 @@ class CausalLM(nn.Module):
         _require(cfg, decoder=True, model="CausalLM")
         self.embed = Embedder(cfg)
         self.decoder = Stack(cfg, cfg.num_decoder_layers, causal=True, name="decoder")
-        if not cfg.tie_embeddings:
-            self.lm_head = dense(cfg, cfg.vocab_size, (ax.EMBED, ax.VOCAB), use_bias=False, name="lm_head")
+        self.lm_head = _lm_head(cfg)
 
     def __call__(
         self,
@@ -108,7 +143,7 @@ class _EncoderModel(nn.Module):
         self.pooler = dense(cfg, cfg.d_model, (ax.EMBED, ax.EMBED), use_bias=True, name="pooler")
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def encode(self, tokens, token_types=None, segment_ids=None, positions=None, *, deterministic=True):
+    def encode(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
         """tokens [B, T] -> hidden states [B, T, D]."""
         segment_ids, positions = _inputs(self.config, tokens, segment_ids, positions)
         x = self.embed(tokens, positions, token_types, deterministic=deterministic)
@@ -139,50 +174,52 @@ class MaskedLM(_EncoderModel):
                 "mlm_bias", nn.with_logical_partitioning(nn.initializers.zeros, (ax.VOCAB,)),
                 (cfg.vocab_size,), cfg.param_dtype,
             )
-        else:
-            self.lm_head = dense(cfg, cfg.vocab_size, (ax.EMBED, ax.VOCAB), use_bias=True, name="lm_head")
+        self.lm_head = _lm_head(cfg, use_bias=True)
         if self.next_sentence_prediction:
-            self.nsp_head = dense(cfg, 2, (ax.EMBED, ax.LABELS), use_bias=True, name="nsp_head")
+            self.nsp_head = _classifier(cfg, 2, name="nsp_head")
 
     def __call__(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
         cfg = self.config
-        hidden = self.encode(tokens, token_types, segment_ids, positions, deterministic=deterministic)
+        hidden = self.encode(
+            tokens, token_types=token_types, segment_ids=segment_ids, positions=positions, deterministic=deterministic
+        )
         h = self.mlm_norm(activation_fn(cfg.activation)(self.mlm_transform(hidden)))
         logits = _output_logits(self, cfg, h)
         if cfg.tie_embeddings:
             logits += self.mlm_bias
         if not self.next_sentence_prediction:
             return logits
-        return logits, self.nsp_head(self.pool(hidden)).astype(jnp.float32)
+        return logits, self.nsp_head(self.pool(hidden))
 
 
-class SequenceClassifier(_EncoderModel):
+class _Classifier(_EncoderModel):
+    num_labels: int = 2
+
+    def setup(self):
+        super().setup()
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}.")
+        self.classifier = _classifier(self.config, self.num_labels, name="classifier")
+
+
+class SequenceClassifier(_Classifier):
     """Encoder + pooled [CLS] + linear classifier: logits [B, num_labels] float32."""
 
-    num_labels: int = 2
-
-    def setup(self):
-        super().setup()
-        self.classifier = dense(self.config, self.num_labels, (ax.EMBED, ax.LABELS), use_bias=True, name="classifier")
-
     def __call__(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
-        hidden = self.encode(tokens, token_types, segment_ids, positions, deterministic=deterministic)
-        pooled = self.dropout(self.pool(hidden), deterministic=deterministic)
-        return self.classifier(pooled).astype(jnp.float32)
+        hidden = self.encode(
+            tokens, token_types=token_types, segment_ids=segment_ids, positions=positions, deterministic=deterministic
+        )
+        return self.classifier(self.dropout(self.pool(hidden), deterministic=deterministic))
 
 
-class TokenClassifier(_EncoderModel):
+class TokenClassifier(_Classifier):
     """Encoder + linear classifier on every token: logits [B, T, num_labels] float32."""
 
-    num_labels: int = 2
-
-    def setup(self):
-        super().setup()
-        self.classifier = dense(self.config, self.num_labels, (ax.EMBED, ax.LABELS), use_bias=True, name="classifier")
-
     def __call__(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
-        hidden = self.encode(tokens, token_types, segment_ids, positions, deterministic=deterministic)
-        return self.classifier(self.dropout(hidden, deterministic=deterministic)).astype(jnp.float32)
+        hidden = self.encode(
+            tokens, token_types=token_types, segment_ids=segment_ids, positions=positions, deterministic=deterministic
+        )
+        return self.classifier(self.dropout(hidden, deterministic=deterministic))
 
 
 class Seq2SeqLM(nn.Module):
@@ -199,8 +236,7 @@ class Seq2SeqLM(nn.Module):
         self.embed = Embedder(cfg)
         self.encoder = Stack(cfg, cfg.num_encoder_layers, causal=False, name="encoder")
         self.decoder = Stack(cfg, cfg.num_decoder_layers, causal=True, has_cross_attention=True, name="decoder")
-        if not cfg.tie_embeddings:
-            self.lm_head = dense(cfg, cfg.vocab_size, (ax.EMBED, ax.VOCAB), use_bias=False, name="lm_head")
+        self.lm_head = _lm_head(cfg)
 
     def encode(self, source, *, segment_ids=None, positions=None, deterministic=True) -> jax.Array:
         """source tokens [B, S] -> encoder output [B, S, D]."""
@@ -272,6 +308,12 @@ def merge_pretrained(params, pretrained) -> tuple[dict, list[str]]:
             "Pretrained parameters do not fit the model; the two configs differ (vocab_size, d_model, "
             "heads or layers): " + "; ".join(mismatched)
         )
+    for module in sorted({p.split("/")[0] for p in target} & {p.split("/")[0] for p in source}):
+        if not any(p.startswith(module + "/") and p in source for p in target):
+            raise ValueError(
+                f"No pretrained parameter of {module!r} matches the model's layout; were the two models "
+                "built with different scan_layers settings?"
+            )
     fresh = sorted(path for path in target if path not in source)
     merged = {path: jnp.asarray(source.get(path, value), value.dtype) for path, value in target.items()}
     return traverse_util.unflatten_dict(merged, sep="/"), fresh

@@ -7,9 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def default_positions(batch_size: int, length: int, offset: int | jax.Array = 0) -> jax.Array:
-    """Positions offset..offset+length-1 for every row. -> [B, T] int32."""
-    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32) + offset, (batch_size, length))
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """Each token's position within its run of equal segment ids. [B, T] -> [B, T] int32.
+
+    segment ids [[0, 0, 1, 1, 1], [1, 1, 2, 2, 0]] -> [[0, 1, 0, 1, 2], [0, 1, 0, 1, 0]]:
+    packed documents restart at 0, and left padding does not shift the text's positions.
+    """
+    index = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 def sinusoidal_embedding(positions: jax.Array, dim: int, max_timescale: float = 10_000.0) -> jax.Array:

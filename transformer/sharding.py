@@ -28,7 +28,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (EMBED, "fsdp"),
     (VOCAB, "tensor"),
     (HEADS, "tensor"),
-    (KV_HEADS, "tensor"),
+    (KV_HEADS, None),  # replicated: grouped/multi-query attention has fewer K/V heads than devices
     (HEAD_DIM, None),
     (MLP, "tensor"),
     (LAYERS, None),

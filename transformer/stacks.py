@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,8 +19,8 @@ _REMAT_POLICIES = {
     RematPolicy.DOTS: jax.checkpoint_policies.dots_saveable,
     RematPolicy.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-# Block.__call__(self, x, caches, self_mask, positions, self_bias, encoded, cross_mask, deterministic)
-_DETERMINISTIC_ARGNUM = 8  # counting self as 0
+# Position of `deterministic` in Block.__call__, counting self as 0 (static under nn.remat).
+_DETERMINISTIC_ARGNUM = list(inspect.signature(Block.__call__).parameters).index("deterministic")
 
 
 def block_class(config: ModelConfig) -> type[Block]:
@@ -43,7 +45,7 @@ def scan_blocks(config: ModelConfig, num_layers: int, has_cross_attention: bool,
         block_class(config),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(0,) + (nn.broadcast,) * 6,
+        in_axes=(0,) + (nn.broadcast,) * (_DETERMINISTIC_ARGNUM - 2),
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: ax.LAYERS},
     )
@@ -79,19 +81,21 @@ class Stack(nn.Module):
 
         encoded, encoded_segment_ids: [B, S, D], [B, S] encoder output, for cross-attention;
         with a cache, only on the first call (afterwards its keys and values are cached).
+        Without encoded_segment_ids, cross-attention masks decoder padding only; with them,
+        a decoder token attends to the encoder tokens of its own segment (packed pairs).
         Returns [B, T, D] and the updated cache (None without one).
         """
         cfg = self.config
+        cache_index = None
         if cache is None:
             self_mask = self_attention_mask(segment_ids, positions, causal=self.causal)
             kv_positions = positions
         else:
-            slots = jnp.arange(cache.max_length, dtype=jnp.int32)[None, :]  # [1, max_length]
             is_token = (segment_ids != 0).astype(jnp.int32)
-            lengths = cache.lengths + is_token.sum(axis=-1)
-            kv_positions = jnp.broadcast_to(slots, (x.shape[0], cache.max_length))
-            kv_segment_ids = (slots < lengths[:, None]).astype(jnp.int32)
-            self_mask = AttentionMask(is_token, kv_segment_ids, positions, kv_positions, causal=self.causal)
+            cache_index = cache.end
+            cache = cache.append(is_token, positions)
+            kv_positions = cache.positions  # [B, S]
+            self_mask = AttentionMask(is_token, cache.segment_ids, positions, kv_positions, causal=self.causal)
 
         self_bias = None
         if cfg.position == PositionEncoding.RELATIVE:
@@ -100,14 +104,18 @@ class Stack(nn.Module):
 
         cross_mask = None
         if self.has_cross_attention:
-            if encoded is None and cache is not None:
+            if encoded is None:
+                if cache is None or cache.source_segment_ids is None:
+                    raise ValueError("A decoder with cross-attention needs the encoder output (encoded=...).")
                 encoded_segment_ids = cache.source_segment_ids
-            encoded_segment_ids = _default_segments(encoded, encoded_segment_ids)
             q_segment_ids = segment_ids if cache is None else (segment_ids != 0).astype(jnp.int32)
+            if encoded_segment_ids is None:  # no source segments: padding is the only constraint
+                encoded_segment_ids = jnp.ones(encoded.shape[:2], jnp.int32)
+                q_segment_ids = (segment_ids != 0).astype(jnp.int32)
             cross_mask = cross_attention_mask(q_segment_ids, encoded_segment_ids)
 
         caches = (None, None) if cache is None else (cache.self_attention, cache.cross_attention)
-        broadcast_args = (self_mask, positions, self_bias, encoded, cross_mask, deterministic)
+        broadcast_args = (self_mask, positions, cache_index, self_bias, encoded, cross_mask, deterministic)
         if cfg.scan_layers:
             x, (self_kv, cross_kv) = scan_blocks(cfg, self.num_layers, self.has_cross_attention, name="layers")(
                 x, caches, *broadcast_args
@@ -119,7 +127,9 @@ class Stack(nn.Module):
             x = norm(cfg, name="final_norm")(x)
         if cache is None:
             return x, None
-        return x, DecoderCache(self_kv, lengths, cross_kv if self.has_cross_attention else None, encoded_segment_ids)
+        if self.has_cross_attention:
+            cache = cache.replace(cross_attention=cross_kv, source_segment_ids=encoded_segment_ids)
+        return x, cache.replace(self_attention=self_kv)
 
     def _loop(self, x, caches, broadcast_args):
         """The unscanned stack: layers_0 .. layers_{L-1}, each with its own parameters."""
@@ -131,15 +141,4 @@ class Stack(nn.Module):
                 x, layer_caches, *broadcast_args
             )
             outputs.append(layer_caches)
-        stacked = jax.tree.map(lambda *c: jnp.stack(c), *outputs) if outputs[0] != (None, None) else (None, None)
-        return x, stacked
-
-
-def _default_segments(encoded: jax.Array | None, segment_ids: jax.Array | None) -> jax.Array:
-    if encoded is None:
-        if segment_ids is None:
-            raise ValueError("A decoder with cross-attention needs the encoder output (encoded=...).")
-        return segment_ids
-    if segment_ids is None:
-        return jnp.ones(encoded.shape[:2], jnp.int32)
-    return segment_ids
+        return x, jax.tree.map(lambda *c: jnp.stack(c), *outputs)
