@@ -8,7 +8,10 @@ Shape letters (as in `jax.nn.dot_product_attention`):
     V vocabulary size, L layers.
 Masks: boolean, True = may attend, shaped [B, 1, T, S]; built from positions and segment ids.
 Segment ids: [B, T] ints; 0 = padding, equal non-zero ids = the same packed document.
-Logical axis names (for sharding): see `transformer.sharding`.
+Token ids: 0 pad, 1 unk, 2 BOS, 3 EOS, 4 [CLS], 5 [SEP], 6 [MASK] (tokenizers trained here).
+Logical axis names (for sharding): vocab, embed, heads, kv_heads, head_dim, mlp, layers,
+positions, token_types, relative_buckets, labels; activations batch, length. The table
+mapping them to ("data", "fsdp", "tensor") mesh axes is `transformer.sharding.LOGICAL_AXIS_RULES`.
 Dtypes: parameters in `param_dtype` (float32), compute in `dtype`; softmax, logits and
 losses in float32.
 """
@@ -37,6 +40,7 @@ from transformer.masks import (
 from transformer.models import CausalLM, MaskedLM, Seq2SeqLM, SequenceClassifier, TokenClassifier, merge_pretrained
 from transformer.positions import apply_rotary, relative_position_bucket, sinusoidal_embedding
 from transformer.stacks import Stack
+from transformer.tokenizer import Tokenizer
 
 __all__ = [
     "PRESETS",
@@ -61,6 +65,7 @@ __all__ = [
     "SequenceClassifier",
     "Stack",
     "TokenClassifier",
+    "Tokenizer",
     "apply_rotary",
     "attention_weights",
     "causal_mask",
