@@ -39,6 +39,16 @@ from transformer.masks import (
 )
 from transformer.models import CausalLM, MaskedLM, Seq2SeqLM, SequenceClassifier, TokenClassifier, merge_pretrained
 from transformer.positions import apply_rotary, relative_position_bucket, sinusoidal_embedding
+from transformer.sampling import (
+    GenerateOutput,
+    apply_temperature,
+    beam_search,
+    generate,
+    sample_logits,
+    sample_loop,
+    top_k_filter,
+    top_p_filter,
+)
 from transformer.stacks import Stack
 from transformer.tokenizer import Tokenizer
 
@@ -52,6 +62,7 @@ __all__ = [
     "DecoderCache",
     "Embedder",
     "FeedForward",
+    "GenerateOutput",
     "KVCache",
     "MaskedLM",
     "ModelConfig",
@@ -67,15 +78,22 @@ __all__ = [
     "TokenClassifier",
     "Tokenizer",
     "apply_rotary",
+    "apply_temperature",
     "attention_weights",
+    "beam_search",
     "causal_mask",
     "cross_attention_mask",
     "dot_product_attention",
+    "generate",
     "init_cache",
     "merge_pretrained",
     "padding_mask",
     "relative_position_bucket",
+    "sample_logits",
+    "sample_loop",
     "segment_mask",
     "self_attention_mask",
     "sinusoidal_embedding",
+    "top_k_filter",
+    "top_p_filter",
 ]

@@ -60,6 +60,21 @@ class DecoderCache:
         """[B] real (non-padding) tokens in each row."""
         return (self.segment_ids != 0).sum(axis=-1).astype(jnp.int32)
 
+    def select_rows(self, rows: jax.Array) -> DecoderCache:
+        """The cache of rows `rows` [B'] (e.g. each row repeated per beam, or beams reordered)."""
+
+        def per_layer(kv):  # [L, B, ...]
+            return None if kv is None else jax.tree.map(lambda x: jnp.take(x, rows, axis=1), kv)
+
+        take = lambda x: None if x is None else jnp.take(x, rows, axis=0)  # noqa: E731
+        return self.replace(
+            self_attention=per_layer(self.self_attention),
+            segment_ids=take(self.segment_ids),
+            positions=take(self.positions),
+            cross_attention=per_layer(self.cross_attention),
+            source_segment_ids=take(self.source_segment_ids),
+        )
+
     def append(self, segment_ids: jax.Array, positions: jax.Array) -> DecoderCache:
         """Records the segment ids and positions [B, T] of T new tokens written at `end`."""
         index = (0, self.end)

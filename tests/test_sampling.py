@@ -1,0 +1,211 @@
+"""Generation: one compiled loop, every strategy checked against an independent computation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import transformer as tfm
+
+RNG = jax.random.PRNGKey(0)
+
+
+@functools.cache
+def decoder():
+    cfg = tfm.ModelConfig.preset("llama-tiny", max_length=64)
+    model = tfm.CausalLM(cfg)
+    return model, jax.jit(model.init)(RNG, jnp.ones((1, 4), jnp.int32))
+
+
+@functools.cache
+def seq2seq():
+    cfg = tfm.ModelConfig.preset("t5-tiny", dropout_rate=0.0, max_length=64)
+    model = tfm.Seq2SeqLM(cfg)
+    return model, jax.jit(model.init)(RNG, jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4), jnp.int32))
+
+
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20]]
+forward = jax.jit(lambda model, variables, tokens: model.apply(variables, tokens), static_argnums=0)
+
+
+def stepwise_argmax(model, variables, prompt, steps):
+    """Greedy decoding the slow way: a full forward pass over the whole prefix for every token."""
+    sequence = list(prompt)
+    for _ in range(steps):
+        sequence.append(int(jnp.argmax(forward(model, variables, jnp.array([sequence]))[0, -1])))
+    return sequence[len(prompt) :]
+
+
+def test_greedy_equals_stepwise_argmax_of_full_forward_passes():
+    """Each row of a ragged batch equals greedy decoding of that prompt alone, without a cache."""
+    model, variables = decoder()
+    out = tfm.generate(model, variables, PROMPTS, max_new_tokens=8)
+    for row, prompt in enumerate(PROMPTS):
+        assert out.tokens[row].tolist() == stepwise_argmax(model, variables, prompt, 8)
+    np.testing.assert_array_equal(out.lengths, [8, 8, 8])
+
+
+def test_seq2seq_greedy_equals_stepwise_argmax():
+    """Encoder-decoder: cached decoding (encoder once, cross K/V cached) equals full decode passes."""
+    model, variables = seq2seq()
+    out = tfm.generate(model, variables, PROMPTS, max_new_tokens=6, bos_id=2)
+    decode = jax.jit(lambda s, t: model.apply(variables, s, t))
+    for row, source in enumerate(PROMPTS):
+        target = [2]
+        for _ in range(6):
+            target.append(int(jnp.argmax(decode(jnp.array([source]), jnp.array([target]))[0, -1])))
+        assert out.tokens[row].tolist() == target[1:]
+
+
+def test_each_row_of_a_batch_equals_the_prompt_alone():
+    model, variables = decoder()
+    together = tfm.generate(model, variables, PROMPTS, max_new_tokens=5, strategy="beam", num_beams=3)
+    for row, prompt in enumerate(PROMPTS):
+        alone = tfm.generate(model, variables, [prompt], max_new_tokens=5, strategy="beam", num_beams=3)
+        np.testing.assert_array_equal(together.tokens[row], alone.tokens[0])
+        np.testing.assert_allclose(together.scores[row], alone.scores[0], rtol=1e-5)
+
+
+def test_top_k_1_sampling_equals_greedy():
+    model, variables = decoder()
+    greedy = tfm.generate(model, variables, PROMPTS, max_new_tokens=6)
+    sampled = tfm.generate(model, variables, PROMPTS, max_new_tokens=6, strategy="sample", top_k=1, rng=RNG)
+    np.testing.assert_array_equal(sampled.tokens, greedy.tokens)
+
+
+def test_one_beam_equals_greedy():
+    model, variables = decoder()
+    greedy = tfm.generate(model, variables, PROMPTS, max_new_tokens=6)
+    beam = tfm.generate(model, variables, PROMPTS, max_new_tokens=6, strategy="beam", num_beams=1, length_penalty=0.0)
+    np.testing.assert_array_equal(beam.tokens, greedy.tokens)
+    np.testing.assert_allclose(beam.scores, greedy.scores, rtol=1e-5)
+
+
+def test_same_rng_same_text_and_different_rng_different_text():
+    model, variables = decoder()
+    sample = functools.partial(tfm.generate, model, variables, PROMPTS, max_new_tokens=8, strategy="sample")
+    np.testing.assert_array_equal(sample(rng=RNG).tokens, sample(rng=RNG).tokens)
+    assert not np.array_equal(sample(rng=RNG).tokens, sample(rng=jax.random.PRNGKey(1)).tokens)
+
+
+def test_eos_stops_a_row_and_pads_the_rest():
+    """A row stops at EOS (kept), is padded after it, and the others go on."""
+    model, variables = decoder()
+    free = tfm.generate(model, variables, PROMPTS, max_new_tokens=8)
+    eos = int(free.tokens[1, 2])  # make the 3rd token of row 1 the end-of-sequence token
+    out = tfm.generate(model, variables, PROMPTS, max_new_tokens=8, eos_id=eos, pad_id=0)
+    first_eos = [int(np.argmax(row == eos)) if eos in row else 8 for row in np.asarray(free.tokens)]
+    for row in range(len(PROMPTS)):
+        length = min(first_eos[row] + 1, 8)
+        assert int(out.lengths[row]) == length
+        np.testing.assert_array_equal(out.tokens[row, :length], free.tokens[row, :length])
+        assert (np.asarray(out.tokens[row, length:]) == 0).all()
+
+
+# A Markov "model" with exactly known next-token distributions: the decode step looks up the
+# log-probabilities of the token after the previous one. Token 0 starts every sequence.
+#   start -> A (0.6) or B (0.4);  A -> any of 5 tokens (0.2 each);  B -> C (0.9) or EOS (0.1);
+#   C and the 5 tokens -> EOS (0.95) or C (0.05)
+A, B, C, EOS = 1, 2, 3, 9
+VOCAB = 10
+
+
+def markov_table():
+    probs = np.full((VOCAB, VOCAB), 1e-6)
+    probs[0, [A, B]] = [0.6, 0.4]
+    probs[A, 4:9] = 0.2
+    probs[B, [C, EOS]] = [0.9, 0.1]
+    probs[C, [EOS, C]] = [0.95, 0.05]
+    probs[4:9, EOS] = 0.95
+    probs[4:9, C] = 0.05
+    probs[EOS, EOS] = 1.0
+    return jnp.log(probs / probs.sum(-1, keepdims=True))
+
+
+def markov_step(token, cache):
+    """token [B] -> (log-probabilities of the next token [B, V], cache = last tokens [B])."""
+    return markov_table()[token], token
+
+
+def take_rows(cache, rows):
+    return cache[rows]
+
+
+def test_beam_search_beats_myopic_greedy_on_a_known_model():
+    """Greedy takes A (0.6) and then at best 0.2; beam search finds B C (0.4 * 0.9 = 0.36)."""
+    start = jnp.zeros((1,), jnp.int32)
+    logits, cache = markov_step(start, start)
+    greedy = tfm.sample_loop(markov_step, logits, cache, RNG, max_new_tokens=3, greedy=True, eos_id=EOS)
+    beam = tfm.beam_search(
+        markov_step, logits, cache, num_beams=2, max_new_tokens=3, length_penalty=0.0, eos_id=EOS,
+        select_rows=take_rows,
+    )
+    assert greedy.tokens[0, :2].tolist() == [A, 4]
+    assert beam.tokens[0].tolist() == [B, C, EOS]
+    np.testing.assert_allclose(beam.scores[0], np.log(0.4 * 0.9 * 0.95), rtol=1e-4)
+    assert beam.scores[0] > greedy.scores[0]
+
+
+def test_sampling_follows_the_known_distribution():
+    """From the start state, sampled first tokens are A about 60% and B about 40% of the time."""
+    start = jnp.zeros((4000,), jnp.int32)
+    logits, cache = markov_step(start, start)
+    out = tfm.sample_loop(markov_step, logits, cache, RNG, max_new_tokens=1, greedy=False)
+    share_of_a = float(jnp.mean(out.tokens[:, 0] == A))
+    assert abs(share_of_a - 0.6) < 0.03  # 4000 draws: standard deviation 0.008
+    assert set(np.unique(out.tokens).tolist()) <= {A, B}
+
+
+def test_top_k_never_emits_outside_the_top_k():
+    logits = jax.random.normal(RNG, (64, 50))
+    allowed = jax.lax.top_k(logits, 5)[1]
+    for seed in range(5):
+        tokens = tfm.sample_logits(logits, jax.random.PRNGKey(seed), top_k=5, temperature=3.0)
+        assert jnp.all(jnp.any(tokens[:, None] == allowed, axis=-1))
+
+
+def test_top_p_never_emits_outside_the_nucleus():
+    probs = jnp.array([[0.5, 0.3, 0.1, 0.06, 0.04]])
+    logits = jnp.log(probs).repeat(2000, axis=0)
+    tokens = tfm.sample_logits(logits, RNG, top_p=0.75)
+    assert set(np.unique(tokens).tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.75; 0.1 is outside
+    filtered = tfm.top_p_filter(jnp.log(probs), 0.85)
+    assert jnp.isfinite(filtered).tolist() == [[True, True, True, False, False]]
+    assert jnp.isfinite(tfm.top_p_filter(jnp.log(probs), 0.01)).sum() == 1  # the top token always stays
+
+
+def test_a_new_prompt_length_in_the_same_bucket_does_not_recompile():
+    model, variables = decoder()
+    tfm.generate(model, variables, [[1, 2, 3]], max_new_tokens=4)
+    compiled = tfm.sampling._generate._cache_size()
+    tfm.generate(model, variables, [[4, 5, 6, 7, 8, 9]], max_new_tokens=4)
+    assert tfm.sampling._generate._cache_size() == compiled
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompts=[[1] * 60], max_new_tokens=8), "exceeds the model's context"),
+        (dict(prompts=[[1, 2], []], max_new_tokens=4), "Prompt 1 is empty"),
+        (dict(strategy="sample", temperature=0.0, rng=RNG), "temperature must be > 0"),
+        (dict(strategy="sample", top_p=1.5, rng=RNG), r"top_p must be in \(0, 1\]"),
+        (dict(strategy="sample", top_p=0.0, rng=RNG), r"top_p must be in \(0, 1\]"),
+        (dict(strategy="beam", num_beams=0), "num_beams must be >= 1"),
+        (dict(prompts=[[1, 5000]]), r"outside the vocabulary \[0, 1024\)"),
+        (dict(strategy="sample"), "needs a random key"),
+        (dict(strategy="nucleus"), "Unknown strategy"),
+    ],
+)
+def test_bad_arguments_fail_before_compiling(kwargs, message):
+    model, variables = decoder()
+    arguments = dict(prompts=[[1, 2, 3]], max_new_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=message):
+        tfm.generate(model, variables, arguments.pop("prompts"), **arguments)
+
+
+def test_seq2seq_needs_a_start_token():
+    model, variables = seq2seq()
+    with pytest.raises(ValueError, match="bos_id"):
+        tfm.generate(model, variables, [[1, 2]], max_new_tokens=3)
