@@ -28,6 +28,7 @@ from transformer.config import (
     PositionEncoding,
     RematPolicy,
 )
+from transformer.interpret import attention_maps, plot_attention
 from transformer.layers import Block, Embedder, FeedForward, MultiHeadAttention, RelativePositionBias
 from transformer.masks import (
     AttentionMask,
@@ -79,6 +80,7 @@ __all__ = [
     "Tokenizer",
     "apply_rotary",
     "apply_temperature",
+    "attention_maps",
     "attention_weights",
     "beam_search",
     "causal_mask",
@@ -88,6 +90,7 @@ __all__ = [
     "init_cache",
     "merge_pretrained",
     "padding_mask",
+    "plot_attention",
     "relative_position_bucket",
     "sample_logits",
     "sample_loop",

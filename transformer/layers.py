@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer import sharding as ax
-from transformer.attention import Mask, dot_product_attention
+from transformer.attention import Mask, attention_weights, dot_product_attention
 from transformer.cache import KVCache
 from transformer.config import Activation, ModelConfig, Norm, NormPosition, PositionEncoding
 from transformer.positions import apply_rotary, relative_position_bucket, sinusoidal_embedding
@@ -219,6 +219,9 @@ class MultiHeadAttention(nn.Module):
             dropout_rate=dropout_rate,
             dropout_rng=self.make_rng("dropout") if dropout_rate > 0.0 else None,
         )  # [B, T, N, H]
+        if self.is_mutable_collection("intermediates"):  # asked for by transformer.attention_maps
+            scale = None if cfg.attention_logit_scaling else 1.0
+            self.sow("intermediates", "attention_weights", attention_weights(q, k, mask, bias, scale=scale))
         out = dense(cfg, cfg.d_model, (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1), name="out")(out)
         return out, cache
 

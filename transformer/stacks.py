@@ -43,7 +43,7 @@ def scan_blocks(config: ModelConfig, num_layers: int, has_cross_attention: bool,
     """
     scanned = nn.scan(
         block_class(config),
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(0,) + (nn.broadcast,) * (_DETERMINISTIC_ARGNUM - 2),
         length=num_layers,
