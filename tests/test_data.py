@@ -9,25 +9,10 @@ import re
 import grain
 import numpy as np
 import pytest
+from synthetic import sentences
 
 from train import data
 from transformer.tokenizer import Tokenizer
-
-SYLLABLES = "ka to ri mu sen lo va tal ber quin dor ash pel grim so na fe lix or tho".split()
-
-
-def sentences(count: int, seed: int) -> list[str]:
-    """`count` sentences of 4-13 pseudo-words drawn (Zipf-like) from a fixed lexicon."""
-    lexicon_rng = np.random.default_rng(1234)
-    words = sorted({"".join(lexicon_rng.choice(SYLLABLES, lexicon_rng.integers(1, 4))) for _ in range(600)})
-    frequency = 1.0 / np.arange(1, len(words) + 1)
-    frequency /= frequency.sum()
-    rng = np.random.default_rng(seed)
-    return [
-        " ".join(rng.choice(words, rng.integers(4, 14), p=frequency)).capitalize() + "."
-        for _ in range(count)
-    ]
-
 
 def documents(count: int, seed: int, min_sentences: int = 1, max_sentences: int = 6) -> list[dict]:
     """[{"text"}] documents of a varying number of sentences, one per line."""

@@ -276,50 +276,32 @@ _TRANSFORMER_2017 = dict(
     scale_embeddings=True,
 )
 
+# Tiny versions of each architecture, for tests and CPU demos: 2 layers per stack, D = 64.
+_TINY = dict(vocab_size=1024, d_model=64, num_heads=4, d_ff=256)
+
+
+def _tiny(family: dict, *, max_length: int = 128, **layers: int) -> ModelConfig:
+    return ModelConfig(**{**family, **_TINY, "max_length": max_length, **layers})
+
+
 PRESETS: dict[str, ModelConfig] = {
     "bert-base": ModelConfig(**_BERT, d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=12),
     "bert-large": ModelConfig(**_BERT, d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=24),
-    "bert-tiny": ModelConfig(
-        **{**_BERT, "vocab_size": 1024, "max_length": 128}, d_model=64, num_heads=4, d_ff=256, num_encoder_layers=2
-    ),
+    "bert-tiny": _tiny(_BERT, num_encoder_layers=2),
     "gpt2-small": ModelConfig(**_GPT2, d_model=768, num_heads=12, d_ff=3072, num_decoder_layers=12),
     "gpt2-medium": ModelConfig(**_GPT2, d_model=1024, num_heads=16, d_ff=4096, num_decoder_layers=24),
-    "gpt2-tiny": ModelConfig(
-        **{**_GPT2, "vocab_size": 1024, "max_length": 256}, d_model=64, num_heads=4, d_ff=256, num_decoder_layers=2
-    ),
-    "t5-small": ModelConfig(
-        **_T5, d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6, num_decoder_layers=6
-    ),
-    "t5-base": ModelConfig(
-        **_T5, d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=12, num_decoder_layers=12
-    ),
-    "t5-tiny": ModelConfig(
-        **{**_T5, "vocab_size": 1024, "max_length": 128},
-        d_model=64,
-        num_heads=4,
-        d_ff=256,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-    ),
+    "gpt2-tiny": _tiny(_GPT2, max_length=256, num_decoder_layers=2),
+    "t5-small": ModelConfig(**_T5, d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6, num_decoder_layers=6),
+    "t5-base": ModelConfig(**_T5, d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=12, num_decoder_layers=12),
+    "t5-tiny": _tiny(_T5, num_encoder_layers=2, num_decoder_layers=2),
     "transformer-base": ModelConfig(
         **_TRANSFORMER_2017, d_model=512, num_heads=8, d_ff=2048, num_encoder_layers=6, num_decoder_layers=6
     ),
     "transformer-big": ModelConfig(
         **{**_TRANSFORMER_2017, "dropout_rate": 0.3},
-        d_model=1024,
-        num_heads=16,
-        d_ff=4096,
-        num_encoder_layers=6,
-        num_decoder_layers=6,
+        d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=6, num_decoder_layers=6,
     ),
-    "transformer-tiny": ModelConfig(
-        **{**_TRANSFORMER_2017, "vocab_size": 1024, "max_length": 128},
-        d_model=64,
-        num_heads=4,
-        d_ff=256,
-        num_encoder_layers=2,
-        num_decoder_layers=2,
-    ),
+    "transformer-tiny": _tiny(_TRANSFORMER_2017, num_encoder_layers=2, num_decoder_layers=2),
     # A modern decoder-only recipe: rotary positions, RMSNorm, SwiGLU, grouped-query attention.
     "llama-tiny": ModelConfig(
         vocab_size=1024,
