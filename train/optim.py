@@ -1,0 +1,71 @@
+"""The optimizer: AdamW with gradient clipping, learning-rate schedules, and skipping of
+non-finite updates."""
+
+from __future__ import annotations
+
+import enum
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class Schedule(enum.StrEnum):
+    INVERSE_SQRT = "inverse_sqrt"  # the 2017 paper: linear warmup, then decay with 1/sqrt(step)
+    COSINE = "cosine"  # linear warmup, then cosine decay to 10% of the peak
+    CONSTANT = "constant"  # linear warmup, then constant
+
+
+def learning_rate_schedule(schedule: Schedule | str, peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """Learning rate as a function of the step; `peak` is reached at the end of the warmup.
+
+    inverse_sqrt is the paper's d_model**-0.5 * min(step**-0.5, step * warmup**-1.5) with its
+    constant folded into `peak`: for transformer-base (d_model 512, warmup 4000) the paper's
+    peak is 512**-0.5 * 4000**-0.5 = 7.0e-4.
+    """
+    schedule = Schedule(schedule)
+    warmup_steps = max(warmup_steps, 1)
+    if schedule == Schedule.INVERSE_SQRT:
+
+        def inverse_sqrt(step):
+            step = jnp.maximum(step, 1).astype(jnp.float32)
+            return peak * jnp.minimum(step / warmup_steps, jnp.sqrt(warmup_steps / step))
+
+        return inverse_sqrt
+    if schedule == Schedule.COSINE:
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1), end_value=0.1 * peak
+        )
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)], [warmup_steps]
+    )
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only: not on biases, norm scales or other vectors."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(
+    learning_rate: optax.Schedule,
+    *,
+    weight_decay: float = 0.01,
+    b1: float = 0.9,
+    b2: float = 0.98,
+    eps: float = 1e-9,
+    grad_clip: float | None = 1.0,
+    max_consecutive_nonfinite: int = 10,
+) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW; a step whose gradients are not finite changes nothing.
+
+    The wrapper counts non-finite steps (`nonfinite_count`) so that the training loop can stop
+    with a clear message after `max_consecutive_nonfinite` of them in a row.
+    """
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
+    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=max_consecutive_nonfinite)
+
+
+def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
+    """(consecutive, total) non-finite steps recorded by `make_optimizer`'s wrapper."""
+    return opt_state.notfinite_count, opt_state.total_notfinite

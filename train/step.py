@@ -1,0 +1,178 @@
+"""The compiled training and evaluation steps, sharded over a ("data", "fsdp", "tensor") mesh.
+
+Parameters carry logical axis names; `transformer.sharding.LOGICAL_AXIS_RULES` maps them to
+mesh axes, and every sharding here is derived from the abstract train state and those
+rules, never written per parameter. Batches are split along their first axis over
+("data", "fsdp").
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from train.objectives import Objective
+from transformer.sharding import LOGICAL_AXIS_RULES
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_SPEC = PartitionSpec(("data", "fsdp"))
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training (the RNG of step s is derived from the seed and s)."""
+
+    step: jax.Array
+    params: Any  # boxed in nn.Partitioned: each leaf carries its logical axis names
+    opt_state: Any
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A mesh over all (or the given) devices; one axis size may be -1 for "the rest"."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"At most one mesh axis may be -1, got data={data}, fsdp={fsdp}, tensor={tensor}.")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if devices.size % known:
+            raise ValueError(f"{devices.size} devices cannot be split into mesh axes {dict(zip(MESH_AXES, sizes))}.")
+        sizes[sizes.index(-1)] = devices.size // known
+    if int(np.prod(sizes)) != devices.size:
+        raise ValueError(
+            f"Mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, but {devices.size} are "
+            "available; make the product of data, fsdp and tensor equal the device count (or use -1)."
+        )
+    return Mesh(devices.reshape(sizes), MESH_AXES)
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+    """NamedShardings for every leaf of a (boxed) train state, from its logical axis names."""
+    specs = nn.get_partition_spec(abstract_state)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def create_state(model, optimizer: optax.GradientTransformation, sample_inputs: tuple, rng, mesh: Mesh):
+    """Initialises parameters and optimizer state directly in their sharded layout.
+
+    Returns the state and its shardings (for the step functions and checkpoint restores).
+    """
+
+    def init(rng):
+        params = model.init(rng, *sample_inputs)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+    abstract = jax.eval_shape(init, rng)
+    shardings = state_shardings(abstract, mesh)
+    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def _split_microbatches(batch, accumulation: int):
+    """[B, ...] -> [accumulation, B / accumulation, ...] for every leaf."""
+    return jax.tree.map(lambda x: x.reshape(accumulation, x.shape[0] // accumulation, *x.shape[1:]), batch)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    model,
+    objective: Objective,
+    optimizer: optax.GradientTransformation,
+    accumulation: int = 1,
+    label_smoothing: float = 0.0,
+    sampling_probability: optax.Schedule | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch, accumulating gradients over microbatches.
+
+    The loss is the summed weighted loss over the whole batch divided by its summed weight,
+    so k microbatches give the same update as one k-times-larger batch. Returns the new
+    state and metric sums (loss, weight, correct, ...) plus the gradient norm. A step with
+    non-finite gradients leaves parameters and optimizer moments unchanged (see train.optim).
+    """
+    probability = None if sampling_probability is None else sampling_probability(state.step)
+
+    def microbatch_loss(params, microbatch, rng):
+        loss, weight, metrics = objective(
+            model, params, microbatch, rng=rng, deterministic=False, label_smoothing=label_smoothing,
+            sampling_probability=probability,
+        )
+        return loss, metrics
+
+    grad_fn = jax.grad(microbatch_loss, has_aux=True)
+
+    def accumulate(carry, xs):
+        grads, metrics = carry
+        microbatch, index = xs
+        step_grads, step_metrics = grad_fn(state.params, microbatch, jax.random.fold_in(rng, index))
+        return (jax.tree.map(jnp.add, grads, step_grads), jax.tree.map(jnp.add, metrics, step_metrics)), None
+
+    microbatches = _split_microbatches(batch, accumulation)
+    first = jax.tree.map(lambda x: x[0], microbatches)
+    zero_metrics = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: microbatch_loss(state.params, first, rng)[1]))
+    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, metrics), _ = jax.lax.scan(
+        accumulate, (zero_grads, zero_metrics), (microbatches, jnp.arange(accumulation))
+    )
+    weight = jnp.maximum(metrics["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch, *, model, objective: Objective, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
+    """Metric sums of a batch without dropout."""
+    _, _, metrics = objective(
+        model, params, batch, rng=jax.random.PRNGKey(0), deterministic=True, label_smoothing=label_smoothing
+    )
+    return metrics
+
+
+def compile_steps(model, objective, optimizer, mesh: Mesh, shardings, *, accumulation=1, label_smoothing=0.0,
+                  sampling_probability=None):
+    """jit-compiled (train_step, eval_step) with input/output shardings; the state is donated."""
+    batch_sharding = NamedSharding(mesh, BATCH_SPEC)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    train = jax.jit(
+        functools.partial(
+            train_step, model=model, objective=objective, optimizer=optimizer, accumulation=accumulation,
+            label_smoothing=label_smoothing, sampling_probability=sampling_probability,
+        ),
+        in_shardings=(shardings, batch_sharding, replicated),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    evaluate = jax.jit(
+        functools.partial(eval_step, model=model, objective=objective, label_smoothing=label_smoothing),
+        in_shardings=(shardings.params, batch_sharding),
+        out_shardings=replicated,
+    )
+
+    def run_train(state, batch, rng):
+        with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            return train(state, batch, rng)
+
+    def run_eval(params, batch):
+        with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            return evaluate(params, batch)
+
+    return run_train, run_eval
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows -> global arrays sharded along the batch axis over ("data", "fsdp")."""
+    sharding = NamedSharding(mesh, BATCH_SPEC)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
