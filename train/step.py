@@ -129,7 +129,7 @@ def train_step(
     grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -1,0 +1,111 @@
+"""The compiled train step: accumulation == big batch, sharded == unsharded, NaN steps skipped."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import transformer as tfm
+from train import objectives, optim
+from train import step as train_step
+
+CONFIG = tfm.ModelConfig.preset("gpt2-tiny", dropout_rate=0.0, attention_dropout_rate=0.0, vocab_size=256)
+BATCH, LENGTH = 8, 16
+
+
+def lm_batch(seed=0):
+    tokens = np.random.default_rng(seed).integers(1, CONFIG.vocab_size, (BATCH, LENGTH + 1)).astype(np.int32)
+    return {
+        "tokens": tokens[:, :-1], "targets": tokens[:, 1:],
+        "segment_ids": np.ones((BATCH, LENGTH), np.int32),
+        "positions": np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH, 1)),
+        "weights": np.ones((BATCH, LENGTH), np.float32),
+    }
+
+
+def train(optimizer, *, accumulation=1, steps=2, batch=None, mesh_sizes=(1, 1, 1)):
+    model = tfm.CausalLM(CONFIG)
+    mesh = train_step.make_mesh(*mesh_sizes, devices=jax.devices()[: int(np.prod(mesh_sizes))])
+    state, shardings = train_step.create_state(
+        model, optimizer, (jnp.ones((1, LENGTH), jnp.int32),), jax.random.PRNGKey(0), mesh
+    )
+    step, _ = train_step.compile_steps(model, objectives.causal_lm, optimizer, mesh, shardings, accumulation=accumulation)
+    losses = []
+    for i in range(steps):
+        state, metrics = step(state, train_step.global_batch(batch or lm_batch(i), mesh), jax.random.PRNGKey(i))
+        losses.append(float(metrics["loss"] / metrics["weight"]))
+    return state, losses
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    """Four microbatches of 2 give the update of one batch of 8 (plain SGD, so the update is the gradient)."""
+    (one, losses_one), (four, losses_four) = train(optax.sgd(0.5)), train(optax.sgd(0.5), accumulation=4)
+    np.testing.assert_allclose(losses_one, losses_four, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), one.params, four.params)
+
+
+def test_loss_goes_down_on_a_repeated_batch():
+    optimizer = optim.make_optimizer(optim.learning_rate_schedule("constant", 3e-3, 1, 100))
+    _, losses = train(optimizer, steps=20, batch=lm_batch(0))
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_a_non_finite_step_changes_nothing_and_is_counted():
+    optimizer = optim.make_optimizer(optim.learning_rate_schedule("constant", 1e-3, 1, 100))
+    state, _ = train(optimizer, steps=2)
+    poisoned = dict(lm_batch(5), weights=np.full((BATCH, LENGTH), np.inf, np.float32))
+    model = tfm.CausalLM(CONFIG)
+    mesh = train_step.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    shardings = train_step.state_shardings(state, mesh)
+    step, _ = train_step.compile_steps(model, objectives.causal_lm, optimizer, mesh, shardings)
+    before = jax.tree.map(np.asarray, state.params)
+    state, _ = step(state, train_step.global_batch(poisoned, mesh), jax.random.PRNGKey(9))
+    jax.tree.map(np.testing.assert_array_equal, before, state.params)
+    assert [int(c) for c in optim.nonfinite_counts(state.opt_state)] == [1, 1]
+
+
+SHARDED_SCRIPT = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_train_step as t
+from train import optim
+optimizer = optim.make_optimizer(optim.learning_rate_schedule("constant", 1e-3, 1, 100))
+results = {}
+for sizes in [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]:
+    state, losses = t.train(optimizer, steps=3, mesh_sizes=sizes)
+    embedding = state.params["embed"]["token"]["embedding"].value
+    kernel = state.params["decoder"]["layers"]["feed_forward"]["wi"]["kernel"].value
+    results[str(sizes)] = dict(losses=losses, embedding=str(embedding.sharding.spec), wi=str(kernel.sharding.spec))
+print(json.dumps(results))
+"""
+
+
+def test_sharded_training_matches_one_device():
+    """On 8 fake CPU devices, meshes (8,1,1), (2,2,2), (1,4,2) give the 1-device losses (float32,
+    rtol 1e-5) and the parameters are sharded as the logical axis rules say."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    output = subprocess.run(
+        [sys.executable, "-c", SHARDED_SCRIPT, os.path.dirname(__file__)],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    results = json.loads(output.strip().splitlines()[-1])
+    baseline = results.pop("(1, 1, 1)")["losses"]
+    for sizes, result in results.items():
+        np.testing.assert_allclose(result["losses"], baseline, rtol=1e-5, err_msg=sizes)
+        assert result["embedding"] == "P('tensor', 'fsdp')", sizes  # vocab x embed
+        assert result["wi"] == "P(None, 'fsdp', 'tensor')", sizes  # layers x embed x mlp
+
+
+def test_mesh_sizes_are_checked():
+    import pytest
+
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        train_step.make_mesh(2, 2, 1, devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match="At most one mesh axis"):
+        train_step.make_mesh(-1, -1, 1)
