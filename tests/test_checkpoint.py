@@ -1,0 +1,272 @@
+"""Checkpoints: bitwise round trips, keep-N, resume, restore onto another mesh, clear errors that keep good steps."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import struct
+
+from train.checkpoint import Checkpointer
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def make_state(step: int = 0) -> TrainState:
+    """A tiny train state whose every array depends on `step` (Adam moments after one update, so not zeros)."""
+    rng = np.random.default_rng(step)
+    params = {
+        "dense": {"kernel": jnp.asarray(rng.normal(size=(16, 4)), jnp.float32), "bias": jnp.asarray(rng.normal(size=4), jnp.float32)},
+        "embed": nn.Partitioned(jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), names=("vocab", "embed")),  # as train/step.py boxes them
+    }
+    optimizer = optax.adamw(1e-3)
+    _, opt_state = optimizer.update(params, optimizer.init(params), params)
+    return TrainState(step=jnp.array(step, jnp.int32), params=params, opt_state=opt_state, rng=jax.random.key(step))
+
+
+def assert_bitwise_equal(actual, expected):
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+        if jax.dtypes.issubdtype(e.dtype, jax.dtypes.prng_key):
+            assert jax.random.key_impl(a) == jax.random.key_impl(e)
+            a, e = jax.random.key_data(a), jax.random.key_data(e)
+        assert a.dtype == e.dtype and a.shape == e.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+ABSTRACT = jax.eval_shape(make_state)  # shardings unset: restored onto the one local device
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    return tmp_path / "run" / "checkpoints"
+
+
+def saved(directory, steps, **options) -> Checkpointer:
+    """A Checkpointer over `directory` that has saved make_state(s) with data state {"next_index": s} for each step."""
+    checkpointer = Checkpointer(directory, **options)
+    for step in steps:
+        checkpointer.save(step, make_state(step), {"next_index": step})
+    checkpointer.wait()
+    return checkpointer
+
+
+def fields(state: TrainState) -> dict:
+    """The train state as a plain dict of its fields (not recursive: nn.Partitioned boxes stay)."""
+    return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["struct_dataclass", "dict"])
+def test_round_trip_is_bitwise_and_restore_params_reads_params_only(checkpoints, as_dict):
+    state, abstract = make_state(7), ABSTRACT
+    if as_dict:
+        state, abstract = fields(state), fields(abstract)
+    checkpointer = Checkpointer(checkpoints)
+    checkpointer.save(7, state, {"next_index": 3, "epoch": [1, 2]})
+    restored, data_state = checkpointer.restore(abstract)
+    assert type(restored) is type(state)
+    assert_bitwise_equal(restored, state)
+    assert data_state == {"next_index": 3, "epoch": [1, 2]}
+    # Only the params item is read: they restore even with the optimizer state gone.
+    shutil.rmtree(checkpoints / "7" / "train_state")
+    params = checkpointer.restore_params(ABSTRACT.params)
+    assert_bitwise_equal(params, make_state(7).params)
+    assert params["embed"].names == ("vocab", "embed")
+    checkpointer.close()
+
+
+def test_no_data_state_restores_as_none(checkpoints):
+    checkpointer = Checkpointer(checkpoints, async_save=False)
+    checkpointer.save(1, make_state(1))
+    assert checkpointer.restore(ABSTRACT)[1] is None
+    checkpointer.close()
+
+
+def test_keep_n_newest_and_resume_after_restart(checkpoints):
+    checkpointer = saved(checkpoints, [1, 2, 3, 4], keep=2)
+    assert checkpointer.all_steps() == [3, 4] and checkpointer.latest_step() == 4
+    assert sorted(os.listdir(checkpoints)) == ["3", "4"]
+    checkpointer.close()
+
+    resumed = Checkpointer(checkpoints, keep=2)  # a new process over the same run
+    assert resumed.all_steps() == [3, 4] and resumed.latest_step() == 4
+    state, data_state = resumed.restore(ABSTRACT)
+    assert_bitwise_equal(state, make_state(4))
+    assert data_state == {"next_index": 4}
+    resumed.save(5, make_state(5))
+    resumed.close()
+    assert sorted(os.listdir(checkpoints)) == ["4", "5"]
+
+
+def test_async_save_is_complete_after_wait_even_if_the_state_is_donated(checkpoints):
+    checkpointer = Checkpointer(checkpoints)
+    state = make_state(3)
+    checkpointer.save(3, state, {"next_index": 3})
+    for leaf in jax.tree.leaves(state):
+        leaf.delete()  # what donating the state to the next train step does
+    checkpointer.wait()
+    assert (checkpoints / "3" / "params").is_dir()
+    fresh = Checkpointer(checkpoints)
+    assert_bitwise_equal(fresh.restore(ABSTRACT)[0], make_state(3))
+    fresh.close()
+    checkpointer.close()
+
+
+# ------------------------------------------------------------------------- other meshes
+
+MESH_SCRIPT = """
+import json, sys
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+sys.path.insert(0, sys.argv[1])
+import test_checkpoint as t
+from train.checkpoint import Checkpointer
+
+mesh = Mesh(np.array(jax.devices()), ("fsdp",))
+
+def sharding(leaf):  # the first axis over all 8 devices where it divides, else replicated
+    spec = PartitionSpec("fsdp") if leaf.ndim and leaf.shape[0] % 8 == 0 else PartitionSpec()
+    return NamedSharding(mesh, spec)
+
+checkpointer = Checkpointer(sys.argv[2])
+if sys.argv[3] == "save":
+    state = jax.device_put(t.make_state(5), jax.tree.map(sharding, t.ABSTRACT))
+    checkpointer.save(5, state, {"next_index": 5})
+    kernel = state.params["dense"]["kernel"]
+else:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding(x)), t.ABSTRACT)
+    state, data_state = checkpointer.restore(abstract)
+    t.assert_bitwise_equal(state, t.make_state(5))
+    kernel = state.params["dense"]["kernel"]
+checkpointer.close()
+print(json.dumps({"devices": len(kernel.sharding.device_set), "spec": list(kernel.sharding.spec)}))
+"""
+
+
+def on_8_devices(directory, action: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT, os.path.dirname(__file__), str(directory), action],
+        env=env, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_saved_on_8_devices_restores_onto_1(checkpoints):
+    assert on_8_devices(checkpoints, "save") == {"devices": 8, "spec": ["fsdp"]}
+    checkpointer = Checkpointer(checkpoints)
+    state, data_state = checkpointer.restore(ABSTRACT)
+    assert_bitwise_equal(state, make_state(5))
+    assert data_state == {"next_index": 5}
+    assert len(state.params["dense"]["kernel"].sharding.device_set) == 1
+    checkpointer.close()
+
+
+def test_saved_on_1_device_restores_onto_8(checkpoints):
+    saved(checkpoints, [5]).close()
+    assert on_8_devices(checkpoints, "restore") == {"devices": 8, "spec": ["fsdp"]}
+
+
+# ------------------------------------------------------------------------- errors
+
+
+def test_empty_directory_is_file_not_found_and_creates_nothing(checkpoints):
+    checkpointer = Checkpointer(checkpoints)
+    assert checkpointer.all_steps() == [] and checkpointer.latest_step() is None
+    with pytest.raises(FileNotFoundError, match=f"No checkpoint in {checkpoints}"):
+        checkpointer.restore(ABSTRACT)
+    with pytest.raises(FileNotFoundError, match=f"No checkpoint in {checkpoints}"):
+        checkpointer.restore_params(ABSTRACT.params)
+    assert not checkpoints.exists()
+
+
+def test_unknown_step_lists_the_available_steps(checkpoints):
+    checkpointer = saved(checkpoints, [1, 2])
+    with pytest.raises(FileNotFoundError, match=rf"step 9 in {checkpoints}; available steps: \[1, 2\]"):
+        checkpointer.restore(ABSTRACT, step=9)
+    checkpointer.close()
+
+
+def truncate_files(folder: pathlib.Path):
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "truncated array data": lambda step_dir: truncate_files(step_dir / "params" / "d"),
+    "garbled metadata": lambda step_dir: (step_dir / "train_state" / "_METADATA").write_bytes(b"\x00garbage{"),
+    "missing item": lambda step_dir: shutil.rmtree(step_dir / "params"),
+    "missing data state": lambda step_dir: shutil.rmtree(step_dir / "data"),
+    "empty step directory": lambda step_dir: [shutil.rmtree(step_dir), step_dir.mkdir()],
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_latest_step_raises_naming_it_and_the_older_steps(checkpoints, damage):
+    saved(checkpoints, [1, 2, 3]).close()
+    DAMAGE[damage](checkpoints / "3")
+    checkpointer = Checkpointer(checkpoints)  # as after a crash and restart
+    with pytest.raises(ValueError, match=rf"Checkpoint {checkpoints / '3'} cannot be read .*\[1, 2\]; restore one with step=N"):
+        checkpointer.restore(ABSTRACT)
+    assert checkpointer.all_steps() == [1, 2, 3] and (checkpoints / "3").is_dir()  # nothing deleted
+    state, data_state = checkpointer.restore(ABSTRACT, step=2)
+    assert_bitwise_equal(state, make_state(2))
+    assert data_state == {"next_index": 2}
+    checkpointer.close()
+
+
+def test_a_different_model_is_a_mismatch_error_naming_the_arrays(checkpoints):
+    checkpointer = saved(checkpoints, [1])
+    wider = jax.eval_shape(lambda: make_state().replace(params={**make_state().params, "dense": {"kernel": jnp.zeros((16, 5)), "bias": jnp.zeros(4), "extra": jnp.zeros(2)}}))
+    with pytest.raises(ValueError, match=rf"Checkpoint {checkpoints / '1'} \(params\) does not match") as error:
+        checkpointer.restore(wider)
+    assert "1 requested arrays not in the checkpoint: dense.extra" in str(error.value)
+    assert "dense.kernel saved (16, 4) requested (16, 5)" in str(error.value)
+    with pytest.raises(ValueError, match=r"\(params\) does not match"):
+        checkpointer.restore_params(wider.params)
+    assert_bitwise_equal(checkpointer.restore(ABSTRACT)[0], make_state(1))
+    checkpointer.close()
+
+
+def test_saving_an_existing_or_older_step_never_replaces_a_checkpoint(checkpoints):
+    checkpointer = saved(checkpoints, [2, 4])
+    checkpointer.save(4, make_state(99), {"next_index": 99})  # exists: skipped without error
+    with pytest.raises(ValueError, match=f"Step 3 is older than the latest checkpoint \\(step 4\\) in {checkpoints}"):
+        checkpointer.save(3, make_state(3))
+    checkpointer.save(3, make_state(3), force=True)
+    checkpointer.wait()
+    assert checkpointer.all_steps() == [2, 3, 4] and checkpointer.latest_step() == 4
+    state, data_state = checkpointer.restore(ABSTRACT)
+    assert_bitwise_equal(state, make_state(4))
+    assert data_state == {"next_index": 4}
+    checkpointer.close()
+
+
+def test_bad_arguments_fail_before_writing(checkpoints):
+    with pytest.raises(ValueError, match="keep >= 1"):
+        Checkpointer(checkpoints, keep=0)
+    checkpointer = Checkpointer(checkpoints)
+    with pytest.raises(TypeError, match="data_state must be JSON-serialisable"):
+        checkpointer.save(1, make_state(1), {"order": np.arange(3)})
+    with pytest.raises(TypeError, match="a dataclass with a `params` field .* or a dict with a 'params' key"):
+        checkpointer.save(1, (make_state(1).params,))
+    checkpointer.wait()
+    assert checkpointer.all_steps() == [] and not checkpoints.exists()
+    checkpointer.close()

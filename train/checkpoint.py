@@ -1,0 +1,266 @@
+"""Checkpoints of a run: Orbax `CheckpointManager` with async save, keep-N and resume.
+
+Every step directory holds three Orbax items:
+
+    params        the model parameters (StandardSave): all a sampler needs
+    train_state   the rest of the train state, with its `params` entry set to None
+    data          the data iterator's state (JSON; null when there is none)
+
+Splitting the parameters out lets `restore_params` read them without touching the
+optimizer state. Arrays are restored onto the shardings of the abstract state passed in,
+whatever mesh they were saved from, so a checkpoint written on 8 devices restores onto 1
+and the other way round.
+
+Nothing here ever deletes or overwrites a checkpoint except keep-N retention after a
+successful save: saving a step that exists is skipped, and a checkpoint that cannot be read
+is reported (with the other steps to fall back to) and left in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+class Checkpointer:
+    """Orbax CheckpointManager for a run directory's `checkpoints/` folder.
+
+    directory: the checkpoints folder itself (e.g. `run_dir / "checkpoints"`); it is created
+        by the first save, so restoring from a wrong path creates nothing.
+    keep: how many of the newest steps to keep; older ones are deleted after each save.
+    async_save: write in a background thread. `save` returns once the arrays are copied off
+        the devices, so the state may be donated to the next train step straight away.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        if keep < 1:
+            raise ValueError(f"keep={keep}: a checkpointer must keep at least the newest checkpoint (keep >= 1).")
+        self._directory = epath.Path(directory)
+        self._metadata_reader = ocp.StandardCheckpointHandler()
+        self._manager = ocp.CheckpointManager(
+            self._directory,
+            options=ocp.CheckpointManagerOptions(
+                create=False,
+                enable_async_checkpointing=async_save,
+                preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+            ),
+            handler_registry=ocp.handlers.create_default_handler_registry(
+                params=ocp.StandardCheckpointHandler(),
+                train_state=ocp.StandardCheckpointHandler(),
+                data=ocp.JsonCheckpointHandler(),
+            ),
+        )
+
+    def save(self, step: int, state, data_state: dict | None = None, *, force: bool = False) -> None:
+        """Saves `state` (a dataclass with a `params` field or a dict with a "params" key) as `step`.
+
+        A step that already exists is skipped without error: the checkpoint on disk stays.
+        A step older than the latest raises, since keep-N would treat the newer steps as the
+        run's future; force=True saves it anyway (after restoring an older step on purpose).
+        """
+        _check_json(data_state)
+        if step in self.all_steps():
+            return
+        latest = self.latest_step()
+        if latest is not None and step < latest and not force:
+            raise ValueError(
+                f"Step {step} is older than the latest checkpoint (step {latest}) in {self._directory}. "
+                f"Move the newer steps away if this run restarted from an older one, or pass force=True."
+            )
+        params, rest = _split_params(state)
+        self._directory.mkdir(parents=True, exist_ok=True)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                train_state=ocp.args.StandardSave(rest),
+                data=ocp.args.JsonSave(data_state),
+            ),
+            force=True,  # the caller decides when to save; Orbax's interval policy stays out of it
+        )
+
+    def latest_step(self) -> int | None:
+        """The highest saved step (including one still being written), or None.
+
+        By number, so it agrees with restore(step=None) after a forced save of an older step
+        (Orbax's own latest_step is the one saved last).
+        """
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def all_steps(self) -> list[int]:
+        """Saved steps in increasing order."""
+        return sorted(self._manager.all_steps())
+
+    def restore(self, abstract_state, step: int | None = None) -> tuple[object, dict | None]:
+        """(state, data_state) of `step` (None: the latest), laid out like `abstract_state`.
+
+        abstract_state: the state's pytree of jax.ShapeDtypeStruct (e.g. from jax.eval_shape),
+            or of arrays; leaves without a sharding are restored onto the first local device.
+            Dtypes may differ from the saved ones (values are cast); structure and shapes may not.
+        """
+        step = self._step_to_read(step)
+        abstract_params, abstract_rest = _split_params(_abstract(abstract_state))
+        self._check_matches(step, "params", abstract_params)
+        self._check_matches(step, "train_state", abstract_rest)
+        restored = self._read(
+            step,
+            params=ocp.args.StandardRestore(abstract_params),
+            train_state=ocp.args.StandardRestore(abstract_rest),
+            data=ocp.args.JsonRestore(),
+        )
+        return _join_params(restored["train_state"], restored["params"]), restored["data"]
+
+    def restore_params(self, abstract_params, step: int | None = None):
+        """The parameters of `step` (None: the latest) laid out like `abstract_params`; nothing else is read."""
+        step = self._step_to_read(step)
+        abstract_params = _abstract(abstract_params)
+        self._check_matches(step, "params", abstract_params)
+        return self._read(step, params=ocp.args.StandardRestore(abstract_params))["params"]
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk; raises if one of them failed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases Orbax's threads."""
+        self._manager.close()
+        self._metadata_reader.close()
+
+    def _step_dir(self, step: int) -> epath.Path:
+        return self._directory / str(step)
+
+    def _step_to_read(self, step: int | None) -> int:
+        """`step`, or the latest when None, after checking it exists and no save of it is pending."""
+        self.wait()
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"No checkpoint in {self._directory}; pass the run's checkpoints folder "
+                f"(run_dir/checkpoints) of a run that has saved at least once."
+            )
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(
+                f"No checkpoint for step {step} in {self._directory}; available steps: {steps}."
+            )
+        return step
+
+    def _check_matches(self, step: int, item: str, abstract) -> None:
+        """Raises ValueError unless the saved `item` has the arrays and shapes of `abstract`."""
+        path = self._step_dir(step) / item
+        if not path.exists():
+            raise self._unreadable(step, f"its {item!r} item is missing")
+        try:
+            metadata = self._metadata_reader.metadata(path)
+        except Exception as error:  # any failure to parse Orbax's files means a damaged checkpoint
+            raise self._unreadable(step, error) from error
+        if metadata is None:
+            raise self._unreadable(step, f"its {item!r} item has no metadata file")
+        saved = ocp.tree.to_flat_dict(metadata.tree, sep=".")
+        wanted = ocp.tree.to_flat_dict(abstract, sep=".")
+        problems = _differences(saved, wanted)
+        if problems:
+            raise ValueError(
+                f"Checkpoint {self._step_dir(step)} ({item}) does not match the requested state: "
+                f"{'; '.join(problems)}. Build the abstract state from the model and optimizer "
+                f"configuration the run was saved with."
+            )
+
+    def _read(self, step: int, **items: ocp.args.CheckpointArgs) -> ocp.args.Composite:
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # metadata matched, so a failure here is in the saved files
+            raise self._unreadable(step, error) from error
+
+    def _unreadable(self, step: int, cause: Exception | str) -> ValueError:
+        """The error for a step whose files cannot be read, naming the steps to fall back to."""
+        if isinstance(cause, Exception):
+            lines = str(cause).strip().splitlines()
+            cause = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+        others = [s for s in self.all_steps() if s != step]
+        fallback = (
+            f"other steps in {self._directory}: {others}; restore one with step=N"
+            if others
+            else f"there is no other step in {self._directory} to fall back to"
+        )
+        return ValueError(
+            f"Checkpoint {self._step_dir(step)} cannot be read ({cause}); it may be damaged or "
+            f"incomplete and was left in place. {fallback}."
+        )
+
+
+def _split_params(state) -> tuple[object, object]:
+    """(params, state with params None) of a dataclass with a `params` field or a dict with "params"."""
+    if isinstance(state, Mapping) and "params" in state:
+        return state["params"], {**state, "params": None}
+    if dataclasses.is_dataclass(state) and any(f.name == "params" for f in dataclasses.fields(state)):
+        return state.params, dataclasses.replace(state, params=None)
+    raise TypeError(
+        f"Cannot find the parameters of a {type(state).__name__}: pass a dataclass with a `params` "
+        f"field (e.g. a flax.struct.dataclass TrainState) or a dict with a 'params' key."
+    )
+
+
+def _join_params(rest, params):
+    """Inverse of `_split_params`."""
+    if isinstance(rest, Mapping):
+        return {**rest, "params": params}
+    return dataclasses.replace(rest, params=params)
+
+
+def _abstract(tree):
+    """ShapeDtypeStructs of `tree`'s leaves; a leaf without a sharding goes to the first local device."""
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or default), tree
+    )
+
+
+def _stored_shape(leaf) -> tuple[int, ...]:
+    """The shape written to disk: a typed PRNG key is stored as its uint32 key data."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return jax.eval_shape(jax.random.key_data, leaf).shape
+    return tuple(leaf.shape)
+
+
+def _differences(saved: dict, wanted: dict, limit: int = 5) -> list[str]:
+    """Readable differences between flat {path: saved metadata} and {path: ShapeDtypeStruct}."""
+
+    def listing(what: str, paths: list[str]) -> str:
+        more = f", ... ({len(paths) - limit} more)" if len(paths) > limit else ""
+        return f"{len(paths)} {what}: {', '.join(paths[:limit])}{more}"
+
+    missing = [path for path in wanted if path not in saved]
+    unexpected = [path for path in saved if path not in wanted]
+    reshaped = [
+        f"{path} saved {tuple(saved[path].shape)} requested {_stored_shape(leaf)}"
+        for path, leaf in wanted.items()
+        if path in saved and getattr(saved[path], "shape", None) is not None
+        and tuple(saved[path].shape) != _stored_shape(leaf)
+    ]
+    problems = []
+    if missing:
+        problems.append(listing("requested arrays not in the checkpoint", missing))
+    if unexpected:
+        problems.append(listing("saved arrays not requested", unexpected))
+    if reshaped:
+        problems.append(listing("shapes differ", reshaped))
+    return problems
+
+
+def _check_json(data_state: dict | None) -> None:
+    """Raises before anything is written when the data state cannot be stored as JSON."""
+    try:
+        json.dumps(data_state)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"data_state must be JSON-serialisable (a data iterator's get_state() dict): {error}."
+        ) from None
