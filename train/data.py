@@ -137,9 +137,10 @@ class PackedLM:
     """Causal-LM rows: documents joined with EOS, cut into rows of `length` tokens.
 
     Row i holds stream[i*length : (i+1)*length] as inputs and the next tokens as targets.
-    Each document keeps its own segment id and positions from 0, so attention never crosses
-    documents; the target after a document's EOS (the next document's first token) has
-    weight 0. A random-access sequence: `len()` rows, `[i]` a feature dict.
+    Each document in a row has its own segment id and positions counting from 0 (a document
+    continued from the previous row counts from the row start), so attention never crosses
+    documents and positions stay inside the model's position table; the target after a
+    document's EOS (the next document's first token) has weight 0. A random-access sequence: `len()` rows, `[i]` a feature dict.
     """
 
     def __init__(self, documents: Sequence[dict], tokenizer: Tokenizer, length: int):
@@ -149,8 +150,6 @@ class PackedLM:
         pieces = [np.asarray(ids + [tokenizer.eos_id], np.int32) for ids in encoded]
         self.stream = np.concatenate(pieces)
         self.document = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
-        starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
-        self.position = (np.arange(len(self.stream)) - np.repeat(starts, [len(p) for p in pieces])).astype(np.int32)
         self.length = length
         if len(self.stream) < length + 1:
             raise ValueError(f"The documents hold {len(self.stream)} tokens, fewer than one row of {length + 1}.")
@@ -162,11 +161,13 @@ class PackedLM:
         start, end = index * self.length, (index + 1) * self.length
         document = self.document[start:end]
         _, segment_ids = np.unique(document, return_inverse=True)  # 0, 1, ... in order of appearance
+        starts = np.flatnonzero(np.diff(segment_ids, prepend=-1))
+        positions = np.arange(self.length) - np.repeat(starts, np.diff(starts, append=self.length))
         return {
             "tokens": self.stream[start:end],
             "targets": self.stream[start + 1 : end + 1],
             "segment_ids": (segment_ids + 1).astype(np.int32),
-            "positions": self.position[start:end],
+            "positions": positions.astype(np.int32),
             "weights": (self.document[start + 1 : end + 1] == document).astype(np.float32),
         }
 

@@ -54,16 +54,15 @@ def make_optimizer(
     b2: float = 0.98,
     eps: float = 1e-9,
     grad_clip: float | None = 1.0,
-    max_consecutive_nonfinite: int = 10,
 ) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW; a step whose gradients are not finite changes nothing.
 
-    The wrapper counts non-finite steps (`nonfinite_count`) so that the training loop can stop
-    with a clear message after `max_consecutive_nonfinite` of them in a row.
+    The wrapper counts non-finite steps (see `nonfinite_counts`); it never applies one, however
+    many come in a row, so the parameters stay finite and the training loop decides when to stop.
     """
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
     parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
-    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=max_consecutive_nonfinite)
+    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=jnp.iinfo(jnp.int32).max)
 
 
 def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:

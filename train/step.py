@@ -133,11 +133,9 @@ def train_step(
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, model, objective: Objective, label_smoothing: float = 0.0) -> dict[str, jax.Array]:
-    """Metric sums of a batch without dropout."""
-    _, _, metrics = objective(
-        model, params, batch, rng=jax.random.PRNGKey(0), deterministic=True, label_smoothing=label_smoothing
-    )
+def eval_step(params, batch, *, model, objective: Objective) -> dict[str, jax.Array]:
+    """Metric sums of a batch without dropout or label smoothing."""
+    _, _, metrics = objective(model, params, batch, rng=jax.random.PRNGKey(0), deterministic=True)
     return metrics
 
 
@@ -156,7 +154,7 @@ def compile_steps(model, objective, optimizer, mesh: Mesh, shardings, *, accumul
         donate_argnums=0,
     )
     evaluate = jax.jit(
-        functools.partial(eval_step, model=model, objective=objective, label_smoothing=label_smoothing),
+        functools.partial(eval_step, model=model, objective=objective),
         in_shardings=(shardings.params, batch_sharding),
         out_shardings=replicated,
     )

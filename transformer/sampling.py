@@ -13,6 +13,7 @@ Each distinct (batch size, bucket, max_new_tokens, strategy, top_k, num_beams) c
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -131,11 +132,14 @@ def sample_loop(
     top_p: float | jax.Array | None = None,
     eos_id: int | None = None,
     pad_id: int = 0,
+    on_tokens: Callable[[jax.Array], None] | None = None,
 ) -> GenerateOutput:
     """Greedy or sampled decoding as one lax.while_loop over `decode_step`.
 
     logits [B, V]: the distribution of the first new token (from the prefill); the loop stops
-    when every row has produced eos_id or after max_new_tokens tokens.
+    when every row has produced eos_id or after max_new_tokens tokens. `on_tokens`, when
+    given, is called on the host with each step's tokens [B] (pad_id for finished rows) as
+    the loop runs (streaming).
     """
     batch = logits.shape[0]
 
@@ -150,6 +154,8 @@ def sample_loop(
         scores += jnp.where(done, 0.0, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0])
         token = jnp.where(done, pad_id, token).astype(jnp.int32)
         tokens = tokens.at[:, i].set(token)
+        if on_tokens is not None:
+            jax.debug.callback(on_tokens, token, ordered=True)
         lengths += (~done).astype(jnp.int32)
         if eos_id is not None:
             done |= token == eos_id
@@ -256,12 +262,12 @@ def beam_search(
     jax.jit,
     static_argnames=(
         "model", "strategy", "max_new_tokens", "cache_length", "top_k", "use_top_p", "num_beams", "eos_id",
-        "pad_id", "bos_id",
+        "pad_id", "bos_id", "stream",
     ),
 )
 def _generate(
-    model, variables, prompts, prompt_lengths, rng, temperature, top_p, length_penalty, *,
-    strategy, max_new_tokens, cache_length, top_k, use_top_p, num_beams, eos_id, pad_id, bos_id,
+    model, variables, prompts, prompt_lengths, rng, temperature, top_p, length_penalty, stream_id, *,
+    strategy, max_new_tokens, cache_length, top_k, use_top_p, num_beams, eos_id, pad_id, bos_id, stream,
 ) -> GenerateOutput:
     """The whole generation as one compiled program: prefill, then the strategy's loop."""
     logits, cache = _prefill(model, variables, prompts, prompt_lengths, cache_length, bos_id)
@@ -271,10 +277,22 @@ def _generate(
             step, logits, cache, num_beams=num_beams, max_new_tokens=max_new_tokens,
             length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
         )
+    on_tokens = functools.partial(_emit, stream_id) if stream else None
     return sample_loop(
         step, logits, cache, rng, max_new_tokens=max_new_tokens, greedy=strategy == "greedy",
         temperature=temperature, top_k=top_k, top_p=top_p if use_top_p else None, eos_id=eos_id, pad_id=pad_id,
+        on_tokens=on_tokens,
     )
+
+
+# Streaming listeners by id: the compiled program carries the id, not the Python callable,
+# so every streaming call of the same shapes reuses one compiled program.
+_LISTENERS: dict[int, Callable[[np.ndarray], None]] = {}
+_NEXT_STREAM_ID = itertools.count(1)
+
+
+def _emit(stream_id, tokens) -> None:
+    _LISTENERS[int(stream_id)](np.asarray(tokens))
 
 
 # ----------------------------------------------------------------------------- the public API
@@ -302,6 +320,7 @@ def generate(
     bos_id: int | None = None,
     rng: jax.Array | None = None,
     prompt_lengths: Sequence[int] | np.ndarray | None = None,
+    on_tokens: Callable[[np.ndarray], None] | None = None,
 ) -> GenerateOutput:
     """Continues each prompt (decoder-only) or translates each source (encoder-decoder).
 
@@ -312,6 +331,8 @@ def generate(
     eos_id: a row stops at this token (kept in the output; padded with pad_id after it);
         the loop ends when every row has stopped or after max_new_tokens.
     bos_id: the first decoder input of an encoder-decoder model.
+    on_tokens: streaming (greedy and sample): called on the host with each step's new tokens
+        [B] (pad_id for rows that have finished) while the compiled loop runs.
     Errors on bad arguments are raised before anything compiles.
     """
     config = model.config
@@ -333,13 +354,27 @@ def generate(
     for i, row in enumerate(rows):
         padded[i, : len(row)] = row
     prompts, lengths = jnp.asarray(padded), jnp.asarray(lengths, jnp.int32)
-    return _generate(
-        model, variables, prompts, lengths,
-        jax.random.PRNGKey(0) if rng is None else rng,
-        jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p), jnp.float32(length_penalty),
-        strategy=strategy, max_new_tokens=max_new_tokens, cache_length=cache_length, top_k=top_k,
-        use_top_p=top_p is not None, num_beams=num_beams, eos_id=eos_id, pad_id=pad_id, bos_id=bos_id,
-    )
+    if on_tokens is not None and strategy == "beam":
+        raise ValueError("Streaming (on_tokens) needs strategy 'greedy' or 'sample': beams are reordered until the end.")
+    stream_id = next(_NEXT_STREAM_ID) if on_tokens is not None else 0
+    if on_tokens is not None:
+        _LISTENERS[stream_id] = on_tokens
+    try:
+        output = _generate(
+            model, variables, prompts, lengths,
+            jax.random.PRNGKey(0) if rng is None else rng,
+            jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p), jnp.float32(length_penalty),
+            jnp.int32(stream_id),
+            strategy=strategy, max_new_tokens=max_new_tokens, cache_length=cache_length, top_k=top_k,
+            use_top_p=top_p is not None, num_beams=num_beams, eos_id=eos_id, pad_id=pad_id, bos_id=bos_id,
+            stream=on_tokens is not None,
+        )
+        if on_tokens is not None:
+            jax.block_until_ready(output)
+            jax.effects_barrier()
+        return output
+    finally:
+        _LISTENERS.pop(stream_id, None)
 
 
 def _as_rows(prompts, prompt_lengths) -> tuple[list[np.ndarray], list[int]]:

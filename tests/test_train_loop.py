@@ -1,0 +1,276 @@
+"""The training job: config parsing, run directories, exact resume after SIGKILL and SIGTERM,
+multi-process training, divergence handling and clear errors."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import synthetic
+from train import config as config_lib
+from train import loop
+from train.__main__ import main, usage
+from train.checkpoint import Checkpointer
+from train.objectives import OBJECTIVES, Task
+from transformer.tokenizer import Tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_MODEL = [
+    "model=gpt2-tiny", "model.vocab_size=256", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
+    "model.num_decoder_layers=1", "model.max_length=64",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("corpus")
+    paths = {}
+    for split, (count, seed) in {"train": (600, 0), "validation": (60, 1)}.items():
+        paths[split] = str(folder / f"{split}.txt")
+        pathlib.Path(paths[split]).write_text("\n".join(synthetic.sentences(count, seed)) + "\n")
+    return paths
+
+
+def tiny_args(corpus, run_dir, *extra) -> list[str]:
+    return [
+        *TINY_MODEL, f"train_files=[{corpus['train']}]", f"validation_files=[{corpus['validation']}]",
+        "file_format=lines", "seq_length=32", "batch_size=8", "steps=12", "schedule=constant", "warmup_steps=2",
+        "log_every=2",
+        "eval_every=6", "eval_batches=2", "checkpoint_every=4", "sample_tokens=8", f"run_dir={run_dir}", *extra,
+    ]
+
+
+def train_process(args, **env) -> subprocess.Popen:
+    """`python -m train ARGS` in a new process (environment variables added from `env`)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", *args], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **env),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout=300) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    return output
+
+
+def final_params(run_dir: pathlib.Path):
+    """The parameters of the run's latest checkpoint, on this process's first device."""
+    config = config_lib.load_yaml(run_dir / "config.yaml")
+    model = loop.build_model(config)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *loop.init_inputs(config)))["params"]
+    checkpointer = Checkpointer(run_dir / "checkpoints")
+    try:
+        return checkpointer.latest_step(), checkpointer.restore_params(abstract)
+    finally:
+        checkpointer.close()
+
+
+def assert_bitwise_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def records(run_dir: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- config and command line
+
+
+def test_config_from_experiment_yaml_and_overrides(tmp_path):
+    config = config_lib.parse_args(["transformer-tiny-en-fr", "steps=7", "model.num_decoder_layers=3", "seed=5"])
+    assert config.task == Task.SEQ2SEQ and config.steps == 7 and config.model.num_decoder_layers == 3
+    config_lib.save_yaml(config, tmp_path / "run.yaml")
+    assert config_lib.load_yaml(tmp_path / "run.yaml") == config
+    (tmp_path / "mine.yaml").write_text("experiment: bert-tiny-mlm\nsteps: 3\nmodel: {d_model: 64, num_heads: 2}\n")
+    mine = config_lib.parse_args([str(tmp_path / "mine.yaml"), "learning_rate=1e-4"])
+    assert (mine.task, mine.steps, mine.model.d_model, mine.learning_rate) == (Task.MASKED_LM, 3, 64, 1e-4)
+    assert mine.model.num_encoder_layers == config_lib.EXPERIMENTS["bert-tiny-mlm"].model.num_encoder_layers
+    assert config_lib.parse_args([]) == config_lib.EXPERIMENTS["gpt-tiny"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["stepz=3"], "Unknown config key(s) 'stepz'; valid keys: task, model"),
+        (["gpt-huge"], "Unknown experiment 'gpt-huge'; valid experiments: gpt-tiny, bert-tiny-mlm"),
+        (["model.d_modle=3"], "Unknown ModelConfig field(s) 'd_modle'"),
+        (["steps=many"], "steps must be of type int, got 'many'"),
+        (["schedule=linear"], "schedule='linear' is not valid; use one of: inverse_sqrt, cosine, constant"),
+        (["batch_size=30", "accumulation=4"], "batch_size=30 is not divisible by accumulation=4"),
+        (["model=bert-tiny"], "task=causal_lm needs a model with a decoder only"),
+        (["seq_length=4096"], "seq_length=4096 exceeds the model's max_length=256"),
+        (["gpt-tiny", "steps"], "Cannot parse override 'steps'"),
+    ],
+)
+def test_bad_config_is_a_clear_error(args, message):
+    with pytest.raises((ValueError, FileNotFoundError)) as error:
+        config_lib.parse_args(args)
+    assert message in str(error.value)
+
+
+def test_help_lists_experiments_and_keys(capsys):
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in config_lib.EXPERIMENTS)
+    assert all(f"  {key} " in text for key in config_lib.FIELDS)
+    assert "global batch in examples" in text  # the field comments are the key help
+    assert main(["nonsense=1"]) == 2
+    assert "Unknown config key(s) 'nonsense'" in capsys.readouterr().err
+    assert usage().startswith("usage: python -m train")
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> pathlib.Path:
+    """A tiny run trained without interruption."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    output = finish(train_process(tiny_args(corpus, run_dir)))
+    assert "run directory:" in output, output[-3000:]
+    return run_dir
+
+
+def test_run_directory_holds_everything_a_sampler_needs(reference):
+    names = {p.name for p in reference.iterdir()}
+    assert {"config.yaml", "tokenizer.model", "checkpoints", "metrics.jsonl", "tensorboard", "loss.png"} <= names
+    assert config_lib.load_yaml(reference / "config.yaml").steps == 12
+    assert any((reference / "tensorboard").iterdir())
+    steps, params = final_params(reference)
+    assert steps == 12
+    log = records(reference)
+    train_losses = [r["loss"] for r in log if r["split"] == "train"]
+    assert train_losses[-1] < train_losses[0]
+    validation = [r for r in log if r["split"] == "validation"]
+    assert [r["step"] for r in validation] == [6, 12] and all(r["sample"] for r in validation)
+    assert {"loss", "perplexity", "accuracy"} <= set(validation[-1])
+
+
+# Long enough that a signal sent when the first checkpoint appears arrives mid-run.
+LONG = ("steps=300", "eval_every=1000", "checkpoint_every=50", "log_every=10")
+
+
+@pytest.fixture(scope="module")
+def long_reference(corpus, tmp_path_factory) -> pathlib.Path:
+    run_dir = tmp_path_factory.mktemp("long_reference") / "run"
+    output = finish(train_process(tiny_args(corpus, run_dir, *LONG)))
+    assert "run directory:" in output, output[-3000:]
+    return run_dir
+
+
+def start_and_wait_for_checkpoint(args, run_dir: pathlib.Path, step: int = 50) -> subprocess.Popen:
+    process = train_process(args)
+    while not (run_dir / "checkpoints" / str(step)).is_dir():
+        assert process.poll() is None, finish(process)[-3000:]
+        time.sleep(0.02)
+    return process
+
+
+def test_resume_after_sigkill_is_bitwise_identical(corpus, long_reference, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_and_wait_for_checkpoint(tiny_args(corpus, run_dir, *LONG), run_dir)
+    process.kill()
+    finish(process)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = final_params(run_dir)[0]
+    assert killed_at < 300
+    output = finish(train_process(tiny_args(corpus, run_dir, *LONG)))
+    assert f"Resumed {run_dir} at step {killed_at}" in output, output[-3000:]
+    assert_bitwise_equal(final_params(run_dir)[1], final_params(long_reference)[1])
+    # The log reads as if the run had never stopped: what was logged after the checkpoint is dropped.
+    steps = lambda run: [(r["step"], r["split"]) for r in records(run)]
+    assert steps(run_dir) == steps(long_reference)
+
+
+def test_sigterm_saves_and_the_run_resumes(corpus, long_reference, tmp_path):
+    run_dir = tmp_path / "run"
+    process = start_and_wait_for_checkpoint(tiny_args(corpus, run_dir, *LONG), run_dir)
+    process.send_signal(signal.SIGTERM)
+    output = finish(process)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    stopped_at = final_params(run_dir)[0]
+    assert f"Stopped by SIGTERM at step {stopped_at}" in output and 50 <= stopped_at < 300
+    output = finish(train_process(tiny_args(corpus, run_dir, *LONG)))
+    assert f"Resumed {run_dir} at step {stopped_at}" in output, output[-3000:]
+    assert_bitwise_equal(final_params(run_dir)[1], final_params(long_reference)[1])
+
+
+def test_resuming_with_a_different_config_is_an_error(corpus, reference):
+    config = config_lib.parse_args(tiny_args(corpus, reference, "learning_rate=0.5"))
+    with pytest.raises(ValueError, match=r"different configuration \(learning_rate: saved 0.002, now 0.5\)"):
+        loop.run(config, progress=False)
+    assert final_params(reference)[0] == 12  # nothing was overwritten
+
+
+def test_repeated_nonfinite_steps_stop_the_run_without_saving_them(corpus, tmp_path, monkeypatch):
+    causal_lm = OBJECTIVES[Task.CAUSAL_LM]
+
+    def poisoned(*args, **kwargs):
+        loss, weight, metrics = causal_lm(*args, **kwargs)
+        return loss * np.nan, weight, metrics
+
+    monkeypatch.setitem(OBJECTIVES, Task.CAUSAL_LM, poisoned)
+    config = config_lib.parse_args(tiny_args(corpus, tmp_path / "run", "max_nonfinite_steps=4", "checkpoint_every=100"))
+    with pytest.raises(loop.TrainingDiverged, match="the last 4 steps had non-finite gradients .* and were skipped"):
+        loop.run(config, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_init_from_a_missing_run_is_a_clear_error(tmp_path):
+    config = config_lib.experiment("bert-tiny-sentiment").replace(init_from=str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="python -m train bert-tiny-mlm"):
+        loop.run(config, progress=False)
+
+
+def test_a_dataset_of_the_wrong_kind_is_a_clear_error(tmp_path):
+    config = config_lib.experiment("gpt-tiny").replace(dataset="rt-polarity", run_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="'rt-polarity' holds classification data, but task=causal_lm needs lm data"):
+        loop.load_examples(config, "train")
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together_like_one(corpus, tmp_path):
+    """Two jax.distributed CPU processes (gloo collectives, one device each) against one process
+    with two devices: the same examples in every global batch (each process holds every other
+    one), the same mesh; losses and parameters agree to float32 rounding. Dropout is off: its
+    masks follow an example's row in the global batch, which differs between the two layouts."""
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    args = ("steps=6", "eval_every=100", "model.dropout_rate=0", "model.attention_dropout_rate=0")
+    single = train_process(tiny_args(corpus, one_dir, *args), XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    address = f"localhost:{free_port()}"
+    processes = [
+        train_process(tiny_args(
+            corpus, two_dir, *args, f"coordinator_address={address}", "num_processes=2", f"process_id={rank}",
+        ))
+        for rank in range(2)
+    ]
+    outputs = [finish(p) for p in [single, *processes]]
+    assert all(p.returncode == 0 for p in [single, *processes]), "\n\n".join(o[-2000:] for o in outputs)
+    text = pathlib.Path(corpus["validation"]).read_text()
+    assert Tokenizer.load(one_dir / "tokenizer.model").encode(text) == Tokenizer.load(two_dir / "tokenizer.model").encode(text)
+    one = [r["loss"] for r in records(one_dir) if r["split"] == "train"]
+    two = [r["loss"] for r in records(two_dir) if r["split"] == "train"]
+    assert len(one) == len(two) == 3
+    np.testing.assert_allclose(two, one, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(final_params(two_dir)[1]), jax.tree.leaves(final_params(one_dir)[1])):
+        # Adam divides by the root of the squared gradients, so where a gradient is at rounding
+        # level its parameter moves by up to ~lr either way; 1e-4 is far below 6 steps at lr 2e-3.
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4)

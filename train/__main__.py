@@ -1,0 +1,69 @@
+"""`python -m train [EXPERIMENT | CONFIG.yaml] [key=value ...]`: the training job."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+
+from train.config import DEFAULT_EXPERIMENT, EXPERIMENTS, TrainConfig, parse_args, to_dict
+
+
+def _key_help() -> dict[str, str]:
+    """The comment after each TrainConfig field, as its help text."""
+    source = inspect.getsource(TrainConfig)
+    return dict(re.findall(r"^    (\w+): [^\n#]*?#\s*(.+)$", source, flags=re.MULTILINE))
+
+
+def usage() -> str:
+    lines = [
+        "usage: python -m train [EXPERIMENT | CONFIG.yaml] [key=value ...]",
+        "",
+        "Trains a Transformer and writes a run directory (config, tokenizer, checkpoints, metrics);",
+        "running the same command again resumes from the latest checkpoint.",
+        "",
+        f"experiments (default {DEFAULT_EXPERIMENT}):",
+    ]
+    for name, config in EXPERIMENTS.items():
+        m = config.model
+        layers = "+".join(str(n) for n in (m.num_encoder_layers, m.num_decoder_layers) if n)
+        data = config.init_from and f"{config.dataset}, from {config.init_from}" or config.dataset
+        lines.append(f"  {name:24s}{config.task} on {data}; {layers} layers, d_model {m.d_model}, {config.steps} steps")
+    lines += ["", "keys (defaults of the default experiment):"]
+    helps = _key_help()
+    for key, value in to_dict(EXPERIMENTS[DEFAULT_EXPERIMENT]).items():
+        if key == "model":
+            lines.append(f"  {'model':24s}{'':>14}  a model preset name, or model.FIELD=VALUE for one architecture field")
+            continue
+        lines.append(f"  {key:24s}{value!r:>14}  {helps.get(key, '')}".rstrip())
+    lines += ["", "example: python -m train transformer-tiny-en-fr steps=200 model.num_decoder_layers=3"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help", "help") for a in args):
+        print(usage())
+        return 0
+    try:
+        config = parse_args(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}\nRun `python -m train --help` for the experiments and keys.", file=sys.stderr)
+        return 2
+    from train.loop import TrainingDiverged, run  # after parsing: --help and config errors need no JAX
+
+    try:
+        result = run(config)
+    except (ValueError, FileNotFoundError, TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if result.stopped_by_signal:
+        return 128 + int(result.stopped_by_signal)
+    print(f"run directory: {result.run_dir}")
+    if result.sample:
+        print(f"sample: {result.sample}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

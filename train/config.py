@@ -1,0 +1,371 @@
+"""The configuration of a training run: one frozen dataclass, named experiments, YAML and
+`key=value` overrides.
+
+A run is described by a `TrainConfig`. It starts from a named experiment (`EXPERIMENTS`) or a
+YAML file, and single keys are overridden on the command line:
+
+    python -m train transformer-tiny-en-fr steps=500 model.num_decoder_layers=3
+
+`model` is the architecture (`transformer.ModelConfig`): in YAML either a model preset name or
+a mapping of fields with an optional `preset` key; on the command line `model=NAME` picks a
+preset and `model.FIELD=VALUE` changes one field. Values are parsed as YAML scalars
+(`true`, `3e-4`, `[a.txt, b.txt]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import pathlib
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from train.objectives import Task
+from train.optim import Schedule
+from transformer.config import ModelConfig
+
+
+class FileFormat(enum.StrEnum):
+    TEXT = "text"  # each file is one document
+    LINES = "lines"  # each non-empty line is one document
+    JSONL = "jsonl"  # one JSON object per line: "text" (+ "label"), or "source" and "target"
+    TSV = "tsv"  # text<TAB>label, or source<TAB>target
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Everything a training run needs; the resolved config is saved in the run directory."""
+
+    # What to train.
+    task: Task = Task.CAUSAL_LM
+    model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig.preset("gpt2-tiny"))
+    init_from: str = ""  # a run directory: start from its parameters, model config and tokenizer
+
+    # Data: a named data set (train.datasets) or your own files.
+    dataset: str = "shakespeare"
+    train_files: tuple[str, ...] = ()  # instead of `dataset`
+    validation_files: tuple[str, ...] = ()
+    file_format: FileFormat = FileFormat.TEXT
+    seq_length: int = 128  # tokens per example (the target side for seq2seq)
+    source_length: int = 128  # seq2seq source tokens
+    next_sentence_prediction: bool = False  # masked LM: pairs of segments with an NSP head
+    tokenizer: str = ""  # a sentencepiece .model file; "" trains one (model.vocab_size pieces)
+    tokenizer_model_type: str = "bpe"  # "bpe" or "unigram" when training one
+
+    # Optimisation.
+    steps: int = 1000
+    batch_size: int = 32  # global batch in examples (split over devices and processes)
+    accumulation: int = 1  # microbatches per step (gradient accumulation)
+    learning_rate: float = 1e-3  # the peak, reached after warmup
+    schedule: Schedule = Schedule.COSINE
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0  # global norm; 0 disables clipping
+    adam_b1: float = 0.9
+    adam_b2: float = 0.98
+    adam_eps: float = 1e-9
+    label_smoothing: float = 0.0
+    scheduled_sampling: float = 0.0  # final probability of feeding the model its own prediction
+    max_nonfinite_steps: int = 10  # stop after this many non-finite steps in a row
+    seed: int = 0
+
+    # Devices: mesh axis sizes (-1 = the remaining devices) and multi-host start-up.
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
+    distributed: bool = False  # call jax.distributed.initialize() (arguments auto-detected on clusters)
+    coordinator_address: str = ""  # host:port of process 0, when not auto-detected
+    num_processes: int = 0  # 0: auto-detect
+    process_id: int = -1  # -1: auto-detect
+
+    # Run directory, logging, evaluation and checkpoints.
+    run_dir: str = "runs/gpt-tiny"
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20  # validation batches per evaluation; 0 = the whole split
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    sample_prompt: str = "ROMEO:"  # causal LM: text continued at every evaluation
+    sample_tokens: int = 64
+    bleu_examples: int = 100  # seq2seq: validation pairs translated for BLEU; 0 = none
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = known accelerators only
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            kind = _field_type(field)
+            if isinstance(kind, type) and issubclass(kind, enum.Enum) and not isinstance(value, kind):
+                try:
+                    object.__setattr__(self, field.name, kind(value))
+                except ValueError:
+                    valid = ", ".join(member.value for member in kind)
+                    raise ValueError(f"{field.name}={value!r} is not valid; use one of: {valid}.") from None
+        self._check()
+
+    def _check(self):
+        for name in ("steps", "batch_size", "accumulation", "seq_length", "source_length", "log_every",
+                     "eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.batch_size % self.accumulation:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by accumulation={self.accumulation}; "
+                "each microbatch must hold batch_size / accumulation examples."
+            )
+        if not self.dataset and not self.train_files:
+            raise ValueError("No training data: set dataset=NAME (see train.datasets) or train_files=[...].")
+        if self.tokenizer_model_type not in ("bpe", "unigram"):
+            raise ValueError(f"tokenizer_model_type must be 'bpe' or 'unigram', got {self.tokenizer_model_type!r}.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if not 0.0 <= self.scheduled_sampling <= 1.0:
+            raise ValueError(f"scheduled_sampling must be a probability in [0, 1], got {self.scheduled_sampling}.")
+        if self.scheduled_sampling and self.task not in (Task.CAUSAL_LM, Task.SEQ2SEQ):
+            raise ValueError(f"scheduled_sampling applies to causal_lm and seq2seq, not {self.task}.")
+        if self.next_sentence_prediction and self.task != Task.MASKED_LM:
+            raise ValueError("next_sentence_prediction applies to task=masked_lm only.")
+        stacks = (self.model.num_encoder_layers > 0, self.model.num_decoder_layers > 0)
+        needed = {
+            Task.CAUSAL_LM: ((False, True), "a decoder only (num_encoder_layers=0)"),
+            Task.MASKED_LM: ((True, False), "an encoder only (num_decoder_layers=0)"),
+            Task.CLASSIFICATION: ((True, False), "an encoder only (num_decoder_layers=0)"),
+            Task.SEQ2SEQ: ((True, True), "an encoder and a decoder"),
+        }[self.task]
+        if stacks != needed[0]:
+            raise ValueError(f"task={self.task} needs a model with {needed[1]}; pick a matching model preset.")
+        lengths = {"seq_length": self.seq_length}
+        if self.task == Task.SEQ2SEQ:
+            lengths["source_length"] = self.source_length
+        for name, length in lengths.items():
+            if length > self.model.max_length:
+                raise ValueError(
+                    f"{name}={length} exceeds the model's max_length={self.model.max_length}; "
+                    f"lower {name} or raise model.max_length."
+                )
+        if self.task == Task.MASKED_LM and self.next_sentence_prediction and not self.model.type_vocab_size:
+            raise ValueError("next_sentence_prediction needs token-type embeddings: set model.type_vocab_size=2.")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed (and validated)."""
+        return from_dict({**to_dict(self), **{k: _plain(v) for k, v in changes.items()}}, base=None)
+
+    @property
+    def run_path(self) -> pathlib.Path:
+        return pathlib.Path(self.run_dir)
+
+
+def _field_type(field: dataclasses.Field):
+    """The class of a field (the first non-None member of `X | None`)."""
+    hints = typing.get_type_hints(TrainConfig)
+    kind = hints[field.name]
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    return typing.get_origin(kind) or kind
+
+
+def _plain(value):
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, ModelConfig):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    """Plain values (the model as a mapping of all its fields), for YAML."""
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value):
+    """A YAML value for field `name` in the field's type, or a clear error."""
+    kind = _field_type(FIELDS[name])
+    if kind is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}.")
+        return tuple(str(v) for v in value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}.")
+        return value
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str:
+        return "" if value is None else str(value)
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        return value
+    raise ValueError(f"{name} must be of type {kind.__name__}, got {value!r}.")
+
+
+def _model(value, base: ModelConfig | None) -> ModelConfig:
+    """A model preset name, or a mapping of fields (with an optional "preset") over `base`."""
+    if isinstance(value, ModelConfig):
+        return value
+    if isinstance(value, str):
+        return ModelConfig.preset(value)
+    if not isinstance(value, dict):
+        raise ValueError(f"model must be a preset name or a mapping of ModelConfig fields, got {value!r}.")
+    fields = dict(value)
+    preset = fields.pop("preset", None)
+    if preset is not None:
+        return ModelConfig.preset(preset, **fields)
+    if base is not None:
+        return base.replace(**fields)
+    return ModelConfig.from_dict(fields)
+
+
+def from_dict(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """A config from plain values over `base` (None: every field must be given or defaulted)."""
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise ValueError(
+            f"Unknown config key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(FIELDS)} "
+            "(and model.FIELD for the architecture)."
+        )
+    start = {} if base is None else {f: getattr(base, f) for f in FIELDS}
+    for name, value in values.items():
+        if name == "model":
+            start[name] = _model(value, start.get("model"))
+        else:
+            start[name] = _coerce(name, value)
+    return TrainConfig(**start)
+
+
+def load_yaml(path: str | os.PathLike, base: TrainConfig | None = None) -> TrainConfig:
+    """A config from a YAML file of keys (over `base`, or over the named experiment in its
+    `experiment` key, or over the defaults)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys, got {type(values).__name__}.")
+    if "experiment" in values:
+        base = experiment(values.pop("experiment"))
+    return from_dict(values, base if base is not None else TrainConfig())
+
+
+def save_yaml(config: TrainConfig, path: str | os.PathLike) -> None:
+    """Writes the resolved config (readable back with `load_yaml`)."""
+    text = yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
+    temporary = pathlib.Path(f"{path}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Applies `key=value` strings (`model=NAME`, `model.FIELD=VALUE`) in order."""
+    values: dict[str, Any] = {}
+    model_fields: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"Cannot parse override {item!r}; write key=value (e.g. steps=500).")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        if key.startswith("model."):
+            model_fields[key.removeprefix("model.")] = value
+        else:
+            values[key] = value
+    config = from_dict(values, config)
+    if model_fields:
+        config = dataclasses.replace(config, model=config.model.replace(**model_fields))
+    return config
+
+
+# ----------------------------------------------------------------------------- experiments
+
+# Tiny models that train in minutes on a laptop CPU.
+_GPT_TINY = ModelConfig.preset(
+    "gpt2-tiny", vocab_size=2048, d_model=128, num_heads=4, d_ff=512, num_decoder_layers=4, max_length=256,
+    dropout_rate=0.0, attention_dropout_rate=0.0,
+)
+_BERT_TINY = ModelConfig.preset(
+    "bert-tiny", vocab_size=2048, d_model=128, num_heads=4, d_ff=512, num_encoder_layers=2, max_length=128,
+)
+_TRANSFORMER_TINY = ModelConfig.preset(
+    "transformer-tiny", vocab_size=4096, d_model=128, num_heads=4, d_ff=512, num_encoder_layers=2,
+    num_decoder_layers=2, max_length=128,
+)
+# Full-size models in bfloat16 for accelerators; vocabularies sized for the bundled corpora.
+_ACCELERATOR = dict(dtype="bfloat16", remat_policy="dots_no_batch")
+
+EXPERIMENTS: dict[str, TrainConfig] = {
+    "gpt-tiny": TrainConfig(
+        task=Task.CAUSAL_LM, model=_GPT_TINY, dataset="shakespeare", seq_length=128, batch_size=32,
+        steps=600, learning_rate=2e-3, warmup_steps=50, eval_every=200, checkpoint_every=200,
+        run_dir="runs/gpt-tiny", sample_prompt="ROMEO:",
+    ),
+    "bert-tiny-mlm": TrainConfig(
+        task=Task.MASKED_LM, model=_BERT_TINY, dataset="shakespeare", next_sentence_prediction=True,
+        seq_length=128, batch_size=32, steps=600, learning_rate=1e-3, warmup_steps=50, run_dir="runs/bert-tiny-mlm",
+    ),
+    "bert-tiny-sentiment": TrainConfig(
+        task=Task.CLASSIFICATION, model=_BERT_TINY, init_from="runs/bert-tiny-mlm", dataset="rt-polarity",
+        seq_length=64, batch_size=32, steps=600, learning_rate=5e-4, warmup_steps=50, eval_every=100,
+        checkpoint_every=200, eval_batches=0, run_dir="runs/bert-tiny-sentiment",
+    ),
+    "transformer-tiny-en-fr": TrainConfig(
+        task=Task.SEQ2SEQ, model=_TRANSFORMER_TINY, dataset="bible-en-fr", seq_length=96, source_length=96,
+        batch_size=32, steps=1000, schedule=Schedule.INVERSE_SQRT, learning_rate=2e-3, warmup_steps=200,
+        label_smoothing=0.1, eval_every=250, checkpoint_every=250, bleu_examples=100,
+        run_dir="runs/transformer-tiny-en-fr",
+    ),
+    "gpt2-small": TrainConfig(
+        task=Task.CAUSAL_LM, model=ModelConfig.preset("gpt2-small", vocab_size=16384, **_ACCELERATOR),
+        dataset="shakespeare", seq_length=1024, batch_size=32, steps=5000, learning_rate=6e-4,
+        warmup_steps=200, weight_decay=0.1, adam_b2=0.95, adam_eps=1e-8, eval_every=500,
+        checkpoint_every=1000, run_dir="runs/gpt2-small", sample_tokens=128,
+    ),
+    "bert-base": TrainConfig(
+        task=Task.MASKED_LM, model=ModelConfig.preset("bert-base", vocab_size=16384, **_ACCELERATOR),
+        dataset="shakespeare", next_sentence_prediction=True, seq_length=128, batch_size=256, steps=10000,
+        learning_rate=1e-4, warmup_steps=1000, adam_b2=0.999, adam_eps=1e-6, eval_every=1000,
+        checkpoint_every=1000, run_dir="runs/bert-base",
+    ),
+    "transformer-base": TrainConfig(
+        task=Task.SEQ2SEQ, model=ModelConfig.preset("transformer-base", vocab_size=16384, **_ACCELERATOR),
+        dataset="bible-en-fr", seq_length=128, source_length=128, batch_size=256, steps=20000,
+        schedule=Schedule.INVERSE_SQRT, learning_rate=7e-4, warmup_steps=4000, label_smoothing=0.1,
+        eval_every=1000, checkpoint_every=1000, run_dir="runs/transformer-base",
+    ),
+}
+DEFAULT_EXPERIMENT = "gpt-tiny"
+
+
+def experiment(name: str) -> TrainConfig:
+    """A named experiment; unknown names are an error listing the valid ones."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"Unknown experiment {name!r}; valid experiments: {', '.join(EXPERIMENTS)}.")
+    return EXPERIMENTS[name]
+
+
+def parse_args(args: list[str]) -> TrainConfig:
+    """`[EXPERIMENT | CONFIG.yaml] [key=value ...]` -> the run's config (default: gpt-tiny)."""
+    config = EXPERIMENTS[DEFAULT_EXPERIMENT]
+    if args and "=" not in args[0]:
+        first, args = args[0], args[1:]
+        config = load_yaml(first) if first.endswith((".yaml", ".yml")) else experiment(first)
+    return apply_overrides(config, args)
