@@ -63,7 +63,10 @@ def test_experiment_trains_and_its_loss_goes_down(name, tmp_path):
 @pytest.mark.network
 def test_sentiment_fine_tunes_the_pretrained_body(pretrained_bert, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_experiment("bert-tiny-sentiment", run_dir, f"init_from={pretrained_bert}", "learning_rate=5e-4")
+    result = run_experiment(
+        "bert-tiny-sentiment", run_dir, f"init_from={pretrained_bert}", "steps=60", "log_every=20", "batch_size=32",
+        "learning_rate=1e-3",
+    )
     losses = train_losses(run_dir)
     assert losses[-1] < losses[0], losses
     assert json.loads((run_dir / "labels.json").read_text()) == ["negative", "positive"]

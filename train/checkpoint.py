@@ -41,7 +41,7 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
         if keep < 1:
             raise ValueError(f"keep={keep}: a checkpointer must keep at least the newest checkpoint (keep >= 1).")
-        self._directory = epath.Path(directory)
+        self._directory = epath.Path(os.path.abspath(directory))  # Orbax needs absolute paths
         self._metadata_reader = ocp.StandardCheckpointHandler()
         self._manager = ocp.CheckpointManager(
             self._directory,

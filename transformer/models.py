@@ -140,7 +140,7 @@ class _EncoderModel(nn.Module):
         _require(cfg, encoder=True, model=type(self).__name__)
         self.embed = Embedder(cfg)
         self.encoder = Stack(cfg, cfg.num_encoder_layers, causal=False, name="encoder")
-        self.pooler = dense(cfg, cfg.d_model, (ax.EMBED, ax.EMBED), use_bias=True, name="pooler")
+        self.pooler = dense(cfg, cfg.d_model, (ax.EMBED, ax.MLP), use_bias=True, name="pooler")  # distinct axis names: D x D
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def encode(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
@@ -167,7 +167,7 @@ class MaskedLM(_EncoderModel):
     def setup(self):
         super().setup()
         cfg = self.config
-        self.mlm_transform = dense(cfg, cfg.d_model, (ax.EMBED, ax.EMBED), use_bias=True, name="mlm_transform")
+        self.mlm_transform = dense(cfg, cfg.d_model, (ax.EMBED, ax.MLP), use_bias=True, name="mlm_transform")
         self.mlm_norm = norm(cfg, name="mlm_norm")
         if cfg.tie_embeddings:
             self.mlm_bias = self.param(

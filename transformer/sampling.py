@@ -138,8 +138,8 @@ def sample_loop(
 
     logits [B, V]: the distribution of the first new token (from the prefill); the loop stops
     when every row has produced eos_id or after max_new_tokens tokens. `on_tokens`, when
-    given, is called on the host with each step's tokens [B] (pad_id for finished rows) as
-    the loop runs (streaming).
+    given, is called in the loop body with each step's tokens [B] (pad_id for finished rows),
+    e.g. to send them to the host with `jax.debug.callback` (streaming).
     """
     batch = logits.shape[0]
 
@@ -155,7 +155,7 @@ def sample_loop(
         token = jnp.where(done, pad_id, token).astype(jnp.int32)
         tokens = tokens.at[:, i].set(token)
         if on_tokens is not None:
-            jax.debug.callback(on_tokens, token, ordered=True)
+            on_tokens(token)
         lengths += (~done).astype(jnp.int32)
         if eos_id is not None:
             done |= token == eos_id
@@ -277,7 +277,7 @@ def _generate(
             step, logits, cache, num_beams=num_beams, max_new_tokens=max_new_tokens,
             length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
         )
-    on_tokens = functools.partial(_emit, stream_id) if stream else None
+    on_tokens = (lambda token: jax.debug.callback(_emit, stream_id, token, ordered=True)) if stream else None
     return sample_loop(
         step, logits, cache, rng, max_new_tokens=max_new_tokens, greedy=strategy == "greedy",
         temperature=temperature, top_k=top_k, top_p=top_p if use_top_p else None, eos_id=eos_id, pad_id=pad_id,
