@@ -2,21 +2,20 @@
 goes down; the README's main-job command produces a run directory and a sample."""
 
 import json
-import os
 import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
+from processes import ROOT, subprocess_env
 
 from train import config as config_lib
 from train import loop
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT = [
     "steps=16", "warmup_steps=2", "schedule=constant", "learning_rate=2e-3", "log_every=4", "eval_every=1000",
-    "eval_batches=2", "batch_size=16", "seq_length=32", "source_length=32", "sample_tokens=4", "bleu_examples=4",
+    "eval_batches=2", "batch_size=16", "seq_length=32", "source_length=32", "sample_tokens=0", "bleu_examples=0",
 ]
 # Full-size architectures shrunk to a CPU-sized width and depth; their other choices stay.
 SHRINK = ["model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.vocab_size=512"]
@@ -45,17 +44,17 @@ def pretrained_bert(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.mark.network
-@pytest.mark.parametrize("name", [n for n in config_lib.EXPERIMENTS if n != "bert-tiny-sentiment"])
+@pytest.mark.parametrize("name", [n for n in config_lib.EXPERIMENTS if n not in ("gpt-tiny", "bert-tiny-sentiment")])
 def test_experiment_trains_and_its_loss_goes_down(name, tmp_path):
-    result = run_experiment(name, tmp_path / "run")
+    """(gpt-tiny, the default, is the README test's; bert-tiny-sentiment needs a pretrained body.)"""
+    extra = ["bleu_examples=4"] if name == "transformer-tiny-en-fr" else []
+    result = run_experiment(name, tmp_path / "run", *extra)
     losses = train_losses(tmp_path / "run")
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     assert result.step == 16 and {"loss", "accuracy"} <= set(result.validation)
     task = config_lib.EXPERIMENTS[name].task
-    if task == "seq2seq":
-        assert "bleu" in result.validation and " -> " in result.sample
-    if task == "causal_lm":
-        assert result.sample.startswith(config_lib.EXPERIMENTS[name].sample_prompt)
+    if name == "transformer-tiny-en-fr":
+        assert 0.0 <= result.validation["bleu"] <= 100.0 and " -> " in result.sample
     if task == "masked_lm":
         assert 0.0 <= result.validation["nsp_accuracy"] <= 1.0
 
@@ -80,9 +79,10 @@ def test_readme_main_job_command_writes_a_run_directory_and_a_sample(tmp_path):
     command = re.search(r"^(python -m train)\s+# run the main job", readme, flags=re.MULTILINE)
     assert command, "README must show the main-job command"
     args = command.group(1).split()[1:] + ["steps=20", "log_every=5", "eval_every=1000", "sample_tokens=16"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^sample: ROMEO:", result.stdout, flags=re.MULTILINE), result.stdout[-2000:]
     run_dir = tmp_path / "runs" / "gpt-tiny"
     assert {"config.yaml", "tokenizer.model", "checkpoints", "metrics.jsonl", "loss.png"} <= {p.name for p in run_dir.iterdir()}
+    losses = train_losses(run_dir)
+    assert len(losses) == 4 and losses[-1] < losses[0], losses

@@ -1,6 +1,5 @@
 """Sampler over a run directory: batches, streaming, the command line and clear errors."""
 
-import os
 import pathlib
 import subprocess
 import sys
@@ -9,11 +8,11 @@ import numpy as np
 import pytest
 
 import synthetic
+from processes import subprocess_env
 from train import config as config_lib
 from train import loop
 from transformer.sample import Sampler
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["model.vocab_size=256", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.max_length=64"]
 SHORT = ["steps=30", "batch_size=8", "seq_length=32", "source_length=32", "learning_rate=3e-3", "warmup_steps=2",
          "log_every=10", "eval_every=1000", "eval_batches=1", "sample_tokens=4", "bleu_examples=2"]
@@ -80,7 +79,7 @@ def test_translation_run_translates_batches_and_beams(translation_run):
 def test_command_line_prints_prompt_and_continuation(lm_run):
     sampler = Sampler.load(lm_run)
     expected = "Ka to" + sampler("Ka to", max_new_tokens=6)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    env = subprocess_env()
     result = subprocess.run(
         [sys.executable, "-m", "transformer.sample", str(lm_run), "--prompt", "Ka to", "--strategy", "greedy",
          "--max-new-tokens", "6"],

@@ -2,7 +2,6 @@
 multi-process training, divergence handling and clear errors."""
 
 import json
-import os
 import pathlib
 import signal
 import socket
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 import synthetic
+from processes import ROOT, subprocess_env
 from train import config as config_lib
 from train import loop
 from train.__main__ import main, usage
@@ -22,7 +22,6 @@ from train.checkpoint import Checkpointer
 from train.objectives import OBJECTIVES, Task
 from transformer.tokenizer import Tokenizer
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_MODEL = [
     "model=gpt2-tiny", "model.vocab_size=256", "model.d_model=32", "model.num_heads=2", "model.d_ff=64",
     "model.num_decoder_layers=1", "model.max_length=64",
@@ -51,7 +50,7 @@ def tiny_args(corpus, run_dir, *extra) -> list[str]:
 def train_process(args, **env) -> subprocess.Popen:
     """`python -m train ARGS` in a new process (environment variables added from `env`)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "train", *args], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **env),
+        [sys.executable, "-m", "train", *args], cwd=ROOT, env=subprocess_env(**env),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 

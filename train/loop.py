@@ -474,6 +474,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     step = int(state.step)
     num_params = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(state.params)))
     step_flops = flops_per_step(config, num_params)
+    step_tokens = config.batch_size * (config.seq_length + (config.source_length if config.task == Task.SEQ2SEQ else 0))
     peak = peak_flops_per_device(config)
     log = MetricsLog(run_dir, resume_step=step)
     if not resuming:
@@ -543,11 +544,12 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
                         values["learning_rate"] = float(schedule(step))
                         values["steps_per_second"] = interval_steps / elapsed
                         values["examples_per_second"] = interval_steps * config.batch_size / elapsed
+                        values["tokens_per_second"] = interval_steps * step_tokens / elapsed
                         if peak:
                             values["mfu"] = interval_steps * step_flops / elapsed / (peak * jax.device_count())
                         values["nonfinite_steps"] = total
                         log.write(step, "train", values)
-                        postfix = {"loss": f"{values['loss']:.3f}", "ex/s": f"{values['examples_per_second']:.0f}"}
+                        postfix = {"loss": f"{values['loss']:.3f}", "tok/s": f"{values['tokens_per_second']:,.0f}"}
                         if peak:
                             postfix["mfu"] = f"{values['mfu']:.1%}"
                         bar.set_postfix(postfix)
