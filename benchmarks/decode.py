@@ -43,6 +43,7 @@ def ours(prompts: np.ndarray, new_tokens: int, dtype: str, repeats: int) -> floa
     config = tfm.ModelConfig.preset("gpt2-small", dtype=dtype, dropout_rate=0.0, attention_dropout_rate=0.0)
     model = tfm.CausalLM(config)
     variables = {"params": nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), prompts[:1])["params"])}
+    model, variables = tfm.unscanned(model, variables)  # as Sampler does: layers unstacked once
 
     def run():
         output = tfm.generate(model, variables, prompts, max_new_tokens=new_tokens, strategy="greedy")

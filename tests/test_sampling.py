@@ -209,3 +209,17 @@ def test_seq2seq_needs_a_start_token():
     model, variables = seq2seq()
     with pytest.raises(ValueError, match="bos_id"):
         tfm.generate(model, variables, [[1, 2]], max_new_tokens=3)
+
+
+@pytest.mark.parametrize("make", [decoder, seq2seq], ids=["decoder", "encoder_decoder"])
+def test_unscanned_model_computes_what_the_scanned_one_does(make):
+    """Generation unstacks scanned layers (`layers` -> `layers_i`) before its loop: same outputs."""
+    model, variables = make()
+    assert model.config.scan_layers
+    loop_model, loop_variables = tfm.unscanned(model, variables)
+    assert not loop_model.config.scan_layers and "layers_1" in str(jax.tree_util.tree_structure(loop_variables))
+    tokens = jnp.array([[5, 6, 7, 8, 9, 10]])
+    inputs = (tokens, tokens[:, :4]) if isinstance(model, tfm.Seq2SeqLM) else (tokens,)
+    np.testing.assert_allclose(
+        loop_model.apply(loop_variables, *inputs), model.apply(variables, *inputs), rtol=1e-5, atol=1e-5
+    )

@@ -49,9 +49,11 @@ from transformer.sampling import (
     sample_loop,
     top_k_filter,
     top_p_filter,
+    unscanned,
 )
 from transformer.stacks import Stack
 from transformer.tokenizer import Tokenizer
+from transformer.sample import Sampler  # noqa: E402 - after the modules it builds on
 
 __all__ = [
     "PRESETS",
@@ -77,6 +79,7 @@ __all__ = [
     "SequenceClassifier",
     "Stack",
     "TokenClassifier",
+    "Sampler",
     "Tokenizer",
     "apply_rotary",
     "apply_temperature",
@@ -99,4 +102,5 @@ __all__ = [
     "sinusoidal_embedding",
     "top_k_filter",
     "top_p_filter",
+    "unscanned",
 ]

@@ -24,7 +24,7 @@ import yaml
 
 from transformer.config import ModelConfig
 from transformer.models import CausalLM, Seq2SeqLM
-from transformer.sampling import STRATEGIES, generate
+from transformer.sampling import STRATEGIES, generate, unscanned
 from transformer.tokenizer import Tokenizer
 
 _GENERATIVE_TASKS = {"causal_lm": CausalLM, "seq2seq": Seq2SeqLM}
@@ -39,8 +39,9 @@ class Sampler:
 
     def __init__(self, model: CausalLM | Seq2SeqLM, params, tokenizer: Tokenizer):
         tokenizer.check_compatible(model.config)
-        self.model, self.tokenizer = model, tokenizer
-        self.variables = {"params": nn.meta.unbox(params)}
+        self.tokenizer = tokenizer
+        # Layers unstacked once here rather than inside every generation.
+        self.model, self.variables = unscanned(model, {"params": nn.meta.unbox(params)})
 
     @classmethod
     def load(cls, run_dir: str | pathlib.Path, *, step: int | None = None) -> Sampler:

@@ -100,6 +100,32 @@ def _decode_step(model: nn.Module, variables) -> DecodeStep:
     return step
 
 
+def unscanned(model: nn.Module, variables):
+    """The same model with a Python loop over its layers, and its stacked layer parameters
+    split into one tree per layer (`layers` -> `layers_0`, `layers_1`, ...).
+
+    Inside a while loop over tokens, a scanned stack slices every layer's weights out of the
+    stacked arrays again at each token; unstacked once before the loop, they are read in place.
+    """
+    if not model.config.scan_layers:
+        return model, variables
+
+    def unstack(tree):
+        if not isinstance(tree, dict):
+            return tree
+        out = {}
+        for key, value in tree.items():
+            if key == "layers":
+                for i in range(jax.tree.leaves(value)[0].shape[0]):
+                    out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], value)
+            else:
+                out[key] = unstack(value)
+        return out
+
+    params = unstack(nn.meta.unbox(variables["params"]))
+    return model.clone(config=model.config.replace(scan_layers=False)), {**variables, "params": params}
+
+
 def _prefill(model, variables, prompts, prompt_lengths, cache_length, bos_id):
     """Runs the prompts (encoder-decoder: the source) through the model once.
 
@@ -270,6 +296,7 @@ def _generate(
     strategy, max_new_tokens, cache_length, top_k, use_top_p, num_beams, eos_id, pad_id, bos_id, stream,
 ) -> GenerateOutput:
     """The whole generation as one compiled program: prefill, then the strategy's loop."""
+    model, variables = unscanned(model, variables)
     logits, cache = _prefill(model, variables, prompts, prompt_lengths, cache_length, bos_id)
     step = _decode_step(model, variables)
     if strategy == "beam":
