@@ -78,7 +78,9 @@ def test_readme_main_job_command_writes_a_run_directory_and_a_sample(tmp_path):
     readme = (ROOT / "README.md").read_text()
     command = re.search(r"^(python -m train)\s+# run the main job", readme, flags=re.MULTILINE)
     assert command, "README must show the main-job command"
-    args = command.group(1).split()[1:] + ["steps=20", "log_every=5", "eval_every=1000", "sample_tokens=16"]
+    args = command.group(1).split()[1:] + [
+        "steps=20", "log_every=5", "eval_every=1000", "eval_batches=1", "batch_size=8", "sample_tokens=16",
+    ]
     result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^sample: ROMEO:", result.stdout, flags=re.MULTILINE), result.stdout[-2000:]
