@@ -17,7 +17,8 @@ SHORT = [
     "steps=16", "warmup_steps=2", "schedule=constant", "learning_rate=2e-3", "log_every=4", "eval_every=1000",
     "eval_batches=2", "batch_size=16", "seq_length=32", "source_length=32", "sample_tokens=0", "bleu_examples=0",
 ]
-# Full-size architectures shrunk to a CPU-sized width and depth; their other choices stay.
+# Every architecture shrunk to a few seconds' width (full-size ones also in depth); their
+# other choices (norms, positions, activations, dtype, remat) stay.
 SHRINK = ["model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.vocab_size=512"]
 SIZES = {
     "gpt2-small": ["model.num_decoder_layers=1"],
@@ -32,7 +33,7 @@ def train_losses(run_dir: pathlib.Path) -> list[float]:
 
 
 def run_experiment(name: str, run_dir: pathlib.Path, *extra: str) -> loop.RunResult:
-    args = [name, *SHORT, *(SHRINK + SIZES[name] if name in SIZES else []), f"run_dir={run_dir}", *extra]
+    args = [name, *SHORT, *SHRINK, *SIZES.get(name, []), f"run_dir={run_dir}", *extra]
     return loop.run(config_lib.parse_args(args), progress=False)
 
 

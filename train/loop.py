@@ -476,7 +476,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     step_flops = flops_per_step(config, num_params)
     step_tokens = config.batch_size * (config.seq_length + (config.source_length if config.task == Task.SEQ2SEQ else 0))
     peak = peak_flops_per_device(config)
-    log = MetricsLog(run_dir, resume_step=step)
+    log = MetricsLog(run_dir, resume_step=step if resuming else -1)  # a fresh run starts a fresh log
     if not resuming:
         say(f"{run_dir}: {config.task} with {num_params:,} parameters on {mesh.devices.size} device(s) "
             f"(mesh {dict(mesh.shape)}), {len(train_examples):,} training examples.")
