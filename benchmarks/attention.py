@@ -12,9 +12,6 @@ NVIDIA GPUs; an implementation whose program does not fit is reported as such.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import platform
 import statistics
 import time
 
@@ -22,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import transformer as tfm
+from report import write_results
 
 
 def measure(implementation: str, length: int, heads: int, head_dim: int, dtype, backward: bool, repeats: int):
@@ -90,15 +88,7 @@ def main():
             print(f"{length:>7} {implementation:>14} {temp / 2**20:>10.1f} {row['memory_vs_xla']:>7.2f} "
                   f"{seconds * 1e3:>9.2f} {row['time_vs_xla']:>7.2f}")
 
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-        "host": platform.node(), "backward": args.backward, "heads": args.heads, "head_dim": args.head_dim,
-        "dtype": args.dtype, "date": time.strftime("%Y-%m-%d"),
-    }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, rows, backward=args.backward, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ positions of the produced batches, padding included.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import tempfile
 import time
@@ -20,6 +19,7 @@ import grain
 
 from train import data, datasets
 from transformer.tokenizer import Tokenizer
+from report import write_results
 
 
 def train_tokenizer(texts: list[str], directory: str) -> Tokenizer:
@@ -84,12 +84,8 @@ def main():
             rows.append(row)
             print(f"{name:>16} {setup_seconds:>8.2f} {row['tokens_per_second']:>12,.0f} "
                   f"{row['batches_per_second']:>10.1f}")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"batch_size": args.batch_size, "length": args.length, "batches": args.batches,
-            "tokenizer_seconds": tokenizer_seconds, "date": time.strftime("%Y-%m-%d")}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, rows, batch_size=args.batch_size, length=args.length, batches=args.batches,
+                  tokenizer_seconds=tokenizer_seconds)
 
 
 if __name__ == "__main__":

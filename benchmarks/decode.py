@@ -15,10 +15,7 @@ in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
-import platform
 import statistics
 import time
 
@@ -27,6 +24,7 @@ import jax
 import numpy as np
 
 import transformer as tfm
+from report import write_results
 
 
 def time_calls(fn, repeats: int) -> float:
@@ -102,16 +100,8 @@ def main():
     import torch
     import transformers
 
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-        "torch": torch.__version__, "transformers": transformers.__version__, "host": platform.node(),
-        "prompt_length": args.prompt_length, "new_tokens": args.new_tokens, "dtype": args.dtype,
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, rows, torch=torch.__version__, transformers=transformers.__version__,
+                  prompt_length=args.prompt_length, new_tokens=args.new_tokens, dtype=args.dtype)
 
 
 if __name__ == "__main__":

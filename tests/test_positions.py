@@ -1,6 +1,5 @@
 """Position encodings: sinusoidal against the paper's formula, rotary invariants, T5 buckets."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -44,7 +44,6 @@ from train.config import FileFormat, TrainConfig, load_yaml, save_yaml, to_dict
 from train.objectives import OBJECTIVES, Task
 from train.optim import learning_rate_schedule, make_optimizer, nonfinite_counts
 from train.step import compile_steps, create_state, global_batch, make_mesh
-from transformer.config import ModelConfig
 from transformer.models import CausalLM, MaskedLM, Seq2SeqLM, SequenceClassifier, merge_pretrained
 from transformer.sampling import generate
 from transformer.tokenizer import Tokenizer

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer import sharding as ax
-from transformer.cache import DecoderCache, KVCache
+from transformer.cache import DecoderCache
 from transformer.config import ModelConfig, NormPosition, PositionEncoding, RematPolicy
 from transformer.layers import Block, RelativePositionBias, norm
 from transformer.masks import AttentionMask, cross_attention_mask, self_attention_mask

@@ -1,0 +1,22 @@
+"""The JSON every benchmark script writes: its rows plus where and when they were measured."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import time
+
+import jax
+
+
+def write_results(path: str | pathlib.Path, rows: list[dict], **meta) -> None:
+    """Writes {"meta": {device, backend, jax, host, date, **meta}, "rows": rows} to `path`."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+        "host": platform.node(), "date": time.strftime("%Y-%m-%d"), **meta,
+    }
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {path}")
