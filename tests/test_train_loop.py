@@ -20,6 +20,7 @@ from train import loop
 from train.__main__ import main, usage
 from train.checkpoint import Checkpointer
 from train.objectives import OBJECTIVES, Task
+from transformer.sample import Sampler
 from transformer.tokenizer import Tokenizer
 
 TINY_MODEL = [
@@ -153,6 +154,9 @@ def test_run_directory_holds_everything_a_sampler_needs(reference):
     validation = [r for r in log if r["split"] == "validation"]
     assert [r["step"] for r in validation] == [6, 12] and all(r["sample"] for r in validation)
     assert {"loss", "perplexity", "accuracy"} <= set(validation[-1])
+    # A sampler loaded from the directory reproduces the run's last sample (same options, same seed).
+    continuation = Sampler.load(reference)("ROMEO:", max_new_tokens=8, strategy="sample", temperature=0.8, top_k=40)
+    assert validation[-1]["sample"] == "ROMEO:" + continuation
 
 
 # Long enough that a signal sent when the first checkpoint appears arrives mid-run.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import os
 import pathlib
 import types
@@ -158,10 +159,14 @@ class TrainConfig:
         return pathlib.Path(self.run_dir)
 
 
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
 def _field_type(field: dataclasses.Field):
     """The class of a field (the first non-None member of `X | None`)."""
-    hints = typing.get_type_hints(TrainConfig)
-    kind = hints[field.name]
+    kind = _type_hints()[field.name]
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     return typing.get_origin(kind) or kind

@@ -45,6 +45,7 @@ from train.objectives import OBJECTIVES, Task
 from train.optim import learning_rate_schedule, make_optimizer, nonfinite_counts
 from train.step import compile_steps, create_state, global_batch, make_mesh
 from transformer.models import CausalLM, MaskedLM, Seq2SeqLM, SequenceClassifier, merge_pretrained
+from transformer.sample import Sampler
 from transformer.sampling import generate
 from transformer.tokenizer import Tokenizer
 
@@ -186,7 +187,8 @@ class TaskData:
 
     train: grain.MapDataset
     validation: grain.MapDataset | None
-    random_map: Any  # masked LM: masking drawn per example and epoch
+    train_map: Any  # masked LM: fn(index, rng) -> features, masking drawn per example and epoch
+    validation_map: Any
     validation_examples: list[dict]
     label_names: list[str]
     unigram_loss: float | None = None  # causal LM: the validation loss of context-free token frequencies
@@ -220,7 +222,7 @@ def task_data(config: TrainConfig, tokenizer: Tokenizer, train_examples, validat
     validation, validation_map = features(validation_examples, "validation")
     baseline = unigram_loss(packed["train"], packed["validation"], tokenizer.vocab_size) if len(packed) == 2 else None
     return TaskData(
-        train=train, validation=validation, random_map=(train_map, validation_map),
+        train=train, validation=validation, train_map=train_map, validation_map=validation_map,
         validation_examples=validation_examples, label_names=label_names, unigram_loss=baseline,
     )
 
@@ -458,9 +460,8 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
         model, objective, optimizer, mesh, shardings, accumulation=config.accumulation,
         label_smoothing=config.label_smoothing, sampling_probability=sampling,
     )
-    train_map, validation_map = features.random_map
     train_batches = data_lib.batches(
-        features.train, global_batch_size=config.batch_size, seed=config.seed, random_map=train_map,
+        features.train, global_batch_size=config.batch_size, seed=config.seed, random_map=features.train_map,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
 
@@ -488,7 +489,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
             return {}, ""
         batches = data_lib.batches(
             features.validation, global_batch_size=config.batch_size, seed=config.seed + 1, shuffle=False,
-            num_epochs=1, random_map=validation_map, process_index=jax.process_index(),
+            num_epochs=1, random_map=features.validation_map, process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
         sums = None
@@ -509,6 +510,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     def save(step: int) -> None:
         checkpointer.save(step, state, train_batches.get_state(), force=True)
 
+    base_key = jax.random.PRNGKey(config.seed)  # step s trains with fold_in(base_key, s)
     start_time = time.time()
     bar = tqdm(total=config.steps, initial=step, disable=not (progress and is_main), dynamic_ncols=True, desc="train")
     validation, sample = {}, ""
@@ -518,7 +520,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
         with StopSignals() as signals:
             while step < config.steps:
                 batch = global_batch(next(train_batches), mesh)
-                state, metrics = train_step(state, batch, jax.random.fold_in(jax.random.PRNGKey(config.seed), step))
+                state, metrics = train_step(state, batch, jax.random.fold_in(base_key, step))
                 step += 1
                 bar.update(1)
                 if interval_start is None:  # the first step compiles: time from its end
@@ -618,18 +620,16 @@ def _num_labels(run_dir: pathlib.Path) -> int:
 
 
 def _sample_text(config: TrainConfig, model, params, tokenizer: Tokenizer) -> str:
-    """A short continuation of `sample_prompt` (top-k sampling, fixed seed)."""
-    prompt = tokenizer.encode(config.sample_prompt) if config.sample_prompt else [tokenizer.bos_id]
-    new_tokens = min(config.sample_tokens, config.model.max_length - len(prompt))
+    """`sample_prompt` and a short continuation of it (top-k sampling, fixed seed)."""
+    prompt_length = len(tokenizer.encode(config.sample_prompt)) or 1
+    new_tokens = min(config.sample_tokens, config.model.max_length - prompt_length)
     if new_tokens < 1:
         return ""
-    output = generate(
-        model, {"params": nn.meta.unbox(params)}, [prompt], max_new_tokens=new_tokens, strategy="sample",
-        temperature=0.8, top_k=40, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-        rng=jax.random.PRNGKey(config.seed),
+    sampler = Sampler(model, params, tokenizer)
+    continuation = sampler(
+        config.sample_prompt, max_new_tokens=new_tokens, strategy="sample", temperature=0.8, top_k=40, seed=config.seed
     )
-    tokens = np.asarray(output.tokens[0, : int(output.lengths[0])])
-    return tokenizer.decode([*prompt, *tokens])
+    return config.sample_prompt + continuation
 
 
 def _bleu(config: TrainConfig, model, params, tokenizer: Tokenizer, examples: list[dict]) -> tuple[float, str]:
