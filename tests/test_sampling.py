@@ -1,6 +1,7 @@
 """Generation: one compiled loop, every strategy checked against an independent computation."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +149,92 @@ def test_beam_search_beats_myopic_greedy_on_a_known_model():
     assert beam.scores[0] > greedy.scores[0]
 
 
+# Batches of Markov chains over a tiny vocabulary: row b's next token depends only on the last
+# one through its table chains[b] [V, V] of log-probabilities; token 0 starts every row.
+CHAIN_EOS = 3
+
+
+@functools.partial(jax.jit, static_argnames=("num_beams", "max_new_tokens", "eos_id"))
+def chain_beam_search(chains, length_penalty, *, num_beams, max_new_tokens, eos_id=CHAIN_EOS):
+    """Beam search on chains [B, V, V]; the cache is each row's chain index [B]."""
+
+    def step(token, chain):
+        return chains[chain, token], chain
+
+    chain = jnp.arange(chains.shape[0])
+    logits, cache = step(jnp.zeros_like(chain), chain)
+    return tfm.beam_search(
+        step, logits, cache, num_beams=num_beams, max_new_tokens=max_new_tokens,
+        length_penalty=length_penalty, eos_id=eos_id, select_rows=take_rows,
+    )
+
+
+def hypotheses(vocab, max_new_tokens):
+    """Every finished hypothesis: a sequence ending at its first EOS, or one of max_new_tokens tokens."""
+    for length in range(1, max_new_tokens + 1):
+        for tokens in itertools.product(range(vocab), repeat=length):
+            if CHAIN_EOS not in tokens[:-1] and (tokens[-1] == CHAIN_EOS or length == max_new_tokens):
+                yield tokens
+
+
+def hypothesis_score(chain, tokens, length_penalty):
+    """sum(log p) / length**length_penalty of tokens following chain [V, V] from token 0, in float64."""
+    chain = np.asarray(chain, np.float64)
+    return sum(chain[a, b] for a, b in zip((0,) + tokens, tokens)) / len(tokens) ** length_penalty
+
+
+def assert_brute_force_best(out, chains, max_new_tokens, length_penalty):
+    """Each row's output is a finished hypothesis (padded with 0) that scores as high as the best of all.
+
+    Scores are compared, not tokens: in a Markov chain, reorderings of a path can tie exactly."""
+    for row, chain in enumerate(chains):
+        length = int(out.lengths[row])
+        tokens = tuple(out.tokens[row, :length].tolist())
+        assert tokens in set(hypotheses(len(chain), max_new_tokens)), f"row {row}: {tokens}"
+        assert not out.tokens[row, length:].any()
+        best = max(hypothesis_score(chain, other, length_penalty) for other in hypotheses(len(chain), max_new_tokens))
+        np.testing.assert_allclose(out.scores[row], best, rtol=1e-5, err_msg=f"row {row}")
+        np.testing.assert_allclose(hypothesis_score(chain, tokens, length_penalty), best, rtol=1e-5)
+
+
+def two_step_chain(first, after_a):
+    """A chain [1, 4, 4] with the given next-token probabilities after the start and after A = 1."""
+    probs = np.full((4, 4), 0.25)
+    probs[0], probs[1] = first, after_a
+    return jnp.log(jnp.asarray(probs[None], jnp.float32) + 1e-9)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_a_live_beam_at_the_length_limit_competes_with_finished_ones(length_penalty):
+    """start -> EOS (0.4) or A (0.6), A -> A (0.99): A A A, cut by the length limit, beats EOS alone."""
+    chains = two_step_chain(first=[0.0, 0.6, 0.0, 0.4], after_a=[0.0, 0.99, 0.0, 0.01])
+    out = chain_beam_search(chains, length_penalty, num_beams=2, max_new_tokens=3)
+    assert out.tokens[0].tolist() == [1, 1, 1]
+    assert_brute_force_best(out, chains, 3, length_penalty)
+
+
+def test_a_negative_length_penalty_does_not_stop_too_early():
+    """Penalty -1 (score = sum log p * length): after EOS (0.3) the live A (0.6) can still end
+    at length 2 with 2 log(0.6 * 0.99) > log 0.3; a bound taken at length 3 would give up on it."""
+    chains = two_step_chain(first=[0.1, 0.6, 0.0, 0.3], after_a=[0.0, 0.01, 0.0, 0.99])
+    out = chain_beam_search(chains, -1.0, num_beams=1, max_new_tokens=3)
+    assert out.tokens[0].tolist() == [1, CHAIN_EOS, 0]
+    assert_brute_force_best(out, chains, 3, -1.0)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.6, 1.0, -0.5])
+def test_exhaustive_beam_search_finds_the_brute_force_best(length_penalty):
+    """With (V - 1)**(max_new_tokens - 1) beams every live prefix stays in the beam, so beam search
+    must return the best of all hypotheses (those ending in EOS and those cut at the limit)."""
+    vocab, max_new_tokens = 4, 4
+    chains = jax.nn.log_softmax(2.0 * jax.random.normal(RNG, (16, vocab, vocab)), axis=-1)
+    out = chain_beam_search(
+        chains, length_penalty, num_beams=(vocab - 1) ** (max_new_tokens - 1), max_new_tokens=max_new_tokens
+    )
+    assert_brute_force_best(out, chains, max_new_tokens, length_penalty)
+    assert {1, max_new_tokens} < set(out.lengths.tolist())  # short and cut hypotheses both win somewhere
+
+
 def test_sampling_follows_the_known_distribution():
     """From the start state, sampled first tokens are A about 60% and B about 40% of the time."""
     start = jnp.zeros((4000,), jnp.int32)
@@ -193,6 +280,7 @@ def test_a_new_prompt_length_in_the_same_bucket_does_not_recompile():
         (dict(strategy="sample", top_p=1.5, rng=RNG), r"top_p must be in \(0, 1\]"),
         (dict(strategy="sample", top_p=0.0, rng=RNG), r"top_p must be in \(0, 1\]"),
         (dict(strategy="beam", num_beams=0), "num_beams must be >= 1"),
+        (dict(strategy="beam", length_penalty=float("nan")), "length_penalty must be a finite number"),
         (dict(prompts=[[1, 5000]]), r"outside the vocabulary \[0, 1024\)"),
         (dict(strategy="sample"), "needs a random key"),
         (dict(strategy="nucleus"), "Unknown strategy"),

@@ -210,6 +210,20 @@ def _length_penalty(length: jax.Array, alpha: float | jax.Array) -> jax.Array:
     return jnp.asarray(length, jnp.float32) ** alpha
 
 
+@struct.dataclass
+class BeamState:
+    """The beam search loop's state: W live beams and the W best finished hypotheses per row."""
+
+    step: jax.Array  # [] tokens generated so far
+    alive: jax.Array  # [B, W, max_new_tokens] live beams (pad_id from `step` on)
+    alive_scores: jax.Array  # [B, W] their summed log-probabilities, best first
+    finished: jax.Array  # [B, W, max_new_tokens] finished hypotheses (pad_id after their end)
+    finished_scores: jax.Array  # [B, W] their length-normalised scores, best first; _NEG_INF: none yet
+    finished_lengths: jax.Array  # [B, W] their lengths, EOS included
+    logits: jax.Array  # [B * W, V] next-token logits of the live beams
+    cache: DecoderCache  # B * W rows: row b * W + k holds beam k of row b
+
+
 def beam_search(
     decode_step: DecodeStep,
     logits: jax.Array,
@@ -226,9 +240,9 @@ def beam_search(
 
     logits [B, V] and cache (B rows) come from the prefill; `select_rows(cache, rows)` gathers
     cache rows. A hypothesis scores sum(log p) / length**length_penalty. Each step expands every
-    live beam by every token, keeps the 2W best candidates, moves those ending in EOS to the
-    finished set and continues the W best others. The loop stops once no live beam can beat
-    the W-th best finished hypothesis, or after max_new_tokens.
+    live beam by every token, keeps the 2W best candidates, moves those ending in EOS (at the
+    last step, all of them) to the finished set and continues the W best others. The loop stops
+    once no live beam can beat the W-th best finished hypothesis, or after max_new_tokens.
     """
     batch, width, steps = logits.shape[0], num_beams, max_new_tokens
     cache = select_rows(cache, jnp.repeat(jnp.arange(batch), width))  # row b -> rows b*W .. b*W+W-1
@@ -237,51 +251,63 @@ def beam_search(
     rows = jnp.arange(batch)[:, None]
 
     def body(state):
-        i, alive, alive_scores, finished, finished_scores, finished_lengths, logits, cache = state
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(batch, width, vocab)
-        candidates = (alive_scores[:, :, None] + log_probs).reshape(batch, width * vocab)
-        scores, index = jax.lax.top_k(candidates, 2 * width)  # [B, 2W]
+        i = state.step
+        log_probs = jax.nn.log_softmax(state.logits.astype(jnp.float32), axis=-1).reshape(batch, width, vocab)
+        candidates = (state.alive_scores[:, :, None] + log_probs).reshape(batch, width * vocab)
+        scores, index = jax.lax.top_k(candidates, 2 * width)  # [B, 2W]: at most W of them end in EOS
         parent, token = index // vocab, (index % vocab).astype(jnp.int32)
-        sequences = alive[rows, parent].at[:, :, i].set(token)  # [B, 2W, steps]
-        ends = (token == eos_id) if eos_id is not None else jnp.zeros_like(token, bool)
+        sequences = state.alive[rows, parent].at[:, :, i].set(token)  # [B, 2W, steps]
+        ends = jnp.full(token.shape, i + 1 == steps)  # at the length limit live beams finish too
+        if eos_id is not None:
+            ends |= token == eos_id
 
         normalised = scores / _length_penalty(i + 1, length_penalty)
-        all_finished = jnp.concatenate([finished, sequences], axis=1)
-        all_scores = jnp.concatenate([finished_scores, jnp.where(ends, normalised, _NEG_INF)], axis=1)
-        all_lengths = jnp.concatenate([finished_lengths, jnp.full(token.shape, i + 1, jnp.int32)], axis=1)
-        finished_scores, keep = jax.lax.top_k(all_scores, width)
-        finished, finished_lengths = all_finished[rows, keep], all_lengths[rows, keep]
+        all_finished = jnp.concatenate([state.finished, sequences], axis=1)
+        all_scores = jnp.concatenate([state.finished_scores, jnp.where(ends, normalised, _NEG_INF)], axis=1)
+        all_lengths = jnp.concatenate([state.finished_lengths, jnp.full(token.shape, i + 1, jnp.int32)], axis=1)
+        finished_scores, finished_keep = jax.lax.top_k(all_scores, width)
 
-        alive_scores, keep = jax.lax.top_k(jnp.where(ends, _NEG_INF, scores), width)  # [B, W]
-        alive, token = sequences[rows, keep], token[rows, keep]
-        cache = select_rows(cache, (rows * width + parent[rows, keep]).reshape(-1))
-        logits, cache = decode_step(token.reshape(-1), cache)
-        return i + 1, alive, alive_scores, finished, finished_scores, finished_lengths, logits, cache
+        alive_scores, alive_keep = jax.lax.top_k(jnp.where(ends, _NEG_INF, scores), width)  # [B, W]
+        cache = select_rows(state.cache, (rows * width + parent[rows, alive_keep]).reshape(-1))
+        logits, cache = decode_step(token[rows, alive_keep].reshape(-1), cache)
+        return BeamState(
+            step=i + 1,
+            alive=sequences[rows, alive_keep],
+            alive_scores=alive_scores,
+            finished=all_finished[rows, finished_keep],
+            finished_scores=finished_scores,
+            finished_lengths=all_lengths[rows, finished_keep],
+            logits=logits,
+            cache=cache,
+        )
 
     def cond(state):
-        i, alive_scores, finished_scores = state[0], state[2], state[4]
-        best_alive = alive_scores[:, 0] / _length_penalty(steps, length_penalty)
-        return (i < steps) & jnp.any(best_alive > finished_scores[:, -1])
+        # Log-probabilities are <= 0, so a live beam's final score is at most its current sum divided by
+        # the largest length**length_penalty over the lengths it can still reach, step + 1 .. steps
+        # (monotonic in the length: at one end, whatever the sign of length_penalty).
+        largest_penalty = jnp.maximum(
+            _length_penalty(state.step + 1, length_penalty), _length_penalty(steps, length_penalty)
+        )
+        best_alive = state.alive_scores[:, 0] / largest_penalty
+        return (state.step < steps) & jnp.any(best_alive > state.finished_scores[:, -1])
 
     first_beam_only = jnp.where(jnp.arange(width) == 0, 0.0, _NEG_INF)  # the W beams start identical
-    state = (
-        jnp.zeros((), jnp.int32),
-        jnp.full((batch, width, steps), pad_id, jnp.int32),
-        jnp.broadcast_to(first_beam_only, (batch, width)),
-        jnp.full((batch, width, steps), pad_id, jnp.int32),
-        jnp.full((batch, width), _NEG_INF),
-        jnp.zeros((batch, width), jnp.int32),
-        logits,
-        cache,
+    state = jax.lax.while_loop(
+        cond,
+        body,
+        BeamState(
+            step=jnp.zeros((), jnp.int32),
+            alive=jnp.full((batch, width, steps), pad_id, jnp.int32),
+            alive_scores=jnp.broadcast_to(first_beam_only, (batch, width)),
+            finished=jnp.full((batch, width, steps), pad_id, jnp.int32),
+            finished_scores=jnp.full((batch, width), _NEG_INF),
+            finished_lengths=jnp.zeros((batch, width), jnp.int32),
+            logits=logits,
+            cache=cache,
+        ),
     )
-    i, alive, alive_scores, finished, finished_scores, finished_lengths, _, _ = jax.lax.while_loop(cond, body, state)
-    # A row with no finished hypothesis returns its best live beam.
-    use_alive = finished_scores[:, 0] <= _NEG_INF / 2
-    tokens = jnp.where(use_alive[:, None], alive[:, 0], finished[:, 0])
-    lengths = jnp.where(use_alive, i, finished_lengths[:, 0])
-    scores = jnp.where(use_alive, alive_scores[:, 0] / _length_penalty(i, length_penalty), finished_scores[:, 0])
-    tokens = jnp.where(jnp.arange(steps)[None] < lengths[:, None], tokens, pad_id)
-    return GenerateOutput(tokens, lengths, scores)
+    # Every row has a finished hypothesis: the loop ends early only when each row has W of them.
+    return GenerateOutput(state.finished[:, 0], state.finished_lengths[:, 0], state.finished_scores[:, 0])
 
 
 @functools.partial(
@@ -368,8 +394,8 @@ def generate(
     rows, lengths = _as_rows(prompts, prompt_lengths)
     _check_arguments(
         config, rows, lengths, max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature,
-        top_k=top_k, top_p=top_p, num_beams=num_beams, eos_id=eos_id, pad_id=pad_id, rng=rng,
-        encoder_decoder=isinstance(model, Seq2SeqLM), bos_id=bos_id,
+        top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
+        rng=rng, encoder_decoder=isinstance(model, Seq2SeqLM), bos_id=bos_id,
     )
     if isinstance(model, Seq2SeqLM):
         padded_length = bucket_length(max(lengths), config.max_length)
@@ -418,8 +444,8 @@ def _as_rows(prompts, prompt_lengths) -> tuple[list[np.ndarray], list[int]]:
 
 
 def _check_arguments(
-    config, rows, lengths, *, max_new_tokens, strategy, temperature, top_k, top_p, num_beams, eos_id, pad_id, rng,
-    encoder_decoder, bos_id,
+    config, rows, lengths, *, max_new_tokens, strategy, temperature, top_k, top_p, num_beams, length_penalty, eos_id,
+    pad_id, rng, encoder_decoder, bos_id,
 ):
     if not rows:
         raise ValueError("No prompts given.")
@@ -459,3 +485,5 @@ def _check_arguments(
             raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
     if strategy == "beam" and num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
+    if strategy == "beam" and not np.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty}.")
