@@ -4,7 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer.positions import apply_rotary, relative_position_bucket, segment_positions, sinusoidal_embedding
+from transformer.positions import (
+    RelativeBias,
+    apply_rotary,
+    relative_position_bucket,
+    segment_positions,
+    sinusoidal_embedding,
+)
 
 
 def test_segment_positions():
@@ -95,3 +101,13 @@ def test_relative_position_bucket_monotone_and_in_range():
     assert buckets.min() == 0 and buckets.max() == 31
     bidirectional = np.asarray(relative_position_bucket(jnp.arange(-2000, 2000), bidirectional=True))
     assert bidirectional.min() == 0 and bidirectional.max() == 31
+
+
+def test_relative_bias_dense_reads_each_pairs_bucket_from_the_table():
+    """RelativeBias.dense()[b, n, t, s] = table[bucket(kv_positions[s] - q_positions[t]), n]."""
+    table = 10.0 * jnp.arange(32)[:, None] + jnp.arange(2)  # [32 buckets, N=2]: 10 * bucket + head
+    bias = RelativeBias(table, jnp.array([[0, 3]]), jnp.array([[0, 1, 3, 40]]), bidirectional=True, max_distance=128)
+    buckets = np.array([[0, 17, 19, 28], [3, 2, 0, 28]])  # [T, S]: later keys from bucket 16 on
+    dense = bias.dense()
+    assert dense.shape == (1, 2, 2, 4) and dense.dtype == jnp.float32
+    np.testing.assert_array_equal(dense[0], np.stack([10.0 * buckets, 10.0 * buckets + 1]))

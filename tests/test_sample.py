@@ -87,6 +87,7 @@ def test_command_line_prints_prompt_and_continuation(lm_run):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[-1] == expected
+    assert "Warning" not in result.stderr, result.stderr  # e.g. runpy's "found in sys.modules"
     missing = subprocess.run([sys.executable, "-m", "transformer.sample", str(lm_run.parent / "nothing")],
                              env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and "is not a run directory" in missing.stderr

@@ -39,7 +39,7 @@ from transformer.masks import (
     self_attention_mask,
 )
 from transformer.models import CausalLM, MaskedLM, Seq2SeqLM, SequenceClassifier, TokenClassifier, merge_pretrained
-from transformer.positions import apply_rotary, relative_position_bucket, sinusoidal_embedding
+from transformer.positions import RelativeBias, apply_rotary, relative_position_bucket, sinusoidal_embedding
 from transformer.sampling import (
     GenerateOutput,
     apply_temperature,
@@ -53,7 +53,16 @@ from transformer.sampling import (
 )
 from transformer.stacks import Stack
 from transformer.tokenizer import Tokenizer
-from transformer.sample import Sampler  # noqa: E402 - after the modules it builds on
+
+
+def __getattr__(name: str):
+    """`Sampler` is imported on first use, so that `python -m transformer.sample` runs a module
+    the package has not imported already (runpy warns otherwise)."""
+    if name == "Sampler":
+        from transformer.sample import Sampler
+
+        return Sampler
+    raise AttributeError(f"module 'transformer' has no attribute {name!r}")
 
 __all__ = [
     "PRESETS",
@@ -73,6 +82,7 @@ __all__ = [
     "Norm",
     "NormPosition",
     "PositionEncoding",
+    "RelativeBias",
     "RelativePositionBias",
     "RematPolicy",
     "Seq2SeqLM",

@@ -14,6 +14,9 @@ Implementations:
                  attention's recurrence): memory grows linearly with length, in the forward
                  and (through rematerialisation of each query block) the backward pass.
 
+Masks and biases may be factored (`AttentionMask`, `RelativeBias`): "chunked" builds them one
+block at a time, the others build the dense [B, N, T, S] array.
+
 Rows whose mask allows no key at all (padding queries) produce unspecified values.
 """
 
@@ -24,8 +27,10 @@ import jax.numpy as jnp
 
 from transformer.config import AttentionImplementation
 from transformer.masks import AttentionMask
+from transformer.positions import RelativeBias
 
 Mask = AttentionMask | jax.Array | None
+Bias = RelativeBias | jax.Array | None
 
 # Masked logits get this value rather than -inf, so a fully masked row stays finite.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -36,7 +41,7 @@ def dot_product_attention(
     k: jax.Array,
     v: jax.Array,
     mask: Mask = None,
-    bias: jax.Array | None = None,
+    bias: Bias = None,
     *,
     scale: float | None = None,
     implementation: AttentionImplementation | str = AttentionImplementation.XLA,
@@ -47,7 +52,8 @@ def dot_product_attention(
     """softmax(q k^T * scale + bias, masked) v.
 
     mask: an `AttentionMask`, or a boolean array broadcastable to [B, N, T, S] (True = attend).
-    bias: float array broadcastable to [B, N, T, S], added to the logits (T5 relative bias).
+    bias: added to the logits: a `RelativeBias` (T5), or a float array broadcastable to
+        [B, N, T, S].
     scale: multiplies the logits; defaults to 1 / sqrt(H).
     dropout_rate, dropout_rng: dropout on the attention weights (training only). With "xla",
         the weights are then computed explicitly, as "reference" does.
@@ -78,7 +84,7 @@ def dot_product_attention(
                 f"The 'cudnn' attention implementation needs an NVIDIA GPU, but JAX runs on "
                 f"{jax.default_backend()!r}; use 'xla' or 'chunked'."
             )
-    dense = _dense_mask(mask)
+    dense, bias = _dense_mask(mask), _dense_bias(bias)
     if bias is not None and implementation == AttentionImplementation.CUDNN:
         bias = bias.astype(q.dtype)  # cuDNN takes the bias in the input dtype; XLA adds it in float32
     return jax.nn.dot_product_attention(
@@ -87,7 +93,7 @@ def dot_product_attention(
 
 
 def attention_weights(
-    q: jax.Array, k: jax.Array, mask: Mask = None, bias: jax.Array | None = None, *, scale: float | None = None
+    q: jax.Array, k: jax.Array, mask: Mask = None, bias: Bias = None, *, scale: float | None = None
 ) -> jax.Array:
     """The attention probabilities softmax(q k^T * scale + bias, masked). -> [B, N, T, S] float32."""
     batch, q_len, num_heads, head_dim = q.shape
@@ -97,7 +103,7 @@ def attention_weights(
     logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
     logits = logits.reshape(batch, num_heads, q_len, k.shape[1]) * scale  # [B, N, T, S]
     if bias is not None:
-        logits += bias.astype(jnp.float32)
+        logits += _dense_bias(bias).astype(jnp.float32)
     dense = _dense_mask(mask)
     if dense is not None:
         logits = jnp.where(dense, logits, _MASK_VALUE)
@@ -127,6 +133,10 @@ def _check_shapes(q, k, v):
 
 def _dense_mask(mask: Mask) -> jax.Array | None:
     return mask.dense() if isinstance(mask, AttentionMask) else mask
+
+
+def _dense_bias(bias: Bias) -> jax.Array | None:
+    return bias.dense() if isinstance(bias, RelativeBias) else bias
 
 
 def _dropout(weights: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
@@ -164,6 +174,26 @@ def _pick(blocks: jax.Array, index: jax.Array) -> jax.Array:
     return blocks[jnp.minimum(index, blocks.shape[0] - 1)]
 
 
+def _block_fn(x: AttentionMask | RelativeBias | jax.Array, q_block: int, kv_block: int):
+    """A function (qi, ki) -> block [B, 1|N, q_block, kv_block] of a mask or bias.
+
+    Factored values are cut into blocks of their per-token factors, [num_blocks, B, block], and
+    each block is built from those; arrays are cut into blocks once (see `_blocks_2d`).
+    """
+    if isinstance(x, AttentionMask):
+        q_ids, q_pos = _blocks(x.q_segment_ids, 1, q_block), _blocks(x.q_positions, 1, q_block)
+        kv_ids, kv_pos = _blocks(x.kv_segment_ids, 1, kv_block), _blocks(x.kv_positions, 1, kv_block)
+        return lambda qi, ki: x.replace(
+            q_segment_ids=_pick(q_ids, qi), kv_segment_ids=_pick(kv_ids, ki),
+            q_positions=_pick(q_pos, qi), kv_positions=_pick(kv_pos, ki),
+        ).dense()
+    if isinstance(x, RelativeBias):
+        q_pos, kv_pos = _blocks(x.q_positions, 1, q_block), _blocks(x.kv_positions, 1, kv_block)
+        return lambda qi, ki: x.replace(q_positions=_pick(q_pos, qi), kv_positions=_pick(kv_pos, ki)).dense()
+    blocks = _blocks_2d(_as_4d(x), q_block, kv_block)  # [nq, nk, B, 1|N, q_block, kv_block]
+    return lambda qi, ki: _pick(_pick(blocks, qi), ki)
+
+
 def _chunked_attention(q, k, v, mask, bias, scale, chunk_size, dropout_rate, dropout_rng):
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
@@ -176,15 +206,15 @@ def _chunked_attention(q, k, v, mask, bias, scale, chunk_size, dropout_rate, dro
             jnp.ones((batch, q_len), jnp.int32), jnp.ones((batch, kv_len), jnp.int32),
             jnp.zeros((batch, q_len), jnp.int32), jnp.zeros((batch, kv_len), jnp.int32),
         )
-    if isinstance(mask, AttentionMask):  # factors in blocks: [num_blocks, B, block]
-        q_factors = (_blocks(mask.q_segment_ids, 1, q_block), _blocks(mask.q_positions, 1, q_block))
-        kv_factors = (_blocks(mask.kv_segment_ids, 1, kv_block), _blocks(mask.kv_positions, 1, kv_block))
-        dense_blocks = None
-    else:  # [num_q_blocks, num_kv_blocks, B, 1|N, q_block, kv_block]
+    # Ties the mask and bias to q. Otherwise, differentiated inside a scan over layers, they are
+    # loop invariants: JAX computes every block of them once, before the loop, and keeps all the
+    # blocks, [B, N, T, S] in all, for the backward pass.
+    mask, bias, q = jax.lax.optimization_barrier((mask, bias, q))
+    if not isinstance(mask, AttentionMask):  # broadcast, so that padding keys are masked
         mask = _as_4d(mask)
         mask = jnp.broadcast_to(mask, (batch, mask.shape[1], q_len, kv_len))
-        dense_blocks = _blocks_2d(mask, q_block, kv_block)
-    bias_blocks = None if bias is None else _blocks_2d(_as_4d(bias), q_block, kv_block)
+    mask_block = _block_fn(mask, q_block, kv_block)
+    bias_block = None if bias is None else _block_fn(bias, q_block, kv_block)
 
     q_blocks = _blocks(q, 1, q_block)  # [nq, B, q_block, N, H]
     k_blocks = _blocks(k, 1, kv_block)  # [nk, B, kv_block, K, H]
@@ -204,16 +234,9 @@ def _chunked_attention(q, k, v, mask, bias, scale, chunk_size, dropout_rate, dro
             running_max, normalizer, acc = carry
             logits = jnp.einsum("bqkgh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32)
             logits *= scale  # [B, K, G, q_block, kv_block]
-            if bias_blocks is not None:
-                logits += to_groups(_pick(_pick(bias_blocks, qi), ki).astype(jnp.float32))
-            if dense_blocks is None:
-                block_mask = AttentionMask(
-                    _pick(q_factors[0], qi), _pick(kv_factors[0], ki),
-                    _pick(q_factors[1], qi), _pick(kv_factors[1], ki), causal=mask.causal,
-                ).dense()
-            else:
-                block_mask = _pick(_pick(dense_blocks, qi), ki)
-            logits = jnp.where(to_groups(block_mask), logits, _MASK_VALUE)
+            if bias_block is not None:
+                logits += to_groups(bias_block(qi, ki).astype(jnp.float32))
+            logits = jnp.where(to_groups(mask_block(qi, ki)), logits, _MASK_VALUE)
             new_max = jnp.maximum(running_max, logits.max(axis=-1))
             correction = jnp.exp(running_max - new_max)
             probs = jnp.exp(logits - new_max[..., None])

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from transformer import sharding as ax
-from transformer.attention import Mask, attention_weights, dot_product_attention
+from transformer.attention import Bias, Mask, attention_weights, dot_product_attention
 from transformer.cache import KVCache
 from transformer.config import Activation, ModelConfig, Norm, NormPosition, PositionEncoding
-from transformer.positions import apply_rotary, relative_position_bucket, sinusoidal_embedding
+from transformer.positions import RelativeBias, apply_rotary, sinusoidal_embedding
 
 _ACTIVATIONS: dict[Activation, Callable[[jax.Array], jax.Array]] = {
     Activation.RELU: nn.relu,
@@ -138,8 +138,8 @@ class RelativePositionBias(nn.Module):
     bidirectional: bool
 
     @nn.compact
-    def __call__(self, q_positions: jax.Array, kv_positions: jax.Array) -> jax.Array:
-        """[B, T], [B, S] -> bias [B, N, T, S] float32."""
+    def __call__(self, q_positions: jax.Array, kv_positions: jax.Array) -> RelativeBias:
+        """[B, T], [B, S] -> the factored bias; `.dense()` is [B, N, T, S] float32."""
         cfg = self.config
         table = self.param(
             "embedding",
@@ -147,12 +147,9 @@ class RelativePositionBias(nn.Module):
             (cfg.relative_num_buckets, cfg.num_heads),
             cfg.param_dtype,
         )
-        relative = kv_positions[:, None, :] - q_positions[:, :, None]  # [B, T, S]
-        buckets = relative_position_bucket(
-            relative, bidirectional=self.bidirectional, num_buckets=cfg.relative_num_buckets,
-            max_distance=cfg.relative_max_distance,
+        return RelativeBias(
+            table, q_positions, kv_positions, bidirectional=self.bidirectional, max_distance=cfg.relative_max_distance
         )
-        return jnp.moveaxis(table[buckets], -1, 1).astype(jnp.float32)  # [B, N, T, S]
 
 
 class MultiHeadAttention(nn.Module):
@@ -174,12 +171,13 @@ class MultiHeadAttention(nn.Module):
         *,
         positions: jax.Array | None = None,
         kv_input: jax.Array | None = None,
-        bias: jax.Array | None = None,
+        bias: Bias = None,
         cache: KVCache | None = None,
         cache_index: jax.Array | None = None,
         deterministic: bool = True,
     ) -> tuple[jax.Array, KVCache | None]:
-        """x: [B, T, D]; positions [B, T] (rotary encoding); kv_input [B, S, D].
+        """x: [B, T, D]; positions [B, T] (rotary encoding); kv_input [B, S, D]; bias on the logits
+        (a `RelativeBias` or an array broadcastable to [B, N, T, S]).
 
         With a self-attention cache, the new keys and values go to slots cache_index ..
         cache_index + T - 1, and `mask` covers all the cache's slots.
@@ -261,7 +259,7 @@ class Block(nn.Module):
         self_mask: Mask,
         positions: jax.Array,
         cache_index: jax.Array | None,
-        self_bias: jax.Array | None,
+        self_bias: Bias,
         encoded: jax.Array | None,
         cross_mask: Mask,
         deterministic: bool,

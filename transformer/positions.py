@@ -1,10 +1,11 @@
-"""Position encodings as pure functions: sinusoidal, rotary, and T5 relative buckets."""
+"""Position encodings as pure functions: sinusoidal, rotary, and T5 relative buckets and bias."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -70,3 +71,33 @@ def relative_position_bucket(
     large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(jnp.int32)
     large = jnp.minimum(large, num_buckets - 1)
     return bucket + jnp.where(is_small, n, large)
+
+
+@struct.dataclass
+class RelativeBias:
+    """T5's relative-position bias in factored form: the learned table and the token positions.
+
+    Like `AttentionMask`, it keeps per-token factors instead of the [B, N, T, S] matrix, so
+    the chunked attention builds the bias one block at a time, in memory linear in length.
+
+    table:         [num_buckets, N] learned bias per relative-position bucket and head.
+    q_positions:   [B, T] int.
+    kv_positions:  [B, S] int.
+    bidirectional: static; True for encoder self-attention (see `relative_position_bucket`).
+    max_distance:  static; distances beyond it share the last bucket.
+    """
+
+    table: jax.Array
+    q_positions: jax.Array
+    kv_positions: jax.Array
+    bidirectional: bool = struct.field(pytree_node=False)
+    max_distance: int = struct.field(pytree_node=False)
+
+    def dense(self) -> jax.Array:
+        """The bias [B, N, T, S] float32."""
+        relative = self.kv_positions[:, None, :] - self.q_positions[:, :, None]  # [B, T, S]
+        buckets = relative_position_bucket(
+            relative, bidirectional=self.bidirectional, num_buckets=self.table.shape[0],
+            max_distance=self.max_distance,
+        )
+        return jnp.moveaxis(self.table[buckets], -1, 1).astype(jnp.float32)  # [B, N, T, S]

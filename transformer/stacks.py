@@ -100,7 +100,7 @@ class Stack(nn.Module):
         self_bias = None
         if cfg.position == PositionEncoding.RELATIVE:
             relative_bias = RelativePositionBias(cfg, bidirectional=not self.causal, name="relative_position_bias")
-            self_bias = relative_bias(positions, kv_positions)  # [B, N, T, S]
+            self_bias = relative_bias(positions, kv_positions)  # factored; attention builds [B, N, T, S]
 
         cross_mask = None
         if self.has_cross_attention:
