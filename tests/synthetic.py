@@ -16,3 +16,21 @@ def sentences(count: int, seed: int) -> list[str]:
         " ".join(rng.choice(words, rng.integers(4, 14), p=frequency)).capitalize() + "."
         for _ in range(count)
     ]
+
+
+def topic_documents(count: int, lines: int, seed: int) -> list[str]:
+    """`count` documents of `lines` sentences; document i draws its words from a vocabulary of
+    its own (topic i, the same whatever the seed), so that which document a sentence comes from
+    shows in its words: next-sentence prediction has a plain signal to learn."""
+    lexicon_rng = np.random.default_rng(4321)
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    words = sorted({"".join(lexicon_rng.choice(syllables, 2)) for _ in range(1000)})
+    lexicon_rng.shuffle(words)
+    rng = np.random.default_rng(seed)
+    return [
+        "\n".join(
+            " ".join(rng.choice(words[20 * topic : 20 * topic + 20], rng.integers(4, 9))).capitalize() + "."
+            for _ in range(lines)
+        )
+        for topic in range(count)
+    ]

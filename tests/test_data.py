@@ -352,28 +352,38 @@ def test_masked_lm_pair_layout(nsp_examples, tok):
 
 
 def test_masked_lm_next_sentence_labels(nsp_examples, mlm_docs, tok):
-    """Label 0: A starts the chunk and B is the chunk that follows it in the same document.
-    Label 1: B is not that following chunk. Where a following chunk exists, labels are ~50/50."""
+    """Every row starts with a chunk that has a follower in its document. Label 0: B is that
+    following chunk. Label 1: B starts a chunk of another document. Over all rows, both labels
+    are equally likely (the last chunk of a document is not a row, so it cannot skew them)."""
+    chunks = nsp_examples.chunks
+    rows_with_follower = [i for i in range(len(chunks)) if has_follower(nsp_examples, i)]
+    assert nsp_examples.rows == rows_with_follower and len(nsp_examples) == len(rows_with_follower)
+    starts = {}  # the first tokens of every chunk -> its document
+    for chunk in chunks:
+        starts.setdefault(tuple(chunk_ids(mlm_docs, tok, chunk)[:8]), set()).add(chunk.document)
     labels = []
     for seed in range(8):
         for index in range(len(nsp_examples)):
             example = nsp_examples.example(index, np.random.default_rng([seed, index]))
             first, second, _ = split_pair(example, tok)
-            chunk = nsp_examples.chunks[index]
-            own = chunk_ids(mlm_docs, tok, chunk)
-            assert own[: len(first)] == first
-            following = None
-            if has_follower(nsp_examples, index):
-                following = chunk_ids(mlm_docs, tok, nsp_examples.chunks[index + 1])
-                labels.append(int(example["nsp_labels"]))
+            chunk = chunks[nsp_examples.rows[index]]
+            assert chunk_ids(mlm_docs, tok, chunk)[: len(first)] == first
+            labels.append(int(example["nsp_labels"]))
             if example["nsp_labels"] == 0:
-                assert following is not None and nsp_examples.chunks[index + 1].start == chunk.end
-                assert following[: len(second)] == second
+                following = chunks[nsp_examples.rows[index] + 1]
+                assert following.start == chunk.end
+                assert chunk_ids(mlm_docs, tok, following)[: len(second)] == second
             else:
-                assert example["nsp_labels"] == 1
-                assert following is None or following[: len(second)] != second
+                assert chunk.document not in starts[tuple(second[:8])]
     assert len(labels) > 1000
-    assert abs(np.mean(labels) - 0.5) < 0.05
+    assert abs(np.mean(labels) - 0.5) < 3 * 0.5 / np.sqrt(len(labels))  # three standard deviations
+
+
+def test_masked_lm_needs_a_document_with_two_chunks(tok):
+    docs = [{"text": line} for line in sentences(6, seed=3)]  # one short sentence per document
+    with pytest.raises(ValueError, match="at least two chunks"):
+        data.MaskedLMExamples(docs, tok, MLM_LENGTH, next_sentence=True)
+    assert len(data.MaskedLMExamples(docs, tok, MLM_LENGTH, next_sentence=False)) == 6
 
 
 def test_masked_lm_random_pair_is_not_the_next_chunk_in_a_small_corpus(tok):
@@ -384,7 +394,7 @@ def test_masked_lm_random_pair_is_not_the_next_chunk_in_a_small_corpus(tok):
         data.MaskedLMExamples(docs, tok, MLM_LENGTH, next_sentence=True)
     docs = [{"text": "\n".join(sentences(12, seed=7))}]
     examples = data.MaskedLMExamples(docs, tok, MLM_LENGTH, next_sentence=True)
-    assert len(examples) >= 3 and has_follower(examples, 0)
+    assert len(examples) >= 2 and examples.rows[0] == 0 and has_follower(examples, 0)
     following = chunk_ids(docs, tok, examples.chunks[1])
     for seed in range(50):
         example = examples.example(0, np.random.default_rng(seed))

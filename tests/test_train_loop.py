@@ -96,6 +96,11 @@ def test_config_from_experiment_yaml_and_overrides(tmp_path):
     assert (mine.task, mine.steps, mine.model.d_model, mine.learning_rate) == (Task.MASKED_LM, 3, 64, 1e-4)
     assert mine.model.num_encoder_layers == config_lib.EXPERIMENTS["bert-tiny-mlm"].model.num_encoder_layers
     assert config_lib.parse_args([]) == config_lib.EXPERIMENTS["gpt-tiny"]
+    # A model field and a training field that are only valid together are checked together.
+    longer = config_lib.parse_args(["bert-tiny-mlm", "seq_length=256", "model.max_length=256"])
+    assert (longer.seq_length, longer.model.max_length, longer.model.d_model) == (256, 256, 128)
+    rope = config_lib.parse_args(["model=gpt2-tiny", "model.position=rope", "model.num_heads=2"])
+    assert (rope.model.position, rope.model.num_heads, rope.model.d_model) == ("rope", 2, 64)
 
 
 @pytest.mark.parametrize(
@@ -219,8 +224,8 @@ def test_repeated_nonfinite_steps_stop_the_run_without_saving_them(corpus, tmp_p
     causal_lm = OBJECTIVES[Task.CAUSAL_LM]
 
     def poisoned(*args, **kwargs):
-        loss, weight, metrics = causal_lm(*args, **kwargs)
-        return loss * np.nan, weight, metrics
+        metrics = causal_lm(*args, **kwargs)
+        return dict(metrics, loss=metrics["loss"] * np.nan)
 
     monkeypatch.setitem(OBJECTIVES, Task.CAUSAL_LM, poisoned)
     config = config_lib.parse_args(tiny_args(corpus, tmp_path / "run", "max_nonfinite_steps=4", "checkpoint_every=100"))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import transformer as tfm
 from train import objectives, optim
@@ -47,6 +48,60 @@ def test_gradient_accumulation_equals_one_large_batch():
     (one, losses_one), (four, losses_four) = train(optax.sgd(0.5)), train(optax.sgd(0.5), accumulation=4)
     np.testing.assert_allclose(losses_one, losses_four, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), one.params, four.params)
+
+
+def _tiny(preset):
+    return tfm.ModelConfig.preset(
+        preset, dropout_rate=0.0, attention_dropout_rate=0.0, vocab_size=64, num_encoder_layers=1,
+        num_decoder_layers=1, d_model=16, num_heads=2, d_ff=32,
+    )
+
+
+def _task_case(task, rng):
+    """(model, objective, batch) for a task; token weights differ between rows, so that the
+    microbatches of an accumulated step carry different weights, and one row is filler."""
+    tokens = lambda: rng.integers(7, 64, (BATCH, LENGTH)).astype(np.int32)  # noqa: E731
+    segments = np.ones((BATCH, LENGTH), np.int32)
+    segments[-1] = 0  # a filler row: no loss, no NSP example
+    weights = (rng.random((BATCH, LENGTH)) < np.linspace(0.1, 0.9, BATCH)[:, None]).astype(np.float32) * segments
+    if task == "masked_lm":
+        model = tfm.MaskedLM(_tiny("bert-tiny"), next_sentence_prediction=True)
+        batch = dict(tokens=tokens(), targets=tokens(), weights=weights, segment_ids=segments,
+                     token_types=np.zeros_like(segments), nsp_labels=rng.integers(0, 2, BATCH).astype(np.int32))
+    elif task == "seq2seq":
+        model = tfm.Seq2SeqLM(_tiny("t5-tiny"))
+        batch = dict(source=tokens(), target_in=tokens(), targets=tokens(), weights=weights,
+                     source_segment_ids=segments, target_segment_ids=segments)
+    elif task == "classification":
+        model = tfm.SequenceClassifier(_tiny("bert-tiny"), num_labels=3)
+        batch = dict(tokens=tokens(), segment_ids=segments, labels=rng.integers(0, 3, BATCH).astype(np.int32),
+                     weights=segments[:, 0].astype(np.float32))
+    else:
+        model = tfm.CausalLM(_tiny("gpt2-tiny"))
+        positions = np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH, 1))
+        batch = dict(tokens=tokens(), targets=tokens(), weights=weights, segment_ids=segments, positions=positions)
+    return model, objectives.OBJECTIVES[task], batch
+
+
+@pytest.mark.parametrize("task", list(objectives.Task))
+def test_accumulation_equals_one_large_batch_for_every_task(task):
+    """k microbatches of unequal weight (and a filler row) give one batch's loss and update,
+    for every objective: MLM and NSP each keep their own mean over the whole batch."""
+    model, objective, batch = _task_case(task, np.random.default_rng(0))
+    inputs = [batch[k][:1] for k in ("source", "target_in") if k in batch] or [batch["tokens"][:1]]
+    mesh = train_step.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    state, shardings = train_step.create_state(model, optax.sgd(1.0), tuple(inputs), jax.random.PRNGKey(0), mesh)
+    results = []
+    for accumulation in (1, 4):
+        step, _ = train_step.compile_steps(model, objective, optax.sgd(1.0), mesh, shardings, accumulation=accumulation)
+        copy = jax.tree.map(jnp.copy, state)  # the step donates its input state
+        results.append(step(copy, train_step.global_batch(batch, mesh), jax.random.PRNGKey(1)))
+    (one, one_metrics), (four, four_metrics) = results
+    for name in one_metrics:
+        np.testing.assert_allclose(one_metrics[name], four_metrics[name], rtol=1e-5, err_msg=name)
+    moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params, one.params)
+    assert max(jax.tree.leaves(moved)) > 1e-3  # the step changed the parameters
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), one.params, four.params)
 
 
 def test_loss_goes_down_on_a_repeated_batch():
@@ -103,8 +158,6 @@ def test_sharded_training_matches_one_device():
 
 
 def test_mesh_sizes_are_checked():
-    import pytest
-
     with pytest.raises(ValueError, match="needs 4 devices"):
         train_step.make_mesh(2, 2, 1, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="At most one mesh axis"):

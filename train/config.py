@@ -294,10 +294,10 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
             model_fields[key.removeprefix("model.")] = value
         else:
             values[key] = value
-    config = from_dict(values, config)
-    if model_fields:
-        config = dataclasses.replace(config, model=config.model.replace(**model_fields))
-    return config
+    if model_fields:  # one model value, so the config is checked once, with its final model
+        model = values.get("model")
+        values["model"] = {"preset": model, **model_fields} if isinstance(model, str) else {**(model or {}), **model_fields}
+    return from_dict(values, config)
 
 
 # ----------------------------------------------------------------------------- experiments

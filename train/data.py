@@ -210,8 +210,10 @@ class MaskedLMExamples:
     """BERT pretraining examples: [CLS] A [SEP] (B [SEP]), masked when indexed with an rng.
 
     Documents are split into sentences (non-empty lines), and sentences are grouped into
-    chunks that fill the budget of segment A. With `next_sentence`, B is the following chunk
-    of the same document (label 0) or, half of the time, a random chunk (label 1).
+    chunks that fill the budget of segment A. Without `next_sentence` every chunk is a row.
+    With it, the rows are the chunks that have a following chunk in their document: B is that
+    following chunk (label 0) or, with probability 1/2, a chunk of another document (label 1),
+    so both labels are equally likely in every row.
     """
 
     def __init__(self, documents: Sequence[dict], tokenizer: Tokenizer, length: int, *, next_sentence: bool):
@@ -244,12 +246,23 @@ class MaskedLMExamples:
         for i, c in enumerate(self.chunks):
             first, _ = self._document_chunks.get(c.document, (i, i))
             self._document_chunks[c.document] = (first, i + 1)
+        self.rows = [  # the chunk each row starts with (its segment A)
+            i for i in range(len(self.chunks)) if not next_sentence or self._has_follower(i)
+        ]
+        if not self.rows:
+            raise ValueError(
+                "Next-sentence prediction needs a document of at least two chunks (a following chunk to pair "
+                "with); every document here fits in one. Use longer documents or next_sentence=False."
+            )
         special = np.zeros(tokenizer.vocab_size, bool)
         special[list(tokenizer.special_ids)] = True
         self.random_ids = np.flatnonzero(~special).astype(np.int32)
 
     def __len__(self) -> int:
-        return len(self.chunks)
+        return len(self.rows)
+
+    def _has_follower(self, index: int) -> bool:
+        return index + 1 < len(self.chunks) and self.chunks[index + 1].document == self.chunks[index].document
 
     def _random_chunk(self, index: int, rng: np.random.Generator) -> int:
         """A chunk from another document (as BERT does), or any chunk but A and its follower."""
@@ -269,13 +282,12 @@ class MaskedLMExamples:
 
     def example(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         tok = self.tokenizer
-        chunk = self.chunks[index]
-        first = self._ids(chunk)
+        chunk = self.rows[index]
+        first = self._ids(self.chunks[chunk])
         features = {}
         if self.next_sentence:
-            follows = index + 1 < len(self.chunks) and self.chunks[index + 1].document == chunk.document
-            is_random = not follows or rng.random() < 0.5
-            other = self._random_chunk(index, rng) if is_random else index + 1
+            is_random = rng.random() < 0.5
+            other = self._random_chunk(chunk, rng) if is_random else chunk + 1
             second = self._ids(self.chunks[other])
             while len(first) + len(second) > self.length - 3:  # truncate the longer segment
                 (first if len(first) >= len(second) else second).pop()

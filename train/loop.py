@@ -83,6 +83,7 @@ class RunResult:
     validation: dict[str, float]  # the last evaluation (empty without validation data)
     sample: str = ""  # causal LM: the last sample; seq2seq: one translation
     stopped_by_signal: int | None = None  # SIGTERM / SIGINT when the run was interrupted
+    baselines: dict[str, float] = dataclasses.field(default_factory=dict)  # what a model must beat (see TaskData)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -191,7 +192,10 @@ class TaskData:
     validation_map: Any
     validation_examples: list[dict]
     label_names: list[str]
-    unigram_loss: float | None = None  # causal LM: the validation loss of context-free token frequencies
+    # The bar a trained model must clear on the validation split: unigram_loss (causal LM: the loss
+    # of context-free token frequencies), majority_accuracy (classification: the best constant
+    # answer), copy_bleu (seq2seq: the source copied as its translation).
+    baselines: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def task_data(config: TrainConfig, tokenizer: Tokenizer, train_examples, validation_examples, label_names) -> TaskData:
@@ -220,10 +224,16 @@ def task_data(config: TrainConfig, tokenizer: Tokenizer, train_examples, validat
 
     train, train_map = features(train_examples, "train")
     validation, validation_map = features(validation_examples, "validation")
-    baseline = unigram_loss(packed["train"], packed["validation"], tokenizer.vocab_size) if len(packed) == 2 else None
+    baselines = {}
+    if len(packed) == 2:
+        baselines["unigram_loss"] = unigram_loss(packed["train"], packed["validation"], tokenizer.vocab_size)
+    if validation_examples and config.task == Task.CLASSIFICATION:
+        baselines["majority_accuracy"] = majority_accuracy(validation_examples)
+    if validation_examples and config.task == Task.SEQ2SEQ and config.bleu_examples:
+        baselines["copy_bleu"] = copy_bleu(validation_examples[: config.bleu_examples])
     return TaskData(
         train=train, validation=validation, train_map=train_map, validation_map=validation_map,
-        validation_examples=validation_examples, label_names=label_names, unigram_loss=baseline,
+        validation_examples=validation_examples, label_names=label_names, baselines=baselines,
     )
 
 
@@ -232,6 +242,18 @@ def unigram_loss(train: data_lib.PackedLM, validation: data_lib.PackedLM, vocab_
     smoothed): the loss of a model that ignores context, the bar a language model must clear."""
     counts = np.bincount(train.stream, minlength=vocab_size) + 1.0
     return float(-np.log(counts / counts.sum())[validation.stream[1:]].mean())
+
+
+def majority_accuracy(validation: list[dict]) -> float:
+    """The validation accuracy of the best constant answer: the share of the most common label."""
+    return float(np.bincount([e["label"] for e in validation]).max() / len(validation))
+
+
+def copy_bleu(examples: list[dict]) -> float:
+    """Corpus BLEU (sacrebleu) of each source copied as its own translation."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu([e["source"] for e in examples], [[e["target"] for e in examples]]).score
 
 
 def build_model(config: TrainConfig, num_labels: int = 2) -> nn.Module:
@@ -343,7 +365,7 @@ def plot_losses(metrics_path: pathlib.Path, output: pathlib.Path) -> None:
         if points:
             axes.plot(*zip(*points), style, label=split)
     for r in records:
-        if r["split"] == "baseline":
+        if r["split"] == "baseline" and "unigram_loss" in r:
             axes.axhline(r["unigram_loss"], color="gray", linestyle="--", label="unigram baseline")
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
@@ -480,9 +502,9 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     if not resuming:
         say(f"{run_dir}: {config.task} with {num_params:,} parameters on {mesh.devices.size} device(s) "
             f"(mesh {dict(mesh.shape)}), {len(train_examples):,} training examples.")
-        if features.unigram_loss is not None:
-            log.write(0, "baseline", {"unigram_loss": features.unigram_loss})
-            say(f"Unigram baseline: validation loss {features.unigram_loss:.3f} (a model must get below it).")
+        if features.baselines:
+            log.write(0, "baseline", features.baselines)
+            say("Baselines to beat: " + ", ".join(f"{name} {value:.4g}" for name, value in features.baselines.items()))
 
     def evaluate(params) -> tuple[dict[str, float], str]:
         if features.validation is None:
@@ -542,7 +564,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
                         sums = _host(interval_sums)
                         values = summarize(sums, config.task)
                         values["grad_norm"] = sums["grad_norm"] / interval_steps
-                        values["learning_rate"] = float(schedule(step))
+                        values["learning_rate"] = float(schedule(step - 1))  # of the update just made
                         values["steps_per_second"] = interval_steps / elapsed
                         values["examples_per_second"] = interval_steps * config.batch_size / elapsed
                         values["tokens_per_second"] = interval_steps * step_tokens / elapsed
@@ -568,7 +590,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
                     checkpointer.wait()
                     say(f"Stopped by {signal.Signals(stopped).name} at step {step}; saved {run_dir / 'checkpoints'}. "
                         "Run the same command again to resume.")
-                    return RunResult(run_dir, step, validation, sample, stopped_by_signal=stopped)
+                    return RunResult(run_dir, step, validation, sample, stopped, features.baselines)
         validation, sample = evaluate(state.params)
         _report(say, log, step, validation, sample, config.task)
         if checkpointer.latest_step() != step:
@@ -577,7 +599,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
         if is_main and log.path.exists():
             plot_losses(log.path, run_dir / "loss.png")
         say(f"Done: {step} steps in {time.time() - start_time:.0f} s; run directory {run_dir}.")
-        return RunResult(run_dir, step, validation, sample)
+        return RunResult(run_dir, step, validation, sample, baselines=features.baselines)
     finally:
         bar.close()
         log.close()

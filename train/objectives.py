@@ -1,8 +1,12 @@
-"""Training objectives: pure functions of (model, params, batch) -> summed loss, weight and metrics.
+"""Training objectives: pure functions of (model, params, batch) -> metric sums.
 
-Every objective returns `(loss_sum, weight_sum, metrics)` where the metrics are sums too, so
-that sums over microbatches, devices and evaluation batches divide once at the end: the mean
-loss is loss_sum / weight_sum, never a mean of means. Padding carries weight 0.
+Every metric is a sum over the batch (loss, weight, correct; nsp_loss, nsp_weight, nsp_correct
+for next-sentence prediction), so that sums over microbatches, devices and evaluation batches
+divide once at the end: a mean is loss / weight, never a mean of means. Padding carries weight 0.
+
+The loss a step minimises is the sum of each term's mean (`training_loss`): each term's sum
+divided by that term's weight in the whole batch (`loss_weights`, known before the forward
+pass), so k microbatches give exactly the gradient of one k-times-larger batch.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import jax
 import jax.numpy as jnp
 
 Metrics = dict[str, jax.Array]
+# Each loss term and the metric that holds its weight.
+LOSS_TERMS = {"loss": "weight", "nsp_loss": "nsp_weight"}
 
 
 class Task(enum.StrEnum):
@@ -41,7 +47,36 @@ def cross_entropy(
     return jnp.sum(nll * weights), jnp.sum(weights), jnp.sum(correct * weights)
 
 
-def _scheduled_sampling(tokens, predictions, segment_ids, probability, rng):
+def _token_metrics(logits, targets, weights, label_smoothing) -> Metrics:
+    loss, weight, correct = cross_entropy(logits, targets, weights, label_smoothing)
+    return {"loss": loss, "weight": weight, "correct": correct}
+
+
+def nsp_weights(batch) -> jax.Array:
+    """[B] 1.0 for real examples (their first token is not padding), 0.0 for filler rows."""
+    return (batch["segment_ids"][:, 0] != 0).astype(jnp.float32)
+
+
+def loss_weights(batch) -> Metrics:
+    """Each loss term's summed weight over a batch, computed from the batch alone."""
+    weights = {"weight": jnp.sum(batch["weights"].astype(jnp.float32))}
+    if "nsp_labels" in batch:
+        weights["nsp_weight"] = jnp.sum(nsp_weights(batch))
+    return weights
+
+
+def training_loss(metrics: Metrics, total_weights: Metrics) -> jax.Array:
+    """The sum of each loss term's mean: its sum over its weight in the whole (global) batch.
+
+    With the whole batch's weights, the losses of microbatches add up to the loss of the batch
+    (MLM and NSP each keep their own mean, as in BERT).
+    """
+    return sum(
+        metrics[term] / jnp.maximum(total_weights[weight], 1.0) for term, weight in LOSS_TERMS.items() if term in metrics
+    )
+
+
+def scheduled_sampling(tokens, predictions, segment_ids, probability, rng):
     """Replaces each input token (after a segment's first) by the model's own prediction for it
     with the given probability (Bengio et al. 2015). predictions[t] predicts tokens[t + 1]."""
     previous_prediction = jnp.concatenate([tokens[:, :1], predictions[:, :-1]], axis=1)
@@ -61,11 +96,10 @@ def causal_lm(model, params, batch, *, rng, deterministic, label_smoothing=0.0, 
         teacher_forced = model.apply({"params": params}, tokens, deterministic=True, **kwargs)
         predictions = jax.lax.stop_gradient(jnp.argmax(teacher_forced, axis=-1))
         sample_rng, rng = jax.random.split(rng)
-        tokens = _scheduled_sampling(tokens, predictions, batch["segment_ids"], sampling_probability, sample_rng)
+        tokens = scheduled_sampling(tokens, predictions, batch["segment_ids"], sampling_probability, sample_rng)
         rngs = {"dropout": rng}
     logits = model.apply({"params": params}, tokens, deterministic=deterministic, rngs=rngs, **kwargs)
-    loss, weight, correct = cross_entropy(logits, batch["targets"], batch["weights"], label_smoothing)
-    return loss, weight, {"loss": loss, "weight": weight, "correct": correct}
+    return _token_metrics(logits, batch["targets"], batch["weights"], label_smoothing)
 
 
 def masked_lm(model, params, batch, *, rng, deterministic, label_smoothing=0.0, sampling_probability=None):
@@ -75,15 +109,11 @@ def masked_lm(model, params, batch, *, rng, deterministic, label_smoothing=0.0, 
         deterministic=deterministic, rngs={"dropout": rng},
     )
     mlm_logits = outputs[0] if "nsp_labels" in batch else outputs
-    loss, weight, correct = cross_entropy(mlm_logits, batch["targets"], batch["weights"], label_smoothing)
-    metrics = {"loss": loss, "weight": weight, "correct": correct}
+    metrics = _token_metrics(mlm_logits, batch["targets"], batch["weights"], label_smoothing)
     if "nsp_labels" in batch:
-        # The NSP loss is a mean over real examples, added to the MLM mean: scale it by the MLM weight.
-        real = (batch["segment_ids"][:, 0] != 0).astype(jnp.float32)
-        nsp_loss, nsp_weight, nsp_correct = cross_entropy(outputs[1], batch["nsp_labels"], real)
-        loss += nsp_loss / jnp.maximum(nsp_weight, 1.0) * weight
+        nsp_loss, nsp_weight, nsp_correct = cross_entropy(outputs[1], batch["nsp_labels"], nsp_weights(batch))
         metrics.update(nsp_loss=nsp_loss, nsp_weight=nsp_weight, nsp_correct=nsp_correct)
-    return loss, weight, metrics
+    return metrics
 
 
 def seq2seq(model, params, batch, *, rng, deterministic, label_smoothing=0.0, sampling_probability=None):
@@ -95,15 +125,14 @@ def seq2seq(model, params, batch, *, rng, deterministic, label_smoothing=0.0, sa
         teacher_forced = model.apply({"params": params}, batch["source"], target_in, deterministic=True, **source_kwargs)
         predictions = jax.lax.stop_gradient(jnp.argmax(teacher_forced, axis=-1))
         sample_rng, rng = jax.random.split(rng)
-        target_in = _scheduled_sampling(
+        target_in = scheduled_sampling(
             target_in, predictions, batch["target_segment_ids"], sampling_probability, sample_rng
         )
         rngs = {"dropout": rng}
     logits = model.apply(
         {"params": params}, batch["source"], target_in, deterministic=deterministic, rngs=rngs, **source_kwargs
     )
-    loss, weight, correct = cross_entropy(logits, batch["targets"], batch["weights"], label_smoothing)
-    return loss, weight, {"loss": loss, "weight": weight, "correct": correct}
+    return _token_metrics(logits, batch["targets"], batch["weights"], label_smoothing)
 
 
 def classification(model, params, batch, *, rng, deterministic, label_smoothing=0.0, sampling_probability=None):
@@ -112,11 +141,10 @@ def classification(model, params, batch, *, rng, deterministic, label_smoothing=
         {"params": params}, batch["tokens"], segment_ids=batch["segment_ids"], deterministic=deterministic,
         rngs={"dropout": rng},
     )
-    loss, weight, correct = cross_entropy(logits, batch["labels"], batch["weights"], label_smoothing)
-    return loss, weight, {"loss": loss, "weight": weight, "correct": correct}
+    return _token_metrics(logits, batch["labels"], batch["weights"], label_smoothing)
 
 
-Objective = Callable[..., tuple[jax.Array, jax.Array, Metrics]]
+Objective = Callable[..., Metrics]
 OBJECTIVES: dict[Task, Objective] = {
     Task.CAUSAL_LM: causal_lm,
     Task.MASKED_LM: masked_lm,

@@ -17,33 +17,57 @@ class Schedule(enum.StrEnum):
 
 
 def learning_rate_schedule(schedule: Schedule | str, peak: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
-    """Learning rate as a function of the step; `peak` is reached at the end of the warmup.
+    """The learning rate of each update, as optax calls it: with the number of updates already
+    applied, so update n (counted from 1) gets the schedule's value at step n.
 
-    inverse_sqrt is the paper's d_model**-0.5 * min(step**-0.5, step * warmup**-1.5) with its
-    constant folded into `peak`: for transformer-base (d_model 512, warmup 4000) the paper's
-    peak is 512**-0.5 * 4000**-0.5 = 7.0e-4.
+    Warmup is linear: update 1 gets peak / warmup_steps (not 0) and update warmup_steps the
+    peak. inverse_sqrt is the paper's d_model**-0.5 * min(step**-0.5, step * warmup**-1.5) with
+    its constant folded into `peak`: for transformer-base (d_model 512, warmup 4000) the
+    paper's peak is 512**-0.5 * 4000**-0.5 = 7.0e-4. cosine ends at 10% of the peak on the
+    last update (update total_steps).
     """
     schedule = Schedule(schedule)
     warmup_steps = max(warmup_steps, 1)
     if schedule == Schedule.INVERSE_SQRT:
 
-        def inverse_sqrt(step):
-            step = jnp.maximum(step, 1).astype(jnp.float32)
+        def of_step(step):
+            step = jnp.asarray(step, jnp.float32)
             return peak * jnp.minimum(step / warmup_steps, jnp.sqrt(warmup_steps / step))
 
-        return inverse_sqrt
-    if schedule == Schedule.COSINE:
-        return optax.warmup_cosine_decay_schedule(
+    elif schedule == Schedule.COSINE:
+        of_step = optax.warmup_cosine_decay_schedule(
             0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1), end_value=0.1 * peak
         )
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)], [warmup_steps]
-    )
+    else:
+        of_step = optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup_steps), optax.constant_schedule(peak)], [warmup_steps]
+        )
+    return lambda count: of_step(count + 1)
 
 
-def _decay_mask(params):
-    """Weight decay on matrices only: not on biases, norm scales or other vectors."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+# Leaf names of weight matrices: projections (`kernel`) and embedding tables (`embedding`).
+_DECAYED = ("kernel", "embedding")
+# Tables that hold biases, not weights, although they are stored as embeddings.
+_NOT_DECAYED_MODULES = ("relative_position_bias",)
+
+
+def decays(path: tuple[str, ...]) -> bool:
+    """Whether weight decay applies to the parameter at `path` (module names, then leaf name).
+
+    Decided by what the parameter is, not by its rank, so that scanned layers (whose biases and
+    norm scales are stacked to [layers, ...]) decay exactly what unscanned layers do: projection
+    and embedding matrices decay; biases, norm scales and T5's relative-position bias do not.
+    """
+    return path[-1] in _DECAYED and not any(name in _NOT_DECAYED_MODULES for name in path)
+
+
+def decay_mask(params):
+    """A tree of booleans like `params` (boxed or not): True where weight decay applies."""
+
+    def mask(key_path, _):
+        return decays(tuple(key.key for key in key_path if isinstance(key, jax.tree_util.DictKey)))
+
+    return jax.tree_util.tree_map_with_path(mask, params)
 
 
 def make_optimizer(
@@ -61,7 +85,7 @@ def make_optimizer(
     many come in a row, so the parameters stay finite and the training loop decides when to stop.
     """
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
-    parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask))
+    parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
     return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=jnp.iinfo(jnp.int32).max)
 
 

@@ -19,6 +19,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from train import objectives
 from train.objectives import Objective
 from transformer.sharding import LOGICAL_AXIS_RULES
 
@@ -96,19 +97,21 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch, accumulating gradients over microbatches.
 
-    The loss is the summed weighted loss over the whole batch divided by its summed weight,
-    so k microbatches give the same update as one k-times-larger batch. Returns the new
-    state and metric sums (loss, weight, correct, ...) plus the gradient norm. A step with
-    non-finite gradients leaves parameters and optimizer moments unchanged (see train.optim).
+    Each loss term is summed over the whole batch and divided by its weight in the whole batch
+    (see `objectives.training_loss`), so k microbatches give the same update as one k-times-larger
+    batch, for every objective. Returns the new state and metric sums (loss, weight, correct,
+    ...) plus the gradient norm. A step with non-finite gradients leaves parameters and
+    optimizer moments unchanged (see train.optim).
     """
     probability = None if sampling_probability is None else sampling_probability(state.step)
+    total_weights = objectives.loss_weights(batch)
 
     def microbatch_loss(params, microbatch, rng):
-        loss, weight, metrics = objective(
+        metrics = objective(
             model, params, microbatch, rng=rng, deterministic=False, label_smoothing=label_smoothing,
             sampling_probability=probability,
         )
-        return loss, metrics
+        return objectives.training_loss(metrics, total_weights), metrics
 
     grad_fn = jax.grad(microbatch_loss, has_aux=True)
 
@@ -125,8 +128,6 @@ def train_step(
     (grads, metrics), _ = jax.lax.scan(
         accumulate, (zero_grads, zero_metrics), (microbatches, jnp.arange(accumulation))
     )
-    weight = jnp.maximum(metrics["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -135,8 +136,7 @@ def train_step(
 
 def eval_step(params, batch, *, model, objective: Objective) -> dict[str, jax.Array]:
     """Metric sums of a batch without dropout or label smoothing."""
-    _, _, metrics = objective(model, params, batch, rng=jax.random.PRNGKey(0), deterministic=True)
-    return metrics
+    return objective(model, params, batch, rng=jax.random.PRNGKey(0), deterministic=True)
 
 
 def compile_steps(model, objective, optimizer, mesh: Mesh, shardings, *, accumulation=1, label_smoothing=0.0,

@@ -1,0 +1,87 @@
+"""Training objectives against hand computations: label smoothing, the masked-LM loss over
+selected positions only, NSP over real examples only, and scheduled sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import transformer as tfm
+from train import objectives
+
+
+def test_label_smoothing_matches_a_hand_computation():
+    """q = (1 - ls) one_hot + ls / V; loss = -sum q log softmax(logits)."""
+    logits = np.array([[1.0, 2.0, 0.5, -1.0], [0.0, 0.0, 3.0, 1.0]])
+    targets, weights, ls = np.array([1, 3]), np.array([1.0, 0.5]), 0.1
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    q = (1 - ls) * np.eye(4)[targets] + ls / 4
+    expected = np.sum(-(q * log_p).sum(-1) * weights)
+    logits, targets, weights = jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights)
+    loss, weight, correct = objectives.cross_entropy(logits, targets, weights, ls)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    assert float(weight) == 1.5 and float(correct) == 1.0  # row 0 is right (argmax 1), row 1 is not
+    unsmoothed = objectives.cross_entropy(logits, targets, weights)[0]
+    np.testing.assert_allclose(unsmoothed, -np.sum(log_p[[0, 1], np.asarray(targets)] * np.asarray(weights)), rtol=1e-6)
+
+
+def test_masked_lm_loss_counts_selected_positions_and_real_examples_only():
+    cfg = tfm.ModelConfig.preset("bert-tiny", dropout_rate=0.0, attention_dropout_rate=0.0, vocab_size=64)
+    model = tfm.MaskedLM(cfg, next_sentence_prediction=True)
+    rng = np.random.default_rng(0)
+    segments = np.ones((3, 8), np.int32)
+    segments[2] = 0  # a filler row
+    batch = dict(
+        tokens=rng.integers(7, 64, (3, 8)).astype(np.int32), targets=rng.integers(7, 64, (3, 8)).astype(np.int32),
+        weights=(rng.random((3, 8)) < 0.3).astype(np.float32) * segments, segment_ids=segments,
+        token_types=np.zeros((3, 8), np.int32), nsp_labels=np.array([0, 1, 1], np.int32),
+    )
+    variables = model.init(jax.random.PRNGKey(0), batch["tokens"])
+    metrics = objectives.masked_lm(model, variables["params"], batch, rng=jax.random.PRNGKey(0), deterministic=True)
+
+    mlm_logits, nsp_logits = model.apply(
+        variables, batch["tokens"], token_types=batch["token_types"], segment_ids=segments
+    )
+    log_p = np.asarray(jax.nn.log_softmax(mlm_logits))
+    selected = np.nonzero(batch["weights"])
+    np.testing.assert_allclose(metrics["loss"], -log_p[selected + (batch["targets"][selected],)].sum(), rtol=1e-5)
+    assert float(metrics["weight"]) == len(selected[0])
+    nsp_log_p = np.asarray(jax.nn.log_softmax(nsp_logits))
+    np.testing.assert_allclose(metrics["nsp_loss"], -(nsp_log_p[0, 0] + nsp_log_p[1, 1]), rtol=1e-5)
+    assert float(metrics["nsp_weight"]) == 2.0
+    # Changing a target at an unselected position changes nothing.
+    unselected = tuple(np.argwhere(batch["weights"] == 0)[0])
+    targets = batch["targets"].copy()
+    targets[unselected] += 1
+    changed = objectives.masked_lm(
+        model, variables["params"], dict(batch, targets=targets), rng=jax.random.PRNGKey(0), deterministic=True
+    )
+    assert float(changed["loss"]) == float(metrics["loss"])
+
+
+def test_training_loss_is_the_sum_of_each_terms_mean():
+    metrics = {"loss": jnp.float32(6.0), "weight": jnp.float32(3.0), "nsp_loss": jnp.float32(1.0)}
+    assert float(objectives.training_loss(metrics, {"weight": 4.0, "nsp_weight": 2.0})) == 6.0 / 4 + 1.0 / 2
+
+
+TOKENS = np.array([[10, 11, 12, 13, 14], [20, 21, 22, 0, 0]], np.int32)
+SEGMENTS = np.array([[1, 1, 1, 2, 2], [1, 1, 1, 0, 0]], np.int32)  # row 0 packs two segments
+PREDICTIONS = np.array([[50, 51, 52, 53, 54], [60, 61, 62, 63, 64]], np.int32)  # predictions[t] guesses tokens[t + 1]
+
+
+@pytest.mark.parametrize("probability, expected", [
+    (0.0, TOKENS),
+    # Every token that continues its segment becomes the prediction made at the previous position;
+    # a segment's first token and padding stay.
+    (1.0, [[10, 50, 51, 13, 53], [20, 60, 61, 0, 0]]),
+])
+def test_scheduled_sampling(probability, expected):
+    out = objectives.scheduled_sampling(TOKENS, PREDICTIONS, SEGMENTS, probability, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_scheduled_sampling_replaces_about_the_given_share():
+    tokens = np.zeros((64, 64), np.int32)
+    out = objectives.scheduled_sampling(tokens, tokens + 1, np.ones_like(tokens), 0.25, jax.random.PRNGKey(0))
+    share = float(np.mean(np.asarray(out)[:, 1:] != 0))
+    assert abs(share - 0.25) < 0.02
