@@ -58,7 +58,7 @@ def decays(path: tuple[str, ...]) -> bool:
     norm scales are stacked to [layers, ...]) decay exactly what unscanned layers do: projection
     and embedding matrices decay; biases, norm scales and T5's relative-position bias do not.
     """
-    return path[-1] in _DECAYED and not any(name in _NOT_DECAYED_MODULES for name in path)
+    return bool(path) and path[-1] in _DECAYED and not any(name in _NOT_DECAYED_MODULES for name in path)
 
 
 def decay_mask(params):
