@@ -101,3 +101,4 @@ def test_weight_decay_shrinks_matrices_only():
     updates, _ = optimizer.update(jax.tree.map(jnp.zeros_like, params), optimizer.init(params), params)
     np.testing.assert_allclose(updates["dense"]["kernel"], -0.05)
     np.testing.assert_allclose(updates["dense"]["bias"], 0.0)
+    assert optim.decay_mask(jnp.ones((2, 2))) is False  # a bare array names nothing to decay
