@@ -1,6 +1,7 @@
-"""Checkpoints: bitwise round trips, keep-N, resume, restore onto another mesh, clear errors that keep good steps."""
+"""Checkpoints: bitwise round trips, keep-N, resume, restore onto another mesh, checksums, clear errors that keep good steps."""
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -16,7 +17,7 @@ import optax
 import pytest
 from flax import struct
 
-from train.checkpoint import Checkpointer
+from train.checkpoint import CheckpointUnreadable, Checkpointer
 
 
 @struct.dataclass
@@ -32,7 +33,8 @@ def make_state(step: int = 0) -> TrainState:
     rng = np.random.default_rng(step)
     params = {
         "dense": {"kernel": jnp.asarray(rng.normal(size=(16, 4)), jnp.float32), "bias": jnp.asarray(rng.normal(size=4), jnp.float32)},
-        "embed": nn.Partitioned(jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), names=("vocab", "embed")),  # as train/step.py boxes them
+        # Boxed as train/step.py boxes them; over 1 KiB, so Orbax stores it outside its CRC-checked index.
+        "embed": nn.Partitioned(jnp.asarray(rng.normal(size=(64, 8)), jnp.float32), names=("vocab", "embed")),
     }
     optimizer = optax.adamw(1e-3)
     _, opt_state = optimizer.update(params, optimizer.init(params), params)
@@ -218,13 +220,18 @@ DAMAGE = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Checkpoint .* has no checksums.json")
+@pytest.mark.parametrize("checked", [True, False], ids=["checksums", "no_checksums"])  # no_checksums: Orbax's own errors
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_damaged_latest_step_raises_naming_it_and_the_older_steps(checkpoints, damage):
+def test_damaged_latest_step_raises_naming_it_and_the_older_steps(checkpoints, damage, checked):
     saved(checkpoints, [1, 2, 3]).close()
+    if not checked:
+        (checkpoints / "3" / "checksums.json").unlink()
     DAMAGE[damage](checkpoints / "3")
     checkpointer = Checkpointer(checkpoints)  # as after a crash and restart
-    with pytest.raises(ValueError, match=rf"Checkpoint {checkpoints / '3'} cannot be read .*\[1, 2\]; restore one with step=N"):
+    with pytest.raises(CheckpointUnreadable, match=rf"Checkpoint {checkpoints / '3'} cannot be read .*\[1, 2\]; restore one of them with restore\(step=N\), or with resume_step=N") as error:
         checkpointer.restore(ABSTRACT)
+    assert error.value.step == 3
     assert checkpointer.all_steps() == [1, 2, 3] and (checkpoints / "3").is_dir()  # nothing deleted
     state, data_state = checkpointer.restore(ABSTRACT, step=2)
     assert_bitwise_equal(state, make_state(2))
@@ -237,6 +244,7 @@ def test_a_different_model_is_a_mismatch_error_naming_the_arrays(checkpoints):
     wider = jax.eval_shape(lambda: make_state().replace(params={**make_state().params, "dense": {"kernel": jnp.zeros((16, 5)), "bias": jnp.zeros(4), "extra": jnp.zeros(2)}}))
     with pytest.raises(ValueError, match=rf"Checkpoint {checkpoints / '1'} \(params\) does not match") as error:
         checkpointer.restore(wider)
+    assert not isinstance(error.value, CheckpointUnreadable)  # a configuration mismatch, not damage to fall back from
     assert "1 requested arrays not in the checkpoint: dense.extra" in str(error.value)
     assert "dense.kernel saved (16, 4) requested (16, 5)" in str(error.value)
     with pytest.raises(ValueError, match=r"\(params\) does not match"):
@@ -269,4 +277,110 @@ def test_bad_arguments_fail_before_writing(checkpoints):
         checkpointer.save(1, (make_state(1).params,))
     checkpointer.wait()
     assert checkpointer.all_steps() == [] and not checkpoints.exists()
+    checkpointer.close()
+
+
+# ------------------------------------------------------------------------- checksums, set_aside, unwritable folder
+
+
+def flip_a_bit(folder: pathlib.Path) -> str:
+    """Flips a bit in the middle of the largest file under `folder` (same size); returns its path in the step."""
+    path = max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    return path.relative_to(folder.parent).as_posix()
+
+
+@pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
+def test_checksums_cover_every_file_of_a_step(checkpoints, async_save):
+    saved(checkpoints, [1], async_save=async_save).close()
+    step_dir = checkpoints / "1"
+    files = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file())
+    checksums = json.loads((step_dir / "checksums.json").read_text())
+    assert sorted(checksums) == [f for f in files if f != "checksums.json"]
+    assert any(f.startswith("params/") for f in checksums) and "_CHECKPOINT_METADATA" in checksums
+
+
+def test_a_flipped_bit_is_unreadable_naming_the_file_and_older_steps_still_restore(checkpoints):
+    saved(checkpoints, [1, 2]).close()
+    flipped = flip_a_bit(checkpoints / "2" / "params")  # Orbax alone restores it without error, with other values
+    checkpointer = Checkpointer(checkpoints)
+    for restore in (lambda: checkpointer.restore(ABSTRACT), lambda: checkpointer.restore_params(ABSTRACT.params)):
+        with pytest.raises(CheckpointUnreadable, match=rf"{checkpoints / '2'} cannot be read \({flipped} differs from its checksum .*\[1\]") as error:
+            restore()
+        assert error.value.step == 2
+    state, data_state = checkpointer.restore(ABSTRACT, step=1)
+    assert_bitwise_equal(state, make_state(1))
+    assert data_state == {"next_index": 1}
+    assert_bitwise_equal(checkpointer.restore_params(ABSTRACT.params, step=1), make_state(1).params)
+    checkpointer.close()
+
+
+def test_a_step_without_checksums_restores_with_a_warning(checkpoints):
+    checkpointer = saved(checkpoints, [1])
+    (checkpoints / "1" / "checksums.json").unlink()  # as saved by older code, or killed before writing it
+    with pytest.warns(UserWarning, match=f"Checkpoint {checkpoints / '1'} has no checksums.json"):
+        state, data_state = checkpointer.restore(ABSTRACT)
+    assert_bitwise_equal(state, make_state(1))
+    assert data_state == {"next_index": 1}
+    with pytest.warns(UserWarning, match="has no checksums.json"):
+        assert_bitwise_equal(checkpointer.restore_params(ABSTRACT.params), make_state(1).params)
+    checkpointer.close()
+
+
+def test_set_aside_moves_a_step_out_and_its_number_can_be_saved_again(checkpoints, tmp_path):
+    checkpointer = saved(checkpoints, [1, 2, 3])
+    destination = tmp_path / "run" / "set_aside" / "step-3-damaged"
+    checkpointer.set_aside(3, destination)
+    assert (destination / "params").is_dir() and (destination / "checksums.json").is_file()
+    assert not (checkpoints / "3").exists()
+    assert checkpointer.all_steps() == [1, 2] and Checkpointer(checkpoints).all_steps() == [1, 2]
+    with pytest.raises(FileExistsError, match=f"aside to {destination}: it exists"):
+        checkpointer.set_aside(2, destination)
+    with pytest.raises(FileNotFoundError, match=r"step 3 .*available steps: \[1, 2\]"):
+        checkpointer.set_aside(3, tmp_path / "elsewhere")
+    assert checkpointer.all_steps() == [1, 2] and (checkpoints / "2").is_dir()
+    checkpointer.save(3, make_state(33), {"next_index": 33})
+    state, data_state = checkpointer.restore(ABSTRACT)
+    assert_bitwise_equal(state, make_state(33))
+    assert data_state == {"next_index": 33}
+    checkpointer.close()
+
+
+@pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
+def test_an_unwritable_folder_fails_in_save_and_saving_works_again_after(checkpoints, monkeypatch, async_save):
+    """A read-only folder makes Orbax's mkdir fail (simulated: chmod does not stop root). Made in a
+    background thread, that failure left threads waiting 300 s for the directory, holding up exit."""
+    checkpointer = saved(checkpoints, [1], async_save=async_save)
+    mkdir = os.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(checkpoints)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    with pytest.raises(PermissionError, match=f"Cannot write checkpoints in {checkpoints} .*Make the folder writable"):
+        checkpointer.save(2, make_state(2))
+    checkpointer.wait()
+    assert checkpointer.all_steps() == [1]
+    monkeypatch.undo()
+    checkpointer.save(2, make_state(2), {"next_index": 2})
+    assert_bitwise_equal(checkpointer.restore(ABSTRACT)[0], make_state(2))
+    checkpointer.close()
+
+
+def test_a_disk_too_full_for_the_state_fails_before_writing(checkpoints, monkeypatch):
+    """Checked up front: a save that runs out of space fails inside Orbax's threads, with pages of their errors."""
+    checkpointer = saved(checkpoints, [1])
+    free = sum(leaf.nbytes for leaf in jax.tree.leaves(make_state(2))) - 1
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - free, free))
+    with pytest.raises(OSError, match=r"No space left for checkpoint step 2 in .*: it needs about .* MiB are free") as error:
+        checkpointer.save(2, make_state(2))
+    assert error.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert checkpointer.all_steps() == [1] and not (checkpoints / "2").exists()
+    checkpointer.save(2, make_state(2))  # once there is room
+    assert_bitwise_equal(checkpointer.restore(ABSTRACT)[0], make_state(2))
     checkpointer.close()

@@ -184,3 +184,36 @@ def test_config_is_keyword_only():
     """Fields are keyword-only, so a reordering of fields cannot silently swap values."""
     with pytest.raises(TypeError):
         ModelConfig(32, 16, 4, 32)
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("d_model", "abc", "int"),
+        ("d_model", 16.0, "int"),
+        ("num_decoder_layers", True, "int"),
+        ("head_dim", "4", "int or None"),
+        ("dropout_rate", "high", "float"),
+        ("use_bias", 1, "bool"),
+        ("scan_layers", "yes", "bool"),
+    ],
+)
+def test_field_of_the_wrong_type_names_field_and_type(field, value, expected):
+    """A value of the wrong type is a ValueError naming the field and its type, not a TypeError later."""
+    with pytest.raises(ValueError) as info:
+        tiny(**{field: value})
+    assert str(info.value) == f"ModelConfig.{field} must be of type {expected}, got {value!r}."
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_float_fields_must_be_finite(value):
+    """NaN or infinity in a float field is refused, naming the field."""
+    with pytest.raises(ValueError, match="ModelConfig.norm_epsilon must be a finite number"):
+        tiny(norm_epsilon=value)
+
+
+def test_numbers_are_coerced_to_the_field_type():
+    """An int for a float field, and YAML 1.1's string for 1e-6, become floats; None stays None."""
+    config = tiny(dropout_rate=0, norm_epsilon="1e-6", head_dim=None)
+    assert type(config.dropout_rate) is float and config.norm_epsilon == 1e-6 and config.head_dim is None
+    assert config == tiny(dropout_rate=0.0, norm_epsilon=1e-6)

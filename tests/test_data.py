@@ -150,6 +150,41 @@ def test_missing_file_names_it(tmp_path, reader):
         READERS[reader]([path])
 
 
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_directory_names_it_and_asks_for_its_files(tmp_path, reader):
+    """A directory given as a data file is a ValueError saying so (not "does not exist")."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write(folder / "a.txt", "text\tpos\n")
+    with pytest.raises(ValueError) as error:
+        READERS[reader]([folder])
+    assert str(error.value) == f"Data file {folder} is a directory; list the files in it instead ([{folder}/a.txt, ...])."
+
+
+@pytest.mark.parametrize(
+    "line, fields, message",
+    [
+        ('{"text": 5}', ("text",), "field 'text' must be a string, got 5."),
+        ('{"text": null}', ("text",), "field 'text' must be a string, got null."),
+        ('{"source": "a", "target": ["b"]}', ("source", "target"), "field 'target' must be a string, got [\"b\"]."),
+        ('{"text": "a", "label": 1.5}', ("text", "label"), "field 'label' must be a string or an integer, got 1.5."),
+        ('{"text": "a", "label": true}', ("text", "label"), "field 'label' must be a string or an integer, got true."),
+    ],
+)
+def test_read_jsonl_value_of_the_wrong_type_names_file_line_and_field(tmp_path, line, fields, message):
+    """Texts must be strings and a label a string or an integer; anything else names file:line and the field."""
+    path = write(tmp_path / "d.jsonl", '{"text": "a", "source": "a", "target": "b", "label": 0}\n' + line + "\n")
+    with pytest.raises(ValueError) as error:
+        data.read_jsonl([path], fields=fields)
+    assert str(error.value) == f"{path}:2: {message}"
+
+
+def test_read_jsonl_integer_labels_are_kept(tmp_path):
+    """An integer label (a class id) is valid."""
+    path = write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n')
+    assert data.read_jsonl([path], fields=("text", "label")) == [{"text": "a", "label": 1}]
+
+
 # ----------------------------------------------------------------------------- labels
 
 

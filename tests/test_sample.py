@@ -107,3 +107,18 @@ def test_bad_input_is_a_clear_error(lm_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint for step 7"):
         Sampler.load(lm_run, step=7)
     assert np.isfinite(np.asarray(sampler.variables["params"]["embed"]["token"]["embedding"])).all()
+
+
+def test_prompt_of_the_wrong_type_is_a_type_error(lm_run):
+    """A prompt that is not a str (or a list or tuple of str) is refused before anything is compiled."""
+    sampler = Sampler.load(lm_run)
+    for prompt in (123, None, b"Ka", ["Ka", 5], iter(["Ka"])):
+        kind = type(prompt).__name__
+        with pytest.raises(TypeError, match=f"^The prompt must be a str or a list of str, got {kind} "):
+            sampler(prompt)
+        with pytest.raises(TypeError, match=f"^The prompt must be a str, got {kind} "):
+            list(sampler.stream(prompt))
+    with pytest.raises(TypeError) as error:
+        sampler(123)
+    assert str(error.value) == "The prompt must be a str or a list of str, got int 123."
+    assert sampler(("Ka", "Ka to"), max_new_tokens=2) == sampler(["Ka", "Ka to"], max_new_tokens=2)

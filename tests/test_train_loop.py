@@ -1,8 +1,11 @@
 """The training job: config parsing, run directories, exact resume after SIGKILL and SIGTERM,
 multi-process training, divergence handling and clear errors."""
 
+import errno
 import json
+import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,7 +19,7 @@ import pytest
 import synthetic
 from processes import ROOT, subprocess_env
 from train import config as config_lib
-from train import loop
+from train import loop, rundir
 from train.__main__ import main, usage
 from train.checkpoint import Checkpointer
 from train.objectives import OBJECTIVES, Task
@@ -192,8 +195,11 @@ def test_resume_after_sigkill_is_bitwise_identical(corpus, long_reference, tmp_p
     assert process.returncode == -signal.SIGKILL
     killed_at = final_params(run_dir)[0]
     assert killed_at < 300
+    with open(run_dir / "metrics.jsonl", "a") as log:  # what a full disk leaves: a cut-off last line
+        log.write('{"step": 7, "split": "tra')
     output = finish(train_process(tiny_args(corpus, run_dir, *LONG)))
     assert f"Resumed {run_dir} at step {killed_at}" in output, output[-3000:]
+    assert "metrics.jsonl: dropped line(s)" in output
     assert_bitwise_equal(final_params(run_dir)[1], final_params(long_reference)[1])
     # The log reads as if the run had never stopped: what was logged after the checkpoint is dropped.
     steps = lambda run: [(r["step"], r["split"]) for r in records(run)]
@@ -213,11 +219,136 @@ def test_sigterm_saves_and_the_run_resumes(corpus, long_reference, tmp_path):
     assert_bitwise_equal(final_params(run_dir)[1], final_params(long_reference)[1])
 
 
-def test_resuming_with_a_different_config_is_an_error(corpus, reference):
-    config = config_lib.parse_args(tiny_args(corpus, reference, "learning_rate=0.5"))
-    with pytest.raises(ValueError, match=r"different configuration \(learning_rate: saved 0.002, now 0.5\)"):
+def snapshot(run_dir: pathlib.Path) -> dict[str, bytes]:
+    """Every file of a run directory (but its lock) by relative path, with its bytes."""
+    return {
+        str(path.relative_to(run_dir)): path.read_bytes()
+        for path in sorted(run_dir.rglob("*")) if path.is_file() and path.name != ".lock"
+    }
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("learning_rate=0.5", r"different configuration \(learning_rate: saved 0.002, now 0.5\)"),
+        ("model.d_ff=48", r"different configuration \(model.d_ff: saved 64, now 48\)\. Resume"),
+    ],
+)
+def test_resuming_with_a_different_config_is_an_error_naming_the_fields(corpus, reference, change, message):
+    before = snapshot(reference)
+    config = config_lib.parse_args(tiny_args(corpus, reference, change))
+    with pytest.raises(ValueError, match=message):
         loop.run(config, progress=False)
-    assert final_params(reference)[0] == 12  # nothing was overwritten
+    assert snapshot(reference) == before  # nothing was overwritten
+
+
+def test_a_finished_run_changes_nothing_and_refuses_fewer_steps(corpus, reference, capsys):
+    before = snapshot(reference)
+    result = loop.run(config_lib.parse_args(tiny_args(corpus, reference)), progress=False)
+    assert "has finished its 12 steps; nothing to do" in capsys.readouterr().out
+    last = [r for r in records(reference) if r["split"] == "validation"][-1]
+    assert result.step == 12 and result.sample == last["sample"] and result.validation["loss"] == last["loss"]
+    with pytest.raises(ValueError, match="steps=6 is below step 12, which .* has already trained; raise steps"):
+        loop.run(config_lib.parse_args(tiny_args(corpus, reference, "steps=6")), progress=False)
+    assert snapshot(reference) == before
+
+
+def test_a_second_process_on_a_live_run_directory_is_refused(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("a config the second run must not overwrite\n")
+    with rundir.RunLock(run_dir):
+        with pytest.raises(rundir.RunDirectoryBusy, match=f"is in use by process {os.getpid()} on "):
+            loop.run(config_lib.parse_args(tiny_args(corpus, run_dir)), progress=False)
+    assert (run_dir / "config.yaml").read_text() == "a config the second run must not overwrite\n"
+
+
+def test_a_lock_left_by_a_killed_process_is_detected_as_stale(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from train.rundir import RunLock; import pathlib, time; "
+         f"lock = RunLock(pathlib.Path({str(tmp_path)!r})); lock.acquire(); print('locked', flush=True); time.sleep(600)"],
+        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(rundir.RunDirectoryBusy, match=f"in use by process {holder.pid} on "):
+        rundir.RunLock(tmp_path).acquire()
+    holder.kill()
+    holder.wait()
+    lock = rundir.RunLock(tmp_path)
+    assert f"process {holder.pid} on " in lock.acquire()  # the stale holder, named for the message
+    lock.release()
+    assert rundir.RunLock(tmp_path).acquire() == ""  # a clean exit leaves nothing behind
+
+
+def test_files_of_an_aborted_attempt_with_other_data_are_refused(corpus, reference, tmp_path):
+    """An attempt killed after making its tokenizer leaves tokenizer.model and its record; a new
+    start with other data must not train with it."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("tokenizer.model", "artefacts.json"):
+        shutil.copyfile(reference / name, run_dir / name)
+    other = tiny_args(corpus, run_dir, f"train_files=[{corpus['validation']}]")
+    with pytest.raises(ValueError, match=r"tokenizer.model was made from something else .*trained_on: sha256 \w+ then"):
+        loop.run(config_lib.parse_args(other), progress=False)
+    with pytest.raises(ValueError, match=r"vocab_size: 256 then, 128 now"):
+        loop.run(config_lib.parse_args(tiny_args(corpus, run_dir, "model.vocab_size=128")), progress=False)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "config.yaml").exists()
+
+
+def test_a_tokenizer_smaller_than_the_model_vocabulary_is_refused(corpus, reference, tmp_path):
+    args = tiny_args(corpus, tmp_path / "run", f"tokenizer={reference / 'tokenizer.model'}", "model.vocab_size=300")
+    with pytest.raises(ValueError, match=r"tokenizer has 256 pieces but the model's vocab_size is 300.*model.vocab_size=256"):
+        loop.run(config_lib.parse_args(args), progress=False)
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_an_unusable_run_dir_is_one_clear_line(corpus, tmp_path, capsys, kind):
+    if kind == "file":
+        run_dir = tmp_path / "run"
+        run_dir.write_text("not a directory")
+        expected = "is a file, not a directory; choose another run_dir"
+    else:
+        run_dir = pathlib.Path("/sys/transformer-test-run")  # not writable, even by root
+        expected = "is not writable"
+    assert main(tiny_args(corpus, run_dir)) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and expected in error and len(error.splitlines()) == 1
+
+
+def test_a_full_disk_is_one_clear_line(corpus, tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoints"))
+
+    monkeypatch.setattr(loop, "run", full)
+    assert main(tiny_args(corpus, tmp_path / "run")) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: [Errno 28] No space left on device") and len(error.splitlines()) == 1
+    assert "run the same command again to resume" in error
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(corpus, reference, tmp_path):
+    """A flipped bit in the newest step (same size: only its checksum tells) sends the resume to the
+    step before, which `resume_step` also picks on purpose: both runs end bitwise equal."""
+    damaged, chosen = tmp_path / "damaged", tmp_path / "chosen"
+    for copy in (damaged, chosen):
+        shutil.copytree(reference, copy)
+    params = damaged / "checkpoints" / "12" / "params"
+    largest = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 1
+    largest.write_bytes(bytes(data))
+    outputs = {
+        run_dir: finish(train_process(tiny_args(corpus, run_dir, "steps=16", *extra)))
+        for run_dir, extra in ((damaged, ()), (chosen, ("resume_step=8",)))
+    }
+    assert "Checkpoint step 12 cannot be read; moved it to" in outputs[damaged], outputs[damaged][-3000:]
+    assert "resume_step=8: moved the newer step 12 to" in outputs[chosen], outputs[chosen][-3000:]
+    for run_dir, output in outputs.items():
+        assert f"Resumed {run_dir} at step 8." in output
+        aside = list((run_dir / "set_aside").iterdir())
+        assert len(aside) == 1 and (aside[0] / "params").is_dir()  # moved, never deleted
+    assert_bitwise_equal(final_params(damaged)[1], final_params(chosen)[1])
+    assert final_params(damaged)[0] == 16
 
 
 def test_repeated_nonfinite_steps_stop_the_run_without_saving_them(corpus, tmp_path, monkeypatch):

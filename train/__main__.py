@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 import sys
 
@@ -51,11 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}\nRun `python -m train --help` for the experiments and keys.", file=sys.stderr)
         return 2
     from train.loop import TrainingDiverged, run  # after parsing: --help and config errors need no JAX
+    from train.rundir import RunDirectoryBusy
 
     try:
         result = run(config)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as error:
+    except (ValueError, FileNotFoundError, TrainingDiverged, RunDirectoryBusy) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a full disk, a folder that became read-only: one line, not a traceback
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Orbax's failed writes, reported at exit
+        print(f"error: {error} Once fixed, run the same command again to resume.", file=sys.stderr)
         return 1
     if result.stopped_by_signal:
         return 128 + int(result.stopped_by_signal)

@@ -6,6 +6,11 @@ Every step directory holds three Orbax items:
     train_state   the rest of the train state, with its `params` entry set to None
     data          the data iterator's state (JSON; null when there is none)
 
+and `checksums.json`, the sha256 of each of its files, written by process 0 once the step is
+complete on disk (on Orbax's finalize thread when saving asynchronously). Restoring checks the
+files it reads against it first, so a flipped bit is reported instead of read; a step without
+it (saved by older code, or the process stopped just after the save) restores with a warning.
+
 Splitting the parameters out lets `restore_params` read them without touching the
 optimizer state. Arrays are restored onto the shardings of the abstract state passed in,
 whatever mesh they were saved from, so a checkpoint written on 8 devices restores onto 1
@@ -13,19 +18,55 @@ and the other way round.
 
 Nothing here ever deletes or overwrites a checkpoint except keep-N retention after a
 successful save: saving a step that exists is skipped, and a checkpoint that cannot be read
-is reported (with the other steps to fall back to) and left in place.
+raises `CheckpointUnreadable` (naming the other steps to fall back to) and is left in place
+until `set_aside` moves it out of the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import os
-from collections.abc import Mapping
+import pathlib
+import shutil
+import warnings
+from collections.abc import Iterable, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from train.rundir import sha256_file
+
+CHECKSUMS = "checksums.json"  # in each step directory: {path relative to it: sha256 hex digest}
+
+
+class CheckpointUnreadable(ValueError):
+    """A checkpoint step that is missing files, damaged or incomplete; `step` is that step."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class _CheckpointManager(ocp.CheckpointManager):
+    """Orbax's CheckpointManager, writing each saved step's checksums once the step is on disk."""
+
+    def _finalize_checkpoint(self, step: int) -> None:
+        # Orbax calls this after committing the step directory (on its finalize thread when saving
+        # asynchronously, else in save) and before the barrier that ends the save on every process.
+        super()._finalize_checkpoint(step)
+        step_dir = pathlib.Path(self.directory) / str(step)
+        if jax.process_index() == 0 and step_dir.is_dir():  # not there if the commit failed
+            try:
+                _write_checksums(step_dir)
+            except OSError as error:  # the step itself is saved: keep it, restorable unchecked
+                warnings.warn(
+                    f"Could not write {CHECKSUMS} for checkpoint {step_dir} ({error}); the step is saved "
+                    f"but will restore without being checked for damage."
+                )
 
 
 class Checkpointer:
@@ -43,11 +84,15 @@ class Checkpointer:
             raise ValueError(f"keep={keep}: a checkpointer must keep at least the newest checkpoint (keep >= 1).")
         self._directory = epath.Path(os.path.abspath(directory))  # Orbax needs absolute paths
         self._metadata_reader = ocp.StandardCheckpointHandler()
-        self._manager = ocp.CheckpointManager(
+        self._manager = _CheckpointManager(
             self._directory,
             options=ocp.CheckpointManagerOptions(
                 create=False,
                 enable_async_checkpointing=async_save,
+                # Create the step's directory in save, so an unwritable folder raises there. Created in
+                # the background, a failure leaves Orbax threads waiting 300 s for the directory,
+                # which holds up the process's exit.
+                async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
                 preservation_policy=ocp.checkpoint_managers.LatestN(keep),
             ),
             handler_registry=ocp.handlers.create_default_handler_registry(
@@ -74,16 +119,32 @@ class Checkpointer:
                 f"Move the newer steps away if this run restarted from an older one, or pass force=True."
             )
         params, rest = _split_params(state)
-        self._directory.mkdir(parents=True, exist_ok=True)
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                train_state=ocp.args.StandardSave(rest),
-                data=ocp.args.JsonSave(data_state),
-            ),
-            force=True,  # the caller decides when to save; Orbax's interval policy stays out of it
-        )
+        with self._writing():
+            self._directory.mkdir(parents=True, exist_ok=True)
+        self._check_free_space(step, state)
+        with self._writing():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(params),
+                    train_state=ocp.args.StandardSave(rest),
+                    data=ocp.args.JsonSave(data_state),
+                ),
+                force=True,  # the caller decides when to save; Orbax's interval policy stays out of it
+            )
+
+    def _check_free_space(self, step: int, state) -> None:
+        """Raises OSError(ENOSPC) before writing when the disk cannot hold the state's bytes: a save
+        that runs out of space fails in Orbax's threads, with pages of their errors."""
+        needed = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state))
+        free = shutil.disk_usage(self._directory).free
+        if free < needed:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left for checkpoint step {step} in {self._directory}: it needs about "
+                f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free. Free some space (or keep fewer "
+                f"checkpoints); the steps already saved are untouched.",
+            )
 
     def latest_step(self) -> int | None:
         """The highest saved step (including one still being written), or None.
@@ -106,6 +167,7 @@ class Checkpointer:
             Dtypes may differ from the saved ones (values are cast); structure and shapes may not.
         """
         step = self._step_to_read(step)
+        self._verify(step, ["params", "train_state", "data"])
         abstract_params, abstract_rest = _split_params(_abstract(abstract_state))
         self._check_matches(step, "params", abstract_params)
         self._check_matches(step, "train_state", abstract_rest)
@@ -120,13 +182,36 @@ class Checkpointer:
     def restore_params(self, abstract_params, step: int | None = None):
         """The parameters of `step` (None: the latest) laid out like `abstract_params`; nothing else is read."""
         step = self._step_to_read(step)
+        self._verify(step, ["params"])
         abstract_params = _abstract(abstract_params)
         self._check_matches(step, "params", abstract_params)
         return self._read(step, params=ocp.args.StandardRestore(abstract_params))["params"]
 
+    def set_aside(self, step: int, destination: str | os.PathLike) -> None:
+        """Moves `step`'s directory to `destination` and forgets the step; nothing is deleted.
+
+        For a damaged step, or the newer steps when a run goes back to an older one: the step no
+        longer counts as saved, so it can be saved again. `destination` must not exist; its parent
+        folders are created. Every process calls it; process 0 moves the files.
+        """
+        self._step_to_read(step)
+        destination = pathlib.Path(os.path.abspath(destination))
+        if destination.exists():
+            raise FileExistsError(
+                f"Cannot set checkpoint {self._step_dir(step)} aside to {destination}: it exists. "
+                f"Pass a destination that does not exist yet; nothing was moved."
+            )
+        if jax.process_index() == 0:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(self._step_dir(step), destination)
+        # Moved before any process re-reads the folder (the barrier's name must be unique: destination is new).
+        ocp.multihost.sync_global_processes(f"Checkpointer:set_aside:{destination}")
+        self._manager.reload()
+
     def wait(self) -> None:
         """Blocks until pending async saves are on disk; raises if one of them failed."""
-        self._manager.wait_until_finished()
+        with self._writing():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves and releases Orbax's threads."""
@@ -152,6 +237,30 @@ class Checkpointer:
                 f"No checkpoint for step {step} in {self._directory}; available steps: {steps}."
             )
         return step
+
+    def _verify(self, step: int, items: Iterable[str]) -> None:
+        """Raises CheckpointUnreadable unless the step's files that `items` read match its checksums."""
+        step_dir = pathlib.Path(self._step_dir(step))
+        if not (step_dir / CHECKSUMS).exists():
+            warnings.warn(
+                f"Checkpoint {step_dir} has no {CHECKSUMS} (saved by older code, or the process stopped "
+                f"just after saving it), so its files cannot be checked for damage; restoring it unchecked.",
+                stacklevel=3,
+            )
+            return
+        try:
+            checksums = json.loads((step_dir / CHECKSUMS).read_text())
+            if not isinstance(checksums, dict):
+                raise ValueError(f"{CHECKSUMS} holds a {type(checksums).__name__}, not a mapping")
+        except (OSError, ValueError) as error:
+            raise self._unreadable(step, error) from error
+        for name, digest in sorted(checksums.items()):
+            if "/" in name and name.split("/")[0] not in items:
+                continue  # in an item this restore does not read
+            if not (step_dir / name).is_file():
+                raise self._unreadable(step, f"{name} is missing")
+            if sha256_file(step_dir / name) != digest:
+                raise self._unreadable(step, f"{name} differs from its checksum in {CHECKSUMS}")
 
     def _check_matches(self, step: int, item: str, abstract) -> None:
         """Raises ValueError unless the saved `item` has the arrays and shapes of `abstract`."""
@@ -180,21 +289,53 @@ class Checkpointer:
         except Exception as error:  # metadata matched, so a failure here is in the saved files
             raise self._unreadable(step, error) from error
 
-    def _unreadable(self, step: int, cause: Exception | str) -> ValueError:
+    def _unreadable(self, step: int, cause: Exception | str) -> CheckpointUnreadable:
         """The error for a step whose files cannot be read, naming the steps to fall back to."""
         if isinstance(cause, Exception):
             lines = str(cause).strip().splitlines()
             cause = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
         others = [s for s in self.all_steps() if s != step]
         fallback = (
-            f"other steps in {self._directory}: {others}; restore one with step=N"
+            f"other steps in {self._directory}: {others}; restore one of them with restore(step=N), "
+            f"or with resume_step=N on the command line"
             if others
             else f"there is no other step in {self._directory} to fall back to"
         )
-        return ValueError(
+        return CheckpointUnreadable(
             f"Checkpoint {self._step_dir(step)} cannot be read ({cause}); it may be damaged or "
-            f"incomplete and was left in place. {fallback}."
+            f"incomplete and was left in place. {fallback}.",
+            step,
         )
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Re-raises a failure to write a file (same type) with a message naming the folder and the fix."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno is None:  # not a failed system call, e.g. Orbax's TimeoutError of a barrier
+                raise
+            where = f": {error.filename}" if error.filename else ""
+            raise type(error)(
+                error.errno,
+                f"Cannot write checkpoints in {self._directory} ({error.strerror}{where}). Make "
+                f"the folder writable and check its free space; the steps already saved are untouched.",
+            ) from error
+
+
+def _write_checksums(step_dir: pathlib.Path) -> None:
+    """Writes step_dir/checksums.json, the sha256 of every other file under step_dir, atomically."""
+    checksums = {
+        path.relative_to(step_dir).as_posix(): sha256_file(path)
+        for path in sorted(step_dir.rglob("*"))
+        if path.is_file() and path.name not in (CHECKSUMS, CHECKSUMS + ".tmp")
+    }
+    temporary = step_dir / (CHECKSUMS + ".tmp")
+    with open(temporary, "w") as file:
+        json.dump(checksums, file, indent=1)
+        file.flush()
+        os.fsync(file.fileno())  # on disk before the rename makes it the step's checksums
+    os.replace(temporary, step_dir / CHECKSUMS)
 
 
 def _split_params(state) -> tuple[object, object]:

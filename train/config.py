@@ -9,7 +9,8 @@ YAML file, and single keys are overridden on the command line:
 `model` is the architecture (`transformer.ModelConfig`): in YAML either a model preset name or
 a mapping of fields with an optional `preset` key; on the command line `model=NAME` picks a
 preset and `model.FIELD=VALUE` changes one field. Values are parsed as YAML scalars
-(`true`, `3e-4`, `[a.txt, b.txt]`).
+(`true`, `3e-4`, `[a.txt, b.txt]`). Every numeric field has a valid range (`RANGES`), checked
+when the config is built, before anything is compiled.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import os
 import pathlib
 import types
@@ -27,7 +29,7 @@ import yaml
 
 from train.objectives import Task
 from train.optim import Schedule
-from transformer.config import ModelConfig
+from transformer.config import ModelConfig, coerce_scalar
 
 
 class FileFormat(enum.StrEnum):
@@ -35,6 +37,72 @@ class FileFormat(enum.StrEnum):
     LINES = "lines"  # each non-empty line is one document
     JSONL = "jsonl"  # one JSON object per line: "text" (+ "label"), or "source" and "target"
     TSV = "tsv"  # text<TAB>label, or source<TAB>target
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field: an interval (finite values only), plus optionally
+    one special value outside it, e.g. `Range(1, also=(-1, "the remaining devices"))`."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+    also: tuple[int, str] | None = None  # (value, what it means)
+
+    def __contains__(self, value) -> bool:
+        if self.also is not None and value == self.also[0]:
+            return True
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        interval = f"{'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        return interval if self.also is None else f"{interval}, or {self.also[0]} ({self.also[1]})"
+
+
+_AT_LEAST_1 = Range(1)
+_NON_NEGATIVE = Range(0)
+_POSITIVE = Range(0, low_open=True)
+_FRACTION = Range(0, 1)  # [0, 1)
+_MESH_AXIS = Range(1, also=(-1, "the remaining devices"))
+
+# Every int and float field of TrainConfig, checked before anything is built.
+RANGES: dict[str, Range] = {
+    "seq_length": _AT_LEAST_1,
+    "source_length": _AT_LEAST_1,
+    "steps": _AT_LEAST_1,
+    "batch_size": _AT_LEAST_1,
+    "accumulation": _AT_LEAST_1,
+    "learning_rate": _POSITIVE,
+    "warmup_steps": _NON_NEGATIVE,
+    "weight_decay": _NON_NEGATIVE,
+    "grad_clip": _NON_NEGATIVE,
+    "adam_b1": _FRACTION,
+    "adam_b2": _FRACTION,
+    "adam_eps": _POSITIVE,
+    "label_smoothing": _FRACTION,
+    "scheduled_sampling": Range(0, 1, high_open=False),
+    "max_nonfinite_steps": _AT_LEAST_1,
+    "seed": Range(0, 2**32 - 2, high_open=False),  # grain seeds with seed + 1 and takes 32 bits
+    "mesh_data": _MESH_AXIS,
+    "mesh_fsdp": _MESH_AXIS,
+    "mesh_tensor": _MESH_AXIS,
+    "num_processes": _NON_NEGATIVE,
+    "process_id": Range(-1),
+    "log_every": _AT_LEAST_1,
+    "eval_every": _AT_LEAST_1,
+    "eval_batches": _NON_NEGATIVE,
+    "checkpoint_every": _AT_LEAST_1,
+    "keep_checkpoints": _AT_LEAST_1,
+    "resume_step": _NON_NEGATIVE,
+    "sample_tokens": _NON_NEGATIVE,
+    "bleu_examples": _NON_NEGATIVE,
+    "peak_flops": _NON_NEGATIVE,
+}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,28 +158,22 @@ class TrainConfig:
     eval_batches: int = 20  # validation batches per evaluation; 0 = the whole split
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
+    resume_step: int = 0  # resume from this checkpoint step; 0 = the newest that restores cleanly
     sample_prompt: str = "ROMEO:"  # causal LM: text continued at every evaluation
     sample_tokens: int = 64
     bleu_examples: int = 100  # seq2seq: validation pairs translated for BLEU; 0 = none
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = known accelerators only
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            kind = _field_type(field)
-            if isinstance(kind, type) and issubclass(kind, enum.Enum) and not isinstance(value, kind):
-                try:
-                    object.__setattr__(self, field.name, kind(value))
-                except ValueError:
-                    valid = ", ".join(member.value for member in kind)
-                    raise ValueError(f"{field.name}={value!r} is not valid; use one of: {valid}.") from None
+        for name in FIELDS:
+            if name != "model":
+                object.__setattr__(self, name, _coerce(name, getattr(self, name)))
         self._check()
 
     def _check(self):
-        for name in ("steps", "batch_size", "accumulation", "seq_length", "source_length", "log_every",
-                     "eval_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        for name, valid in RANGES.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name}={getattr(self, name)!r} is out of range: it must be in {valid}.")
         if self.batch_size % self.accumulation:
             raise ValueError(
                 f"batch_size={self.batch_size} is not divisible by accumulation={self.accumulation}; "
@@ -121,10 +183,6 @@ class TrainConfig:
             raise ValueError("No training data: set dataset=NAME (see train.datasets) or train_files=[...].")
         if self.tokenizer_model_type not in ("bpe", "unigram"):
             raise ValueError(f"tokenizer_model_type must be 'bpe' or 'unigram', got {self.tokenizer_model_type!r}.")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}.")
-        if not 0.0 <= self.scheduled_sampling <= 1.0:
-            raise ValueError(f"scheduled_sampling must be a probability in [0, 1], got {self.scheduled_sampling}.")
         if self.scheduled_sampling and self.task not in (Task.CAUSAL_LM, Task.SEQ2SEQ):
             raise ValueError(f"scheduled_sampling applies to causal_lm and seq2seq, not {self.task}.")
         if self.next_sentence_prediction and self.task != Task.MASKED_LM:
@@ -199,23 +257,16 @@ def _coerce(name: str, value):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name} must be a list, got {value!r}.")
         return tuple(str(v) for v in value)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}.")
-        return value
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
+    if kind in (bool, int, float):
+        return coerce_scalar(name, kind, value)
     if kind is str:
         return "" if value is None else str(value)
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        return value
+        try:
+            return kind(value)
+        except ValueError:
+            valid = ", ".join(member.value for member in kind)
+            raise ValueError(f"{name}={value!r} is not valid; use one of: {valid}.") from None
     raise ValueError(f"{name} must be of type {kind.__name__}, got {value!r}.")
 
 
@@ -257,10 +308,15 @@ def load_yaml(path: str | os.PathLike, base: TrainConfig | None = None) -> Train
     """A config from a YAML file of keys (over `base`, or over the named experiment in its
     `experiment` key, or over the defaults)."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"Config file {path} is a directory; pass a YAML file in it (a run's is config.yaml).")
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist.")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ValueError(f"Config file {path} is not a text YAML file (it holds bytes that are not UTF-8); "
+                         "pass a YAML file of key: value lines.") from None
     except yaml.YAMLError as error:
         raise ValueError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(values, dict):

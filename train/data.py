@@ -35,6 +35,8 @@ from transformer.tokenizer import Tokenizer
 def _read_lines(path: str | os.PathLike) -> list[str]:
     """Lines of a UTF-8 file (without line ends); empty or undecodable files are errors."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"Data file {path} is a directory; list the files in it instead ([{path}/a.txt, ...]).")
     if not path.is_file():
         raise FileNotFoundError(f"Data file {path} does not exist.")
     data = path.read_bytes()
@@ -61,8 +63,16 @@ def read_text(paths: Iterable[str | os.PathLike], *, one_document_per_line: bool
     return examples
 
 
+def _check_type(value, field: str, where: str) -> None:
+    """A JSONL value must be a string; a label may also be an integer (a class id)."""
+    if isinstance(value, str) or (field == "label" and isinstance(value, int) and not isinstance(value, bool)):
+        return
+    expected = "a string or an integer" if field == "label" else "a string"
+    raise ValueError(f"{where}: field {field!r} must be {expected}, got {json.dumps(value)[:60]}.")
+
+
 def read_jsonl(paths: Iterable[str | os.PathLike], fields: Sequence[str] = ("text",)) -> list[dict]:
-    """JSON-lines files -> [{field: value}] for the named fields (each must be present)."""
+    """JSON-lines files -> [{field: value}] for the named fields (each present; strings, a label also an int)."""
     examples = []
     for path in paths:
         for number, line in enumerate(_read_lines(path), start=1):
@@ -75,6 +85,8 @@ def read_jsonl(paths: Iterable[str | os.PathLike], fields: Sequence[str] = ("tex
             missing = [f for f in fields if not isinstance(record, dict) or f not in record]
             if missing:
                 raise ValueError(f"{path}:{number}: missing field(s) {', '.join(map(repr, missing))}.")
+            for field in fields:
+                _check_type(record[field], field, f"{path}:{number}")
             examples.append({f: record[f] for f in fields})
     return examples
 

@@ -9,10 +9,13 @@ evaluation, logging and checkpoints, all in one run directory.
       metrics.jsonl     one JSON object per log or evaluation (process 0)
       tensorboard/      the same metrics as TensorBoard events
       loss.png          the loss curves, written at the end
+      artefacts.json    what made the tokenizer and the checkpoints (see train.rundir)
+      .lock             held by the process that trains
+      set_aside/        checkpoint steps moved out of the way (damaged, or after resume_step)
 
-A run directory that already holds checkpoints is resumed from its latest step: the data
-iterator and the per-step RNG continue exactly where the checkpoint left them, so a run killed
-and restarted ends with the same parameters as one that never stopped.
+A run directory that already holds checkpoints is resumed from its latest step that restores
+cleanly: the data iterator and the per-step RNG continue exactly where the checkpoint left
+them, so a run killed and restarted ends with the same parameters as one that never stopped.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from train import data as data_lib
-from train import datasets
-from train.checkpoint import Checkpointer
+from train import datasets, rundir
+from train.checkpoint import CheckpointUnreadable, Checkpointer
 from train.config import FileFormat, TrainConfig, load_yaml, save_yaml, to_dict
 from train.objectives import OBJECTIVES, Task
 from train.optim import learning_rate_schedule, make_optimizer, nonfinite_counts
@@ -53,7 +56,7 @@ from transformer.tokenizer import Tokenizer
 RESUMABLE_KEYS = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "sample_prompt",
     "sample_tokens", "bleu_examples", "peak_flops", "distributed", "coordinator_address", "num_processes",
-    "process_id", "mesh_data", "mesh_fsdp", "mesh_tensor", "run_dir",
+    "process_id", "mesh_data", "mesh_fsdp", "mesh_tensor", "run_dir", "resume_step",
 })
 # Model fields a fine-tuning run chooses itself; the rest of the architecture comes from `init_from`.
 FINE_TUNING_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "dtype", "remat_policy", "attention_implementation")
@@ -153,24 +156,52 @@ def _tokenizer_texts(examples: list[dict]) -> list[str]:
     return [e[key] for e in examples for key in ("text", "source", "target") if key in e]
 
 
-def prepare_tokenizer(config: TrainConfig, run_dir: pathlib.Path, train_examples: list[dict]) -> Tokenizer:
-    """The run's tokenizer: already in the run directory, copied from `init_from` or `tokenizer`,
-    or trained on the training texts with model.vocab_size pieces (by process 0)."""
+def _tokenizer_origin(config: TrainConfig, train_examples: list[dict]) -> dict[str, Any]:
+    """What the run's tokenizer is made from: a copied file's digest, or the training texts and settings."""
+    source = _tokenizer_source(config)
+    if source is not None:
+        Tokenizer.load(source)  # a clear error when it is missing or not a sentencepiece model
+        return {"copied_from": rundir.sha256_file(source)}
+    return {
+        "trained_on": rundir.sha256_json(_tokenizer_texts(train_examples)), "vocab_size": config.model.vocab_size,
+        "model_type": config.tokenizer_model_type, "seed": config.seed,
+    }
+
+
+def _tokenizer_source(config: TrainConfig) -> pathlib.Path | None:
+    if config.init_from:
+        return pathlib.Path(config.init_from) / "tokenizer.model"
+    return pathlib.Path(config.tokenizer) if config.tokenizer else None
+
+
+def prepare_tokenizer(
+    config: TrainConfig, run_dir: pathlib.Path, train_examples: list[dict], artefacts: rundir.Artefacts
+) -> Tokenizer:
+    """The run's tokenizer: already in the run directory (made from the same origin), copied from
+    `init_from` or `tokenizer`, or trained on the training texts with model.vocab_size pieces.
+
+    Process 0 makes it in a temporary folder and records its origin before moving it into
+    place, so a run killed half-way leaves no tokenizer, and one made from other data or
+    settings is refused rather than reused.
+    """
     path = run_dir / "tokenizer.model"
-    if not path.exists() and jax.process_index() == 0:
-        source = pathlib.Path(config.init_from) / "tokenizer.model" if config.init_from else None
-        source = source or (pathlib.Path(config.tokenizer) if config.tokenizer else None)
-        if source is not None:
-            Tokenizer.load(source)  # a clear error when it is missing or not a sentencepiece model
-            shutil.copyfile(source, path)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
+    origin = _tokenizer_origin(config, train_examples)
+    if not artefacts.check(path.name, origin) and jax.process_index() == 0:
+        with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+            made = pathlib.Path(tmp) / path.name
+            source = _tokenizer_source(config)
+            if source is not None:
+                shutil.copyfile(source, made)
+            else:
                 corpus = pathlib.Path(tmp) / "corpus.txt"
                 corpus.write_text("\n".join(_tokenizer_texts(train_examples)), encoding="utf-8")
                 Tokenizer.train(
-                    [corpus], config.model.vocab_size, model_prefix=run_dir / "tokenizer",
+                    [corpus], config.model.vocab_size, model_prefix=made.with_suffix(""),
                     model_type=config.tokenizer_model_type, seed=config.seed,
                 )
+                made.with_suffix(".vocab").replace(path.with_suffix(".vocab"))
+            artefacts.record(path.name, origin)
+            made.replace(path)
     _sync("tokenizer")
     tokenizer = Tokenizer.load(path)
     tokenizer.check_compatible(config.model)
@@ -319,17 +350,24 @@ def peak_flops_per_device(config: TrainConfig) -> float | None:
 
 
 class MetricsLog:
-    """metrics.jsonl and TensorBoard events (process 0 only; the others write nothing)."""
+    """metrics.jsonl and TensorBoard events (process 0 only; the others write nothing).
 
-    def __init__(self, run_dir: pathlib.Path, resume_step: int):
+    Opening it keeps the records up to `resume_step` (what a killed run logged after its last
+    checkpoint goes, so the log reads as if the run never stopped) and drops lines a crash tore.
+    """
+
+    def __init__(self, run_dir: pathlib.Path, resume_step: int, say=print):
         self.enabled = jax.process_index() == 0
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
         if not self.enabled:
             return
-        if self.path.exists():  # drop what a killed run logged after its last checkpoint
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.path.exists():
+            records, damaged = rundir.read_metrics(self.path)
+            if damaged:
+                say(f"{self.path}: dropped line(s) {', '.join(map(str, damaged))}, which a crash or a full disk "
+                    "cut off.")
+            rundir.rewrite(self.path, [r for r in records if r["step"] <= resume_step])
         from tensorboardX import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -337,8 +375,7 @@ class MetricsLog:
     def write(self, step: int, split: str, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as file:
-            file.write(json.dumps({"step": step, "split": split, **values}, ensure_ascii=False) + "\n")
+        rundir.append_line(self.path, {"step": step, "split": split, **values})
         for key, value in values.items():
             if isinstance(value, str):
                 self.writer.add_text(f"{split}/{key}", value, step)
@@ -358,7 +395,7 @@ def plot_losses(metrics_path: pathlib.Path, output: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    records, _ = rundir.read_metrics(metrics_path)
     figure, axes = plt.subplots(figsize=(7, 4))
     for split, style in (("train", "-"), ("validation", "o-")):
         points = [(r["step"], r["loss"]) for r in records if r["split"] == split and "loss" in r]
@@ -411,16 +448,74 @@ class StopSignals:
 # ----------------------------------------------------------------------------- the run
 
 
+def _flat(config: TrainConfig) -> dict[str, Any]:
+    """The config's values, the model's fields as model.FIELD."""
+    values = to_dict(config)
+    model = values.pop("model")
+    return {**values, **{f"model.{key}": value for key, value in model.items()}}
+
+
 def _check_resumable(config: TrainConfig, run_dir: pathlib.Path) -> None:
-    saved = to_dict(load_yaml(run_dir / "config.yaml"))
-    wanted = to_dict(config)
+    """Raises naming the fields (model fields one by one) that differ from the saved run's and may not."""
+    saved = _flat(load_yaml(run_dir / "config.yaml"))
+    wanted = _flat(config)
     changed = [key for key in wanted if key not in RESUMABLE_KEYS and saved.get(key) != wanted[key]]
     if changed:
         details = "; ".join(f"{key}: saved {saved.get(key)!r}, now {wanted[key]!r}" for key in changed[:5])
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         raise ValueError(
-            f"{run_dir} holds checkpoints of a run with a different configuration ({details}). Resume it "
+            f"{run_dir} holds checkpoints of a run with a different configuration ({details}{more}). Resume it "
             f"with the saved values (see {run_dir / 'config.yaml'}) or choose a new run_dir."
         )
+
+
+def _open_run_dir(run_dir: pathlib.Path, lock: rundir.RunLock, say) -> None:
+    """Creates the run directory and takes its lock (process 0), with one clear line for what stops it."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run_dir={run_dir} is a file, not a directory; choose another run_dir.")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        previous = lock.acquire()
+    except OSError as error:  # read-only, no permission, a file on the way
+        raise ValueError(
+            f"run_dir={run_dir} is not writable ({error.strerror}: {error.filename}); choose a directory you can write to."
+        ) from None
+    if previous:
+        say(f"{run_dir}: the previous run ({previous}) did not exit cleanly; its lock was stale and is taken over.")
+
+
+def _finished(config: TrainConfig, run_dir: pathlib.Path, say) -> RunResult:
+    """The result of a run that already trained `config.steps` steps, from its log; nothing changes on disk."""
+    records, _ = rundir.read_metrics(run_dir / "metrics.jsonl")
+    validation = next((r for r in reversed(records) if r["split"] == "validation"), {})
+    baselines = next((r for r in records if r["split"] == "baseline"), {})
+    values = lambda record: {k: v for k, v in record.items() if k not in ("step", "split", "sample")}
+    say(f"{run_dir} has finished its {config.steps} steps; nothing to do (raise steps to train further).")
+    return RunResult(run_dir, config.steps, values(validation), validation.get("sample", ""), baselines=values(baselines))
+
+
+def _set_aside(checkpointer: Checkpointer, run_dir: pathlib.Path, step: int, reason: str) -> pathlib.Path:
+    """Moves a checkpoint step out of the way, into run_dir/set_aside/ (never deletes it)."""
+    destination = run_dir / "set_aside" / f"step-{step}-{reason}-{time.strftime('%Y%m%d-%H%M%S')}"
+    checkpointer.set_aside(step, destination)
+    return destination
+
+
+def _restore(checkpointer: Checkpointer, state, run_dir: pathlib.Path, *, fall_back: bool, say):
+    """(state, data state) of the newest checkpoint that restores cleanly.
+
+    With `fall_back`, a damaged step (unreadable, or its files differ from their checksums) is
+    set aside and the next older one tried, saying so; without, its error is raised.
+    """
+    while True:
+        try:
+            return checkpointer.restore(state)
+        except CheckpointUnreadable as error:
+            if not fall_back or len(checkpointer.all_steps()) < 2:
+                raise
+            destination = _set_aside(checkpointer, run_dir, error.step, "damaged")
+            say(f"Checkpoint step {error.step} cannot be read; moved it to {destination} and falling back to "
+                f"step {checkpointer.latest_step()}. ({error})")
 
 
 def _label_names(config: TrainConfig, train_examples, validation_examples):
@@ -437,29 +532,62 @@ def _host(tree) -> dict[str, float]:
 
 
 def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
-    """Trains (or resumes) the run described by `config`; returns the last evaluation."""
+    """Trains (or resumes) the run described by `config`; returns the last evaluation.
+
+    The run directory is locked while the run trains: a second process on it is refused
+    (RunDirectoryBusy). A finished run is not trained again.
+    """
     initialize_distributed(config)
     config = resolve_init_from(config)
     run_dir = config.run_path
+    say = tqdm.write if jax.process_index() == 0 else (lambda *_: None)
+    lock = rundir.RunLock(run_dir)
+    if jax.process_index() == 0:
+        _open_run_dir(run_dir, lock, say)
+    _sync("run_dir")
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints)
-    resuming = checkpointer.latest_step() is not None
+    try:
+        return _train(config, run_dir, checkpointer, say, progress)
+    finally:
+        checkpointer.close()
+        lock.release()
+
+
+def _train(config: TrainConfig, run_dir: pathlib.Path, checkpointer: Checkpointer, say, progress: bool) -> RunResult:
+    saved_steps = checkpointer.all_steps()
+    resuming = bool(saved_steps)
     is_main = jax.process_index() == 0
     if resuming:
         if not (run_dir / "config.yaml").is_file():
             raise FileNotFoundError(f"{run_dir} has checkpoints but no config.yaml; it is not a run directory.")
         _check_resumable(config, run_dir)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(config, run_dir / "config.yaml")
-    _sync("run_dir")
-    say = tqdm.write if is_main else (lambda *_: None)
+        start = config.resume_step or saved_steps[-1]
+        if start not in saved_steps:
+            raise ValueError(f"resume_step={start}: no such checkpoint in {run_dir / 'checkpoints'}; saved steps: {saved_steps}.")
+        if start > config.steps:
+            raise ValueError(
+                f"steps={config.steps} is below step {start}, which {run_dir} has already trained; raise steps, "
+                f"pass resume_step=N to go back to an earlier checkpoint, or choose a new run_dir."
+            )
+        if start == config.steps and not config.resume_step:
+            return _finished(config, run_dir, say)
+    elif config.resume_step:
+        raise ValueError(f"resume_step={config.resume_step}, but {run_dir} has no checkpoint yet.")
+    artefacts = rundir.Artefacts(run_dir, writable=is_main)
 
     train_examples = load_examples(config, "train")
     validation_examples = load_examples(config, "validation") if (config.validation_files or not config.train_files) else []
     train_examples, validation_examples, label_names = _label_names(config, train_examples, validation_examples)
     if is_main and label_names:
         (run_dir / "labels.json").write_text(json.dumps(label_names))
-    tokenizer = prepare_tokenizer(config, run_dir, train_examples)
+    tokenizer = prepare_tokenizer(config, run_dir, train_examples, artefacts)
+    training_data = {"training_data": rundir.sha256_json(train_examples)}
+    if resuming:
+        artefacts.check("checkpoints", training_data)  # the checkpoints continue training on the same data
+    else:
+        artefacts.record("checkpoints", training_data)
+    if is_main:
+        save_yaml(config, run_dir / "config.yaml")
     features = task_data(config, tokenizer, train_examples, validation_examples, label_names)
 
     model = build_model(config, num_labels=max(len(label_names), 2))
@@ -488,7 +616,10 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     )
 
     if resuming:
-        state, data_state = checkpointer.restore(state)
+        for newer in (s for s in saved_steps if config.resume_step and s > config.resume_step):
+            say(f"resume_step={config.resume_step}: moved the newer step {newer} to "
+                f"{_set_aside(checkpointer, run_dir, newer, 'after-resume-step')}.")
+        state, data_state = _restore(checkpointer, state, run_dir, fall_back=not config.resume_step, say=say)
         train_batches.set_state(data_state)
         say(f"Resumed {run_dir} at step {int(state.step)}.")
     elif config.init_from:
@@ -498,7 +629,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     step_flops = flops_per_step(config, num_params)
     step_tokens = config.batch_size * (config.seq_length + (config.source_length if config.task == Task.SEQ2SEQ else 0))
     peak = peak_flops_per_device(config)
-    log = MetricsLog(run_dir, resume_step=step if resuming else -1)  # a fresh run starts a fresh log
+    log = MetricsLog(run_dir, resume_step=step if resuming else -1, say=say)  # a fresh run starts a fresh log
     if not resuming:
         say(f"{run_dir}: {config.task} with {num_params:,} parameters on {mesh.devices.size} device(s) "
             f"(mesh {dict(mesh.shape)}), {len(train_examples):,} training examples.")
@@ -603,7 +734,6 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     finally:
         bar.close()
         log.close()
-        checkpointer.close()
 
 
 def _report(say, log: MetricsLog, step: int, validation: dict, sample: str, task: Task) -> None:

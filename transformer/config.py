@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
+import numbers
+import typing
 from typing import Any
 
 import jax.numpy as jnp
@@ -107,6 +110,8 @@ class ModelConfig:
     attention_implementation: AttentionImplementation = AttentionImplementation.XLA
 
     def __post_init__(self):
+        for name, kind in _SCALAR_FIELDS.items():
+            object.__setattr__(self, name, _scalar(name, kind, getattr(self, name)))
         for name, enum_type in _ENUM_FIELDS.items():
             value = getattr(self, name)
             try:
@@ -214,6 +219,42 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"Unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}.")
         return PRESETS[name].replace(**changes)
+
+
+# The int, float and bool fields (and `int | None`), whose values are type-checked.
+_SCALAR_FIELDS = {
+    name: kind for name, kind in typing.get_type_hints(ModelConfig).items() if kind in (int, float, bool, int | None)
+}
+
+
+def coerce_scalar(label: str, kind, value):
+    """`value` as an int, float, bool or `int | None` (`kind`), or a ValueError naming `label`.
+
+    Shared by the configs: YAML 1.1 reads 1e-6 (no dot) as a string, and an int is a valid float.
+    """
+    if value is None and kind == int | None:
+        return None
+    if kind is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind in (int, int | None) and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if kind is float and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    expected = "int or None" if kind == int | None else kind.__name__
+    raise ValueError(f"{label} must be of type {expected}, got {value!r}.")
+
+
+def _scalar(name: str, kind, value):
+    """A ModelConfig field's value in its type, and finite when a float."""
+    value = coerce_scalar(f"ModelConfig.{name}", kind, value)
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"ModelConfig.{name} must be a finite number, got {value!r}.")
+    return value
 
 
 def _check_keys(values: dict[str, Any]) -> None:

@@ -119,7 +119,7 @@ class Sampler:
 
         Options are those of `transformer.sampling.generate`; `seed` fixes sampling.
         """
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = _texts(text)
         prompts, generated = self._generate(
             texts, max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature, top_k=top_k,
             top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, seed=seed,
@@ -140,6 +140,7 @@ class Sampler:
     ) -> Iterator[str]:
         """Yields the continuation of one text piece by piece while the compiled loop runs;
         the pieces join to what `sampler(text, ...)` returns with the same options."""
+        _texts(text, batch=False)
         pieces: queue.Queue = queue.Queue()
         done = object()
 
@@ -174,6 +175,16 @@ class Sampler:
             if item == self.tokenizer.eos_id:
                 break
         worker.join()
+
+
+def _texts(text, *, batch: bool = True) -> list[str]:
+    """The prompts of a call: a str (or, with `batch`, a list or tuple of str); else a TypeError."""
+    if isinstance(text, str):
+        return [text]
+    if batch and isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        return list(text)
+    expected = "a str or a list of str" if batch else "a str"
+    raise TypeError(f"The prompt must be {expected}, got {type(text).__name__} {text!r:.60}.")
 
 
 def main(argv: list[str] | None = None) -> int:

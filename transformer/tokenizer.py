@@ -177,12 +177,21 @@ class Tokenizer:
         return [self.decode(ids) for ids in batch]
 
     def check_compatible(self, config: ModelConfig) -> None:
-        """Raises unless every id of this tokenizer has a row in the model's embedding table."""
-        if self.vocab_size > config.vocab_size:
+        """Raises unless the model's vocabulary is exactly this tokenizer's ids.
+
+        A smaller model has no embedding for the highest ids; a larger one has rows no text
+        maps to, which generation could still emit and decoding could not turn into text.
+        """
+        if self.vocab_size != config.vocab_size:
+            problem = (
+                f"ids >= {config.vocab_size} have no embedding" if self.vocab_size > config.vocab_size
+                else f"ids {self.vocab_size}..{config.vocab_size - 1} match no piece, so text generated with them "
+                "cannot be decoded"
+            )
             raise ValueError(
-                f"The tokenizer has {self.vocab_size} tokens but the model's vocab_size is "
-                f"{config.vocab_size}: ids >= {config.vocab_size} have no embedding. Set "
-                f"vocab_size={self.vocab_size} in the model config (or train a smaller tokenizer)."
+                f"The tokenizer has {self.vocab_size} pieces but the model's vocab_size is {config.vocab_size}: "
+                f"{problem}. Set model.vocab_size={self.vocab_size} (or use a tokenizer with "
+                f"{config.vocab_size} pieces)."
             )
 
     def __repr__(self) -> str:
