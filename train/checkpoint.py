@@ -38,7 +38,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from train.rundir import sha256_file
+from train.rundir import sha256_file, write_atomically
 
 CHECKSUMS = "checksums.json"  # in each step directory: {path relative to it: sha256 hex digest}
 
@@ -330,12 +330,7 @@ def _write_checksums(step_dir: pathlib.Path) -> None:
         for path in sorted(step_dir.rglob("*"))
         if path.is_file() and path.name not in (CHECKSUMS, CHECKSUMS + ".tmp")
     }
-    temporary = step_dir / (CHECKSUMS + ".tmp")
-    with open(temporary, "w") as file:
-        json.dump(checksums, file, indent=1)
-        file.flush()
-        os.fsync(file.fileno())  # on disk before the rename makes it the step's checksums
-    os.replace(temporary, step_dir / CHECKSUMS)
+    write_atomically(step_dir / CHECKSUMS, json.dumps(checksums, indent=1))
 
 
 def _split_params(state) -> tuple[object, object]:

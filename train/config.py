@@ -29,6 +29,7 @@ import yaml
 
 from train.objectives import Task
 from train.optim import Schedule
+from train.rundir import write_atomically
 from transformer.config import ModelConfig, coerce_scalar
 
 
@@ -328,10 +329,7 @@ def load_yaml(path: str | os.PathLike, base: TrainConfig | None = None) -> Train
 
 def save_yaml(config: TrainConfig, path: str | os.PathLike) -> None:
     """Writes the resolved config (readable back with `load_yaml`)."""
-    text = yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
-    temporary = pathlib.Path(f"{path}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
+    write_atomically(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:

@@ -156,14 +156,15 @@ def _tokenizer_texts(examples: list[dict]) -> list[str]:
     return [e[key] for e in examples for key in ("text", "source", "target") if key in e]
 
 
-def _tokenizer_origin(config: TrainConfig, train_examples: list[dict]) -> dict[str, Any]:
-    """What the run's tokenizer is made from: a copied file's digest, or the training texts and settings."""
+def _tokenizer_origin(config: TrainConfig, training_data: str) -> dict[str, Any]:
+    """What the run's tokenizer is made from: a copied file's digest, or the training data's
+    digest (`rundir.sha256_json` of the examples) and the settings."""
     source = _tokenizer_source(config)
     if source is not None:
         Tokenizer.load(source)  # a clear error when it is missing or not a sentencepiece model
         return {"copied_from": rundir.sha256_file(source)}
     return {
-        "trained_on": rundir.sha256_json(_tokenizer_texts(train_examples)), "vocab_size": config.model.vocab_size,
+        "trained_on": training_data, "vocab_size": config.model.vocab_size,
         "model_type": config.tokenizer_model_type, "seed": config.seed,
     }
 
@@ -175,7 +176,8 @@ def _tokenizer_source(config: TrainConfig) -> pathlib.Path | None:
 
 
 def prepare_tokenizer(
-    config: TrainConfig, run_dir: pathlib.Path, train_examples: list[dict], artefacts: rundir.Artefacts
+    config: TrainConfig, run_dir: pathlib.Path, train_examples: list[dict], training_data: str,
+    artefacts: rundir.Artefacts,
 ) -> Tokenizer:
     """The run's tokenizer: already in the run directory (made from the same origin), copied from
     `init_from` or `tokenizer`, or trained on the training texts with model.vocab_size pieces.
@@ -185,7 +187,7 @@ def prepare_tokenizer(
     settings is refused rather than reused.
     """
     path = run_dir / "tokenizer.model"
-    origin = _tokenizer_origin(config, train_examples)
+    origin = _tokenizer_origin(config, training_data)
     if not artefacts.check(path.name, origin) and jax.process_index() == 0:
         with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
             made = pathlib.Path(tmp) / path.name
@@ -580,12 +582,12 @@ def _train(config: TrainConfig, run_dir: pathlib.Path, checkpointer: Checkpointe
     train_examples, validation_examples, label_names = _label_names(config, train_examples, validation_examples)
     if is_main and label_names:
         (run_dir / "labels.json").write_text(json.dumps(label_names))
-    tokenizer = prepare_tokenizer(config, run_dir, train_examples, artefacts)
-    training_data = {"training_data": rundir.sha256_json(train_examples)}
-    if resuming:
-        artefacts.check("checkpoints", training_data)  # the checkpoints continue training on the same data
+    training_data = rundir.sha256_json(train_examples)
+    tokenizer = prepare_tokenizer(config, run_dir, train_examples, training_data, artefacts)
+    if resuming:  # the checkpoints continue training on the same data
+        artefacts.check("checkpoints", {"training_data": training_data})
     else:
-        artefacts.record("checkpoints", training_data)
+        artefacts.record("checkpoints", {"training_data": training_data})
     if is_main:
         save_yaml(config, run_dir / "config.yaml")
     features = task_data(config, tokenizer, train_examples, validation_examples, label_names)

@@ -106,11 +106,20 @@ def append_line(path: pathlib.Path, record: dict[str, Any]) -> None:
         os.close(descriptor)
 
 
-def rewrite(path: pathlib.Path, records: list[dict]) -> None:
-    """Replaces the file with `records`, atomically (a temporary file renamed over it)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Replaces the file with `text`: a temporary file, synced, renamed over it, so a crash leaves
+    the old file or the new one, never a part."""
+    temporary = pathlib.Path(f"{path}.tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
     temporary.replace(path)
+
+
+def rewrite(path: pathlib.Path, records: list[dict]) -> None:
+    """Replaces the file with `records`, atomically."""
+    write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 # ----------------------------------------------------------------------------- artefacts
@@ -173,9 +182,7 @@ class Artefacts:
         self.records[name] = origin
         if not self.writable:
             return
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(json.dumps(self.records, indent=1, sort_keys=True))
-        temporary.replace(self.path)
+        write_atomically(self.path, json.dumps(self.records, indent=1, sort_keys=True))
 
 
 def _short(value: Any) -> str:
