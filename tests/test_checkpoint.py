@@ -17,7 +17,7 @@ import optax
 import pytest
 from flax import struct
 
-from train.checkpoint import CheckpointUnreadable, Checkpointer
+from transformer.checkpoint import CheckpointUnreadable, Checkpointer
 
 
 @struct.dataclass
@@ -137,7 +137,7 @@ import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 sys.path.insert(0, sys.argv[1])
 import test_checkpoint as t
-from train.checkpoint import Checkpointer
+from transformer.checkpoint import Checkpointer
 
 mesh = Mesh(np.array(jax.devices()), ("fsdp",))
 

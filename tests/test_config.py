@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import yaml
 
 from transformer.config import (
     PRESETS,
@@ -26,7 +27,7 @@ def test_every_preset_builds(name):
     config = ModelConfig.preset(name)
     assert config == PRESETS[name]
     assert config.num_encoder_layers + config.num_decoder_layers > 0
-    assert config.kv_heads * (config.num_heads // config.kv_heads) == config.num_heads
+    assert config.num_kv_heads * (config.num_heads // config.num_kv_heads) == config.num_heads
 
 
 def test_preset_applies_changes():
@@ -52,8 +53,8 @@ def test_head_dim_must_divide_d_model_unless_explicit():
     with pytest.raises(ValueError, match="d_model=18.*num_heads=4"):
         tiny(d_model=18)
     config = tiny(d_model=18, head_dim=8)
-    assert config.dim_per_head == 8
-    assert tiny().dim_per_head == 4
+    assert config.head_dim == 8
+    assert tiny().head_dim == 4
 
 
 @pytest.mark.parametrize("num_kv_heads", [3, 0, 8])
@@ -65,8 +66,36 @@ def test_num_kv_heads_must_divide_num_heads(num_kv_heads):
 
 @pytest.mark.parametrize("num_kv_heads", [None, 1, 2, 4])
 def test_valid_num_kv_heads(num_kv_heads):
-    """Divisors of num_heads (and None = num_heads) are accepted; kv_heads resolves None."""
-    assert tiny(num_kv_heads=num_kv_heads).kv_heads == (num_kv_heads or 4)
+    """Divisors of num_heads (and None = num_heads) are accepted; None resolves to num_heads."""
+    assert tiny(num_kv_heads=num_kv_heads).num_kv_heads == (num_kv_heads or 4)
+
+
+def test_none_sizes_resolve_to_ints():
+    """None head sizes become ints in the config, its dict and its YAML; an old dict with nulls loads."""
+    config = tiny(d_model=32, num_heads=4, num_kv_heads=None, head_dim=None)
+    assert (config.num_kv_heads, config.head_dim) == (4, 8)
+    values = config.to_dict()
+    assert type(values["num_kv_heads"]) is int and type(values["head_dim"]) is int
+    assert "head_dim: 8" in yaml.safe_dump(values)
+    old = {**values, "num_kv_heads": None, "head_dim": None}  # a run directory written before ints
+    assert ModelConfig.from_dict(old) == config
+
+
+def test_replace_recomputes_defaulted_sizes_from_their_sources():
+    """A head_dim equal to d_model // num_heads, and a num_kv_heads equal to num_heads, follow a
+    change of their sources; explicit values, given now or before, stay."""
+    small = ModelConfig.preset("gpt2-small")  # D 768, N 12, H 64
+    assert small.replace(d_model=512, num_heads=8).head_dim == 64
+    assert small.replace(d_model=384).head_dim == 32
+    assert small.replace(num_heads=8).num_kv_heads == 8
+    assert small.replace(num_heads=8, head_dim=32).head_dim == 32  # given in the change: wins
+    assert small.replace(num_heads=4, num_kv_heads=2).num_kv_heads == 2
+    assert ModelConfig.preset("gpt2-small", d_model=512, num_heads=8).head_dim == 64
+    explicit = tiny(d_model=18, head_dim=8)  # 18 // 4 != 8: set by hand, kept
+    assert explicit.replace(d_model=20).head_dim == 8
+    grouped = ModelConfig.preset("llama-tiny")  # N 4, K 2: grouped by hand, kept
+    assert grouped.replace(num_heads=8).num_kv_heads == 2
+    assert grouped.replace(d_model=128).replace(d_model=64) == grouped
 
 
 @pytest.mark.parametrize(
@@ -122,7 +151,7 @@ def test_rope_needs_even_head_dim():
         tiny(position="rope", d_model=12, num_heads=4)  # head dim 3
     with pytest.raises(ValueError, match="even head dimension"):
         tiny(position="rope", head_dim=5)
-    assert tiny(position="rope").dim_per_head == 4
+    assert tiny(position="rope").head_dim == 4
 
 
 def test_replace_unknown_key_is_named():
@@ -213,7 +242,7 @@ def test_float_fields_must_be_finite(value):
 
 
 def test_numbers_are_coerced_to_the_field_type():
-    """An int for a float field, and YAML 1.1's string for 1e-6, become floats; None stays None."""
+    """An int for a float field, and YAML 1.1's string for 1e-6, become floats; None head_dim resolves."""
     config = tiny(dropout_rate=0, norm_epsilon="1e-6", head_dim=None)
-    assert type(config.dropout_rate) is float and config.norm_epsilon == 1e-6 and config.head_dim is None
+    assert type(config.dropout_rate) is float and config.norm_epsilon == 1e-6 and config.head_dim == 4
     assert config == tiny(dropout_rate=0.0, norm_epsilon=1e-6)

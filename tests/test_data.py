@@ -577,7 +577,7 @@ def test_batches_state_round_trip(k):
 def test_batches_state_round_trip_with_random_masking(nsp_examples):
     """With MLM masking as random_map, a restored iterator reproduces the masks of the next batch."""
     dataset = grain.MapDataset.range(len(nsp_examples))
-    mask = lambda i, rng: nsp_examples.example(i, rng)  # noqa: E731
+    mask = nsp_examples.example
     steps_per_epoch = len(nsp_examples) // 8
     iterator = data.batches(dataset, global_batch_size=8, seed=2, random_map=mask)
     take(iterator, steps_per_epoch)

@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import transformer as tfm
+from conftest import preset
 
 
 def test_attention_maps_show_causality_padding_and_every_layer():
-    cfg = tfm.ModelConfig.preset("t5-tiny", dropout_rate=0.0)
+    cfg = preset("t5-tiny")
     model = tfm.Seq2SeqLM(cfg)
     source, target = jnp.array([[5, 6, 7, 8, 9]]), jnp.array([[2, 5, 6]])
     source_segments = jnp.array([[1, 1, 1, 0, 0]])

@@ -1,18 +1,24 @@
 """MultiHeadAttention with an explicit cache; the one Block serves every architecture."""
 
+import inspect
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import transformer as tfm
+from conftest import RNG, abstract_params, init_inputs, preset
+from transformer import layers
+from transformer.sharding import LOGICAL_AXIS_RULES
 
 ATOL = 1e-5  # float32, values of order 1
 
 CONFIGS = {
-    "mha": tfm.ModelConfig.preset("gpt2-tiny", dropout_rate=0.0, attention_dropout_rate=0.0),
-    "gqa-rope": tfm.ModelConfig.preset("llama-tiny"),
-    "mqa-chunked": tfm.ModelConfig.preset("llama-tiny", num_kv_heads=1, attention_implementation="chunked"),
+    "mha": preset("gpt2-tiny"),
+    "gqa-rope": preset("llama-tiny"),
+    "mqa-chunked": preset("llama-tiny", num_kv_heads=1, attention_implementation="chunked"),
 }
 
 
@@ -30,7 +36,7 @@ def test_cached_single_token_attention_equals_full_forward(name):
     full, no_cache = attention.apply(variables, x, full_mask, positions=positions)
     assert no_cache is None
 
-    shape = (batch, length, cfg.kv_heads, cfg.dim_per_head)
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
     cache = tfm.KVCache(jnp.zeros(shape), jnp.zeros(shape))
     slots = positions
     step = jax.jit(lambda c, xt, t: attention.apply(
@@ -57,7 +63,7 @@ def test_cross_attention_cache_equals_recomputing_keys_and_values():
     fresh, cache = attention.apply(variables, decoder_x, mask, kv_input=encoded)
     reused, same_cache = attention.apply(variables, decoder_x, mask, cache=cache)
     np.testing.assert_array_equal(fresh, reused)
-    assert cache.k.shape == (2, 7, cfg.kv_heads, cfg.dim_per_head)
+    assert cache.k.shape == (2, 7, cfg.num_kv_heads, cfg.head_dim)
     assert same_cache is cache
     with pytest.raises(ValueError, match="encoder output"):
         attention.apply(variables, decoder_x, mask)
@@ -65,19 +71,46 @@ def test_cross_attention_cache_equals_recomputing_keys_and_values():
 
 def test_one_block_class_for_all_three_architectures():
     """Encoder, decoder-only and encoder-decoder stacks are built from the same Block."""
-    shapes = {}
-    for name, model, args in [
-        ("encoder", tfm.MaskedLM(tfm.ModelConfig.preset("bert-tiny")), 1),
-        ("decoder-only", tfm.CausalLM(tfm.ModelConfig.preset("gpt2-tiny")), 1),
-        ("encoder-decoder", tfm.Seq2SeqLM(tfm.ModelConfig.preset("t5-tiny")), 2),
-    ]:
-        tokens = jnp.zeros((1, 4), jnp.int32)
-        variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), *([tokens] * args))
-        shapes[name] = variables["params"]
-    block_keys = lambda layers: sorted(layers)  # noqa: E731
-    assert block_keys(shapes["encoder"]["encoder"]["layers"]) == block_keys(
-        shapes["decoder-only"]["decoder"]["layers"]
-    )
+    shapes = {
+        "encoder": abstract_params(tfm.MaskedLM(tfm.ModelConfig.preset("bert-tiny"))),
+        "decoder-only": abstract_params(tfm.CausalLM(tfm.ModelConfig.preset("gpt2-tiny"))),
+        "encoder-decoder": abstract_params(tfm.Seq2SeqLM(tfm.ModelConfig.preset("t5-tiny"))),
+    }
+    assert sorted(shapes["encoder"]["encoder"]["layers"]) == sorted(shapes["decoder-only"]["decoder"]["layers"])
     enc_dec_layers = shapes["encoder-decoder"]["decoder"]["layers"]
     assert {"cross_attention", "cross_attention_norm"} <= set(enc_dec_layers)
     assert "cross_attention" not in shapes["encoder-decoder"]["encoder"]["layers"]
+
+
+def test_remat_static_argnum_names_deterministic():
+    """nn.remat marks Block's `deterministic` static by position (self = 0); the constant must follow
+    the signature."""
+    parameters = list(inspect.signature(tfm.Block.__call__).parameters)
+    assert parameters[layers.DETERMINISTIC_ARGNUM] == "deterministic"
+
+
+def test_block_with_inputs_is_the_layer_of_a_stack():
+    """Block(x, caches, BlockInputs, deterministic) computes layer 0 of a one-layer (post-LN) stack."""
+    cfg = preset("transformer-tiny", num_encoder_layers=0, num_decoder_layers=1, scan_layers=False)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, cfg.d_model))
+    segments = jnp.ones((2, 5), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    stack = tfm.Stack(cfg, 1, causal=True)
+    variables = stack.init(jax.random.PRNGKey(1), x, segments, positions)
+    expected, _ = stack.apply(variables, x, segments, positions)
+    inputs = layers.BlockInputs(tfm.self_attention_mask(segments, positions, causal=True), positions)
+    block_variables = {"params": variables["params"]["layers_0"]}
+    out, caches = tfm.Block(cfg).apply(block_variables, x, (None, None), inputs, True)
+    np.testing.assert_allclose(out, expected, atol=ATOL)
+    assert caches == (None, None)
+
+
+def test_model_runs_under_a_mesh_with_logical_rules():
+    """Every parameter's logical names fit its rank, so init and apply work with the constraints
+    active (nn.DenseGeneral's 2-D init of an N-D kernel did not: flax#3676)."""
+    model = tfm.CausalLM(preset("llama-tiny"))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        variables = jax.jit(model.init)(RNG, *init_inputs(model))
+        logits = jax.jit(model.apply)(variables, *init_inputs(model))
+    assert logits.shape == (1, 4, model.config.vocab_size)

@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 
 import transformer as tfm
+from conftest import RNG, abstract_params, init_inputs, preset
 
 ATOL = 1e-5  # float32 logits of order 1
-RNG = jax.random.PRNGKey(0)
 
 
 @functools.cache
 def init(model):
     """Variables of `model`, initialised once per model (parameters do not depend on lengths)."""
-    dummy = jnp.ones((1, 4), jnp.int32)
-    return jax.jit(model.init)(RNG, *[dummy] * (2 if isinstance(model, tfm.Seq2SeqLM) else 1))
+    return jax.jit(model.init)(RNG, *init_inputs(model))
 
 
 @functools.cache
@@ -29,10 +28,6 @@ def _compiled_apply(model):
 def apply(model, variables, *args, **kwargs):
     """model.apply, compiled once per model, shapes and static arguments (eager scans are slow)."""
     return _compiled_apply(model)(variables, *args, **kwargs)
-
-
-def preset(name, **changes):
-    return tfm.ModelConfig.preset(name, dropout_rate=0.0, attention_dropout_rate=0.0, **changes)
 
 
 # Decoder-only variants covering every position encoding and norm placement.
@@ -190,28 +185,13 @@ def test_decoder_block_without_cross_attention_is_the_decoder_only_block(base):
 
     layers = {k: v for k, v in params["decoder"]["layers"].items() if not k.startswith("cross_attention")}
     causal_params = {"embed": params["embed"], "decoder": {**params["decoder"], "layers": layers}}
-    expected_shapes = jax.eval_shape(causal.init, RNG, target)["params"]
-    assert jax.tree.structure(nn.meta.unbox(expected_shapes)) == jax.tree.structure(causal_params)
+    assert jax.tree.structure(nn.meta.unbox(abstract_params(causal))) == jax.tree.structure(causal_params)
 
     np.testing.assert_allclose(
         apply(seq2seq, {"params": params}, source, target),
         apply(causal, {"params": causal_params}, target),
         atol=ATOL,
     )
-
-
-def _unstack_layers(tree):
-    """Scanned parameters {"layers": stacked} -> unscanned {"layers_0": ..., "layers_1": ...}."""
-    if not isinstance(tree, dict):
-        return tree
-    out = {}
-    for key, value in tree.items():
-        if key == "layers":
-            depth = jax.tree.leaves(value)[0].shape[0]
-            out.update({f"layers_{i}": jax.tree.map(lambda x: x[i], value) for i in range(depth)})
-        else:
-            out[key] = _unstack_layers(value)
-    return out
 
 
 @pytest.mark.parametrize("name", ["gpt2-tiny", "t5-tiny", "bert-tiny"])
@@ -223,13 +203,13 @@ def test_scanned_stack_equals_python_loop(name):
     }[name]
     tokens = random_tokens((2, 9), cfg.vocab_size)
     variables = init(model(cfg))
-    unrolled = model(cfg.replace(scan_layers=False))
-    params = _unstack_layers(nn.meta.unbox(variables["params"]))
-    assert jax.tree.structure(params) == jax.tree.structure(
-        nn.meta.unbox(jax.eval_shape(unrolled.init, RNG, *[tokens] * args)["params"])
+    unrolled, unrolled_variables = tfm.unscanned(model(cfg), variables)
+    assert not unrolled.config.scan_layers
+    assert jax.tree.structure(unrolled_variables["params"]) == jax.tree.structure(
+        nn.meta.unbox(abstract_params(unrolled))
     )
     np.testing.assert_allclose(
-        apply(unrolled, {"params": params}, *[tokens] * args), apply(model(cfg), variables, *[tokens] * args),
+        apply(unrolled, unrolled_variables, *[tokens] * args), apply(model(cfg), variables, *[tokens] * args),
         atol=ATOL,
     )
 
@@ -291,7 +271,7 @@ def test_cached_seq2seq_decoding_equals_full_forward(name):
         model, variables, target[:, :2], encoded, source_segment_ids=source_segments,
         cache=tfm.init_cache(cfg, 2, 8), method="decode",
     )
-    assert cache.cross_attention.k.shape == (cfg.num_decoder_layers, 2, 7, cfg.kv_heads, cfg.dim_per_head)
+    assert cache.cross_attention.k.shape == (cfg.num_decoder_layers, 2, 7, cfg.num_kv_heads, cfg.head_dim)
     outputs = [logits]
     for t in range(2, 6):
         logits, cache = apply(model, variables, target[:, t : t + 1], None, cache=cache, method="decode")
@@ -327,11 +307,14 @@ def test_pretrained_body_moves_under_a_new_head():
     fresh = init(classifier)["params"]
     params, new = tfm.merge_pretrained(fresh, pretrained)
     assert new == ["classifier/bias", "classifier/kernel"]
-    body = lambda p: {k: nn.meta.unbox(p)[k] for k in ("embed", "encoder", "pooler")}  # noqa: E731
+
+    def body(p):
+        return {k: nn.meta.unbox(p)[k] for k in ("embed", "encoder", "pooler")}
+
     jax.tree.map(np.testing.assert_array_equal, body(params), body(pretrained))
     assert apply(classifier, {"params": params}, tokens).shape == (2, 3)
 
-    other = jax.eval_shape(tfm.MaskedLM(cfg.replace(vocab_size=512)).init, RNG, tokens)["params"]
+    other = abstract_params(tfm.MaskedLM(cfg.replace(vocab_size=512)))
     with pytest.raises(ValueError, match="embed/token/embedding"):
         tfm.merge_pretrained(fresh, other)
 
@@ -341,9 +324,10 @@ def test_dropout_only_in_training_and_reproducible():
     model = tfm.CausalLM(cfg)
     tokens = random_tokens((2, 8), cfg.vocab_size)
     variables = init(model)
-    train = lambda seed: apply(  # noqa: E731
-        model, variables, tokens, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)}
-    )
+
+    def train(seed):
+        return apply(model, variables, tokens, deterministic=False, rngs={"dropout": jax.random.PRNGKey(seed)})
+
     np.testing.assert_array_equal(train(1), train(1))
     assert jnp.abs(train(1) - train(2)).max() > 1e-3
     assert jnp.abs(train(1) - apply(model, variables, tokens)).max() > 1e-3
@@ -351,12 +335,12 @@ def test_dropout_only_in_training_and_reproducible():
 
 def test_every_parameter_has_logical_axis_names():
     """Each parameter is boxed with one logical name per dimension; scanned stacks lead with "layers"."""
-    for model, args in [
-        (tfm.Seq2SeqLM(tfm.ModelConfig.preset("t5-tiny")), 2),
-        (tfm.MaskedLM(tfm.ModelConfig.preset("bert-tiny"), next_sentence_prediction=True), 1),
-        (tfm.CausalLM(tfm.ModelConfig.preset("llama-tiny")), 1),
+    for model in [
+        tfm.Seq2SeqLM(tfm.ModelConfig.preset("t5-tiny")),
+        tfm.MaskedLM(tfm.ModelConfig.preset("bert-tiny"), next_sentence_prediction=True),
+        tfm.CausalLM(tfm.ModelConfig.preset("llama-tiny")),
     ]:
-        params = jax.eval_shape(model.init, RNG, *[jnp.zeros((1, 4), jnp.int32)] * args)["params"]
+        params = abstract_params(model)
         boxes = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
         assert boxes and all(isinstance(b, nn.Partitioned) for b in boxes)
         for path, box in jax.tree_util.tree_flatten_with_path(

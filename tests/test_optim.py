@@ -1,5 +1,6 @@
 """The optimizer: which parameters weight decay reaches, and the learning rate each update gets."""
 
+import functools
 import math
 
 import jax
@@ -9,16 +10,14 @@ import optax
 import pytest
 
 import transformer as tfm
+from conftest import abstract_params
 from train import optim
 
-TOKENS = jnp.ones((1, 4), jnp.int32)
 
-
-def decayed_paths(model, *inputs) -> dict[str, bool]:
+def decayed_paths(model) -> dict[str, bool]:
     """'path/to/leaf' -> whether it decays, for the model's (abstract, boxed) parameters; the layers
     of an unscanned stack ('layers_0', 'layers_1') are named 'layers', as in a scanned one."""
-    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)["params"]
-    mask = optim.decay_mask(params)
+    mask = optim.decay_mask(abstract_params(model))
     out = {}
     for path, decays in jax.tree_util.tree_flatten_with_path(mask)[0]:
         names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
@@ -27,31 +26,29 @@ def decayed_paths(model, *inputs) -> dict[str, bool]:
 
 
 MODELS = {
-    "gpt2-tiny": lambda cfg: (tfm.CausalLM(cfg), TOKENS),
-    "llama-tiny": lambda cfg: (tfm.CausalLM(cfg), TOKENS),
-    "bert-tiny": lambda cfg: (tfm.MaskedLM(cfg, next_sentence_prediction=True), TOKENS),
-    "t5-tiny": lambda cfg: (tfm.Seq2SeqLM(cfg), TOKENS, TOKENS),
+    "gpt2-tiny": tfm.CausalLM,
+    "llama-tiny": tfm.CausalLM,
+    "bert-tiny": functools.partial(tfm.MaskedLM, next_sentence_prediction=True),
+    "t5-tiny": tfm.Seq2SeqLM,
 }
 
 
 @pytest.mark.parametrize("preset", MODELS)
 def test_scanned_and_unscanned_layers_decay_the_same_parameters(preset):
     cfg = tfm.ModelConfig.preset(preset)
-    model, *inputs = MODELS[preset](cfg.replace(scan_layers=True))
-    scanned = decayed_paths(model, *inputs)
-    model, *inputs = MODELS[preset](cfg.replace(scan_layers=False))
-    assert decayed_paths(model, *inputs) == scanned
+    scanned = decayed_paths(MODELS[preset](cfg.replace(scan_layers=True)))
+    assert decayed_paths(MODELS[preset](cfg.replace(scan_layers=False))) == scanned
 
 
 def test_matrices_and_embeddings_decay_biases_norms_and_relative_bias_do_not():
-    bert = decayed_paths(*MODELS["bert-tiny"](tfm.ModelConfig.preset("bert-tiny")))
+    bert = decayed_paths(MODELS["bert-tiny"](tfm.ModelConfig.preset("bert-tiny")))
     assert {path for path, decays in bert.items() if decays} == {
         "embed/token/embedding", "embed/position/embedding", "embed/token_type/embedding",
         *(f"encoder/layers/self_attention/{p}/kernel" for p in ("query", "key", "value", "out")),
         "encoder/layers/feed_forward/wi/kernel", "encoder/layers/feed_forward/wo/kernel",
         "mlm_transform/kernel", "pooler/kernel", "nsp_head/kernel",
     }
-    t5 = decayed_paths(*MODELS["t5-tiny"](tfm.ModelConfig.preset("t5-tiny")))
+    t5 = decayed_paths(MODELS["t5-tiny"](tfm.ModelConfig.preset("t5-tiny")))
     assert not t5["encoder/relative_position_bias/embedding"] and not t5["decoder/relative_position_bias/embedding"]
     assert not t5["encoder/layers/self_attention_norm/scale"] and t5["decoder/layers/cross_attention/query/kernel"]
 

@@ -1,19 +1,13 @@
 """Presets: exact parameter counts against the reference implementations; every preset runs."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
 
 import transformer as tfm
+from conftest import abstract_params
 
 TOKENS = jnp.zeros((1, 8), jnp.int32)
-
-
-def param_shapes(model, *args):
-    """Parameter shapes from an abstract init (no memory for the large presets)."""
-    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)
-    return nn.meta.unbox(variables["params"])
 
 
 def count(tree) -> int:
@@ -27,18 +21,18 @@ def count(tree) -> int:
     [("bert-base", 109_482_240), ("bert-large", 335_141_888)],
 )
 def test_bert_body_parameter_count(name, expected):
-    params = param_shapes(tfm.SequenceClassifier(tfm.ModelConfig.preset(name), num_labels=2), TOKENS)
+    params = abstract_params(tfm.SequenceClassifier(tfm.ModelConfig.preset(name), num_labels=2))
     assert count({k: params[k] for k in ("embed", "encoder", "pooler")}) == expected
 
 
 @pytest.mark.parametrize("name, expected", [("gpt2-small", 124_439_808), ("gpt2-medium", 354_823_168)])
 def test_gpt2_parameter_count(name, expected):
-    assert count(param_shapes(tfm.CausalLM(tfm.ModelConfig.preset(name)), TOKENS)) == expected
+    assert count(abstract_params(tfm.CausalLM(tfm.ModelConfig.preset(name)))) == expected
 
 
 @pytest.mark.parametrize("name, expected", [("t5-small", 60_506_624), ("t5-base", 222_903_552)])
 def test_t5_parameter_count(name, expected):
-    assert count(param_shapes(tfm.Seq2SeqLM(tfm.ModelConfig.preset(name)), TOKENS, TOKENS)) == expected
+    assert count(abstract_params(tfm.Seq2SeqLM(tfm.ModelConfig.preset(name)))) == expected
 
 
 # The paper (Table 3) reports 65M and 213M with a shared vocabulary of about 37k tokens and
@@ -47,7 +41,7 @@ def test_t5_parameter_count(name, expected):
     "name, exact, paper", [("transformer-base", 63_082_496, 65e6), ("transformer-big", 214_245_376, 213e6)]
 )
 def test_transformer_2017_parameter_count(name, exact, paper):
-    n = count(param_shapes(tfm.Seq2SeqLM(tfm.ModelConfig.preset(name)), TOKENS, TOKENS))
+    n = count(abstract_params(tfm.Seq2SeqLM(tfm.ModelConfig.preset(name))))
     assert n == exact
     assert abs(n - paper) / paper < 0.05
 
@@ -79,4 +73,4 @@ def test_tiny_presets_run_every_task_model(name):
 def test_full_presets_build_abstractly(name):
     """Every full-size preset's task models initialise (shapes only, no memory)."""
     for model, args, _ in _task_models(tfm.ModelConfig.preset(name)):
-        assert count(param_shapes(model, *args)) > 0
+        assert count(abstract_params(model, *args)) > 0

@@ -1,6 +1,7 @@
 """The training job: config parsing, run directories, exact resume after SIGKILL and SIGTERM,
 multi-process training, divergence handling and clear errors."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -19,11 +20,11 @@ import pytest
 import synthetic
 from processes import ROOT, subprocess_env
 from train import config as config_lib
-from train import loop, rundir
+from train import loop, rundir, tasks
 from train.__main__ import main, usage
-from train.checkpoint import Checkpointer
-from train.objectives import OBJECTIVES, Task
-from transformer.sample import Sampler
+from transformer.runs import load_run
+from transformer.sampler import Sampler
+from transformer.tasks import Task
 from transformer.tokenizer import Tokenizer
 
 TINY_MODEL = [
@@ -65,15 +66,9 @@ def finish(process: subprocess.Popen, timeout=300) -> str:
 
 
 def final_params(run_dir: pathlib.Path):
-    """The parameters of the run's latest checkpoint, on this process's first device."""
-    config = config_lib.load_yaml(run_dir / "config.yaml")
-    model = loop.build_model(config)
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *loop.init_inputs(config)))["params"]
-    checkpointer = Checkpointer(run_dir / "checkpoints")
-    try:
-        return checkpointer.latest_step(), checkpointer.restore_params(abstract)
-    finally:
-        checkpointer.close()
+    """The step and parameters of the run's latest checkpoint, on this process's first device."""
+    run = load_run(run_dir)
+    return run.step, run.params
 
 
 def assert_bitwise_equal(a, b):
@@ -352,13 +347,13 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
 
 
 def test_repeated_nonfinite_steps_stop_the_run_without_saving_them(corpus, tmp_path, monkeypatch):
-    causal_lm = OBJECTIVES[Task.CAUSAL_LM]
+    causal_lm = tasks.TASKS[Task.CAUSAL_LM]
 
     def poisoned(*args, **kwargs):
-        metrics = causal_lm(*args, **kwargs)
+        metrics = causal_lm.objective(*args, **kwargs)
         return dict(metrics, loss=metrics["loss"] * np.nan)
 
-    monkeypatch.setitem(OBJECTIVES, Task.CAUSAL_LM, poisoned)
+    monkeypatch.setitem(tasks.TASKS, Task.CAUSAL_LM, dataclasses.replace(causal_lm, objective=poisoned))
     config = config_lib.parse_args(tiny_args(corpus, tmp_path / "run", "max_nonfinite_steps=4", "checkpoint_every=100"))
     with pytest.raises(loop.TrainingDiverged, match="the last 4 steps had non-finite gradients .* and were skipped"):
         loop.run(config, progress=False)
@@ -374,7 +369,7 @@ def test_init_from_a_missing_run_is_a_clear_error(tmp_path):
 def test_a_dataset_of_the_wrong_kind_is_a_clear_error(tmp_path):
     config = config_lib.experiment("gpt-tiny").replace(dataset="rt-polarity", run_dir=str(tmp_path / "run"))
     with pytest.raises(ValueError, match="'rt-polarity' holds classification data, but task=causal_lm needs lm data"):
-        loop.load_examples(config, "train")
+        tasks.load_examples(config, "train")
 
 
 # ----------------------------------------------------------------------------- multi-process

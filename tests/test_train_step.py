@@ -12,10 +12,13 @@ import optax
 import pytest
 
 import transformer as tfm
+from conftest import preset
 from train import objectives, optim
 from train import step as train_step
+from train.tasks import TASKS
+from transformer.tasks import Task
 
-CONFIG = tfm.ModelConfig.preset("gpt2-tiny", dropout_rate=0.0, attention_dropout_rate=0.0, vocab_size=256)
+CONFIG = preset("gpt2-tiny", vocab_size=256)
 BATCH, LENGTH = 8, 16
 
 
@@ -50,17 +53,17 @@ def test_gradient_accumulation_equals_one_large_batch():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), one.params, four.params)
 
 
-def _tiny(preset):
-    return tfm.ModelConfig.preset(
-        preset, dropout_rate=0.0, attention_dropout_rate=0.0, vocab_size=64, num_encoder_layers=1,
-        num_decoder_layers=1, d_model=16, num_heads=2, d_ff=32,
-    )
+def _tiny(name):
+    return preset(name, vocab_size=64, num_encoder_layers=1, num_decoder_layers=1, d_model=16, num_heads=2, d_ff=32)
 
 
 def _task_case(task, rng):
     """(model, objective, batch) for a task; token weights differ between rows, so that the
     microbatches of an accumulated step carry different weights, and one row is filler."""
-    tokens = lambda: rng.integers(7, 64, (BATCH, LENGTH)).astype(np.int32)  # noqa: E731
+
+    def tokens():
+        return rng.integers(7, 64, (BATCH, LENGTH)).astype(np.int32)
+
     segments = np.ones((BATCH, LENGTH), np.int32)
     segments[-1] = 0  # a filler row: no loss, no NSP example
     weights = (rng.random((BATCH, LENGTH)) < np.linspace(0.1, 0.9, BATCH)[:, None]).astype(np.float32) * segments
@@ -80,10 +83,10 @@ def _task_case(task, rng):
         model = tfm.CausalLM(_tiny("gpt2-tiny"))
         positions = np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH, 1))
         batch = dict(tokens=tokens(), targets=tokens(), weights=weights, segment_ids=segments, positions=positions)
-    return model, objectives.OBJECTIVES[task], batch
+    return model, TASKS[task].objective, batch
 
 
-@pytest.mark.parametrize("task", list(objectives.Task))
+@pytest.mark.parametrize("task", list(Task))
 def test_accumulation_equals_one_large_batch_for_every_task(task):
     """k microbatches of unequal weight (and a filler row) give one batch's loss and update,
     for every objective: MLM and NSP each keep their own mean over the whole batch."""

@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
-import re
 import sys
 
-from train.config import DEFAULT_EXPERIMENT, EXPERIMENTS, TrainConfig, parse_args, to_dict
-
-
-def _key_help() -> dict[str, str]:
-    """The comment after each TrainConfig field, as its help text."""
-    source = inspect.getsource(TrainConfig)
-    return dict(re.findall(r"^    (\w+): [^\n#]*?#\s*(.+)$", source, flags=re.MULTILINE))
+from train.config import DEFAULT_EXPERIMENT, EXPERIMENTS, FIELDS, parse_args, to_dict
 
 
 def usage() -> str:
@@ -31,12 +23,11 @@ def usage() -> str:
         data = config.init_from and f"{config.dataset}, from {config.init_from}" or config.dataset
         lines.append(f"  {name:24s}{config.task} on {data}; {layers} layers, d_model {m.d_model}, {config.steps} steps")
     lines += ["", "keys (defaults of the default experiment):"]
-    helps = _key_help()
     for key, value in to_dict(EXPERIMENTS[DEFAULT_EXPERIMENT]).items():
         if key == "model":
             lines.append(f"  {'model':24s}{'':>14}  a model preset name, or model.FIELD=VALUE for one architecture field")
             continue
-        lines.append(f"  {key:24s}{value!r:>14}  {helps.get(key, '')}".rstrip())
+        lines.append(f"  {key:24s}{value!r:>14}  {FIELDS[key].metadata.get('help', '')}".rstrip())
     lines += ["", "example: python -m train transformer-tiny-en-fr steps=200 model.num_decoder_layers=3"]
     return "\n".join(lines)
 

@@ -27,10 +27,10 @@ from typing import Any
 
 import yaml
 
-from train.objectives import Task
 from train.optim import Schedule
-from train.rundir import write_atomically
+from transformer.files import write_atomically
 from transformer.config import ModelConfig, coerce_scalar
+from transformer.tasks import Task
 
 
 class FileFormat(enum.StrEnum):
@@ -106,6 +106,11 @@ RANGES: dict[str, Range] = {
 }
 
 
+def _field(default, help_text: str):
+    """A TrainConfig field with the text `python -m train --help` shows for it."""
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything a training run needs; the resolved config is saved in the run directory."""
@@ -113,57 +118,57 @@ class TrainConfig:
     # What to train.
     task: Task = Task.CAUSAL_LM
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig.preset("gpt2-tiny"))
-    init_from: str = ""  # a run directory: start from its parameters, model config and tokenizer
+    init_from: str = _field("", "a run directory: start from its parameters, model config and tokenizer")
 
     # Data: a named data set (train.datasets) or your own files.
     dataset: str = "shakespeare"
-    train_files: tuple[str, ...] = ()  # instead of `dataset`
+    train_files: tuple[str, ...] = _field((), "instead of `dataset`")
     validation_files: tuple[str, ...] = ()
     file_format: FileFormat = FileFormat.TEXT
-    seq_length: int = 128  # tokens per example (the target side for seq2seq)
-    source_length: int = 128  # seq2seq source tokens
-    next_sentence_prediction: bool = False  # masked LM: pairs of segments with an NSP head
-    tokenizer: str = ""  # a sentencepiece .model file; "" trains one (model.vocab_size pieces)
-    tokenizer_model_type: str = "bpe"  # "bpe" or "unigram" when training one
+    seq_length: int = _field(128, "tokens per example (the target side for seq2seq)")
+    source_length: int = _field(128, "seq2seq source tokens")
+    next_sentence_prediction: bool = _field(False, "masked LM: pairs of segments with an NSP head")
+    tokenizer: str = _field("", 'a sentencepiece .model file; "" trains one (model.vocab_size pieces)')
+    tokenizer_model_type: str = _field("bpe", '"bpe" or "unigram" when training one')
 
     # Optimisation.
     steps: int = 1000
-    batch_size: int = 32  # global batch in examples (split over devices and processes)
-    accumulation: int = 1  # microbatches per step (gradient accumulation)
-    learning_rate: float = 1e-3  # the peak, reached after warmup
+    batch_size: int = _field(32, "global batch in examples (split over devices and processes)")
+    accumulation: int = _field(1, "microbatches per step (gradient accumulation)")
+    learning_rate: float = _field(1e-3, "the peak, reached after warmup")
     schedule: Schedule = Schedule.COSINE
     warmup_steps: int = 100
     weight_decay: float = 0.01
-    grad_clip: float = 1.0  # global norm; 0 disables clipping
+    grad_clip: float = _field(1.0, "global norm; 0 disables clipping")
     adam_b1: float = 0.9
     adam_b2: float = 0.98
     adam_eps: float = 1e-9
     label_smoothing: float = 0.0
-    scheduled_sampling: float = 0.0  # final probability of feeding the model its own prediction
-    max_nonfinite_steps: int = 10  # stop after this many non-finite steps in a row
+    scheduled_sampling: float = _field(0.0, "final probability of feeding the model its own prediction")
+    max_nonfinite_steps: int = _field(10, "stop after this many non-finite steps in a row")
     seed: int = 0
 
     # Devices: mesh axis sizes (-1 = the remaining devices) and multi-host start-up.
     mesh_data: int = -1
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
-    distributed: bool = False  # call jax.distributed.initialize() (arguments auto-detected on clusters)
-    coordinator_address: str = ""  # host:port of process 0, when not auto-detected
-    num_processes: int = 0  # 0: auto-detect
-    process_id: int = -1  # -1: auto-detect
+    distributed: bool = _field(False, "call jax.distributed.initialize() (arguments auto-detected on clusters)")
+    coordinator_address: str = _field("", "host:port of process 0, when not auto-detected")
+    num_processes: int = _field(0, "0: auto-detect")
+    process_id: int = _field(-1, "-1: auto-detect")
 
     # Run directory, logging, evaluation and checkpoints.
     run_dir: str = "runs/gpt-tiny"
     log_every: int = 10
     eval_every: int = 200
-    eval_batches: int = 20  # validation batches per evaluation; 0 = the whole split
+    eval_batches: int = _field(20, "validation batches per evaluation; 0 = the whole split")
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
-    resume_step: int = 0  # resume from this checkpoint step; 0 = the newest that restores cleanly
-    sample_prompt: str = "ROMEO:"  # causal LM: text continued at every evaluation
+    resume_step: int = _field(0, "resume from this checkpoint step; 0 = the newest that restores cleanly")
+    sample_prompt: str = _field("ROMEO:", "causal LM: text continued at every evaluation")
     sample_tokens: int = 64
-    bleu_examples: int = 100  # seq2seq: validation pairs translated for BLEU; 0 = none
-    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = known accelerators only
+    bleu_examples: int = _field(100, "seq2seq: validation pairs translated for BLEU; 0 = none")
+    peak_flops: float = _field(0.0, "per-device peak FLOP/s for MFU; 0 = known accelerators only")
 
     def __post_init__(self):
         for name in FIELDS:
@@ -184,21 +189,20 @@ class TrainConfig:
             raise ValueError("No training data: set dataset=NAME (see train.datasets) or train_files=[...].")
         if self.tokenizer_model_type not in ("bpe", "unigram"):
             raise ValueError(f"tokenizer_model_type must be 'bpe' or 'unigram', got {self.tokenizer_model_type!r}.")
-        if self.scheduled_sampling and self.task not in (Task.CAUSAL_LM, Task.SEQ2SEQ):
+        if self.scheduled_sampling and not self.task.generates:
             raise ValueError(f"scheduled_sampling applies to causal_lm and seq2seq, not {self.task}.")
         if self.next_sentence_prediction and self.task != Task.MASKED_LM:
             raise ValueError("next_sentence_prediction applies to task=masked_lm only.")
         stacks = (self.model.num_encoder_layers > 0, self.model.num_decoder_layers > 0)
-        needed = {
-            Task.CAUSAL_LM: ((False, True), "a decoder only (num_encoder_layers=0)"),
-            Task.MASKED_LM: ((True, False), "an encoder only (num_decoder_layers=0)"),
-            Task.CLASSIFICATION: ((True, False), "an encoder only (num_decoder_layers=0)"),
-            Task.SEQ2SEQ: ((True, True), "an encoder and a decoder"),
-        }[self.task]
-        if stacks != needed[0]:
-            raise ValueError(f"task={self.task} needs a model with {needed[1]}; pick a matching model preset.")
+        if stacks != self.task.layers:
+            needed = {
+                (False, True): "a decoder only (num_encoder_layers=0)",
+                (True, False): "an encoder only (num_decoder_layers=0)",
+                (True, True): "an encoder and a decoder",
+            }[self.task.layers]
+            raise ValueError(f"task={self.task} needs a model with {needed}; pick a matching model preset.")
         lengths = {"seq_length": self.seq_length}
-        if self.task == Task.SEQ2SEQ:
+        if self.task.encoder_decoder:
             lengths["source_length"] = self.source_length
         for name, length in lengths.items():
             if length > self.model.max_length:

@@ -11,22 +11,15 @@ pass), so k microbatches give exactly the gradient of one k-times-larger batch.
 
 from __future__ import annotations
 
-import enum
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 Metrics = dict[str, jax.Array]
+Objective = Callable[..., Metrics]  # (model, params, batch, *, rng, deterministic, ...) -> metric sums
 # Each loss term and the metric that holds its weight.
 LOSS_TERMS = {"loss": "weight", "nsp_loss": "nsp_weight"}
-
-
-class Task(enum.StrEnum):
-    CAUSAL_LM = "causal_lm"
-    MASKED_LM = "masked_lm"
-    SEQ2SEQ = "seq2seq"
-    CLASSIFICATION = "classification"
 
 
 def cross_entropy(
@@ -143,11 +136,3 @@ def classification(model, params, batch, *, rng, deterministic, label_smoothing=
     )
     return _token_metrics(logits, batch["labels"], batch["weights"], label_smoothing)
 
-
-Objective = Callable[..., Metrics]
-OBJECTIVES: dict[Task, Objective] = {
-    Task.CAUSAL_LM: causal_lm,
-    Task.MASKED_LM: masked_lm,
-    Task.SEQ2SEQ: seq2seq,
-    Task.CLASSIFICATION: classification,
-}

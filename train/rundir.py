@@ -21,6 +21,8 @@ import socket
 import time
 from typing import Any
 
+from transformer.files import write_atomically
+
 
 class RunDirectoryBusy(RuntimeError):
     """Raised when another process holds a run directory's lock."""
@@ -106,32 +108,12 @@ def append_line(path: pathlib.Path, record: dict[str, Any]) -> None:
         os.close(descriptor)
 
 
-def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Replaces the file with `text`: a temporary file, synced, renamed over it, so a crash leaves
-    the old file or the new one, never a part."""
-    temporary = pathlib.Path(f"{path}.tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    temporary.replace(path)
-
-
 def rewrite(path: pathlib.Path, records: list[dict]) -> None:
     """Replaces the file with `records`, atomically."""
     write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 # ----------------------------------------------------------------------------- artefacts
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """The sha256 hex digest of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sha256_json(value: Any) -> str:

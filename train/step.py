@@ -73,7 +73,7 @@ def create_state(model, optimizer: optax.GradientTransformation, sample_inputs: 
 
     abstract = jax.eval_shape(init, rng)
     shardings = state_shardings(abstract, mesh)
-    with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
 
@@ -160,11 +160,11 @@ def compile_steps(model, objective, optimizer, mesh: Mesh, shardings, *, accumul
     )
 
     def run_train(state, batch, rng):
-        with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             return train(state, batch, rng)
 
     def run_eval(params, batch):
-        with mesh, nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             return evaluate(params, batch)
 
     return run_train, run_eval

@@ -28,8 +28,20 @@ from transformer.config import (
     PositionEncoding,
     RematPolicy,
 )
+from transformer.decoding import (
+    GenerateOutput,
+    GenerationConfig,
+    apply_temperature,
+    beam_search,
+    generate,
+    sample_logits,
+    sample_loop,
+    top_k_filter,
+    top_p_filter,
+    unscanned,
+)
 from transformer.interpret import attention_maps, plot_attention
-from transformer.layers import Block, Embedder, FeedForward, MultiHeadAttention, RelativePositionBias
+from transformer.layers import Block, BlockInputs, Embedder, FeedForward, MultiHeadAttention, RelativePositionBias
 from transformer.masks import (
     AttentionMask,
     causal_mask,
@@ -40,29 +52,9 @@ from transformer.masks import (
 )
 from transformer.models import CausalLM, MaskedLM, Seq2SeqLM, SequenceClassifier, TokenClassifier, merge_pretrained
 from transformer.positions import RelativeBias, apply_rotary, relative_position_bucket, sinusoidal_embedding
-from transformer.sampling import (
-    GenerateOutput,
-    apply_temperature,
-    beam_search,
-    generate,
-    sample_logits,
-    sample_loop,
-    top_k_filter,
-    top_p_filter,
-    unscanned,
-)
+from transformer.sampler import Sampler
 from transformer.stacks import Stack
 from transformer.tokenizer import Tokenizer
-
-
-def __getattr__(name: str):
-    """`Sampler` is imported on first use, so that `python -m transformer.sample` runs a module
-    the package has not imported already (runpy warns otherwise)."""
-    if name == "Sampler":
-        from transformer.sample import Sampler
-
-        return Sampler
-    raise AttributeError(f"module 'transformer' has no attribute {name!r}")
 
 __all__ = [
     "PRESETS",
@@ -70,11 +62,13 @@ __all__ = [
     "AttentionImplementation",
     "AttentionMask",
     "Block",
+    "BlockInputs",
     "CausalLM",
     "DecoderCache",
     "Embedder",
     "FeedForward",
     "GenerateOutput",
+    "GenerationConfig",
     "KVCache",
     "MaskedLM",
     "ModelConfig",
@@ -85,11 +79,11 @@ __all__ = [
     "RelativeBias",
     "RelativePositionBias",
     "RematPolicy",
+    "Sampler",
     "Seq2SeqLM",
     "SequenceClassifier",
     "Stack",
     "TokenClassifier",
-    "Sampler",
     "Tokenizer",
     "apply_rotary",
     "apply_temperature",

@@ -194,6 +194,21 @@ def _block_fn(x: AttentionMask | RelativeBias | jax.Array, q_block: int, kv_bloc
     return lambda qi, ki: _pick(_pick(blocks, qi), ki)
 
 
+def _allow_all(batch: int, q_len: int, kv_len: int) -> AttentionMask:
+    """A mask that lets every query attend to every key (one segment, not causal)."""
+    return AttentionMask(
+        jnp.ones((batch, q_len), jnp.int32), jnp.ones((batch, kv_len), jnp.int32),
+        jnp.zeros((batch, q_len), jnp.int32), jnp.zeros((batch, kv_len), jnp.int32),
+    )
+
+
+def _to_groups(x: jax.Array, num_kv_heads: int) -> jax.Array:
+    """[B, 1|N, t, s] -> [B, 1|K, 1|G, t, s], matching [B, K, G, t, s] logits."""
+    if x.shape[1] == 1:
+        return x[:, :, None]
+    return x.reshape(x.shape[0], num_kv_heads, x.shape[1] // num_kv_heads, *x.shape[2:])
+
+
 def _chunked_attention(q, k, v, mask, bias, scale, chunk_size, dropout_rate, dropout_rng):
     batch, q_len, num_heads, head_dim = q.shape
     kv_len, num_kv_heads = k.shape[1], k.shape[2]
@@ -202,10 +217,7 @@ def _chunked_attention(q, k, v, mask, bias, scale, chunk_size, dropout_rate, dro
     num_q_blocks, num_kv_blocks = -(-q_len // q_block), -(-kv_len // kv_block)
 
     if mask is None:  # still needed: padding keys up to a whole block must be masked
-        mask = AttentionMask(
-            jnp.ones((batch, q_len), jnp.int32), jnp.ones((batch, kv_len), jnp.int32),
-            jnp.zeros((batch, q_len), jnp.int32), jnp.zeros((batch, kv_len), jnp.int32),
-        )
+        mask = _allow_all(batch, q_len, kv_len)
     # Ties the mask and bias to q. Otherwise, differentiated inside a scan over layers, they are
     # loop invariants: JAX computes every block of them once, before the loop, and keeps all the
     # blocks, [B, N, T, S] in all, for the backward pass.
@@ -220,11 +232,6 @@ def _chunked_attention(q, k, v, mask, bias, scale, chunk_size, dropout_rate, dro
     k_blocks = _blocks(k, 1, kv_block)  # [nk, B, kv_block, K, H]
     v_blocks = _blocks(v, 1, kv_block)
 
-    def to_groups(x):  # [B, 1|N, t, s] -> [B, 1|K, 1|G, t, s], matching [B, K, G, t, s] logits
-        if x.shape[1] == 1:
-            return x[:, :, None]
-        return x.reshape(x.shape[0], num_kv_heads, groups, *x.shape[2:])
-
     def attend_query_block(xs):
         qi, qb = xs
         qb = qb.reshape(batch, q_block, num_kv_heads, groups, head_dim)
@@ -235,8 +242,8 @@ def _chunked_attention(q, k, v, mask, bias, scale, chunk_size, dropout_rate, dro
             logits = jnp.einsum("bqkgh,bskh->bkgqs", qb, kb, preferred_element_type=jnp.float32)
             logits *= scale  # [B, K, G, q_block, kv_block]
             if bias_block is not None:
-                logits += to_groups(bias_block(qi, ki).astype(jnp.float32))
-            logits = jnp.where(to_groups(mask_block(qi, ki)), logits, _MASK_VALUE)
+                logits += _to_groups(bias_block(qi, ki).astype(jnp.float32), num_kv_heads)
+            logits = jnp.where(_to_groups(mask_block(qi, ki), num_kv_heads), logits, _MASK_VALUE)
             new_max = jnp.maximum(running_max, logits.max(axis=-1))
             correction = jnp.exp(running_max - new_max)
             probs = jnp.exp(logits - new_max[..., None])
@@ -249,12 +256,8 @@ def _chunked_attention(q, k, v, mask, bias, scale, chunk_size, dropout_rate, dro
             )
             return (new_max, normalizer, acc), None
 
-        stats_shape = (batch, num_kv_heads, groups, q_block)
-        init = (
-            jnp.full(stats_shape, -jnp.inf, jnp.float32),
-            jnp.zeros(stats_shape, jnp.float32),
-            jnp.zeros((*stats_shape, head_dim), jnp.float32),
-        )
+        stats = jnp.zeros((batch, num_kv_heads, groups, q_block), jnp.float32)  # [B, K, G, q_block]
+        init = (jnp.full_like(stats, -jnp.inf), stats, jnp.zeros((*stats.shape, head_dim), jnp.float32))
         (_, normalizer, acc), _ = jax.lax.scan(step, init, (jnp.arange(num_kv_blocks), k_blocks, v_blocks))
         out = acc / normalizer[..., None]  # [B, K, G, q_block, H]
         return jnp.moveaxis(out, 3, 1).reshape(batch, q_block, num_heads, head_dim)

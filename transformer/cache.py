@@ -66,7 +66,9 @@ class DecoderCache:
         def per_layer(kv):  # [L, B, ...]
             return None if kv is None else jax.tree.map(lambda x: jnp.take(x, rows, axis=1), kv)
 
-        take = lambda x: None if x is None else jnp.take(x, rows, axis=0)  # noqa: E731
+        def take(x):  # [B, ...]
+            return None if x is None else jnp.take(x, rows, axis=0)
+
         return self.replace(
             self_attention=per_layer(self.self_attention),
             segment_ids=take(self.segment_ids),
@@ -99,7 +101,7 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int | None = No
             f"A cache of {max_length} tokens exceeds the model's context of {config.max_length} "
             "(ModelConfig.max_length)."
         )
-    shape = (config.num_decoder_layers, batch_size, max_length, config.kv_heads, config.dim_per_head)
+    shape = (config.num_decoder_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
     zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
     slots = jnp.zeros((batch_size, max_length), jnp.int32)
     return DecoderCache(KVCache(zeros, zeros), slots, slots, jnp.zeros((), jnp.int32))

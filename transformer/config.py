@@ -83,8 +83,8 @@ class ModelConfig:
     d_ff: int
     num_encoder_layers: int = 0
     num_decoder_layers: int = 0
-    num_kv_heads: int | None = None  # None: = num_heads; fewer = grouped/multi-query attention
-    head_dim: int | None = None  # None: d_model // num_heads
+    num_kv_heads: int | None = None  # fewer than num_heads = grouped/multi-query; None -> num_heads
+    head_dim: int | None = None  # H; None -> d_model // num_heads
     max_length: int = 512  # longest sequence (learned table size, generation limit)
     position: PositionEncoding = PositionEncoding.LEARNED
     rope_theta: float = 10_000.0
@@ -132,15 +132,28 @@ class ModelConfig:
                     "use 'float32', 'bfloat16' or 'float16'."
                 )
             object.__setattr__(self, name, dtype.name)  # a plain string, e.g. for JSON
+        self._check_positive("vocab_size", "d_model", "num_heads", "d_ff", "max_length")
+        self._resolve_sizes()
         self._check()
 
-    def _check(self):
-        def positive(name):
-            if getattr(self, name) is None or getattr(self, name) <= 0:
+    def _check_positive(self, *names: str):
+        for name in names:
+            if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
 
-        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_length"):
-            positive(name)
+    def _resolve_sizes(self):
+        """None head sizes -> ints: num_kv_heads = num_heads, head_dim = d_model // num_heads."""
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(
+                    f"ModelConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                    "choose num_heads dividing d_model, or set head_dim explicitly."
+                )
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+
+    def _check(self):
         for name in ("num_encoder_layers", "num_decoder_layers", "type_vocab_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}.")
@@ -149,23 +162,16 @@ class ModelConfig:
                 "ModelConfig has no layers: set num_encoder_layers (encoder-only), "
                 "num_decoder_layers (decoder-only) or both (encoder-decoder)."
             )
-        if self.head_dim is None and self.d_model % self.num_heads:
-            raise ValueError(
-                f"ModelConfig.d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
-                "choose num_heads dividing d_model, or set head_dim explicitly."
-            )
-        if self.head_dim is not None:
-            positive("head_dim")
-        kv_heads = self.kv_heads
-        if kv_heads <= 0 or self.num_heads % kv_heads:
+        self._check_positive("head_dim")
+        if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
                 "(grouped-query attention shares each key/value head among num_heads // num_kv_heads "
                 "query heads); use a divisor of num_heads, or None for num_heads."
             )
-        if self.position == PositionEncoding.ROPE and self.dim_per_head % 2:
+        if self.position == PositionEncoding.ROPE and self.head_dim % 2:
             raise ValueError(
-                f"Rotary position encoding needs an even head dimension, got {self.dim_per_head}; "
+                f"Rotary position encoding needs an even head dimension, got {self.head_dim}; "
                 "change head_dim (or d_model / num_heads)."
             )
         if self.position == PositionEncoding.SINUSOIDAL and self.d_model % 2:
@@ -184,19 +190,20 @@ class ModelConfig:
         if self.norm_epsilon <= 0:
             raise ValueError(f"ModelConfig.norm_epsilon must be positive, got {self.norm_epsilon}.")
 
-    @property
-    def kv_heads(self) -> int:
-        """Number of key/value heads (num_kv_heads, defaulting to num_heads)."""
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    @property
-    def dim_per_head(self) -> int:
-        """Head dimension H (head_dim, defaulting to d_model // num_heads)."""
-        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
-
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (and validated); unknown fields are an error."""
+        """A copy with some fields changed (and validated); unknown fields are an error.
+
+        Defaulted sizes follow their sources unless given: head_dim, when it is d_model // num_heads,
+        is recomputed from a new d_model or num_heads; num_kv_heads, when it is num_heads, follows
+        a new num_heads.
+        """
         _check_keys(changes)
+        follows_heads = self.num_kv_heads == self.num_heads
+        if follows_heads and "num_heads" in changes and "num_kv_heads" not in changes:
+            changes["num_kv_heads"] = None
+        follows_width = self.head_dim == self.d_model // self.num_heads
+        if follows_width and {"d_model", "num_heads"} & changes.keys() and "head_dim" not in changes:
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

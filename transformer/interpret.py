@@ -42,7 +42,7 @@ def plot_attention(
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError('Plotting needs matplotlib: pip install "transformer[bench]".') from None
+        raise ImportError("Plotting needs matplotlib: pip install matplotlib.") from None
     weights = np.asarray(weights, np.float32)
     if weights.ndim != 2:
         raise ValueError(f"plot_attention takes one head's weights [T, S], got shape {weights.shape}.")

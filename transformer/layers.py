@@ -8,12 +8,12 @@ One `Block` serves all three architectures. It never decides causality: it recei
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from transformer import sharding as ax
 from transformer.attention import Bias, Mask, attention_weights, dot_product_attention
@@ -35,35 +35,38 @@ def activation_fn(activation: Activation) -> Callable[[jax.Array], jax.Array]:
     return _ACTIVATIONS[activation]
 
 
-def dense(
-    config: ModelConfig,
-    features,
-    axes: tuple[str, ...],
-    *,
-    name: str,
-    axis=-1,
-    use_bias: bool | None = None,
-    float32_output: bool = False,
-    kernel_stddev: float = 0.02,
-):
-    """A DenseGeneral whose kernel and bias carry logical axis names `axes` (inputs..., outputs...).
+class Dense(nn.Module):
+    """x W + b over the trailing `axis` dims of x, with logical axis names `axes` (inputs..., outputs...).
 
-    float32_output: accumulate and return float32 whatever the compute dtype (logits).
+    The kernel is created at its full shape, so its names always fit it; nn.DenseGeneral creates a
+    2-D kernel and reshapes it, and under a mesh applies the N-D names to the 2-D array (flax#3676).
     """
-    features = features if isinstance(features, tuple) else (features,)
-    return nn.DenseGeneral(
-        features,
-        axis=axis,
-        use_bias=config.use_bias if use_bias is None else use_bias,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(kernel_stddev), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-len(features) :]),
-        dot_general=functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-        if float32_output
-        else None,
-        name=name,
-    )
+
+    config: ModelConfig
+    features: int | tuple[int, ...]
+    axes: tuple[str, ...]
+    axis: int | tuple[int, ...] = -1
+    use_bias: bool | None = None  # None: config.use_bias
+    float32_output: bool = False  # accumulate and return float32 whatever the compute dtype (logits)
+    kernel_stddev: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        features = self.features if isinstance(self.features, tuple) else (self.features,)
+        axis = tuple(a % x.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,)))
+        kernel_init = nn.with_logical_partitioning(nn.initializers.normal(self.kernel_stddev), self.axes)
+        kernel = self.param("kernel", kernel_init, tuple(x.shape[a] for a in axis) + features, cfg.param_dtype)
+        bias = None
+        if cfg.use_bias if self.use_bias is None else self.use_bias:
+            bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[-len(features) :])
+            bias = self.param("bias", bias_init, features, cfg.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.dtype)
+        out = jax.lax.dot_general(
+            x, kernel, ((axis, tuple(range(len(axis)))), ((), ())),
+            preferred_element_type=jnp.float32 if self.float32_output else None,
+        )  # [..., outputs...]
+        return out if bias is None else out + bias
 
 
 def norm(config: ModelConfig, *, name: str) -> nn.Module:
@@ -156,8 +159,9 @@ class MultiHeadAttention(nn.Module):
     """Multi-head (grouped-query) attention; self-attention or cross-attention.
 
     Self-attention takes keys and values from its own input; with a cache, the new keys
-    and values are appended to the cache and attention runs over all its slots. Cross-attention takes keys and values from `kv_input` (the encoder
-    output) and returns them as a cache, so decoding computes them once.
+    and values are appended to the cache and attention runs over all its slots.
+    Cross-attention takes keys and values from `kv_input` (the encoder output) and returns
+    them as a cache, so decoding computes them once.
     """
 
     config: ModelConfig
@@ -185,14 +189,14 @@ class MultiHeadAttention(nn.Module):
         keys and values; None for self-attention without a cache).
         """
         cfg = self.config
-        heads, kv_heads, head_dim = cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+        heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # Without 1/sqrt(H) logit scaling (T5), the query initialisation carries it instead.
         query_stddev = 0.02 if cfg.attention_logit_scaling else 0.02 * head_dim**-0.5
         q_axes = (ax.EMBED, ax.HEADS, ax.HEAD_DIM)
-        q = dense(cfg, (heads, head_dim), q_axes, kernel_stddev=query_stddev, name="query")(x)  # [B, T, N, H]
+        q = Dense(cfg, (heads, head_dim), q_axes, kernel_stddev=query_stddev, name="query")(x)  # [B, T, N, H]
         kv_axes = (ax.EMBED, ax.KV_HEADS, ax.HEAD_DIM)
-        project_key = dense(cfg, (kv_heads, head_dim), kv_axes, name="key")
-        project_value = dense(cfg, (kv_heads, head_dim), kv_axes, name="value")
+        project_key = Dense(cfg, (kv_heads, head_dim), kv_axes, name="key")
+        project_value = Dense(cfg, (kv_heads, head_dim), kv_axes, name="value")
 
         if self.is_cross_attention:
             if kv_input is not None:
@@ -220,7 +224,7 @@ class MultiHeadAttention(nn.Module):
         if self.is_mutable_collection("intermediates"):  # asked for by transformer.attention_maps
             scale = None if cfg.attention_logit_scaling else 1.0
             self.sow("intermediates", "attention_weights", attention_weights(q, k, mask, bias, scale=scale))
-        out = dense(cfg, cfg.d_model, (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1), name="out")(out)
+        out = Dense(cfg, cfg.d_model, (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1), name="out")(out)
         return out, cache
 
 
@@ -235,10 +239,26 @@ class FeedForward(nn.Module):
         act = activation_fn(cfg.activation)
         axes = (ax.EMBED, ax.MLP)
         if cfg.activation.gated:
-            h = act(dense(cfg, cfg.d_ff, axes, name="wi_0")(x)) * dense(cfg, cfg.d_ff, axes, name="wi_1")(x)
+            h = act(Dense(cfg, cfg.d_ff, axes, name="wi_0")(x)) * Dense(cfg, cfg.d_ff, axes, name="wi_1")(x)
         else:
-            h = act(dense(cfg, cfg.d_ff, axes, name="wi")(x))  # [B, T, F]
-        return dense(cfg, cfg.d_model, (ax.MLP, ax.EMBED), name="wo")(h)  # [B, T, D]
+            h = act(Dense(cfg, cfg.d_ff, axes, name="wi")(x))  # [B, T, F]
+        return Dense(cfg, cfg.d_model, (ax.MLP, ax.EMBED), name="wo")(h)  # [B, T, D]
+
+
+@struct.dataclass
+class BlockInputs:
+    """What every Block of a stack shares: nn.scan broadcasts it to all layers."""
+
+    self_mask: Mask  # AttentionMask, or bool [B, 1, T, S]
+    positions: jax.Array  # [B, T] int, token positions (rotary encoding)
+    cache_index: jax.Array | None = None  # [] int32, first cache slot written; None without a cache
+    self_bias: Bias = None  # RelativeBias (T5), or float [B, N, T, S], on the self-attention logits
+    encoded: jax.Array | None = None  # [B, S, D] encoder output for cross-attention; None once cached
+    cross_mask: Mask = None  # AttentionMask [B, 1, T, S] over the encoder tokens
+
+
+# Block.__call__(self, x, caches, inputs, deterministic): `deterministic` is static under nn.remat.
+DETERMINISTIC_ARGNUM = 4
 
 
 class Block(nn.Module):
@@ -256,12 +276,7 @@ class Block(nn.Module):
         self,
         x: jax.Array,
         caches: tuple[KVCache | None, KVCache | None],
-        self_mask: Mask,
-        positions: jax.Array,
-        cache_index: jax.Array | None,
-        self_bias: Bias,
-        encoded: jax.Array | None,
-        cross_mask: Mask,
+        inputs: BlockInputs,
         deterministic: bool,
     ) -> tuple[jax.Array, tuple[KVCache | None, KVCache | None]]:
         """x: [B, T, D] -> [B, T, D], with the (self, cross) attention caches updated.
@@ -271,32 +286,26 @@ class Block(nn.Module):
         cfg = self.config
         self_cache, cross_cache = caches
         x = nn.with_logical_constraint(x, (ax.BATCH, ax.LENGTH, ax.EMBED))
+        pre_norm = cfg.norm_position == NormPosition.PRE
 
-        def sublayer(x, fn, name):
-            dropout = nn.Dropout(cfg.dropout_rate, name=f"{name}_dropout")
-            if cfg.norm_position == NormPosition.PRE:
-                return x + dropout(fn(norm(cfg, name=f"{name}_norm")(x)), deterministic=deterministic)
-            return norm(cfg, name=f"{name}_norm")(x + dropout(fn(x), deterministic=deterministic))
+        def sublayer_input(x, name):  # pre-LN: norm(x)
+            return norm(cfg, name=f"{name}_norm")(x) if pre_norm else x
 
-        def self_attention(h):
-            nonlocal self_cache
-            attention = MultiHeadAttention(cfg, name="self_attention")
-            h, self_cache = attention(
-                h, self_mask, positions=positions, bias=self_bias, cache=self_cache, cache_index=cache_index,
-                deterministic=deterministic,
-            )
-            return h
+        def residual(x, h, name):  # x + dropout(h); post-LN: norm of that
+            x = x + nn.Dropout(cfg.dropout_rate, name=f"{name}_dropout")(h, deterministic=deterministic)
+            return x if pre_norm else norm(cfg, name=f"{name}_norm")(x)
 
-        def cross_attention(h):
-            nonlocal cross_cache
-            attention = MultiHeadAttention(cfg, is_cross_attention=True, name="cross_attention")
-            h, cross_cache = attention(
-                h, cross_mask, kv_input=encoded, cache=cross_cache, deterministic=deterministic
-            )
-            return h
-
-        x = sublayer(x, self_attention, "self_attention")
+        h, self_cache = MultiHeadAttention(cfg, name="self_attention")(
+            sublayer_input(x, "self_attention"), inputs.self_mask, positions=inputs.positions,
+            bias=inputs.self_bias, cache=self_cache, cache_index=inputs.cache_index, deterministic=deterministic,
+        )
+        x = residual(x, h, "self_attention")
         if self.has_cross_attention:
-            x = sublayer(x, cross_attention, "cross_attention")
-        x = sublayer(x, FeedForward(cfg, name="feed_forward"), "feed_forward")
+            h, cross_cache = MultiHeadAttention(cfg, is_cross_attention=True, name="cross_attention")(
+                sublayer_input(x, "cross_attention"), inputs.cross_mask, kv_input=inputs.encoded,
+                cache=cross_cache, deterministic=deterministic,
+            )
+            x = residual(x, h, "cross_attention")
+        h = FeedForward(cfg, name="feed_forward")(sublayer_input(x, "feed_forward"))
+        x = residual(x, h, "feed_forward")
         return x, (self_cache, cross_cache)

@@ -20,7 +20,7 @@ from flax import traverse_util
 from transformer import sharding as ax
 from transformer.cache import DecoderCache
 from transformer.config import ModelConfig
-from transformer.layers import Embedder, activation_fn, dense, norm
+from transformer.layers import Dense, Embedder, activation_fn, norm
 from transformer.positions import segment_positions
 from transformer.stacks import Stack
 
@@ -81,11 +81,11 @@ def _lm_head(config: ModelConfig, *, use_bias: bool = False) -> nn.Module | None
     """The untied output projection [D] -> [V] (float32 logits), or None when tied."""
     if config.tie_embeddings:
         return None
-    return dense(config, config.vocab_size, (ax.EMBED, ax.VOCAB), use_bias=use_bias, float32_output=True, name="lm_head")
+    return Dense(config, config.vocab_size, (ax.EMBED, ax.VOCAB), use_bias=use_bias, float32_output=True, name="lm_head")
 
 
 def _classifier(config: ModelConfig, num_labels: int, name: str) -> nn.Module:
-    return dense(config, num_labels, (ax.EMBED, ax.LABELS), use_bias=True, float32_output=True, name=name)
+    return Dense(config, num_labels, (ax.EMBED, ax.LABELS), use_bias=True, float32_output=True, name=name)
 
 
 def _output_logits(module: nn.Module, config: ModelConfig, x: jax.Array) -> jax.Array:
@@ -140,7 +140,7 @@ class _EncoderModel(nn.Module):
         _require(cfg, encoder=True, model=type(self).__name__)
         self.embed = Embedder(cfg)
         self.encoder = Stack(cfg, cfg.num_encoder_layers, causal=False, name="encoder")
-        self.pooler = dense(cfg, cfg.d_model, (ax.EMBED, ax.MLP), use_bias=True, name="pooler")  # distinct axis names: D x D
+        self.pooler = Dense(cfg, cfg.d_model, (ax.EMBED, ax.MLP), use_bias=True, name="pooler")  # distinct axis names: D x D
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def encode(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
@@ -167,7 +167,7 @@ class MaskedLM(_EncoderModel):
     def setup(self):
         super().setup()
         cfg = self.config
-        self.mlm_transform = dense(cfg, cfg.d_model, (ax.EMBED, ax.MLP), use_bias=True, name="mlm_transform")
+        self.mlm_transform = Dense(cfg, cfg.d_model, (ax.EMBED, ax.MLP), use_bias=True, name="mlm_transform")
         self.mlm_norm = norm(cfg, name="mlm_norm")
         if cfg.tie_embeddings:
             self.mlm_bias = self.param(

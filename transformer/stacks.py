@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +9,7 @@ import jax.numpy as jnp
 from transformer import sharding as ax
 from transformer.cache import DecoderCache
 from transformer.config import ModelConfig, NormPosition, PositionEncoding, RematPolicy
-from transformer.layers import Block, RelativePositionBias, norm
+from transformer.layers import DETERMINISTIC_ARGNUM, Block, BlockInputs, RelativePositionBias, norm
 from transformer.masks import AttentionMask, cross_attention_mask, self_attention_mask
 
 _REMAT_POLICIES = {
@@ -19,8 +17,6 @@ _REMAT_POLICIES = {
     RematPolicy.DOTS: jax.checkpoint_policies.dots_saveable,
     RematPolicy.DOTS_NO_BATCH: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-# Position of `deterministic` in Block.__call__, counting self as 0 (static under nn.remat).
-_DETERMINISTIC_ARGNUM = list(inspect.signature(Block.__call__).parameters).index("deterministic")
 
 
 def block_class(config: ModelConfig) -> type[Block]:
@@ -31,7 +27,7 @@ def block_class(config: ModelConfig) -> type[Block]:
         Block,
         policy=_REMAT_POLICIES[config.remat_policy],
         prevent_cse=not config.scan_layers,
-        static_argnums=(_DETERMINISTIC_ARGNUM,),
+        static_argnums=(DETERMINISTIC_ARGNUM,),
     )
 
 
@@ -45,11 +41,25 @@ def scan_blocks(config: ModelConfig, num_layers: int, has_cross_attention: bool,
         block_class(config),
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(0,) + (nn.broadcast,) * (_DETERMINISTIC_ARGNUM - 2),
+        in_axes=(0, nn.broadcast, nn.broadcast),  # caches per layer; inputs, deterministic shared
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: ax.LAYERS},
     )
     return scanned(config, has_cross_attention, name=name)
+
+
+def _cross_mask(segment_ids, encoded, encoded_segment_ids, cache) -> tuple[AttentionMask, jax.Array]:
+    """The cross-attention mask, and the encoder segment ids [B, S] (the cached ones once the
+    encoder keys and values are cached; all 1 when not given)."""
+    if encoded is None:
+        if cache is None or cache.source_segment_ids is None:
+            raise ValueError("A decoder with cross-attention needs the encoder output (encoded=...).")
+        encoded_segment_ids = cache.source_segment_ids
+    q_segment_ids = segment_ids if cache is None else (segment_ids != 0).astype(jnp.int32)
+    if encoded_segment_ids is None:  # no source segments: padding is the only constraint
+        encoded_segment_ids = jnp.ones(encoded.shape[:2], jnp.int32)
+        q_segment_ids = (segment_ids != 0).astype(jnp.int32)
+    return cross_attention_mask(q_segment_ids, encoded_segment_ids), encoded_segment_ids
 
 
 class Stack(nn.Module):
@@ -104,24 +114,16 @@ class Stack(nn.Module):
 
         cross_mask = None
         if self.has_cross_attention:
-            if encoded is None:
-                if cache is None or cache.source_segment_ids is None:
-                    raise ValueError("A decoder with cross-attention needs the encoder output (encoded=...).")
-                encoded_segment_ids = cache.source_segment_ids
-            q_segment_ids = segment_ids if cache is None else (segment_ids != 0).astype(jnp.int32)
-            if encoded_segment_ids is None:  # no source segments: padding is the only constraint
-                encoded_segment_ids = jnp.ones(encoded.shape[:2], jnp.int32)
-                q_segment_ids = (segment_ids != 0).astype(jnp.int32)
-            cross_mask = cross_attention_mask(q_segment_ids, encoded_segment_ids)
+            cross_mask, encoded_segment_ids = _cross_mask(segment_ids, encoded, encoded_segment_ids, cache)
 
         caches = (None, None) if cache is None else (cache.self_attention, cache.cross_attention)
-        broadcast_args = (self_mask, positions, cache_index, self_bias, encoded, cross_mask, deterministic)
+        inputs = BlockInputs(self_mask, positions, cache_index, self_bias, encoded, cross_mask)
         if cfg.scan_layers:
             x, (self_kv, cross_kv) = scan_blocks(cfg, self.num_layers, self.has_cross_attention, name="layers")(
-                x, caches, *broadcast_args
+                x, caches, inputs, deterministic
             )
         else:
-            x, (self_kv, cross_kv) = self._loop(x, caches, broadcast_args)
+            x, (self_kv, cross_kv) = self._loop(x, caches, inputs, deterministic)
 
         if cfg.norm_position == NormPosition.PRE:
             x = norm(cfg, name="final_norm")(x)
@@ -131,14 +133,14 @@ class Stack(nn.Module):
             cache = cache.replace(cross_attention=cross_kv, source_segment_ids=encoded_segment_ids)
         return x, cache.replace(self_attention=self_kv)
 
-    def _loop(self, x, caches, broadcast_args):
+    def _loop(self, x, caches, inputs, deterministic):
         """The unscanned stack: layers_0 .. layers_{L-1}, each with its own parameters."""
         block = block_class(self.config)
         outputs = []
         for i in range(self.num_layers):
             layer_caches = jax.tree.map(lambda c: c[i], caches)
             x, layer_caches = block(self.config, self.has_cross_attention, name=f"layers_{i}")(
-                x, layer_caches, *broadcast_args
+                x, layer_caches, inputs, deterministic
             )
             outputs.append(layer_caches)
         return x, jax.tree.map(lambda *c: jnp.stack(c), *outputs)

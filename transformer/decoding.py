@@ -3,18 +3,21 @@
 Greedy decoding, sampling (temperature, top-k, top-p) and beam search share the same
 `decode_step`: the model applied to one new token per row with the KV cache. The prompt
 goes through the model once (prefill); an encoder-decoder model runs its encoder once and
-caches the cross-attention keys and values.
+caches the cross-attention keys and values. The options travel as one `GenerationConfig`.
 
 Prompt lengths are rounded up to a bucket (a power of two, at least 16) and prompts are
 right-padded to it, so a new prompt of a length already seen reuses the compiled program.
-Each distinct (batch size, bucket, max_new_tokens, strategy, top_k, num_beams) compiles once.
+Each distinct (batch size, bucket, `GenerationConfig.static()`) compiles once: temperature,
+top_p and length_penalty are traced values, and options the strategy ignores do not count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
-from typing import Callable, Sequence
+import math
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -27,6 +30,80 @@ from transformer.models import CausalLM, Seq2SeqLM
 
 STRATEGIES = ("greedy", "sample", "beam")
 _NEG_INF = -1e30  # finite, so that arithmetic on eliminated scores stays well defined
+
+
+# ----------------------------------------------------------------------------- the options
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+    """How to generate: one value from the command line (or a caller) to the decode loop.
+
+    Checks what it can alone when built; what needs the model (vocabulary, context length)
+    is checked by `generate` before anything compiles.
+    """
+
+    max_new_tokens: int = 64  # the loop stops after this many tokens (or when every row has produced eos_id)
+    strategy: str = "greedy"  # "greedy" (argmax), "sample" or "beam"
+    temperature: float = 1.0  # sample: < 1 sharpens the distribution, > 1 flattens it
+    top_k: int | None = None  # sample: only the k most likely tokens
+    top_p: float | None = None  # sample: only the nucleus of probability p
+    num_beams: int = 4  # beam: W live beams per row
+    length_penalty: float = 1.0  # beam: a hypothesis scores sum(log p) / length**length_penalty
+    eos_id: int | None = None  # a row stops at this token (kept); None: rows never stop early
+    pad_id: int | None = None  # pads the prompts and the output after EOS; None: 0
+    bos_id: int | None = None  # the first decoder input of an encoder-decoder model
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"Unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.strategy == "sample":
+            if not self.temperature > 0:
+                raise ValueError(
+                    f"temperature must be > 0 when sampling, got {self.temperature}; use strategy='greedy'."
+                )
+            if self.top_k is not None and self.top_k < 1:
+                raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
+            if self.top_p is not None and not 0 < self.top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.strategy == "beam" and self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}.")
+        if self.strategy == "beam" and not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}.")
+
+    def replace(self, **options: Any) -> GenerationConfig:
+        """A copy with some options changed (and checked); an unknown option is a TypeError."""
+        names = [field.name for field in dataclasses.fields(self)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"Unknown generation option {', '.join(unknown)}; the options are {', '.join(names)}.")
+        return dataclasses.replace(self, **options)
+
+    def static(self) -> GenerationConfig:
+        """The options that shape the compiled program: the traced ones (temperature, top_p's
+        value, length_penalty) and those the strategy ignores set to fixed values."""
+        sample, beam = self.strategy == "sample", self.strategy == "beam"
+        return self.replace(
+            temperature=1.0,
+            top_k=self.top_k if sample else None,
+            top_p=1.0 if sample and self.top_p is not None else None,
+            num_beams=self.num_beams if beam else 1,
+            length_penalty=1.0,
+        )
+
+
+def with_options(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
+    """`config` (default: GenerationConfig()) with the options given by name over it."""
+    if config is None:
+        config = GenerationConfig()
+    if not isinstance(config, GenerationConfig):
+        raise TypeError(
+            f"config must be a GenerationConfig, got {type(config).__name__}; pass the options by name "
+            "(e.g. max_new_tokens=20)."
+        )
+    return config.replace(**options) if options else config
 
 
 # ----------------------------------------------------------------------------- logit filters
@@ -145,6 +222,34 @@ def _prefill(model, variables, prompts, prompt_lengths, cache_length, bos_id):
     return jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0], cache
 
 
+@struct.dataclass
+class SamplingState:
+    """The greedy or sampling loop's state: the tokens so far and the next token's logits."""
+
+    step: jax.Array  # [] tokens generated so far
+    tokens: jax.Array  # [B, max_new_tokens] generated tokens (pad_id from `step` on, and after EOS)
+    lengths: jax.Array  # [B] tokens generated per row, EOS included
+    scores: jax.Array  # [B] their summed log-probabilities
+    done: jax.Array  # [B] whether the row has produced eos_id
+    logits: jax.Array  # [B, V] next-token logits
+    cache: DecoderCache  # the decode step's cache after the last token
+    rng: jax.Array  # the key the next draw splits
+
+    @classmethod
+    def start(cls, logits, cache, rng, *, max_new_tokens: int, pad_id: int) -> SamplingState:
+        batch = logits.shape[0]
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+            lengths=jnp.zeros((batch,), jnp.int32),
+            scores=jnp.zeros((batch,), jnp.float32),
+            done=jnp.zeros((batch,), bool),
+            logits=logits,
+            cache=cache,
+            rng=rng,
+        )
+
+
 def sample_loop(
     decode_step: DecodeStep,
     logits: jax.Array,
@@ -167,43 +272,37 @@ def sample_loop(
     given, is called in the loop body with each step's tokens [B] (pad_id for finished rows),
     e.g. to send them to the host with `jax.debug.callback` (streaming).
     """
-    batch = logits.shape[0]
 
-    def body(state):
-        i, tokens, lengths, scores, done, logits, cache, rng = state
-        rng, key = jax.random.split(rng)
+    def body(state: SamplingState) -> SamplingState:
+        rng, key = jax.random.split(state.rng)
         if greedy:
-            token = jnp.argmax(logits, axis=-1)
+            token = jnp.argmax(state.logits, axis=-1)
         else:
-            token = sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        scores += jnp.where(done, 0.0, jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0])
-        token = jnp.where(done, pad_id, token).astype(jnp.int32)
-        tokens = tokens.at[:, i].set(token)
+            token = sample_logits(state.logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+        log_probs = jax.nn.log_softmax(state.logits.astype(jnp.float32), axis=-1)
+        token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]  # [B]
+        token = jnp.where(state.done, pad_id, token).astype(jnp.int32)
         if on_tokens is not None:
             on_tokens(token)
-        lengths += (~done).astype(jnp.int32)
-        if eos_id is not None:
-            done |= token == eos_id
-        logits, cache = decode_step(token, cache)
-        return i + 1, tokens, lengths, scores, done, logits, cache, rng
+        done = state.done if eos_id is None else state.done | (token == eos_id)
+        logits, cache = decode_step(token, state.cache)
+        return SamplingState(
+            step=state.step + 1,
+            tokens=state.tokens.at[:, state.step].set(token),
+            lengths=state.lengths + (~state.done).astype(jnp.int32),
+            scores=state.scores + jnp.where(state.done, 0.0, token_log_prob),
+            done=done,
+            logits=logits,
+            cache=cache,
+            rng=rng,
+        )
 
-    def cond(state):
-        i, done = state[0], state[4]
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def cond(state: SamplingState) -> jax.Array:
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
-    state = (
-        jnp.zeros((), jnp.int32),
-        jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-        jnp.zeros((batch,), jnp.int32),
-        jnp.zeros((batch,), jnp.float32),
-        jnp.zeros((batch,), bool),
-        logits,
-        cache,
-        rng,
-    )
-    _, tokens, lengths, scores, *_ = jax.lax.while_loop(cond, body, state)
-    return GenerateOutput(tokens, lengths, scores)
+    start = SamplingState.start(logits, cache, rng, max_new_tokens=max_new_tokens, pad_id=pad_id)
+    state = jax.lax.while_loop(cond, body, start)
+    return GenerateOutput(state.tokens, state.lengths, state.scores)
 
 
 def _length_penalty(length: jax.Array, alpha: float | jax.Array) -> jax.Array:
@@ -222,6 +321,45 @@ class BeamState:
     finished_lengths: jax.Array  # [B, W] their lengths, EOS included
     logits: jax.Array  # [B * W, V] next-token logits of the live beams
     cache: DecoderCache  # B * W rows: row b * W + k holds beam k of row b
+
+    @classmethod
+    def start(cls, logits, cache, *, width: int, steps: int, pad_id: int) -> BeamState:
+        """W copies of each row's prefill, only the first of them live (they start identical)."""
+        batch = logits.shape[0]
+        first_beam_only = jnp.where(jnp.arange(width) == 0, 0.0, _NEG_INF)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            alive=jnp.full((batch, width, steps), pad_id, jnp.int32),
+            alive_scores=jnp.broadcast_to(first_beam_only, (batch, width)),
+            finished=jnp.full((batch, width, steps), pad_id, jnp.int32),
+            finished_scores=jnp.full((batch, width), _NEG_INF),
+            finished_lengths=jnp.zeros((batch, width), jnp.int32),
+            logits=jnp.repeat(logits, width, axis=0),  # [B * W, V]
+            cache=cache,
+        )
+
+
+def _can_improve(state: BeamState, steps: int, length_penalty) -> jax.Array:
+    """[B] whether a row's best live beam can still beat its W-th best finished hypothesis.
+
+    Log-probabilities are <= 0, so a live beam's final score is at most its current sum divided
+    by the largest length**length_penalty over the lengths it can still reach, step + 1 .. steps
+    (monotonic in the length: at one end, whatever the sign of length_penalty).
+    """
+    largest_penalty = jnp.maximum(_length_penalty(state.step + 1, length_penalty), _length_penalty(steps, length_penalty))
+    return state.alive_scores[:, 0] / largest_penalty > state.finished_scores[:, -1]
+
+
+def _best_finished(state: BeamState, candidates, scores, length) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The W best of the finished hypotheses and the candidates [B, 2W, steps] of `length`
+    tokens that end now (`scores` [B, 2W]: their normalised scores, _NEG_INF for the others)."""
+    width = state.finished_scores.shape[1]
+    sequences = jnp.concatenate([state.finished, candidates], axis=1)
+    all_scores = jnp.concatenate([state.finished_scores, scores], axis=1)
+    lengths = jnp.concatenate([state.finished_lengths, jnp.full(scores.shape, length, jnp.int32)], axis=1)
+    best_scores, keep = jax.lax.top_k(all_scores, width)
+    rows = jnp.arange(scores.shape[0])[:, None]
+    return sequences[rows, keep], best_scores, lengths[rows, keep]
 
 
 def beam_search(
@@ -244,10 +382,7 @@ def beam_search(
     last step, all of them) to the finished set and continues the W best others. The loop stops
     once no live beam can beat the W-th best finished hypothesis, or after max_new_tokens.
     """
-    batch, width, steps = logits.shape[0], num_beams, max_new_tokens
-    cache = select_rows(cache, jnp.repeat(jnp.arange(batch), width))  # row b -> rows b*W .. b*W+W-1
-    logits = jnp.repeat(logits, width, axis=0)  # [B * W, V]
-    vocab = logits.shape[-1]
+    (batch, vocab), width, steps = logits.shape, num_beams, max_new_tokens
     rows = jnp.arange(batch)[:, None]
 
     def body(state):
@@ -261,11 +396,8 @@ def beam_search(
         if eos_id is not None:
             ends |= token == eos_id
 
-        normalised = scores / _length_penalty(i + 1, length_penalty)
-        all_finished = jnp.concatenate([state.finished, sequences], axis=1)
-        all_scores = jnp.concatenate([state.finished_scores, jnp.where(ends, normalised, _NEG_INF)], axis=1)
-        all_lengths = jnp.concatenate([state.finished_lengths, jnp.full(token.shape, i + 1, jnp.int32)], axis=1)
-        finished_scores, finished_keep = jax.lax.top_k(all_scores, width)
+        normalised = jnp.where(ends, scores / _length_penalty(i + 1, length_penalty), _NEG_INF)
+        finished, finished_scores, finished_lengths = _best_finished(state, sequences, normalised, i + 1)
 
         alive_scores, alive_keep = jax.lax.top_k(jnp.where(ends, _NEG_INF, scores), width)  # [B, W]
         cache = select_rows(state.cache, (rows * width + parent[rows, alive_keep]).reshape(-1))
@@ -274,67 +406,45 @@ def beam_search(
             step=i + 1,
             alive=sequences[rows, alive_keep],
             alive_scores=alive_scores,
-            finished=all_finished[rows, finished_keep],
+            finished=finished,
             finished_scores=finished_scores,
-            finished_lengths=all_lengths[rows, finished_keep],
+            finished_lengths=finished_lengths,
             logits=logits,
             cache=cache,
         )
 
     def cond(state):
-        # Log-probabilities are <= 0, so a live beam's final score is at most its current sum divided by
-        # the largest length**length_penalty over the lengths it can still reach, step + 1 .. steps
-        # (monotonic in the length: at one end, whatever the sign of length_penalty).
-        largest_penalty = jnp.maximum(
-            _length_penalty(state.step + 1, length_penalty), _length_penalty(steps, length_penalty)
-        )
-        best_alive = state.alive_scores[:, 0] / largest_penalty
-        return (state.step < steps) & jnp.any(best_alive > state.finished_scores[:, -1])
+        return (state.step < steps) & jnp.any(_can_improve(state, steps, length_penalty))
 
-    first_beam_only = jnp.where(jnp.arange(width) == 0, 0.0, _NEG_INF)  # the W beams start identical
-    state = jax.lax.while_loop(
-        cond,
-        body,
-        BeamState(
-            step=jnp.zeros((), jnp.int32),
-            alive=jnp.full((batch, width, steps), pad_id, jnp.int32),
-            alive_scores=jnp.broadcast_to(first_beam_only, (batch, width)),
-            finished=jnp.full((batch, width, steps), pad_id, jnp.int32),
-            finished_scores=jnp.full((batch, width), _NEG_INF),
-            finished_lengths=jnp.zeros((batch, width), jnp.int32),
-            logits=logits,
-            cache=cache,
-        ),
-    )
+    cache = select_rows(cache, jnp.repeat(jnp.arange(batch), width))  # row b -> rows b*W .. b*W+W-1
+    start = BeamState.start(logits, cache, width=width, steps=steps, pad_id=pad_id)
+    state = jax.lax.while_loop(cond, body, start)
     # Every row has a finished hypothesis: the loop ends early only when each row has W of them.
     return GenerateOutput(state.finished[:, 0], state.finished_lengths[:, 0], state.finished_scores[:, 0])
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "model", "strategy", "max_new_tokens", "cache_length", "top_k", "use_top_p", "num_beams", "eos_id",
-        "pad_id", "bos_id", "stream",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=("model", "config", "cache_length", "stream"))
 def _generate(
     model, variables, prompts, prompt_lengths, rng, temperature, top_p, length_penalty, stream_id, *,
-    strategy, max_new_tokens, cache_length, top_k, use_top_p, num_beams, eos_id, pad_id, bos_id, stream,
+    config: GenerationConfig, cache_length: int, stream: bool,
 ) -> GenerateOutput:
-    """The whole generation as one compiled program: prefill, then the strategy's loop."""
+    """The whole generation as one compiled program: prefill, then the strategy's loop.
+
+    `config` is `GenerationConfig.static()`; temperature, top_p and length_penalty are the traced values.
+    """
     model, variables = unscanned(model, variables)
-    logits, cache = _prefill(model, variables, prompts, prompt_lengths, cache_length, bos_id)
+    logits, cache = _prefill(model, variables, prompts, prompt_lengths, cache_length, config.bos_id)
     step = _decode_step(model, variables)
-    if strategy == "beam":
+    if config.strategy == "beam":
         return beam_search(
-            step, logits, cache, num_beams=num_beams, max_new_tokens=max_new_tokens,
-            length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
+            step, logits, cache, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens,
+            length_penalty=length_penalty, eos_id=config.eos_id, pad_id=config.pad_id,
         )
     on_tokens = (lambda token: jax.debug.callback(_emit, stream_id, token, ordered=True)) if stream else None
     return sample_loop(
-        step, logits, cache, rng, max_new_tokens=max_new_tokens, greedy=strategy == "greedy",
-        temperature=temperature, top_k=top_k, top_p=top_p if use_top_p else None, eos_id=eos_id, pad_id=pad_id,
-        on_tokens=on_tokens,
+        step, logits, cache, rng, max_new_tokens=config.max_new_tokens, greedy=config.strategy == "greedy",
+        temperature=temperature, top_k=config.top_k, top_p=None if config.top_p is None else top_p,
+        eos_id=config.eos_id, pad_id=config.pad_id, on_tokens=on_tokens,
     )
 
 
@@ -360,67 +470,51 @@ def generate(
     model: CausalLM | Seq2SeqLM,
     variables,
     prompts: Sequence[Sequence[int]] | np.ndarray | jax.Array,
+    config: GenerationConfig | None = None,
     *,
-    max_new_tokens: int,
-    strategy: str = "greedy",
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    num_beams: int = 4,
-    length_penalty: float = 1.0,
-    eos_id: int | None = None,
-    pad_id: int = 0,
-    bos_id: int | None = None,
     rng: jax.Array | None = None,
     prompt_lengths: Sequence[int] | np.ndarray | None = None,
     on_tokens: Callable[[np.ndarray], None] | None = None,
+    **options: Any,
 ) -> GenerateOutput:
     """Continues each prompt (decoder-only) or translates each source (encoder-decoder).
 
     prompts: token id lists of any lengths, or an array [B, T] (right-padded, with
         `prompt_lengths`, or all of length T). Each row's result equals generating it alone.
-    strategy: "greedy" (argmax), "sample" (temperature, top_k, top_p; needs `rng`), or
-        "beam" (num_beams, length_penalty: score = sum log p / length**length_penalty).
-    eos_id: a row stops at this token (kept in the output; padded with pad_id after it);
-        the loop ends when every row has stopped or after max_new_tokens.
-    bos_id: the first decoder input of an encoder-decoder model.
+    config: the GenerationConfig (default: greedy, 64 new tokens); `options`, its fields by
+        name (max_new_tokens=20, strategy="beam", ...), override it.
+    rng: the random key of strategy "sample".
     on_tokens: streaming (greedy and sample): called on the host with each step's new tokens
         [B] (pad_id for rows that have finished) while the compiled loop runs.
     Errors on bad arguments are raised before anything compiles.
     """
-    config = model.config
     if not isinstance(model, (CausalLM, Seq2SeqLM)):
         raise TypeError(f"generate needs a CausalLM or Seq2SeqLM, got {type(model).__name__}.")
+    config = with_options(config, options)
+    if config.pad_id is None:
+        config = config.replace(pad_id=0)
     rows, lengths = _as_rows(prompts, prompt_lengths)
-    _check_arguments(
-        config, rows, lengths, max_new_tokens=max_new_tokens, strategy=strategy, temperature=temperature,
-        top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, eos_id=eos_id, pad_id=pad_id,
-        rng=rng, encoder_decoder=isinstance(model, Seq2SeqLM), bos_id=bos_id,
-    )
+    _check_arguments(model, rows, lengths, config, rng=rng, streaming=on_tokens is not None)
+    max_length, max_new_tokens = model.config.max_length, config.max_new_tokens
     if isinstance(model, Seq2SeqLM):
-        padded_length = bucket_length(max(lengths), config.max_length)
+        padded_length = bucket_length(max(lengths), max_length)
         cache_length = 1 + max_new_tokens
     else:
-        padded_length = bucket_length(max(lengths), config.max_length - max_new_tokens)
+        padded_length = bucket_length(max(lengths), max_length - max_new_tokens)
         cache_length = padded_length + max_new_tokens
-    padded = np.full((len(rows), padded_length), pad_id, np.int32)
+    padded = np.full((len(rows), padded_length), config.pad_id, np.int32)
     for i, row in enumerate(rows):
         padded[i, : len(row)] = row
-    prompts, lengths = jnp.asarray(padded), jnp.asarray(lengths, jnp.int32)
-    if on_tokens is not None and strategy == "beam":
-        raise ValueError("Streaming (on_tokens) needs strategy 'greedy' or 'sample': beams are reordered until the end.")
     stream_id = next(_NEXT_STREAM_ID) if on_tokens is not None else 0
     if on_tokens is not None:
         _LISTENERS[stream_id] = on_tokens
     try:
         output = _generate(
-            model, variables, prompts, lengths,
+            model, variables, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32),
             jax.random.PRNGKey(0) if rng is None else rng,
-            jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p), jnp.float32(length_penalty),
-            jnp.int32(stream_id),
-            strategy=strategy, max_new_tokens=max_new_tokens, cache_length=cache_length, top_k=top_k,
-            use_top_p=top_p is not None, num_beams=num_beams, eos_id=eos_id, pad_id=pad_id, bos_id=bos_id,
-            stream=on_tokens is not None,
+            jnp.float32(config.temperature), jnp.float32(1.0 if config.top_p is None else config.top_p),
+            jnp.float32(config.length_penalty), jnp.int32(stream_id),
+            config=config.static(), cache_length=cache_length, stream=on_tokens is not None,
         )
         if on_tokens is not None:
             jax.block_until_ready(output)
@@ -443,47 +537,37 @@ def _as_rows(prompts, prompt_lengths) -> tuple[list[np.ndarray], list[int]]:
     return rows, [len(row) for row in rows]
 
 
-def _check_arguments(
-    config, rows, lengths, *, max_new_tokens, strategy, temperature, top_k, top_p, num_beams, length_penalty, eos_id,
-    pad_id, rng, encoder_decoder, bos_id,
-):
+def _check_arguments(model, rows, lengths, config: GenerationConfig, *, rng, streaming: bool):
+    """What the GenerationConfig cannot check alone: the prompts and ids against the model."""
+    vocab_size, max_length, max_new_tokens = model.config.vocab_size, model.config.max_length, config.max_new_tokens
     if not rows:
         raise ValueError("No prompts given.")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"Unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     if min(lengths) == 0:
         raise ValueError(f"Prompt {lengths.index(0)} is empty; every prompt needs at least one token.")
     longest = max(lengths)
-    if encoder_decoder:
-        if longest > config.max_length:
-            raise ValueError(f"A source of {longest} tokens exceeds the model's context of {config.max_length}.")
-        if max_new_tokens > config.max_length:
-            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the model's context of {config.max_length}.")
-        if bos_id is None:
+    if isinstance(model, Seq2SeqLM):
+        if longest > max_length:
+            raise ValueError(f"A source of {longest} tokens exceeds the model's context of {max_length}.")
+        if max_new_tokens > max_length:
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the model's context of {max_length}.")
+        if config.bos_id is None:
             raise ValueError("An encoder-decoder model needs bos_id, the first decoder input.")
-    elif longest + max_new_tokens > config.max_length:
+    elif longest + max_new_tokens > max_length:
         raise ValueError(
             f"A prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model's context of "
-            f"{config.max_length} tokens; shorten the prompt or generate fewer tokens."
+            f"{max_length} tokens; shorten the prompt or generate fewer tokens."
         )
     for i, row in enumerate(rows):
-        if len(row) and (row.min() < 0 or row.max() >= config.vocab_size):
-            raise ValueError(f"Prompt {i} has token ids outside the vocabulary [0, {config.vocab_size}).")
-    for name, token in (("eos_id", eos_id), ("pad_id", pad_id), ("bos_id", bos_id)):
-        if token is not None and not 0 <= token < config.vocab_size:
-            raise ValueError(f"{name}={token} is outside the vocabulary [0, {config.vocab_size}).")
-    if strategy == "sample":
+        if len(row) and (row.min() < 0 or row.max() >= vocab_size):
+            raise ValueError(f"Prompt {i} has token ids outside the vocabulary [0, {vocab_size}).")
+    for name in ("eos_id", "pad_id", "bos_id"):
+        token = getattr(config, name)
+        if token is not None and not 0 <= token < vocab_size:
+            raise ValueError(f"{name}={token} is outside the vocabulary [0, {vocab_size}).")
+    if config.strategy == "sample":
         if rng is None:
             raise ValueError("Sampling needs a random key: pass rng=jax.random.PRNGKey(seed).")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}; use strategy='greedy'.")
-        if top_k is not None and not 1 <= top_k <= config.vocab_size:
-            raise ValueError(f"top_k must be in [1, {config.vocab_size}], got {top_k}.")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-    if strategy == "beam" and num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
-    if strategy == "beam" and not np.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty}.")
+        if config.top_k is not None and config.top_k > vocab_size:
+            raise ValueError(f"top_k must be in [1, {vocab_size}], got {config.top_k}.")
+    if streaming and config.strategy == "beam":
+        raise ValueError("Streaming (on_tokens) needs strategy 'greedy' or 'sample': beams are reordered until the end.")

@@ -11,7 +11,8 @@ import synthetic
 from processes import subprocess_env
 from train import config as config_lib
 from train import loop
-from transformer.sample import Sampler
+from transformer.decoding import GenerationConfig
+from transformer.sampler import Sampler
 
 TINY = ["model.vocab_size=256", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.max_length=64"]
 SHORT = ["steps=30", "batch_size=8", "seq_length=32", "source_length=32", "learning_rate=3e-3", "warmup_steps=2",
@@ -76,6 +77,17 @@ def test_translation_run_translates_batches_and_beams(translation_run):
     assert "".join(sampler.stream(sources[1], max_new_tokens=10)) == greedy[1]
 
 
+def test_a_config_and_options_by_name_give_the_same_text(lm_run):
+    sampler = Sampler.load(lm_run)
+    config = GenerationConfig(max_new_tokens=8, strategy="sample", top_k=20)
+    text = sampler("Ka", config, seed=2)
+    assert text == sampler("Ka", seed=2, max_new_tokens=8, strategy="sample", top_k=20)
+    assert "".join(sampler.stream("Ka", config, seed=2)) == text
+    assert sampler("Ka", config, seed=2, strategy="greedy") == sampler("Ka", max_new_tokens=8)
+    with pytest.raises(TypeError, match="Unknown generation option beams"):
+        sampler("Ka", beams=2)
+
+
 def test_command_line_prints_prompt_and_continuation(lm_run):
     sampler = Sampler.load(lm_run)
     expected = "Ka to" + sampler("Ka to", max_new_tokens=6)
@@ -96,7 +108,7 @@ def test_command_line_prints_prompt_and_continuation(lm_run):
 def test_bad_input_is_a_clear_error(lm_run, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         Sampler.load(tmp_path)
-    (tmp_path / "config.yaml").write_text("task: classification\n")
+    (tmp_path / "config.yaml").write_text("task: classification\nmodel: {}\n")
     with pytest.raises(ValueError, match="trained a classification model, which does not generate text"):
         Sampler.load(tmp_path)
     sampler = Sampler.load(lm_run)

@@ -38,7 +38,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from train.rundir import sha256_file, write_atomically
+from transformer.files import sha256_file, write_atomically
 
 CHECKSUMS = "checksums.json"  # in each step directory: {path relative to it: sha256 hex digest}
 

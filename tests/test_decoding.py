@@ -266,9 +266,60 @@ def test_top_p_never_emits_outside_the_nucleus():
 def test_a_new_prompt_length_in_the_same_bucket_does_not_recompile():
     model, variables = decoder()
     tfm.generate(model, variables, [[1, 2, 3]], max_new_tokens=4)
-    compiled = tfm.sampling._generate._cache_size()
+    compiled = tfm.decoding._generate._cache_size()
     tfm.generate(model, variables, [[4, 5, 6, 7, 8, 9]], max_new_tokens=4)
-    assert tfm.sampling._generate._cache_size() == compiled
+    assert tfm.decoding._generate._cache_size() == compiled
+
+
+def test_changing_traced_options_or_ignored_ones_does_not_recompile():
+    """temperature, top_p and length_penalty are traced; options the strategy ignores are not in the key."""
+    model, variables = decoder()
+    sample = tfm.GenerationConfig(max_new_tokens=4, strategy="sample", top_p=0.9)
+    tfm.generate(model, variables, [[1, 2, 3]], sample, rng=RNG)
+    tfm.generate(model, variables, [[1, 2, 3]], max_new_tokens=4, strategy="beam", num_beams=2)
+    tfm.generate(model, variables, [[1, 2, 3]], max_new_tokens=4)
+    compiled = tfm.decoding._generate._cache_size()
+    tfm.generate(model, variables, [[1, 2, 3]], sample, rng=RNG, temperature=0.5, top_p=0.7, num_beams=3)
+    tfm.generate(model, variables, [[1, 2, 3]], max_new_tokens=4, strategy="beam", num_beams=2, length_penalty=0.3)
+    tfm.generate(model, variables, [[1, 2, 3]], max_new_tokens=4, top_k=5, temperature=2.0, num_beams=1)
+    assert tfm.decoding._generate._cache_size() == compiled
+
+
+def test_a_config_and_options_by_name_generate_the_same():
+    model, variables = decoder()
+    config = tfm.GenerationConfig(max_new_tokens=5, strategy="beam", num_beams=3, length_penalty=0.6)
+    by_name = tfm.generate(model, variables, PROMPTS, max_new_tokens=5, strategy="beam", num_beams=3, length_penalty=0.6)
+    for out in (tfm.generate(model, variables, PROMPTS, config),
+                tfm.generate(model, variables, PROMPTS, tfm.GenerationConfig(num_beams=7), **vars(config))):
+        np.testing.assert_array_equal(out.tokens, by_name.tokens)
+        np.testing.assert_array_equal(out.scores, by_name.scores)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(strategy="nucleus"), "Unknown strategy 'nucleus'; use one of greedy, sample, beam"),
+        (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
+        (dict(strategy="sample", temperature=-1.0), "temperature must be > 0 when sampling"),
+        (dict(strategy="sample", top_k=0), "top_k must be >= 1, got 0"),
+        (dict(strategy="sample", top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(strategy="beam", num_beams=0), "num_beams must be >= 1"),
+        (dict(strategy="beam", length_penalty=float("inf")), "length_penalty must be a finite number"),
+    ],
+)
+def test_a_generation_config_checks_itself(options, message):
+    with pytest.raises(ValueError, match=message):
+        tfm.GenerationConfig(**options)
+    with pytest.raises(ValueError, match=message):
+        tfm.GenerationConfig().replace(**options)
+
+
+def test_an_unknown_option_is_a_type_error_naming_the_options():
+    model, variables = decoder()
+    with pytest.raises(TypeError, match="Unknown generation option beams; the options are max_new_tokens, strategy"):
+        tfm.generate(model, variables, PROMPTS, max_new_tokens=4, beams=2)
+    with pytest.raises(TypeError, match="config must be a GenerationConfig, got int"):
+        tfm.generate(model, variables, PROMPTS, 4)
 
 
 @pytest.mark.parametrize(
@@ -284,6 +335,8 @@ def test_a_new_prompt_length_in_the_same_bucket_does_not_recompile():
         (dict(prompts=[[1, 5000]]), r"outside the vocabulary \[0, 1024\)"),
         (dict(strategy="sample"), "needs a random key"),
         (dict(strategy="nucleus"), "Unknown strategy"),
+        (dict(strategy="sample", top_k=2000, rng=RNG), r"top_k must be in \[1, 1024\], got 2000"),
+        (dict(eos_id=1024), r"eos_id=1024 is outside the vocabulary \[0, 1024\)"),
     ],
 )
 def test_bad_arguments_fail_before_compiling(kwargs, message):

@@ -1,0 +1,185 @@
+"""What a run reports: metric means, throughput and MFU, the metrics log and the loss plot.
+
+Metrics leave the step as sums (see train.objectives); `summarize` divides them once. The
+training metrics of a log interval are summed on the device and read one step late
+(`IntervalMetrics`), so that logging never waits for the step it logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+
+from train import rundir
+from train.config import TrainConfig
+
+# Dense bfloat16 peak FLOP/s per device, matched against `jax.Device.device_kind`.
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
+    "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12,
+}
+
+
+def summarize(sums: dict[str, float], *, token_level: bool = True) -> dict[str, float]:
+    """Metric sums -> means: loss per weighted token (or example), perplexity (token-level
+    tasks), accuracy, and the next-sentence loss and accuracy when present."""
+    weight = max(sums["weight"], 1e-9)
+    out = {"loss": sums["loss"] / weight, "accuracy": sums["correct"] / weight}
+    if token_level:
+        out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    if "nsp_weight" in sums:
+        nsp_weight = max(sums["nsp_weight"], 1e-9)
+        out["nsp_loss"] = sums["nsp_loss"] / nsp_weight
+        out["nsp_accuracy"] = sums["nsp_correct"] / nsp_weight
+    return out
+
+
+def add(sums, metrics):
+    """Elementwise sum of two metric trees (`sums` None: the first)."""
+    return metrics if sums is None else jax.tree.map(lambda a, b: a + b, sums, metrics)
+
+
+def to_host(tree) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def tokens_per_step(config: TrainConfig) -> int:
+    """Tokens a step reads: the target length, plus the source length of an encoder-decoder."""
+    return config.batch_size * (config.seq_length + (config.source_length if config.task.encoder_decoder else 0))
+
+
+def flops_per_step(config: TrainConfig, num_params: int) -> float:
+    """Training FLOPs of one step: 6 per parameter per token (forward and backward) plus the
+    attention scores and values, 12 * layers * length * width per token (PaLM, appendix B)."""
+    m = config.model
+    width = m.num_heads * m.head_dim
+    source, target = config.source_length, config.seq_length
+    if config.task.encoder_decoder:
+        tokens = source + target
+        attention = 12 * width * (m.num_encoder_layers * source**2 + m.num_decoder_layers * (target**2 + target * source))
+    else:
+        tokens = target
+        attention = 12 * width * (m.num_encoder_layers + m.num_decoder_layers) * target**2
+    return config.batch_size * (6 * num_params * tokens + attention)
+
+
+def peak_flops_per_device(config: TrainConfig) -> float | None:
+    """The configured peak, or the known bfloat16 peak of this accelerator (None on CPUs)."""
+    if config.peak_flops:
+        return config.peak_flops
+    kind = jax.devices()[0].device_kind
+    return next((flops for name, flops in PEAK_FLOPS.items() if name.lower() in kind.lower()), None)
+
+
+class IntervalMetrics:
+    """The training metrics of one log interval: summed on the device as steps are dispatched,
+    read on the host one step after the interval ends.
+
+    Reading waits for the interval's last step; by then the next step is queued, so the device
+    never idles while the host logs. Steps per second are timed between two reads, each made
+    when an interval's last step has finished.
+    """
+
+    def __init__(self):
+        self._sums, self._steps, self._pending = None, 0, None
+        self._clock = None  # when the last read (or `restart`) happened
+
+    def restart(self) -> None:
+        """Starts timing from now (after the first, compiling step)."""
+        self._clock = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leaves the time spent inside (an evaluation) out of the interval's duration."""
+        start = time.perf_counter()
+        yield
+        self._clock += time.perf_counter() - start
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self._sums = add(self._sums, metrics)
+        self._steps += 1
+
+    def end_interval(self, step: int, extra: dict[str, jax.Array]) -> None:
+        """Closes the interval at `step`; `extra` (device values) is read with it."""
+        self._pending = (step, self._sums, self._steps, extra)
+        self._sums, self._steps = None, 0
+
+    def read(self) -> tuple[int, dict[str, float], dict[str, float], int, float] | None:
+        """(step, metric sums, extra values, steps, seconds) of the closed interval, or None."""
+        if self._pending is None:
+            return None
+        step, sums, steps, extra = self._pending
+        self._pending = None
+        sums, extra = jax.device_get((sums, extra))
+        now = time.perf_counter()
+        elapsed, self._clock = now - self._clock, now
+        return step, {k: float(v) for k, v in (sums or {}).items()}, {k: int(v) for k, v in extra.items()}, steps, elapsed
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard events (process 0 only; the others write nothing).
+
+    Opening it keeps the records up to `resume_step` (what a killed run logged after its last
+    checkpoint goes, so the log reads as if the run never stopped) and drops lines a crash tore.
+    """
+
+    def __init__(self, run_dir: pathlib.Path, resume_step: int, say=print):
+        self.enabled = jax.process_index() == 0
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = None
+        if not self.enabled:
+            return
+        if self.path.exists():
+            records, damaged = rundir.read_metrics(self.path)
+            if damaged:
+                say(f"{self.path}: dropped line(s) {', '.join(map(str, damaged))}, which a crash or a full disk "
+                    "cut off.")
+            rundir.rewrite(self.path, [r for r in records if r["step"] <= resume_step])
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30)  # flushed in the background
+
+    def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rundir.append_line(self.path, {"step": step, "split": split, **values})
+        for key, value in values.items():
+            if isinstance(value, str):
+                self.writer.add_text(f"{split}/{key}", value, step)
+            else:
+                self.writer.add_scalar(f"{split}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_losses(metrics_path: pathlib.Path, output: pathlib.Path) -> None:
+    """loss.png: training loss (per log interval) and validation loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records, _ = rundir.read_metrics(metrics_path)
+    figure, axes = plt.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("validation", "o-")):
+        points = [(r["step"], r["loss"]) for r in records if r["split"] == split and "loss" in r]
+        if points:
+            axes.plot(*zip(*points), style, label=split)
+    for r in records:
+        if r["split"] == "baseline" and "unigram_loss" in r:
+            axes.axhline(r["unigram_loss"], color="gray", linestyle="--", label="unigram baseline")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(output.parent.name)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(output, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,301 @@
+"""How the training job trains each task: its data, its loss and what it is evaluated on.
+
+One `TrainingTask` per `transformer.tasks.Task` (the library's side of a task: which model it
+builds). A task here reads its examples (`data`, `fields`), turns them into fixed-shape
+features (`features`), minimises its objective (`objective`, from train.objectives), says what
+a trained model must beat (`baselines`) and, for the tasks that write text, generates at each
+evaluation (`generation`). Adding a task means one entry in `TASKS`.
+
+The set-up functions below (examples, labels, tokenizer, features) run once at the start of a
+run, for whatever task it trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Callable
+
+import flax.linen as nn
+import grain
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from train import data as data_lib
+from train import datasets, objectives, rundir
+from train.config import FileFormat, TrainConfig
+from transformer.decoding import generate
+from transformer.files import sha256_file
+from transformer.sampler import Sampler
+from transformer.tasks import Task
+from transformer.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """The features of one split: a grain dataset, and for masked LM a per-example random map
+    (masking drawn per example and epoch); `rows` is the packed stream of a causal LM split."""
+
+    dataset: grain.MapDataset
+    random_map: Callable[[int, np.random.Generator], dict] | None = None
+    rows: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingTask:
+    data: str  # the kind of data set it reads (train.datasets): "lm", "classification" or "translation"
+    fields: tuple[str, ...]  # the fields of an example in a JSONL or TSV file
+    objective: objectives.Objective
+    features: Callable[[list[dict], Tokenizer, TrainConfig], Split]
+    baselines: Callable[[TrainConfig, Split, Split, list[dict]], dict[str, float]]  # (.., train, validation, its examples)
+    token_level: bool = True  # loss per token (perplexity is reported); else per example
+    generation: Callable | None = None  # (config, model, params, tokenizer, validation examples) -> (metrics, text)
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _packed_lm(examples, tokenizer, config) -> Split:
+    rows = data_lib.PackedLM(examples, tokenizer, config.seq_length)
+    return Split(grain.MapDataset.source(rows), rows=rows)
+
+
+def _masked_lm(examples, tokenizer, config) -> Split:
+    mlm = data_lib.MaskedLMExamples(examples, tokenizer, config.seq_length, next_sentence=config.next_sentence_prediction)
+    return Split(grain.MapDataset.range(len(mlm)), random_map=lambda index, rng: mlm.example(int(index), rng))
+
+
+def _seq2seq(examples, tokenizer, config) -> Split:
+    return Split(grain.MapDataset.source(examples).map(
+        lambda e: data_lib.seq2seq_features(e, tokenizer, config.source_length, config.seq_length)
+    ))
+
+
+def _classification(examples, tokenizer, config) -> Split:
+    return Split(grain.MapDataset.source(examples).map(
+        lambda e: data_lib.classification_features(e, tokenizer, config.seq_length)
+    ))
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def unigram_loss(train: data_lib.PackedLM, validation: data_lib.PackedLM, vocab_size: int) -> float:
+    """Cross-entropy of the validation tokens under the training tokens' frequencies (add-one
+    smoothed): the loss of a model that ignores context, the bar a language model must clear."""
+    counts = np.bincount(train.stream, minlength=vocab_size) + 1.0
+    return float(-np.log(counts / counts.sum())[validation.stream[1:]].mean())
+
+
+def majority_accuracy(validation: list[dict]) -> float:
+    """The validation accuracy of the best constant answer: the share of the most common label."""
+    return float(np.bincount([e["label"] for e in validation]).max() / len(validation))
+
+
+def copy_bleu(examples: list[dict]) -> float:
+    """Corpus BLEU (sacrebleu) of each source copied as its own translation."""
+    import sacrebleu
+
+    return sacrebleu.corpus_bleu([e["source"] for e in examples], [[e["target"] for e in examples]]).score
+
+
+def _lm_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
+    return {"unigram_loss": unigram_loss(train.rows, validation.rows, config.model.vocab_size)}
+
+
+def _no_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
+    return {}
+
+
+def _translation_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
+    examples = examples[: config.bleu_examples]
+    return {"copy_bleu": copy_bleu(examples)} if examples else {}
+
+
+def _classification_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
+    return {"majority_accuracy": majority_accuracy(examples)}
+
+
+# ----------------------------------------------------------------------------- generation at evaluation
+
+
+def sample_text(config: TrainConfig, model, params, tokenizer: Tokenizer, examples) -> tuple[dict, str]:
+    """`sample_prompt` and a short continuation of it (top-k sampling, fixed seed)."""
+    prompt_length = len(tokenizer.encode(config.sample_prompt)) or 1
+    new_tokens = min(config.sample_tokens, config.model.max_length - prompt_length)
+    if new_tokens < 1:
+        return {}, ""
+    continuation = Sampler(model, params, tokenizer)(
+        config.sample_prompt, max_new_tokens=new_tokens, strategy="sample", temperature=0.8, top_k=40, seed=config.seed
+    )
+    return {}, config.sample_prompt + continuation
+
+
+def translation_bleu(config: TrainConfig, model, params, tokenizer: Tokenizer, examples) -> tuple[dict, str]:
+    """Corpus BLEU (sacrebleu) of greedy translations of the first `bleu_examples` validation
+    pairs, and the first of them."""
+    import sacrebleu
+
+    examples = examples[: config.bleu_examples]
+    if not examples:
+        return {}, ""
+    variables = {"params": nn.meta.unbox(params)}
+    hypotheses = []
+    for start in range(0, len(examples), config.batch_size):
+        chunk = examples[start : start + config.batch_size]
+        sources = [tokenizer.encode(e["source"])[: config.source_length - 1] + [tokenizer.eos_id] for e in chunk]
+        output = generate(
+            model, variables, sources, max_new_tokens=config.seq_length, eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
+        )
+        tokens, lengths = np.asarray(output.tokens), np.asarray(output.lengths)
+        hypotheses += [tokenizer.decode(t[:n]) for t, n in zip(tokens, lengths)]
+    bleu = sacrebleu.corpus_bleu(hypotheses, [[e["target"] for e in examples]]).score
+    return {"bleu": bleu}, f"{examples[0]['source']} -> {hypotheses[0]}"
+
+
+TASKS: dict[Task, TrainingTask] = {
+    Task.CAUSAL_LM: TrainingTask(
+        data="lm", fields=("text",), objective=objectives.causal_lm, features=_packed_lm, baselines=_lm_baselines,
+        generation=sample_text,
+    ),
+    Task.MASKED_LM: TrainingTask(
+        data="lm", fields=("text",), objective=objectives.masked_lm, features=_masked_lm, baselines=_no_baselines,
+    ),
+    Task.SEQ2SEQ: TrainingTask(
+        data="translation", fields=("source", "target"), objective=objectives.seq2seq, features=_seq2seq,
+        baselines=_translation_baselines, generation=translation_bleu,
+    ),
+    Task.CLASSIFICATION: TrainingTask(
+        data="classification", fields=("text", "label"), objective=objectives.classification,
+        features=_classification, baselines=_classification_baselines, token_level=False,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+@dataclasses.dataclass
+class TaskData:
+    """A run's examples as features, with what a trained model must beat on the validation split:
+    unigram_loss (causal LM: context-free token frequencies), majority_accuracy (classification:
+    the best constant answer), copy_bleu (seq2seq: the source copied as its translation)."""
+
+    train: Split
+    validation: Split | None
+    validation_examples: list[dict]
+    baselines: dict[str, float]
+
+
+def load_examples(config: TrainConfig, split: str) -> list[dict]:
+    """The examples of one split, from the named data set or the configured files."""
+    kind, fields = TASKS[config.task].data, TASKS[config.task].fields
+    if config.train_files:
+        files = config.train_files if split == "train" else config.validation_files
+        if config.file_format == FileFormat.TEXT and kind == "lm":
+            return data_lib.read_text(files)
+        if config.file_format == FileFormat.LINES and kind == "lm":
+            return data_lib.read_text(files, one_document_per_line=True)
+        if config.file_format == FileFormat.JSONL:
+            return data_lib.read_jsonl(files, fields)
+        if config.file_format == FileFormat.TSV and kind != "lm":
+            return data_lib.read_tsv(files, fields)
+        raise ValueError(
+            f"file_format={config.file_format} cannot hold {kind} data for task={config.task}: use text, lines or "
+            "jsonl for language modelling, tsv or jsonl for classification and translation."
+        )
+    spec = datasets.DATASETS.get(config.dataset)
+    if spec is not None and spec.task != kind:
+        raise ValueError(
+            f"Data set {config.dataset!r} holds {spec.task} data, but task={config.task} needs {kind} data; "
+            f"pick one of: {', '.join(n for n, s in datasets.DATASETS.items() if s.task == kind)}."
+        )
+    return datasets.load_dataset(config.dataset, split)
+
+
+def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict], list[str]]:
+    """(training examples, validation examples, label names): labels as ids 0..n-1 for
+    classification (names from the data set, or the sorted labels seen), no names otherwise."""
+    train = load_examples(config, "train")
+    validation = load_examples(config, "validation") if (config.validation_files or not config.train_files) else []
+    if "label" not in TASKS[config.task].fields:
+        return train, validation, []
+    spec = datasets.DATASETS.get(config.dataset) if not config.train_files else None
+    train, names = data_lib.encode_labels(train, spec.label_names if spec else None)
+    validation, _ = data_lib.encode_labels(validation, names)
+    return train, validation, names
+
+
+def task_data(config: TrainConfig, tokenizer: Tokenizer, train: list[dict], validation: list[dict]) -> TaskData:
+    """Turns raw examples into the task's fixed-shape features, and measures the baselines."""
+    task = TASKS[config.task]
+    train_split = task.features(train, tokenizer, config)
+    if not validation:
+        return TaskData(train_split, None, validation, {})
+    validation_split = task.features(validation, tokenizer, config)
+    baselines = task.baselines(config, train_split, validation_split, validation)
+    return TaskData(train_split, validation_split, validation, baselines)
+
+
+def _tokenizer_source(config: TrainConfig) -> pathlib.Path | None:
+    if config.init_from:
+        return pathlib.Path(config.init_from) / "tokenizer.model"
+    return pathlib.Path(config.tokenizer) if config.tokenizer else None
+
+
+def _tokenizer_origin(config: TrainConfig, training_data: str) -> dict[str, Any]:
+    """What the run's tokenizer is made from: a copied file's digest, or the training data's
+    digest (`rundir.sha256_json` of the examples) and the settings."""
+    source = _tokenizer_source(config)
+    if source is not None:
+        Tokenizer.load(source)  # a clear error when it is missing or not a sentencepiece model
+        return {"copied_from": sha256_file(source)}
+    return {
+        "trained_on": training_data, "vocab_size": config.model.vocab_size,
+        "model_type": config.tokenizer_model_type, "seed": config.seed,
+    }
+
+
+def prepare_tokenizer(
+    config: TrainConfig, run_dir: pathlib.Path, train: list[dict], training_data: str, artefacts: rundir.Artefacts,
+) -> Tokenizer:
+    """The run's tokenizer: already in the run directory (made from the same origin), copied from
+    `init_from` or `tokenizer`, or trained on the training texts with model.vocab_size pieces.
+
+    Process 0 makes it in a temporary folder and records its origin before moving it into
+    place, so a run killed half-way leaves no tokenizer, and one made from other data or
+    settings is refused rather than reused.
+    """
+    path = run_dir / "tokenizer.model"
+    origin = _tokenizer_origin(config, training_data)
+    if not artefacts.check(path.name, origin) and jax.process_index() == 0:
+        with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+            made = pathlib.Path(tmp) / path.name
+            source = _tokenizer_source(config)
+            if source is not None:
+                shutil.copyfile(source, made)
+            else:
+                corpus = pathlib.Path(tmp) / "corpus.txt"
+                texts = [e[key] for e in train for key in ("text", "source", "target") if key in e]
+                corpus.write_text("\n".join(texts), encoding="utf-8")
+                Tokenizer.train(
+                    [corpus], config.model.vocab_size, model_prefix=made.with_suffix(""),
+                    model_type=config.tokenizer_model_type, seed=config.seed,
+                )
+                made.with_suffix(".vocab").replace(path.with_suffix(".vocab"))
+            artefacts.record(path.name, origin)
+            made.replace(path)
+    sync("tokenizer")
+    tokenizer = Tokenizer.load(path)
+    tokenizer.check_compatible(config.model)
+    return tokenizer
+
+
+def sync(name: str) -> None:
+    """A barrier across the processes of a multi-host run (nothing on one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,27 @@
+"""Files that survive a crash: written whole or not at all, and checked by their digest."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+
+
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """Replaces the file with `text`: a temporary file, synced, renamed over it, so a crash leaves
+    the old file or the new one, never a part."""
+    temporary = pathlib.Path(f"{path}.tmp")
+    with open(temporary, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    temporary.replace(path)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,149 @@
+"""Text in, text out: a trained run directory as a sampler.
+
+    sampler = Sampler.load("runs/gpt-tiny")
+    sampler("ROMEO:", max_new_tokens=40, strategy="sample", top_p=0.9)
+    sampler(["ROMEO:", "JULIET:"], GenerationConfig(max_new_tokens=40, strategy="beam"))
+    for piece in sampler.stream("JULIET:"):
+        print(piece, end="", flush=True)
+
+Its command line is `python -m transformer.sample` (transformer/sample.py).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from transformer.decoding import GenerationConfig, generate, unscanned, with_options
+from transformer.models import CausalLM, Seq2SeqLM
+from transformer.runs import load_run, read_config
+from transformer.tasks import Task
+from transformer.tokenizer import Tokenizer
+
+
+class Sampler:
+    """A decoder-only model continues text; an encoder-decoder model translates it.
+
+    Every call is one compiled generation (see `transformer.decoding.generate`); prompts of
+    similar length reuse the compiled program.
+    """
+
+    def __init__(self, model: CausalLM | Seq2SeqLM, params, tokenizer: Tokenizer):
+        tokenizer.check_compatible(model.config)
+        self.tokenizer = tokenizer
+        # Layers unstacked once here rather than inside every generation.
+        self.model, self.variables = unscanned(model, {"params": nn.meta.unbox(params)})
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike, *, step: int | None = None) -> Sampler:
+        """The model, tokenizer and parameters (latest checkpoint, or `step`) of a training run,
+        on this process's first device, whatever mesh the run trained on."""
+        task = Task(read_config(run_dir)["task"])  # refused before any checkpoint is read
+        if not task.generates:
+            raise ValueError(
+                f"{run_dir} trained a {task} model, which does not generate text; a Sampler needs a causal_lm "
+                "(decoder-only) or seq2seq (encoder-decoder) run."
+            )
+        run = load_run(run_dir, step=step)
+        return cls(run.model, run.params, run.tokenizer)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return isinstance(self.model, Seq2SeqLM)
+
+    def _config(self, config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
+        """`config` with `options` over it; the token ids it leaves None are the tokenizer's
+        (bos_id for an encoder-decoder model only)."""
+        config = with_options(config, options)
+        tok = self.tokenizer
+        ids = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, bos_id=tok.bos_id if self.is_encoder_decoder else None)
+        return config.replace(**{name: token for name, token in ids.items() if getattr(config, name) is None})
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        if self.is_encoder_decoder:
+            return ids + [self.tokenizer.eos_id]
+        return ids or [self.tokenizer.bos_id]
+
+    def _generate(self, texts: Sequence[str], config: GenerationConfig, seed: int, on_tokens=None):
+        prompts = [self._prompt_ids(text) for text in texts]
+        output = generate(
+            self.model, self.variables, prompts, config, rng=jax.random.PRNGKey(seed), on_tokens=on_tokens
+        )
+        tokens, lengths = np.asarray(output.tokens), np.asarray(output.lengths)
+        return prompts, [list(row[:n]) for row, n in zip(tokens, lengths)]
+
+    def _text(self, prompt: list[int], new: list[int]) -> str:
+        """The generated text alone (a continuation keeps the spacing it has after the prompt)."""
+        if self.is_encoder_decoder:
+            return self.tokenizer.decode(new)
+        before, after = self.tokenizer.decode(prompt), self.tokenizer.decode([*prompt, *new])
+        return after[len(before):] if after.startswith(before) else self.tokenizer.decode(new)
+
+    def __call__(
+        self, text: str | Sequence[str], config: GenerationConfig | None = None, *, seed: int = 0, **options: Any
+    ) -> str | list[str]:
+        """The continuation (or translation) of one text, or of each of a batch of texts.
+
+        `config` and `options` (its fields by name) as in `transformer.decoding.generate`;
+        `seed` fixes sampling.
+        """
+        texts = _texts(text)
+        prompts, generated = self._generate(texts, self._config(config, options), seed)
+        outputs = [self._text(p, g) for p, g in zip(prompts, generated)]
+        return outputs[0] if isinstance(text, str) else outputs
+
+    def stream(
+        self, text: str, config: GenerationConfig | None = None, *, seed: int = 0, **options: Any
+    ) -> Iterator[str]:
+        """Yields the continuation of one text piece by piece while the compiled loop runs;
+        the pieces join to what `sampler(text, ...)` returns with the same options (not beam)."""
+        _texts(text, batch=False)
+        config = self._config(config, options)
+        pieces: queue.Queue = queue.Queue()
+        done = object()
+
+        def on_tokens(tokens: np.ndarray) -> None:
+            pieces.put(int(tokens[0]))
+
+        def work():
+            try:
+                self._generate([text], config, seed, on_tokens)
+                pieces.put(done)
+            except BaseException as error:  # re-raised in the consuming thread
+                pieces.put(error)
+
+        prompt = self._prompt_ids(text)
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        new: list[int] = []
+        shown = ""
+        while (item := pieces.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            if item == config.pad_id:
+                continue
+            new.append(item)
+            current = self._text(prompt, new)
+            if current.startswith(shown) and len(current) > len(shown):
+                yield current[len(shown):]
+                shown = current
+            if item == config.eos_id:
+                break
+        worker.join()
+
+
+def _texts(text, *, batch: bool = True) -> list[str]:
+    """The prompts of a call: a str (or, with `batch`, a list or tuple of str); else a TypeError."""
+    if isinstance(text, str):
+        return [text]
+    if batch and isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        return list(text)
+    expected = "a str or a list of str" if batch else "a str"
+    raise TypeError(f"The prompt must be {expected}, got {type(text).__name__} {text!r:.60}.")
