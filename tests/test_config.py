@@ -70,20 +70,23 @@ def test_valid_num_kv_heads(num_kv_heads):
     assert tiny(num_kv_heads=num_kv_heads).num_kv_heads == (num_kv_heads or 4)
 
 
-def test_none_sizes_resolve_to_ints():
-    """None head sizes become ints in the config, its dict and its YAML; an old dict with nulls loads."""
+def test_none_sizes_resolve_to_ints_and_stay_defaults_through_yaml():
+    """None head sizes become ints in the config; its dict (and YAML) keeps them as defaults, so a
+    config read back and changed derives them again; sizes set by hand are written as set."""
     config = tiny(d_model=32, num_heads=4, num_kv_heads=None, head_dim=None)
     assert (config.num_kv_heads, config.head_dim) == (4, 8)
-    values = config.to_dict()
-    assert type(values["num_kv_heads"]) is int and type(values["head_dim"]) is int
-    assert "head_dim: 8" in yaml.safe_dump(values)
-    old = {**values, "num_kv_heads": None, "head_dim": None}  # a run directory written before ints
-    assert ModelConfig.from_dict(old) == config
+    values = yaml.safe_load(yaml.safe_dump(config.to_dict()))
+    assert (values["num_kv_heads"], values["head_dim"]) == (None, None)
+    assert ModelConfig.from_dict(values) == config
+    assert ModelConfig.from_dict({**values, "num_heads": 2}).head_dim == 16
+    explicit = tiny(d_model=32, num_heads=4, num_kv_heads=2, head_dim=8).to_dict()
+    assert (explicit["num_kv_heads"], explicit["head_dim"]) == (2, 8)
+    assert ModelConfig.from_dict({**explicit, "num_heads": 8}).head_dim == 8
 
 
 def test_replace_recomputes_defaulted_sizes_from_their_sources():
-    """A head_dim equal to d_model // num_heads, and a num_kv_heads equal to num_heads, follow a
-    change of their sources; explicit values, given now or before, stay."""
+    """A defaulted head_dim and num_kv_heads follow a change of their sources; values set by hand,
+    now or before, stay, even when they equal the default."""
     small = ModelConfig.preset("gpt2-small")  # D 768, N 12, H 64
     assert small.replace(d_model=512, num_heads=8).head_dim == 64
     assert small.replace(d_model=384).head_dim == 32
@@ -96,6 +99,10 @@ def test_replace_recomputes_defaulted_sizes_from_their_sources():
     grouped = ModelConfig.preset("llama-tiny")  # N 4, K 2: grouped by hand, kept
     assert grouped.replace(num_heads=8).num_kv_heads == 2
     assert grouped.replace(d_model=128).replace(d_model=64) == grouped
+    by_hand = ModelConfig.preset("gpt2-tiny", head_dim=16)  # equal to d_model // num_heads, but set
+    assert by_hand.replace(d_model=128).head_dim == 16
+    uneven = tiny(d_model=18, head_dim=4)  # 18 // 4 == 4, set by hand since 18 % 4 != 0
+    assert uneven.replace(num_heads=2).head_dim == 4
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ def test_time_spent_paused_is_left_out_of_the_interval():
     interval = IntervalMetrics()
     interval.restart()
     interval.add({"loss": jnp.float32(1.0), "weight": jnp.float32(1.0)})
-    with interval.paused():
+    with interval.paused(jnp.zeros(())):
         time.sleep(0.3)
     interval.end_interval(1, {})
     *_, seconds = interval.read()

@@ -22,6 +22,7 @@ from processes import ROOT, subprocess_env
 from train import config as config_lib
 from train import loop, rundir, tasks
 from train.__main__ import main, usage
+from train.step import global_batch
 from transformer.runs import load_run
 from transformer.sampler import Sampler
 from transformer.tasks import Task
@@ -346,7 +347,9 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     assert final_params(damaged)[0] == 16
 
 
-def test_repeated_nonfinite_steps_stop_the_run_without_saving_them(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("periodic", [["checkpoint_every=100"], ["checkpoint_every=4", "eval_every=4"]])
+def test_repeated_nonfinite_steps_stop_the_run_without_saving_them(corpus, tmp_path, monkeypatch, periodic):
+    """Also when the step that reaches the limit is due for a checkpoint and an evaluation."""
     causal_lm = tasks.TASKS[Task.CAUSAL_LM]
 
     def poisoned(*args, **kwargs):
@@ -354,10 +357,30 @@ def test_repeated_nonfinite_steps_stop_the_run_without_saving_them(corpus, tmp_p
         return dict(metrics, loss=metrics["loss"] * np.nan)
 
     monkeypatch.setitem(tasks.TASKS, Task.CAUSAL_LM, dataclasses.replace(causal_lm, objective=poisoned))
-    config = config_lib.parse_args(tiny_args(corpus, tmp_path / "run", "max_nonfinite_steps=4", "checkpoint_every=100"))
+    config = config_lib.parse_args(tiny_args(corpus, tmp_path / "run", "max_nonfinite_steps=4", *periodic))
     with pytest.raises(loop.TrainingDiverged, match="the last 4 steps had non-finite gradients .* and were skipped"):
         loop.run(config, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_saved_step_has_its_training_record_even_if_the_run_dies_right_after(corpus, tmp_path, monkeypatch):
+    """Training records are read a step late; a checkpoint step writes its own before saving."""
+    fetched = 0
+
+    def dying(batch, mesh):
+        nonlocal fetched
+        fetched += 1
+        if fetched == 5:  # the batch of step 5, just after checkpoint 4
+            raise RuntimeError("the process died")
+        return global_batch(batch, mesh)
+
+    monkeypatch.setattr(loop, "global_batch", dying)
+    config = config_lib.parse_args(tiny_args(corpus, tmp_path / "run", "log_every=4", "eval_every=100"))
+    with pytest.raises(RuntimeError, match="the process died"):
+        loop.run(config, progress=False)
+    records, _ = rundir.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert final_params(tmp_path / "run")[0] == 4
+    assert [r["step"] for r in records if r["split"] == "train"] == [4]
 
 
 def test_init_from_a_missing_run_is_a_clear_error(tmp_path):

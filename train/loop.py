@@ -343,11 +343,15 @@ def train_loop(job: Job, checkpointer: Checkpointer, log: metrics_lib.MetricsLog
                 step += 1
                 bar.update(1)
                 logger.after_step(step, metrics, state, first=step == first_step + 1)
-                if step % config.eval_every == 0 and step < config.steps:
-                    with logger.interval.paused():
+                evaluating = step % config.eval_every == 0 and step < config.steps
+                saving = step % config.checkpoint_every == 0 and step < config.steps
+                if evaluating or saving:  # this step's record first: a diverged state is neither
+                    logger.write_ready()  # evaluated nor saved, and no saved step lacks its record
+                if evaluating:
+                    with logger.interval.paused(state):
                         validation, sample = evaluate(job, state.params)
                         report(say, log, step, validation, sample)
-                if step % config.checkpoint_every == 0 and step < config.steps:
+                if saving:
                     save(step)
                 stopped = signals.agreed() if jax.process_count() == 1 or step % config.log_every == 0 else None
                 if stopped:

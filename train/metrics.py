@@ -94,8 +94,10 @@ class IntervalMetrics:
         self._clock = time.perf_counter()
 
     @contextlib.contextmanager
-    def paused(self):
-        """Leaves the time spent inside (an evaluation) out of the interval's duration."""
+    def paused(self, state):
+        """Leaves the time spent inside (an evaluation) out of the interval's duration, once
+        `state` (the last step's output) is computed: the steps still queued count."""
+        jax.block_until_ready(state)
         start = time.perf_counter()
         yield
         self._clock += time.perf_counter() - start

@@ -142,7 +142,13 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
 
     def _resolve_sizes(self):
-        """None head sizes -> ints: num_kv_heads = num_heads, head_dim = d_model // num_heads."""
+        """None head sizes -> ints: num_kv_heads = num_heads, head_dim = d_model // num_heads.
+
+        Which of them were defaulted is kept (`_defaulted`): `replace` derives them again from
+        the new fields and `to_dict` writes them as None, so a default stays a default.
+        """
+        defaulted = {name for name in ("num_kv_heads", "head_dim") if getattr(self, name) is None}
+        object.__setattr__(self, "_defaulted", frozenset(defaulted))
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.head_dim is None:
@@ -193,23 +199,16 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (and validated); unknown fields are an error.
 
-        Defaulted sizes follow their sources unless given: head_dim, when it is d_model // num_heads,
-        is recomputed from a new d_model or num_heads; num_kv_heads, when it is num_heads, follows
-        a new num_heads.
+        Sizes that were defaulted (head_dim, num_kv_heads left None) are derived again from the
+        new fields unless given; sizes set by hand stay.
         """
         _check_keys(changes)
-        follows_heads = self.num_kv_heads == self.num_heads
-        if follows_heads and "num_heads" in changes and "num_kv_heads" not in changes:
-            changes["num_kv_heads"] = None
-        follows_width = self.head_dim == self.d_model // self.num_heads
-        if follows_width and {"d_model", "num_heads"} & changes.keys() and "head_dim" not in changes:
-            changes["head_dim"] = None
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **{**dict.fromkeys(self._defaulted), **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python values (enums as strings), suitable for JSON or YAML."""
+        """Plain Python values (enums as strings), suitable for JSON or YAML; defaulted sizes as None."""
         return {
-            f.name: (v.value if isinstance(v, enum.Enum) else v)
+            f.name: None if f.name in self._defaulted else (v.value if isinstance(v, enum.Enum) else v)
             for f in dataclasses.fields(self)
             for v in [getattr(self, f.name)]
         }
