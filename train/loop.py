@@ -3,7 +3,8 @@ evaluation, logging and checkpoints, all in one run directory.
 
     run_dir/
       config.yaml       the resolved TrainConfig (model fields in full)
-      tokenizer.model   the sentencepiece model the run trained or was given
+      tokenizer.model   the sentencepiece model the run trained or was given, or the tokenizer
+                        files (tokenizer.json, tokenizer_config.json) copied from an `init_from` checkpoint
       labels.json       label names (classification)
       checkpoints/      Orbax steps: params, rest of the train state, data iterator state
       metrics.jsonl     one JSON object per log or evaluation (process 0)
@@ -43,10 +44,13 @@ from train import rundir
 from train.config import TrainConfig, load_yaml, save_yaml, to_dict
 from train.optim import learning_rate_schedule, make_optimizer, nonfinite_counts
 from train.step import compile_steps, create_state, global_batch, make_mesh
-from train.tasks import TASKS, TaskData, load_splits, prepare_tokenizer, sync, task_data
+from train.tasks import TASKS, TaskData, init_source, load_splits, prepare_tokenizer, sync, task_data
 from transformer import runs
+from transformer.architectures import ENCODER, LM, MLM, PRETRAINING
 from transformer.checkpoint import CheckpointUnreadable, Checkpointer
 from transformer.models import merge_pretrained
+from transformer.pretrained import checkpoint_config, from_pretrained
+from transformer.tasks import Task
 from transformer.tokenizer import Tokenizer
 
 # Keys that may change when a run directory is resumed; any other difference is an error.
@@ -97,19 +101,30 @@ def initialize_distributed(config: TrainConfig) -> None:
 
 
 def resolve_init_from(config: TrainConfig) -> TrainConfig:
-    """Takes the architecture of the pretrained run in `init_from` (keeping this run's dropout,
-    dtype, remat and attention implementation), so its body loads under the new head."""
+    """Takes the architecture of `init_from` (a pretraining run's config.yaml, or a Hugging Face
+    checkpoint's config.json), keeping this run's dropout, dtype, remat and attention
+    implementation, so its body loads under the new head."""
     if not config.init_from:
         return config
-    source = pathlib.Path(config.init_from)
-    if not (source / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"init_from={source}: no config.yaml there. Point init_from at the run directory of a finished "
-            f"pretraining run (e.g. train bert-tiny-mlm first: python -m train bert-tiny-mlm)."
+    source = init_source(config.init_from)
+    if (source / "config.yaml").is_file():
+        pretrained, kind = load_yaml(source / "config.yaml").model, "run"
+    else:
+        pretrained, kind = checkpoint_config(source), "Hugging Face checkpoint"
+    stacks = (pretrained.num_encoder_layers > 0, pretrained.num_decoder_layers > 0)
+    if stacks != config.task.layers:
+        has, needs = (_STACKS[stacks], _STACKS[config.task.layers])
+        raise ValueError(
+            f"init_from={config.init_from} is a {kind} with {has}, but task={config.task} needs {needs}: "
+            f"fine-tune a checkpoint of that kind (for classification, a BERT body such as all-minilm-l6-v2)."
         )
-    pretrained = load_yaml(source / "config.yaml").model
     kept = {key: getattr(config.model, key) for key in FINE_TUNING_MODEL_KEYS}
     return dataclasses.replace(config, model=pretrained.replace(**kept))
+
+
+_STACKS = {(True, False): "an encoder only", (False, True): "a decoder only", (True, True): "an encoder and a decoder"}
+# The head a Hugging Face checkpoint is opened with for each task; merge_pretrained keeps what fits.
+_CHECKPOINT_HEADS = {Task.CLASSIFICATION: ENCODER, Task.MASKED_LM: MLM, Task.CAUSAL_LM: LM, Task.SEQ2SEQ: LM}
 
 
 @dataclasses.dataclass
@@ -180,15 +195,26 @@ def set_up(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> Job:
 
 
 def load_pretrained(job: Job, say) -> Any:
-    """The train state with the body of the `init_from` run's latest parameters under this run's
-    (new) head."""
-    pretrained = runs.load_run(job.config.init_from)
-    merged, fresh = merge_pretrained(job.state.params, pretrained.params)
+    """The train state with the body of `init_from` (a run's latest parameters, or a Hugging Face
+    checkpoint's) under this run's (new) head."""
+    config = job.config
+    source = init_source(config.init_from)
+    opened_fresh: tuple[str, ...] = ()  # a checkpoint's head parameters that from_pretrained initialised
+    if (source / "config.yaml").is_file():
+        pretrained = runs.load_run(source).params
+    else:
+        head = PRETRAINING if config.next_sentence_prediction else _CHECKPOINT_HEADS[config.task]
+        opened = from_pretrained(
+            source, head, scan_layers=config.model.scan_layers, max_length=config.model.max_length, seed=config.seed,
+        )
+        pretrained, opened_fresh = opened.params, opened.fresh
+    merged, fresh = merge_pretrained(job.state.params, pretrained)
+    fresh = sorted({*fresh, *opened_fresh})
     boxed = jax.tree.map(
         lambda box, value: box.replace_boxed(value) if isinstance(box, nn.Partitioned) else value,
         job.state.params, merged, is_leaf=lambda x: isinstance(x, nn.Partitioned),
     )
-    say(f"Loaded the pretrained body of {pretrained.path}; newly initialised: {', '.join(fresh) or 'nothing'}.")
+    say(f"Loaded the pretrained body of {source}; newly initialised: {', '.join(fresh) or 'nothing'}.")
     return job.state.replace(params=jax.device_put(boxed, job.shardings.params))
 
 

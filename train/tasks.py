@@ -13,6 +13,7 @@ run, for whatever task it trains.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import pathlib
 import shutil
 import tempfile
@@ -31,7 +32,7 @@ from transformer.decoding import generate
 from transformer.files import sha256_file
 from transformer.sampler import Sampler
 from transformer.tasks import Task
-from transformer.tokenizer import Tokenizer
+from transformer.tokenizer import DIRECTORY_FILES, Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,19 +242,62 @@ def task_data(config: TrainConfig, tokenizer: Tokenizer, train: list[dict], vali
     return TaskData(train_split, validation_split, validation, baselines)
 
 
+def init_source(init_from: str) -> pathlib.Path:
+    """The directory `init_from` names: a run directory of this project (config.yaml), a Hugging
+    Face checkpoint directory (config.json), or a named published checkpoint
+    (`train.datasets.CHECKPOINTS`), fetched on first use."""
+    path = pathlib.Path(init_from)
+    if (path / "config.yaml").is_file() or (path / "config.json").is_file():
+        return path
+    if init_from in datasets.CHECKPOINTS:
+        return datasets.pretrained_checkpoint(init_from)
+    named = ", ".join(sorted(datasets.CHECKPOINTS))
+    if len(path.parts) == 1 and not path.exists():  # a bare name, not a folder
+        raise ValueError(
+            f"init_from={init_from!r} is neither a directory nor a named checkpoint; the named ones are: {named}. "
+            "Or point init_from at a run directory (config.yaml) or a Hugging Face checkpoint directory (config.json)."
+        )
+    raise FileNotFoundError(
+        f"init_from={path}: no config.yaml (a run directory) or config.json (a Hugging Face checkpoint) there. "
+        f"Point init_from at the run directory of a finished pretraining run (e.g. train bert-tiny-mlm first: "
+        f"python -m train bert-tiny-mlm), a Hugging Face checkpoint directory, or a named checkpoint ({named})."
+    )
+
+
+# The files a tokenizer is read from, and the configs beside them that name its special tokens
+# (transformer.tokenizer `Tokenizer.load`).
+TOKENIZER_MODELS = tuple(name for names, _ in DIRECTORY_FILES for name in names)
+TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "config.json")
+
+
 def _tokenizer_source(config: TrainConfig) -> pathlib.Path | None:
+    """Where the run's tokenizer comes from: a sentencepiece .model file (copied as it is), a
+    directory or tokenizer.json (opened and saved into the run directory), or None (trained)."""
     if config.init_from:
-        return pathlib.Path(config.init_from) / "tokenizer.model"
+        source = init_source(config.init_from)
+        return source / "tokenizer.model" if (source / "tokenizer.model").is_file() else source
     return pathlib.Path(config.tokenizer) if config.tokenizer else None
 
 
-def _tokenizer_origin(config: TrainConfig, training_data: str) -> dict[str, Any]:
-    """What the run's tokenizer is made from: a copied file's digest, or the training data's
-    digest (`rundir.sha256_json` of the examples) and the settings."""
-    source = _tokenizer_source(config)
-    if source is not None:
+def _tokenizer_digest(source: pathlib.Path) -> str:
+    """One digest of the tokenizer files at `source` (a directory, or a file and the configs beside it)."""
+    folder, models = (source, TOKENIZER_MODELS) if source.is_dir() else (source.parent, (source.name,))
+    digest = hashlib.sha256()
+    for name in sorted({*models, *TOKENIZER_CONFIGS}):
+        if (folder / name).is_file():
+            digest.update(f"{name} {sha256_file(folder / name)}\n".encode())
+    return digest.hexdigest()
+
+
+def _tokenizer_origin(config: TrainConfig, source: pathlib.Path | None, training_data: str) -> dict[str, Any]:
+    """What the run's tokenizer is made from: a copied .model file's digest; a checkpoint's
+    (`init_from` or `tokenizer` as given) and the digest of its tokenizer files; or the training
+    data's digest (`rundir.sha256_json` of the examples) and the settings."""
+    if source is not None and source.suffix == ".model":
         Tokenizer.load(source)  # a clear error when it is missing or not a sentencepiece model
         return {"copied_from": sha256_file(source)}
+    if source is not None:
+        return {"copied_from": config.init_from or config.tokenizer, "files": _tokenizer_digest(source)}
     return {
         "trained_on": training_data, "vocab_size": config.model.vocab_size,
         "model_type": config.tokenizer_model_type, "seed": config.seed,
@@ -265,34 +309,68 @@ def prepare_tokenizer(
 ) -> Tokenizer:
     """The run's tokenizer: already in the run directory (made from the same origin), copied from
     `init_from` or `tokenizer`, or trained on the training texts with model.vocab_size pieces.
+    A sentencepiece model is the file tokenizer.model; a checkpoint's tokenizer is saved with
+    `Tokenizer.save` (tokenizer.json or spiece.model, and tokenizer_config.json). Either way
+    `Tokenizer.load(run_dir)` opens it.
 
     Process 0 makes it in a temporary folder and records its origin before moving it into
     place, so a run killed half-way leaves no tokenizer, and one made from other data or
     settings is refused rather than reused.
     """
-    path = run_dir / "tokenizer.model"
-    origin = _tokenizer_origin(config, training_data)
-    if not artefacts.check(path.name, origin) and jax.process_index() == 0:
-        with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
-            made = pathlib.Path(tmp) / path.name
-            source = _tokenizer_source(config)
-            if source is not None:
-                shutil.copyfile(source, made)
-            else:
-                corpus = pathlib.Path(tmp) / "corpus.txt"
-                texts = [e[key] for e in train for key in ("text", "source", "target") if key in e]
-                corpus.write_text("\n".join(texts), encoding="utf-8")
-                Tokenizer.train(
-                    [corpus], config.model.vocab_size, model_prefix=made.with_suffix(""),
-                    model_type=config.tokenizer_model_type, seed=config.seed,
-                )
-                made.with_suffix(".vocab").replace(path.with_suffix(".vocab"))
-            artefacts.record(path.name, origin)
-            made.replace(path)
+    source = _tokenizer_source(config)
+    origin = _tokenizer_origin(config, source, training_data)
+    for name in TOKENIZER_MODELS:  # one of another kind, left by an earlier attempt, is refused (not shadowed)
+        artefacts.check(name, origin)
+    if source is not None and source.suffix != ".model":
+        _save_tokenizer(Tokenizer.load(source), run_dir, origin, artefacts)
+    else:
+        _make_sentencepiece(config, source, run_dir, train, origin, artefacts)
     sync("tokenizer")
-    tokenizer = Tokenizer.load(path)
+    tokenizer = Tokenizer.load(run_dir)
     tokenizer.check_compatible(config.model)
+    if tokenizer.vocab_size != config.model.vocab_size and not config.init_from:  # only checkpoints pad rows
+        raise ValueError(
+            f"The tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
+            f"{config.model.vocab_size}: the rows past its ids would never be trained. Set "
+            f"model.vocab_size={tokenizer.vocab_size} (or use a tokenizer with {config.model.vocab_size} pieces)."
+        )
     return tokenizer
+
+
+def _make_sentencepiece(config, source, run_dir, train, origin, artefacts) -> None:
+    """tokenizer.model: the `source` file copied, or trained on the training texts."""
+    path = run_dir / "tokenizer.model"
+    if artefacts.check(path.name, origin) or jax.process_index() != 0:
+        return
+    with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+        made = pathlib.Path(tmp) / path.name
+        if source is not None:
+            shutil.copyfile(source, made)
+        else:
+            corpus = pathlib.Path(tmp) / "corpus.txt"
+            texts = [e[key] for e in train for key in ("text", "source", "target") if key in e]
+            corpus.write_text("\n".join(texts), encoding="utf-8")
+            Tokenizer.train(
+                [corpus], config.model.vocab_size, model_prefix=made.with_suffix(""),
+                model_type=config.tokenizer_model_type, seed=config.seed,
+            )
+            made.with_suffix(".vocab").replace(path.with_suffix(".vocab"))
+        artefacts.record(path.name, origin)
+        made.replace(path)
+
+
+def _save_tokenizer(tokenizer: Tokenizer, run_dir: pathlib.Path, origin: dict, artefacts: rundir.Artefacts) -> None:
+    """The files `tokenizer.save` writes, each recorded with `origin`, moved into the run directory."""
+    with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
+        made = tokenizer.save(pathlib.Path(tmp))
+        names = sorted(file.name for file in made.iterdir())
+        present = [artefacts.check(name, origin) for name in names]  # every one checked: a mismatch is an error
+        if all(present) or jax.process_index() != 0:
+            return
+        for name in names:
+            artefacts.record(name, origin)
+        for name in names:
+            (made / name).replace(run_dir / name)
 
 
 def sync(name: str) -> None:

@@ -50,8 +50,18 @@ from transformer.masks import (
     segment_mask,
     self_attention_mask,
 )
-from transformer.models import CausalLM, MaskedLM, Seq2SeqLM, SequenceClassifier, TokenClassifier, merge_pretrained
+from transformer.models import (
+    CausalLM,
+    EncoderModel,
+    MaskedLM,
+    Seq2SeqLM,
+    SequenceClassifier,
+    TokenClassifier,
+    merge_pretrained,
+    sentence_embedding,
+)
 from transformer.positions import RelativeBias, apply_rotary, relative_position_bucket, sinusoidal_embedding
+from transformer.pretrained import Pretrained, from_pretrained, save_pretrained
 from transformer.sampler import Sampler
 from transformer.stacks import Stack
 from transformer.tokenizer import Tokenizer
@@ -66,6 +76,7 @@ __all__ = [
     "CausalLM",
     "DecoderCache",
     "Embedder",
+    "EncoderModel",
     "FeedForward",
     "GenerateOutput",
     "GenerationConfig",
@@ -76,6 +87,7 @@ __all__ = [
     "Norm",
     "NormPosition",
     "PositionEncoding",
+    "Pretrained",
     "RelativeBias",
     "RelativePositionBias",
     "RematPolicy",
@@ -93,6 +105,7 @@ __all__ = [
     "causal_mask",
     "cross_attention_mask",
     "dot_product_attention",
+    "from_pretrained",
     "generate",
     "init_cache",
     "merge_pretrained",
@@ -101,8 +114,10 @@ __all__ = [
     "relative_position_bucket",
     "sample_logits",
     "sample_loop",
+    "save_pretrained",
     "segment_mask",
     "self_attention_mask",
+    "sentence_embedding",
     "sinusoidal_embedding",
     "top_k_filter",
     "top_p_filter",

@@ -39,10 +39,11 @@ class Activation(enum.StrEnum):
     GELU_TANH = "gelu_tanh"  # tanh approximation (GPT-2)
     SWIGLU = "swiglu"  # gated: silu(x W) * (x V)
     GEGLU = "geglu"  # gated: gelu(x W) * (x V)
+    GEGLU_TANH = "geglu_tanh"  # gated with the tanh GELU (T5 v1.1, Flan-T5)
 
     @property
     def gated(self) -> bool:
-        return self in (Activation.SWIGLU, Activation.GEGLU)
+        return self in (Activation.SWIGLU, Activation.GEGLU, Activation.GEGLU_TANH)
 
 
 class AttentionImplementation(enum.StrEnum):

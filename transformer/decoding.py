@@ -53,6 +53,7 @@ class GenerationConfig:
     eos_id: int | None = None  # a row stops at this token (kept); None: rows never stop early
     pad_id: int | None = None  # pads the prompts and the output after EOS; None: 0
     bos_id: int | None = None  # the first decoder input of an encoder-decoder model
+    vocab_size: int | None = None  # only ids below it are generated (embedding rows past a tokenizer); None: all
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -70,6 +71,8 @@ class GenerationConfig:
                 raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.strategy == "beam" and self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}.")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1 or None, got {self.vocab_size}.")
         if self.strategy == "beam" and not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}.")
 
@@ -175,6 +178,19 @@ def _decode_step(model: nn.Module, variables) -> DecodeStep:
         return logits[:, 0], cache
 
     return step
+
+
+def _within_vocab(logits: jax.Array, vocab_size: int) -> jax.Array:
+    """[B, V] logits with the ids >= vocab_size at -inf: they are never chosen."""
+    return jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+
+
+def _limited(step: DecodeStep, vocab_size: int) -> DecodeStep:
+    def limited_step(token, cache):
+        logits, cache = step(token, cache)
+        return _within_vocab(logits, vocab_size), cache
+
+    return limited_step
 
 
 def unscanned(model: nn.Module, variables):
@@ -435,6 +451,8 @@ def _generate(
     model, variables = unscanned(model, variables)
     logits, cache = _prefill(model, variables, prompts, prompt_lengths, cache_length, config.bos_id)
     step = _decode_step(model, variables)
+    if config.vocab_size is not None:
+        logits, step = _within_vocab(logits, config.vocab_size), _limited(step, config.vocab_size)
     if config.strategy == "beam":
         return beam_search(
             step, logits, cache, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens,
@@ -560,6 +578,8 @@ def _check_arguments(model, rows, lengths, config: GenerationConfig, *, rng, str
     for i, row in enumerate(rows):
         if len(row) and (row.min() < 0 or row.max() >= vocab_size):
             raise ValueError(f"Prompt {i} has token ids outside the vocabulary [0, {vocab_size}).")
+    if config.vocab_size is not None and config.vocab_size > vocab_size:
+        raise ValueError(f"GenerationConfig.vocab_size={config.vocab_size} exceeds the model's {vocab_size}.")
     for name in ("eos_id", "pad_id", "bos_id"):
         token = getattr(config, name)
         if token is not None and not 0 <= token < vocab_size:

@@ -27,6 +27,7 @@ _ACTIVATIONS: dict[Activation, Callable[[jax.Array], jax.Array]] = {
     Activation.GELU_TANH: lambda x: nn.gelu(x, approximate=True),
     Activation.SWIGLU: nn.silu,
     Activation.GEGLU: lambda x: nn.gelu(x, approximate=False),
+    Activation.GEGLU_TANH: lambda x: nn.gelu(x, approximate=True),
 }
 
 

@@ -1,6 +1,7 @@
 """Task models: thin heads over the shared embedder and stacks.
 
     CausalLM            decoder-only language model (GPT-2)
+    EncoderModel        the encoder body alone: hidden states (BERT's BertModel, sentence encoders)
     MaskedLM            encoder + masked-LM head (+ next-sentence head) (BERT pretraining)
     SequenceClassifier  encoder + pooled [CLS] classifier
     TokenClassifier     encoder + per-token classifier
@@ -153,6 +154,31 @@ class _EncoderModel(nn.Module):
     def pool(self, hidden: jax.Array) -> jax.Array:
         """BERT's pooled representation: tanh(W h_[CLS] + b) of the first token. -> [B, D]."""
         return jnp.tanh(self.pooler(hidden[:, 0]))
+
+
+class EncoderModel(_EncoderModel):
+    """The encoder body without a head: hidden states [B, T, D] float (see `sentence_embedding`).
+
+    The pooler is part of the body (BERT checkpoints carry it); `pool` applies it.
+    """
+
+    def __call__(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
+        hidden = self.encode(
+            tokens, token_types=token_types, segment_ids=segment_ids, positions=positions, deterministic=deterministic
+        )
+        if self.is_initializing():  # create the pooler's parameters with the body's
+            self.pool(hidden)
+        return hidden
+
+
+def sentence_embedding(hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of the hidden states over real tokens, L2-normalised (sentence-transformers' MiniLM).
+
+    hidden [B, T, D], mask [B, T] (True or 1 = token) -> [B, D] float32 of unit length.
+    """
+    weights = mask.astype(jnp.float32)[..., None]  # [B, T, 1]
+    mean = (hidden.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1e-9)
+    return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
 class MaskedLM(_EncoderModel):

@@ -2,7 +2,8 @@
 
     run_dir/
       config.yaml       `task`, the `model` fields and the training keys (`python -m train`)
-      tokenizer.model   the sentencepiece model the run trained or was given
+      tokenizer.model   the sentencepiece model the run trained or was given, or a checkpoint's
+                        tokenizer files (tokenizer.json, tokenizer_config.json...): `Tokenizer.load(run_dir)`
       labels.json       label names (classification)
       checkpoints/      Orbax steps (see transformer.checkpoint)
 
@@ -82,4 +83,4 @@ def load_run(run_dir: str | os.PathLike, *, step: int | None = None) -> Run:
         params = checkpointer.restore_params(abstract, step)
     finally:
         checkpointer.close()
-    return Run(run_dir, task, model, params, Tokenizer.load(run_dir / "tokenizer.model"), step)
+    return Run(run_dir, task, model, params, Tokenizer.load(run_dir), step)

@@ -2,6 +2,7 @@
 
     python -m transformer.sample runs/gpt-tiny --prompt "ROMEO:" --strategy sample --top-k 40
     python -m transformer.sample runs/transformer-tiny-en-fr --strategy beam < sources.txt
+    python -m transformer.sample path/to/gpt2 --prompt "Hello" --strategy greedy   # a Hugging Face directory
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from transformer.sampler import Sampler
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m transformer.sample",
-        description="Continue (decoder-only) or translate (encoder-decoder) text with a trained run.",
+        description="Continue (decoder-only) or translate (encoder-decoder) text with a trained run "
+        "or a published checkpoint.",
     )
-    parser.add_argument("run_dir", help="a run directory written by `python -m train`")
+    parser.add_argument("run_dir", help="a run directory written by `python -m train`, or a Hugging Face "
+                        "checkpoint directory (config.json + model.safetensors: GPT-2, Llama, T5)")
     parser.add_argument("--prompt", action="append", help="text to continue or translate (repeatable); "
                         "without it, each line of standard input is one prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)

@@ -1,6 +1,6 @@
-"""Text in, text out: a trained run directory as a sampler.
+"""Text in, text out: a trained run directory, or a published checkpoint, as a sampler.
 
-    sampler = Sampler.load("runs/gpt-tiny")
+    sampler = Sampler.load("runs/gpt-tiny")          # or a Hugging Face directory: GPT-2, Llama, T5
     sampler("ROMEO:", max_new_tokens=40, strategy="sample", top_p=0.9)
     sampler(["ROMEO:", "JULIET:"], GenerationConfig(max_new_tokens=40, strategy="beam"))
     for piece in sampler.stream("JULIET:"):
@@ -12,6 +12,7 @@ Its command line is `python -m transformer.sample` (transformer/sample.py).
 from __future__ import annotations
 
 import os
+import pathlib
 import queue
 import threading
 from typing import Any, Iterator, Sequence
@@ -22,6 +23,7 @@ import numpy as np
 
 from transformer.decoding import GenerationConfig, generate, unscanned, with_options
 from transformer.models import CausalLM, Seq2SeqLM
+from transformer.pretrained import from_pretrained
 from transformer.runs import load_run, read_config
 from transformer.tasks import Task
 from transformer.tokenizer import Tokenizer
@@ -34,16 +36,30 @@ class Sampler:
     similar length reuse the compiled program.
     """
 
-    def __init__(self, model: CausalLM | Seq2SeqLM, params, tokenizer: Tokenizer):
+    def __init__(
+        self, model: CausalLM | Seq2SeqLM, params, tokenizer: Tokenizer, *, token_ids: dict[str, int] | None = None
+    ):
+        """token_ids: eos_id, pad_id and bos_id (the decoder start) where they are not the
+        tokenizer's (a checkpoint's config.json sets T5's decoder start to its pad id)."""
         tokenizer.check_compatible(model.config)
         self.tokenizer = tokenizer
+        # GenerationConfig fields a call leaves None: the token ids, and the ids that may be generated
+        # (a checkpoint's embedding may have rows past the tokenizer's pieces).
+        padded = model.config.vocab_size > tokenizer.vocab_size
+        self.defaults = _tokenizer_ids(tokenizer, isinstance(model, Seq2SeqLM)) | (token_ids or {}) | {
+            "vocab_size": tokenizer.vocab_size if padded else None}
         # Layers unstacked once here rather than inside every generation.
         self.model, self.variables = unscanned(model, {"params": nn.meta.unbox(params)})
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, *, step: int | None = None) -> Sampler:
         """The model, tokenizer and parameters (latest checkpoint, or `step`) of a training run,
-        on this process's first device, whatever mesh the run trained on."""
+        on this process's first device, whatever mesh the run trained on; or a Hugging Face
+        checkpoint directory of a model that generates text (see `transformer.pretrained`)."""
+        if not (pathlib.Path(run_dir) / "config.yaml").is_file():
+            if step is not None:
+                raise ValueError(f"step={step} names a checkpoint of a training run; {run_dir} is not one.")
+            return cls._load_pretrained(run_dir)
         task = Task(read_config(run_dir)["task"])  # refused before any checkpoint is read
         if not task.generates:
             raise ValueError(
@@ -53,6 +69,18 @@ class Sampler:
         run = load_run(run_dir, step=step)
         return cls(run.model, run.params, run.tokenizer)
 
+    @classmethod
+    def _load_pretrained(cls, path: str | os.PathLike) -> Sampler:
+        loaded = from_pretrained(path)
+        if not isinstance(loaded.model, (CausalLM, Seq2SeqLM)):
+            raise ValueError(
+                f"{path} holds a {loaded.head} model, which does not generate text; a Sampler needs a decoder-only "
+                "(GPT-2, Llama) or encoder-decoder (T5) checkpoint."
+            )
+        if loaded.tokenizer is None:
+            raise FileNotFoundError(f"{path} has no tokenizer files (tokenizer.json, spiece.model, vocab.json, ...).")
+        return cls(loaded.model, loaded.params, loaded.tokenizer, token_ids=loaded.generation)
+
     @property
     def is_encoder_decoder(self) -> bool:
         return isinstance(self.model, Seq2SeqLM)
@@ -61,15 +89,15 @@ class Sampler:
         """`config` with `options` over it; the token ids it leaves None are the tokenizer's
         (bos_id for an encoder-decoder model only)."""
         config = with_options(config, options)
-        tok = self.tokenizer
-        ids = dict(eos_id=tok.eos_id, pad_id=tok.pad_id, bos_id=tok.bos_id if self.is_encoder_decoder else None)
-        return config.replace(**{name: token for name, token in ids.items() if getattr(config, name) is None})
+        return config.replace(**{name: value for name, value in self.defaults.items() if getattr(config, name) is None})
 
     def _prompt_ids(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text)
         if self.is_encoder_decoder:
-            return ids + [self.tokenizer.eos_id]
-        return ids or [self.tokenizer.bos_id]
+            return ids + [self.defaults["eos_id"]]
+        if self.tokenizer.adds_bos or not ids:  # Llama's texts start with BOS; an empty prompt is BOS alone
+            return [self.tokenizer.bos_id, *ids]
+        return ids
 
     def _generate(self, texts: Sequence[str], config: GenerationConfig, seed: int, on_tokens=None):
         prompts = [self._prompt_ids(text) for text in texts]
@@ -127,6 +155,8 @@ class Sampler:
         while (item := pieces.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
+            if item == config.eos_id:  # decoded as nothing; checked first, as the pad id may be the same
+                break
             if item == config.pad_id:
                 continue
             new.append(item)
@@ -134,9 +164,19 @@ class Sampler:
             if current.startswith(shown) and len(current) > len(shown):
                 yield current[len(shown):]
                 shown = current
-            if item == config.eos_id:
-                break
         worker.join()
+
+
+def _tokenizer_ids(tokenizer: Tokenizer, encoder_decoder: bool) -> dict[str, int | None]:
+    """The tokenizer's eos, pad and (encoder-decoder) bos ids; None for a token it lacks."""
+    names = ("eos_id", "pad_id", "bos_id") if encoder_decoder else ("eos_id", "pad_id")
+    ids = {}
+    for name in names:
+        try:
+            ids[name] = getattr(tokenizer, name)
+        except ValueError:  # no such token (T5 has no BOS: its config.json names the decoder start)
+            ids[name] = None
+    return ids
 
 
 def _texts(text, *, batch: bool = True) -> list[str]:

@@ -1,40 +1,91 @@
-"""A sentencepiece tokenizer with fixed special ids, shared by training and sampling.
+"""Text <-> token ids through one interface, for the tokenizers this library trains and those of
+published checkpoints.
 
-Special ids are the same in every tokenizer this library trains, and are read back from
-the model file (never assumed) when one is loaded:
+`SentencePieceTokenizer` wraps a sentencepiece model: the ones `Tokenizer.train` makes, T5's
+spiece.model, Llama's tokenizer.model. `HuggingFaceTokenizer` wraps a `tokenizers.Tokenizer`: a
+checkpoint's tokenizer.json, or one built from vocab.json + merges.txt (byte-level BPE, GPT-2) or
+vocab.txt (WordPiece, BERT). `Tokenizer.load` picks the backend from the files it finds.
+
+The tokenizers this library trains have fixed special ids, read back from the model file (never
+assumed) when one is loaded:
 
     0 <pad>   1 <unk>   2 <s> (BOS)   3 </s> (EOS)   4 [CLS]   5 [SEP]   6 [MASK]
+
+A checkpoint's special tokens are the ones its own files name, and some kinds are missing: BERT
+has no BOS or EOS, T5 no BOS, GPT-2 no pad (EOS pads instead). Asking for a missing one is a
+ValueError. `encode` never adds special tokens: the data pipelines add [CLS]/[SEP]/BOS/EOS.
 """
 
 from __future__ import annotations
 
+import abc
+import dataclasses
+import functools
+import json
 import os
 import pathlib
-from typing import Iterable, Sequence
+import re
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
+from tokenizers.implementations import BertWordPieceTokenizer, ByteLevelBPETokenizer
 
 from transformer.config import ModelConfig
+from transformer.files import write_atomically
 
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
 ENCODER_SYMBOLS = (CLS, SEP, MASK)
+T5_CLASSES = ("T5Tokenizer", "T5TokenizerFast")
+T5_DEFAULT_EXTRA_IDS = 100
+EXTRA_ID = re.compile(r"<extra_id_(\d+)>")
+
+# Tokens taken for a kind when no file beside a Hugging Face tokenizer names one.
+WELL_KNOWN_TOKENS = {
+    "pad": ("[PAD]", "<pad>"),
+    "unk": ("[UNK]", "<unk>"),
+    "bos": ("<s>", "<|endoftext|>"),
+    "eos": ("</s>", "<|endoftext|>"),
+    "cls": (CLS,),
+    "sep": (SEP,),
+    "mask": (MASK, "<mask>"),
+}
+
+TokenToId = Callable[[str], "int | None"]
 
 
-class Tokenizer:
-    """Text <-> token ids through a trained sentencepiece model."""
+@dataclasses.dataclass(frozen=True)
+class SpecialTokens:
+    """The ids of a tokenizer's special tokens; None for a kind it does not have."""
 
-    def __init__(self, processor: spm.SentencePieceProcessor, path: str | os.PathLike | None = None):
-        self._sp = processor
+    pad: int | None = None
+    unk: int | None = None
+    bos: int | None = None
+    eos: int | None = None
+    cls: int | None = None
+    sep: int | None = None
+    mask: int | None = None
+
+    def ids(self) -> frozenset[int]:
+        return frozenset(i for i in dataclasses.astuple(self) if i is not None)
+
+
+SPECIAL_KINDS = tuple(field.name for field in dataclasses.fields(SpecialTokens))
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids. `Tokenizer.load` reads any tokenizer below; `Tokenizer.train` makes one."""
+
+    def __init__(
+        self, specials: SpecialTokens, path: str | os.PathLike | None = None,
+        other_special_ids: frozenset[int] = frozenset(), *, adds_bos: bool = False,
+    ):
+        self.specials = specials
         self.path = None if path is None else pathlib.Path(path)
-        for name, token_id in (("pad", self.pad_id), ("eos", self.eos_id), ("bos", self.bos_id)):
-            if token_id < 0:
-                raise ValueError(
-                    f"The sentencepiece model {self.path or ''} has no {name} token; train it with "
-                    f"Tokenizer.train (or sentencepiece's {name}_id option) so sequences can be "
-                    "padded and terminated."
-                )
+        self._special_ids = specials.ids() | other_special_ids
+        # Whether the checkpoint's own pipeline starts every text with BOS (Llama): a prompt then does too.
+        self.adds_bos = adds_bos
 
     @classmethod
     def train(
@@ -47,7 +98,7 @@ class Tokenizer:
         character_coverage: float = 1.0,
         max_sentences: int = 1_000_000,
         seed: int = 0,
-    ) -> Tokenizer:
+    ) -> SentencePieceTokenizer:
         """Trains a sentencepiece model on text files (one sentence per line) and loads it.
 
         Writes `{model_prefix}.model` and `.vocab`. `model_type` is "bpe" or "unigram". At most
@@ -87,73 +138,104 @@ class Tokenizer:
                 f"sentencepiece could not train a {vocab_size}-token vocabulary on {len(files)} file(s) "
                 f"({files[0]}, ...): {error}. If the vocabulary is too large for the corpus, lower vocab_size."
             ) from None
-        return cls.load(f"{model_prefix}.model")
+        return _load_sentencepiece([pathlib.Path(f"{model_prefix}.model")], _Configs())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Loads a sentencepiece `.model` file."""
+        """Loads a sentencepiece `.model` file, a `tokenizer.json`, or a directory holding either.
+
+        A directory is searched in the order of `DIRECTORY_FILES`: tokenizer.model (this library's
+        run directories), tokenizer.json, spiece.model, vocab.json + merges.txt, vocab.txt. The
+        special tokens are the ones named by tokenizer_config.json, special_tokens_map.json or
+        config.json beside the file, else the ones the tokenizer itself records.
+        """
         path = pathlib.Path(path)
+        if path.is_dir():
+            return _load_directory(path)
         if not path.is_file():
             raise FileNotFoundError(f"No tokenizer model at {path}.")
-        processor = spm.SentencePieceProcessor()
-        try:
-            processor.load(str(path))
-        except (OSError, RuntimeError) as error:
-            raise ValueError(f"{path} is not a valid sentencepiece model: {error}") from None
-        return cls(processor, path)
+        load_file = _load_tokenizer_json if path.suffix == ".json" else _load_sentencepiece
+        return load_file([path], _Configs.read(path.parent))
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+        """How many ids the tokenizer has, special and extra ones included."""
 
-    @property
-    def pad_id(self) -> int:
-        return self._sp.pad_id()
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """One string -> its token ids (no special tokens added)."""
 
-    @property
-    def unk_id(self) -> int:
-        return self._sp.unk_id()
+    @abc.abstractmethod
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        """Many strings -> their token ids, as `encode` gives them."""
 
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
+    @abc.abstractmethod
+    def _decode(self, ids: list[int]) -> str:
+        """Token ids, none of them special -> text."""
 
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
+    @abc.abstractmethod
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one token (a piece, a special or extra token); None when there is none."""
 
-    def _symbol_id(self, symbol: str) -> int:
-        token_id = self._sp.piece_to_id(symbol)
-        if token_id == self.unk_id:
-            raise ValueError(f"The tokenizer {self.path or ''} has no {symbol} symbol; train it with Tokenizer.train.")
+    @abc.abstractmethod
+    def id_to_token(self, token_id: int) -> str:
+        """The token of one id."""
+
+    @abc.abstractmethod
+    def save(self, directory: str | os.PathLike, *, tokenizer_class: str | None = None) -> pathlib.Path:
+        """Writes the tokenizer's files into `directory` (made if missing), in Hugging Face layout,
+        so that `Tokenizer.load(directory)` restores the same ids and special tokens. -> directory.
+
+        `tokenizer_class`: the transformers class a sentencepiece file is written for (see
+        `SENTENCEPIECE_CLASSES`); a Hugging Face tokenizer is always tokenizer.json."""
+
+    def _special_id(self, kind: str) -> int:
+        token_id = getattr(self.specials, kind)
+        if token_id is None:
+            raise ValueError(
+                f"The tokenizer of {self.path or '(in memory)'} has no {kind.upper()} token; name one as "
+                f"{kind}_token in the tokenizer_config.json beside it, or use a tokenizer that has one "
+                "(Tokenizer.train makes all seven kinds)."
+            )
         return token_id
 
     @property
+    def pad_id(self) -> int:
+        """The padding id; the EOS id for tokenizers with no pad token (GPT-2 and its like)."""
+        if self.specials.pad is None and self.specials.eos is not None:
+            return self.specials.eos
+        return self._special_id("pad")
+
+    @property
+    def unk_id(self) -> int:
+        return self._special_id("unk")
+
+    @property
+    def bos_id(self) -> int:
+        return self._special_id("bos")
+
+    @property
+    def eos_id(self) -> int:
+        return self._special_id("eos")
+
+    @property
     def cls_id(self) -> int:
-        return self._symbol_id(CLS)
+        return self._special_id("cls")
 
     @property
     def sep_id(self) -> int:
-        return self._symbol_id(SEP)
+        return self._special_id("sep")
 
     @property
     def mask_id(self) -> int:
-        return self._symbol_id(MASK)
+        return self._special_id("mask")
 
     @property
     def special_ids(self) -> frozenset[int]:
-        """Ids that are never ordinary text: pad, unk, bos, eos and the encoder symbols."""
-        ids = {self.pad_id, self.unk_id, self.bos_id, self.eos_id}
-        ids.update(i for i in map(self._sp.piece_to_id, ENCODER_SYMBOLS) if i != self.unk_id)
-        return frozenset(ids)
-
-    def encode(self, text: str) -> list[int]:
-        """One string -> its token ids (no BOS/EOS added)."""
-        return self._sp.encode(text)
-
-    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
-        """Many strings -> their token ids (sentencepiece's multithreaded batch encoding)."""
-        return self._sp.encode(list(texts))
+        """Ids that are never ordinary text: the special tokens of every kind the tokenizer has, and
+        its other special ids (T5's extra ids, a tokenizer.json's added special tokens)."""
+        return self._special_ids
 
     def pad(
         self, ids: Sequence[Sequence[int]], length: int, *, truncate: bool = True
@@ -170,29 +252,344 @@ class Tokenizer:
         return out, mask
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Token ids -> text; padding and other control ids are dropped."""
-        return self._sp.decode([int(i) for i in ids if int(i) != self.pad_id])
+        """Token ids -> text; padding and every other special id (unk and T5's extra ids too) are dropped."""
+        return self._decode([i for i in map(int, ids) if i not in self.special_ids])
 
     def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
         return [self.decode(ids) for ids in batch]
 
     def check_compatible(self, config: ModelConfig) -> None:
-        """Raises unless the model's vocabulary is exactly this tokenizer's ids.
+        """Raises unless the model has an embedding row for every id of this tokenizer.
 
-        A smaller model has no embedding for the highest ids; a larger one has rows no text
-        maps to, which generation could still emit and decoding could not turn into text.
+        A model may have more rows than the tokenizer has ids: published checkpoints pad the
+        embedding (T5: 32100 ids, 32128 rows). Generation must then never emit ids >= vocab_size,
+        which no text maps to.
         """
-        if self.vocab_size != config.vocab_size:
-            problem = (
-                f"ids >= {config.vocab_size} have no embedding" if self.vocab_size > config.vocab_size
-                else f"ids {self.vocab_size}..{config.vocab_size - 1} match no piece, so text generated with them "
-                "cannot be decoded"
-            )
+        if self.vocab_size > config.vocab_size:
             raise ValueError(
                 f"The tokenizer has {self.vocab_size} pieces but the model's vocab_size is {config.vocab_size}: "
-                f"{problem}. Set model.vocab_size={self.vocab_size} (or use a tokenizer with "
-                f"{config.vocab_size} pieces)."
+                f"ids >= {config.vocab_size} have no embedding. Set model.vocab_size={self.vocab_size} (or use "
+                f"a tokenizer with at most {config.vocab_size} pieces)."
             )
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.path or 'in memory'}, vocab_size={self.vocab_size})"
+        return f"{type(self).__name__}({self.path or 'in memory'}, vocab_size={self.vocab_size})"
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model. T5's `extra_ids` sentinels follow its pieces in reverse order, as
+    Hugging Face's T5Tokenizer numbers them: `<extra_id_0>` is the last id, vocab_size - 1. They are
+    ids only: `encode` does not find them in text (place them by `token_to_id`)."""
+
+    def __init__(
+        self, processor: spm.SentencePieceProcessor, specials: SpecialTokens,
+        path: str | os.PathLike | None = None, *, extra_ids: int = 0, adds_bos: bool = False,
+    ):
+        self._sp = processor
+        self.extra_ids = extra_ids
+        pieces = processor.get_piece_size()
+        super().__init__(specials, path, frozenset(range(pieces, pieces + extra_ids)), adds_bos=adds_bos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size() + self.extra_ids
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        """Many strings -> their token ids (sentencepiece's multithreaded batch encoding)."""
+        return self._sp.encode(list(texts))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        return _sentencepiece_token_id(self._sp, self.extra_ids, token)
+
+    def id_to_token(self, token_id: int) -> str:
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"Id {token_id} is outside the vocabulary of {self!r}.")
+        if token_id >= self._sp.get_piece_size():
+            return f"<extra_id_{self.vocab_size - 1 - token_id}>"
+        return self._sp.id_to_piece(token_id)
+
+    def save(self, directory: str | os.PathLike, *, tokenizer_class: str | None = None) -> pathlib.Path:
+        """Writes the model file and a tokenizer_config.json with the special tokens, for the
+        `transformers` class that encodes as `encode` does: "T5Tokenizer" (spiece.model; it ends a
+        text with EOS, as an encoder-decoder source here is), "LlamaTokenizer" (tokenizer.model;
+        BOS as `adds_bos` says, no EOS) or "AlbertTokenizer" (spiece.model; [CLS] text [SEP]); by
+        default the one that keeps `adds_bos` and the extra ids."""
+        tokenizer_class = tokenizer_class or ("LlamaTokenizer" if self.adds_bos else "T5Tokenizer")
+        settings = SENTENCEPIECE_CLASSES[tokenizer_class](self)
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        file = directory / ("tokenizer.model" if tokenizer_class == "LlamaTokenizer" else "spiece.model")
+        file.write_bytes(self._sp.serialized_model_proto())
+        _write_tokenizer_config(directory, self, tokenizer_class=tokenizer_class, **settings)
+        return directory
+
+
+# What each `transformers` class for a sentencepiece file needs to encode as this library does.
+SENTENCEPIECE_CLASSES: dict[str, Callable[[SentencePieceTokenizer], dict[str, Any]]] = {
+    "T5Tokenizer": lambda tok: dict(extra_ids=tok.extra_ids),
+    "LlamaTokenizer": lambda tok: dict(add_bos_token=tok.adds_bos, add_eos_token=False, legacy=True),
+    "AlbertTokenizer": lambda tok: dict(do_lower_case=False, keep_accents=True, remove_space=False),
+}
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A `tokenizers.Tokenizer`, with any padding and truncation baked into it turned off."""
+
+    def __init__(
+        self, tokenizer: tokenizers.Tokenizer, specials: SpecialTokens, path: str | os.PathLike | None = None,
+        *, adds_bos: bool = False,
+    ):
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._tokenizer = tokenizer
+        added = tokenizer.get_added_tokens_decoder()
+        super().__init__(specials, path, frozenset(i for i, token in added.items() if token.special), adds_bos=adds_bos)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str:
+        token = self._tokenizer.id_to_token(token_id)
+        if token is None:
+            raise ValueError(f"Id {token_id} is outside the vocabulary of {self!r}.")
+        return token
+
+    def save(self, directory: str | os.PathLike, *, tokenizer_class: str | None = None) -> pathlib.Path:
+        """Writes tokenizer.json and a tokenizer_config.json naming PreTrainedTokenizerFast and the
+        special tokens (`tokenizer_class` is for sentencepiece files only, and ignored)."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomically(directory / "tokenizer.json", self._tokenizer.to_str())
+        _write_tokenizer_config(directory, self, tokenizer_class="PreTrainedTokenizerFast")
+        return directory
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@dataclasses.dataclass(frozen=True)
+class _Configs:
+    """The JSON files beside a tokenizer that name its special tokens and options ({} when absent)."""
+
+    directory: pathlib.Path | None = None
+    tokenizer: dict[str, Any] = dataclasses.field(default_factory=dict)  # tokenizer_config.json
+    special_tokens_map: dict[str, Any] = dataclasses.field(default_factory=dict)  # special_tokens_map.json
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # config.json
+
+    @classmethod
+    def read(cls, directory: pathlib.Path) -> _Configs:
+        return cls(
+            directory, _read_json(directory / "tokenizer_config.json"),
+            _read_json(directory / "special_tokens_map.json"), _read_json(directory / "config.json"),
+        )
+
+    def named_token(self, kind: str) -> tuple[str, str] | None:
+        """(token, file name) of the `{kind}_token` tokenizer_config.json, else
+        special_tokens_map.json, names: a string or a dict with "content"."""
+        files = {"tokenizer_config.json": self.tokenizer, "special_tokens_map.json": self.special_tokens_map}
+        for name, config in files.items():
+            token = config.get(f"{kind}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if token is not None:
+                return token, name
+        return None
+
+    def token_id(self, kind: str) -> int | None:
+        """config.json's `{kind}_token_id`; the first of a list (Llama 3.1 lists several EOS ids)."""
+        token_id = self.model.get(f"{kind}_token_id")
+        if isinstance(token_id, list):
+            return token_id[0] if token_id else None
+        return token_id
+
+    def extra_ids(self) -> int:
+        """T5's sentinel count: tokenizer_config.json's extra_ids, by default 100 for T5 and 0 otherwise."""
+        default = T5_DEFAULT_EXTRA_IDS if self.tokenizer.get("tokenizer_class") in T5_CLASSES else 0
+        return self.tokenizer.get("extra_ids", default)
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object of settings.")
+    return value
+
+
+def _special_tokens(
+    configs: _Configs, token_to_id: TokenToId, vocab_size: int, defaults: SpecialTokens
+) -> SpecialTokens:
+    """Each kind's id: the token tokenizer_config.json or special_tokens_map.json names, else
+    config.json's id, else the default."""
+    ids = {kind: _special_id(configs, kind, token_to_id, vocab_size) for kind in SPECIAL_KINDS}
+    return SpecialTokens(**{kind: getattr(defaults, kind) if i is None else i for kind, i in ids.items()})
+
+
+def _special_id(configs: _Configs, kind: str, token_to_id: TokenToId, vocab_size: int) -> int | None:
+    """The id of the token the files beside the tokenizer name for `kind`; None if they name none."""
+    named = configs.named_token(kind)
+    if named is not None:
+        token, file_name = named
+        token_id = token_to_id(token)
+        if token_id is None:
+            raise ValueError(
+                f"{configs.directory / file_name} names {token!r} as the {kind}_token, but the tokenizer has no "
+                "such token."
+            )
+        return token_id
+    token_id = configs.token_id(kind)
+    if token_id is not None and not 0 <= token_id < vocab_size:
+        raise ValueError(
+            f"{configs.directory / 'config.json'} sets {kind}_token_id={token_id}, outside the tokenizer's "
+            f"{vocab_size} ids; name the token as {kind}_token in tokenizer_config.json instead."
+        )
+    return token_id
+
+
+def _well_known_specials(token_to_id: TokenToId) -> SpecialTokens:
+    """For each kind, the first of its WELL_KNOWN_TOKENS in the vocabulary."""
+    ids = {}
+    for kind, tokens in WELL_KNOWN_TOKENS.items():
+        present = [i for i in map(token_to_id, tokens) if i is not None]
+        ids[kind] = present[0] if present else None
+    return SpecialTokens(**ids)
+
+
+def _sentencepiece_token_id(processor: spm.SentencePieceProcessor, extra_ids: int, token: str) -> int | None:
+    """A piece's id, or an `<extra_id_k>` sentinel's (counted back from the last id); None if neither."""
+    extra = EXTRA_ID.fullmatch(token)
+    if extra and int(extra.group(1)) < extra_ids:
+        return processor.get_piece_size() + extra_ids - 1 - int(extra.group(1))
+    token_id = processor.piece_to_id(token)
+    return None if token_id == processor.unk_id() and token != processor.id_to_piece(token_id) else token_id
+
+
+def _sentencepiece_specials(processor: spm.SentencePieceProcessor) -> SpecialTokens:
+    """The ids the model file records (pad, unk, bos, eos; -1 where absent) and the encoder
+    symbols [CLS], [SEP], [MASK] where they are pieces."""
+    recorded = dict(pad=processor.pad_id(), unk=processor.unk_id(), bos=processor.bos_id(), eos=processor.eos_id())
+    symbol_id = functools.partial(_sentencepiece_token_id, processor, 0)
+    symbols = {kind: symbol_id(symbol) for kind, symbol in zip(("cls", "sep", "mask"), ENCODER_SYMBOLS)}
+    return SpecialTokens(**{kind: None if i < 0 else i for kind, i in recorded.items()}, **symbols)
+
+
+def _load_sentencepiece(files: list[pathlib.Path], configs: _Configs) -> SentencePieceTokenizer:
+    (path,) = files
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.load(str(path))
+    except (OSError, RuntimeError) as error:
+        raise ValueError(f"{path} is not a valid sentencepiece model: {error}") from None
+    extra_ids = configs.extra_ids()
+    token_to_id = functools.partial(_sentencepiece_token_id, processor, extra_ids)
+    vocab_size = processor.get_piece_size() + extra_ids
+    specials = _special_tokens(configs, token_to_id, vocab_size, _sentencepiece_specials(processor))
+    # transformers' LlamaTokenizer starts a text with BOS unless told otherwise
+    adds_bos = configs.tokenizer.get("add_bos_token", configs.tokenizer.get("tokenizer_class") == "LlamaTokenizer")
+    return SentencePieceTokenizer(processor, specials, path, extra_ids=extra_ids, adds_bos=bool(adds_bos))
+
+
+def _parsed(files: list[pathlib.Path], parse: Callable[[], tokenizers.Tokenizer]) -> tokenizers.Tokenizer:
+    """`parse()`, its failure a ValueError naming the files."""
+    try:
+        return parse()
+    except Exception as error:  # tokenizers raises plain Exception (and TypeError for a vocab.txt without [SEP])
+        names = " + ".join(map(str, files))
+        raise ValueError(f"{names} is not a valid tokenizer file: {error}") from None
+
+
+def _huggingface(tokenizer: tokenizers.Tokenizer, path: pathlib.Path, configs: _Configs) -> HuggingFaceTokenizer:
+    """The tokenizer with its special tokens resolved, and marked special so that text never splits them."""
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    specials = _special_tokens(configs, tokenizer.token_to_id, vocab_size, _well_known_specials(tokenizer.token_to_id))
+    tokenizer.add_special_tokens(sorted({tokenizer.id_to_token(i) for i in specials.ids()}))
+    bos = None if specials.bos is None else tokenizer.id_to_token(specials.bos)
+    adds_bos = configs.tokenizer.get("add_bos_token", _template_starts_with(tokenizer, bos))
+    return HuggingFaceTokenizer(tokenizer, specials, path, adds_bos=bool(adds_bos))
+
+
+def _template_starts_with(tokenizer: tokenizers.Tokenizer, token: str | None) -> bool:
+    """Whether the post-processor's template for one text starts with `token` (Llama's <s>)."""
+    processor = json.loads(tokenizer.to_str()).get("post_processor") or {}
+    processors = processor.get("processors", [processor])  # a Sequence, or one processor
+    for step in processors:
+        if step.get("type") == "TemplateProcessing":
+            first = (step.get("single") or [{}])[0]
+            return token is not None and first.get("SpecialToken", {}).get("id") == token
+    return False
+
+
+def _load_tokenizer_json(files: list[pathlib.Path], configs: _Configs) -> HuggingFaceTokenizer:
+    (path,) = files
+    return _huggingface(_parsed(files, lambda: tokenizers.Tokenizer.from_file(str(path))), path, configs)
+
+
+def _load_byte_level_bpe(files: list[pathlib.Path], configs: _Configs) -> HuggingFaceTokenizer:
+    vocab, merges = files
+    add_prefix_space = configs.tokenizer.get("add_prefix_space", False)
+    built = _parsed(files, lambda: tokenizers.Tokenizer.from_str(
+        ByteLevelBPETokenizer(str(vocab), str(merges), add_prefix_space=add_prefix_space).to_str()
+    ))
+    return _huggingface(built, vocab, configs)
+
+
+def _load_wordpiece(files: list[pathlib.Path], configs: _Configs) -> HuggingFaceTokenizer:
+    """BERT's vocab.txt, lowercased unless tokenizer_config.json says do_lower_case: false."""
+    (vocab,) = files
+    bert_kinds = ("unk", "sep", "cls", "pad", "mask")
+    named = {f"{kind}_token": found[0] for kind in bert_kinds if (found := configs.named_token(kind))}
+    lowercase = configs.tokenizer.get("do_lower_case", True)
+    built = _parsed(files, lambda: tokenizers.Tokenizer.from_str(
+        BertWordPieceTokenizer(str(vocab), lowercase=lowercase, **named).to_str()
+    ))
+    return _huggingface(built, vocab, configs)
+
+
+DIRECTORY_FILES = (
+    (("tokenizer.model",), _load_sentencepiece),
+    (("tokenizer.json",), _load_tokenizer_json),
+    (("spiece.model",), _load_sentencepiece),
+    (("vocab.json", "merges.txt"), _load_byte_level_bpe),
+    (("vocab.txt",), _load_wordpiece),
+)
+
+
+def _load_directory(directory: pathlib.Path) -> Tokenizer:
+    """The tokenizer of the first of DIRECTORY_FILES present in `directory`."""
+    configs = _Configs.read(directory)
+    for names, load_files in DIRECTORY_FILES:
+        files = [directory / name for name in names]
+        if all(file.is_file() for file in files):
+            return load_files(files, configs)
+    looked_for = ", ".join(" + ".join(names) for names, _ in DIRECTORY_FILES)
+    raise FileNotFoundError(f"No tokenizer in {directory}: looked for {looked_for}.")
+
+
+def _write_tokenizer_config(directory: pathlib.Path, tokenizer: Tokenizer, **settings: Any) -> None:
+    """tokenizer_config.json: `settings` and the token of each special kind the tokenizer has."""
+    tokens = {f"{kind}_token": tokenizer.id_to_token(i) for kind, i in dataclasses.asdict(tokenizer.specials).items()
+              if i is not None}
+    text = json.dumps(settings | tokens, indent=2, sort_keys=True) + "\n"
+    write_atomically(directory / "tokenizer_config.json", text)

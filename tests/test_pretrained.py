@@ -1,0 +1,342 @@
+"""Published checkpoints: parity with the reference implementation, round trips, and bad input.
+
+The fixtures under tests/fixtures/pretrained are small randomly initialised Hugging Face models
+with their outputs on fixed inputs, made by tests/fixtures/make_pretrained.py (PyTorch and
+transformers, run by hand); these tests need neither.
+"""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import transformer as tfm
+from transformer.architectures import UnsupportedCheckpoint
+from transformer.config import Activation
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pretrained"
+NAMES = ("bert", "bert-body", "gpt2", "llama", "t5", "t5-v1_1")
+_loaded: dict[tuple, tfm.Pretrained] = {}
+
+
+def load(name: str, **options) -> tfm.Pretrained:
+    """Each fixture opened once per option set."""
+    key = (name, *sorted(options.items()))
+    if key not in _loaded:
+        _loaded[key] = tfm.from_pretrained(FIXTURES / name, **options)
+    return _loaded[key]
+
+
+def reference(name: str) -> dict[str, np.ndarray]:
+    return dict(np.load(FIXTURES / name / "reference.npz"))
+
+
+def source_config(name: str) -> dict:
+    return json.loads((FIXTURES / name / "config.json").read_text())
+
+
+def outputs(loaded: tfm.Pretrained, ref: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """This library's outputs on the reference inputs, each with the mask of its real positions."""
+    model, variables = loaded.model, {"params": loaded.params}
+    tokens, mask = ref["input_ids"], ref["attention_mask"].astype(bool)
+    segments = mask.astype(np.int32)
+    if isinstance(model, tfm.Seq2SeqLM):
+        target_mask = ref["decoder_attention_mask"].astype(bool)
+        encoded = model.apply(variables, tokens, segment_ids=segments, method="encode")
+        logits = model.apply(variables, tokens, ref["decoder_input_ids"], source_segment_ids=segments,
+                             target_segment_ids=target_mask.astype(np.int32))
+        return {"encoder_hidden_states": (encoded, mask), "logits": (logits, target_mask)}
+    if isinstance(model, tfm.CausalLM):
+        return {"logits": (model.apply(variables, tokens, segment_ids=segments), mask)}
+    types = ref["token_type_ids"]
+    hidden = model.apply(variables, tokens, token_types=types, segment_ids=segments, method="encode")
+    found = {"hidden_states": (hidden, mask)}
+    if isinstance(model, tfm.MaskedLM):
+        logits, nsp = model.apply(variables, tokens, token_types=types, segment_ids=segments)
+        return found | {"logits": (logits, mask), "nsp_logits": (nsp, None)}
+    pooled = model.apply(variables, hidden, method="pool")
+    return found | {"sentence_embedding": (tfm.sentence_embedding(hidden, mask), None), "pooler_output": (pooled, None)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_outputs_match_the_reference_implementation(name):
+    ref = reference(name)
+    for key, (value, mask) in outputs(load(name), ref).items():
+        difference = np.abs(np.asarray(value) - ref[key])
+        assert (difference if mask is None else difference[mask]).max() < 1e-4, key
+
+
+@pytest.mark.parametrize(
+    "name, activation, epsilon, tied",
+    [("bert", Activation.GELU, 1e-12, True), ("gpt2", Activation.GELU_TANH, 1e-5, True),
+     ("llama", Activation.SWIGLU, 1e-6, False), ("t5", Activation.RELU, 1e-6, True),
+     ("t5-v1_1", Activation.GEGLU_TANH, 1e-6, False)],
+)
+def test_config_fields_read_from_config_json(name, activation, epsilon, tied):
+    """Random small models hide activation and epsilon mistakes: the fields are checked directly."""
+    config, hf = load(name).config, source_config(name)
+    assert (config.activation, config.norm_epsilon, config.tie_embeddings) == (activation, epsilon, tied)
+    assert config.vocab_size == hf["vocab_size"]
+    if name.startswith("t5"):
+        assert config.head_dim == hf["d_kv"] and not config.attention_logit_scaling
+        assert config.rescale_tied_logits == tied  # T5 scales tied logits by d_model**-0.5 only
+    if name == "llama":
+        assert (config.num_heads, config.num_kv_heads) == (hf["num_attention_heads"], hf["num_key_value_heads"])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "t5"])
+def test_greedy_generation_matches_the_reference(name):
+    loaded, ref = load(name), reference(name)
+    prompt = ref["greedy_source" if name == "t5" else "greedy_prompt"]
+    bos = {"bos_id": source_config(name)["decoder_start_token_id"]} if name == "t5" else {}
+    output = tfm.generate(loaded.model, {"params": loaded.params}, prompt, max_new_tokens=8, **bos)
+    np.testing.assert_array_equal(np.asarray(output.tokens), ref["greedy_tokens"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tokenizer_matches_the_reference(name):
+    expected = json.loads((FIXTURES / name / "tokenizer_reference.json").read_text())
+    tokenizer = load(name).tokenizer
+    assert [tokenizer.encode(text) for text in expected["texts"]] == expected["ids"]
+    assert tokenizer.vocab_size == expected["vocab_size"]
+    for token, token_id in expected["special"].items():
+        if token_id is not None:
+            assert getattr(tokenizer, f"{token}_id") == token_id, token
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_save_then_load_is_exact(name, tmp_path):
+    loaded = load(name)
+    tfm.save_pretrained(loaded.model, loaded.params, tmp_path, tokenizer=loaded.tokenizer)
+    again = tfm.from_pretrained(tmp_path)
+    assert again.config == loaded.config and again.head == loaded.head
+    jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
+    texts = json.loads((FIXTURES / name / "tokenizer_reference.json").read_text())["texts"]
+    assert [again.tokenizer.encode(t) for t in texts] == [loaded.tokenizer.encode(t) for t in texts]
+    assert (again.tokenizer.specials, again.tokenizer.adds_bos) == (loaded.tokenizer.specials, name == "llama")
+
+
+def test_scanned_and_unscanned_layers_hold_the_same_weights():
+    scanned, unscanned = load("t5"), load("t5", scan_layers=False)
+    layer = unscanned.params["decoder"]["layers_1"]["cross_attention"]["query"]["kernel"]
+    np.testing.assert_array_equal(scanned.params["decoder"]["layers"]["cross_attention"]["query"]["kernel"][1], layer)
+
+
+def test_a_body_under_a_new_head():
+    """BERT pretraining weights under a classifier: the body is the checkpoint's, the head new."""
+    classifier = load("bert", head="classify", num_labels=3)
+    assert classifier.fresh == ("classifier/bias", "classifier/kernel")
+    assert classifier.params["classifier"]["kernel"].shape == (32, 3)
+    body = load("bert", head="encoder")
+    ref = reference("bert")
+    hidden = body.model.apply({"params": body.params}, ref["input_ids"], token_types=ref["token_type_ids"],
+                              segment_ids=ref["attention_mask"].astype(np.int32))
+    mask = ref["attention_mask"].astype(bool)
+    assert np.abs(np.asarray(hidden) - ref["hidden_states"])[mask].max() < 1e-4
+    with pytest.raises(ValueError, match="head='lm' does not fit a bert checkpoint"):
+        tfm.from_pretrained(FIXTURES / "bert", head="lm")
+
+
+def test_sampler_over_checkpoint_directories(tmp_path):
+    """A T5 directory: decoder start from config.json, padded embedding rows never generated."""
+    sampler = tfm.Sampler.load(FIXTURES / "t5")
+    assert sampler.defaults == {"eos_id": 1, "pad_id": 0, "bos_id": 0, "vocab_size": 154}
+    text = sampler("Hello world", max_new_tokens=6)
+    assert isinstance(text, str)
+    llama = tfm.Sampler.load(FIXTURES / "llama")  # starts a prompt with <s>, as transformers' tokenizer does
+    prompt_ids = [1, *llama.tokenizer.encode("the river is quiet")]
+    new_ids = np.asarray(tfm.generate(llama.model, llama.variables, [prompt_ids], max_new_tokens=5).tokens)[0]
+    shown_prompt = llama.tokenizer.decode(prompt_ids)
+    assert llama("the river is quiet", max_new_tokens=5) == llama.tokenizer.decode([*prompt_ids, *new_ids])[
+        len(shown_prompt):]
+    with pytest.raises(ValueError, match="does not generate text"):
+        tfm.Sampler.load(FIXTURES / "bert")
+
+
+def test_generation_never_emits_ids_past_the_vocabulary():
+    loaded = load("llama")
+    prompt = reference("llama")["greedy_prompt"]
+    unrestricted = np.asarray(tfm.generate(loaded.model, {"params": loaded.params}, prompt, max_new_tokens=8).tokens)
+    limit = int(unrestricted.max())  # the highest id the model chose is now out of bounds
+    output = tfm.generate(loaded.model, {"params": loaded.params}, prompt, max_new_tokens=8, vocab_size=limit)
+    assert np.asarray(output.tokens).max() < limit
+
+
+def _copy(name: str, tmp_path: pathlib.Path) -> pathlib.Path:
+    target = tmp_path / name
+    shutil.copytree(FIXTURES / name, target)
+    return target
+
+
+def _edit_config(path: pathlib.Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | changes))
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    path = _copy("gpt2", tmp_path)
+    _edit_config(path, scale_attn_by_inverse_layer_idx=True)
+    with pytest.raises(UnsupportedCheckpoint, match="scale_attn_by_inverse_layer_idx=True"):
+        tfm.from_pretrained(path)
+    _edit_config(path, scale_attn_by_inverse_layer_idx=False, model_type="gptj")
+    with pytest.raises(UnsupportedCheckpoint, match="model_type='gptj'.*loads bert, gpt2, t5"):
+        tfm.from_pretrained(path)
+    _edit_config(path, model_type="qwen2")
+    with pytest.raises(UnsupportedCheckpoint, match="biases on the query, key and value projections only"):
+        tfm.from_pretrained(path)
+    _edit_config(path, model_type="gpt2")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
+    with pytest.raises(ValueError, match="model.safetensors cannot be read.*truncated or corrupt"):
+        tfm.from_pretrained(path)
+    weights.rename(path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="never unpickled.*safe_serialization=True"):
+        tfm.from_pretrained(path)
+    (path / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="has no weights: expected model.safetensors"):
+        tfm.from_pretrained(path)
+    with pytest.raises(FileNotFoundError, match="not a run directory .* nor a Hugging Face checkpoint"):
+        tfm.from_pretrained(tmp_path)
+
+
+def test_unsupported_options_and_unknown_tensors(tmp_path):
+    bert = _copy("bert", tmp_path)
+    _edit_config(bert, position_embedding_type="relative_key")
+    with pytest.raises(UnsupportedCheckpoint, match="position_embedding_type='relative_key'"):
+        tfm.from_pretrained(bert)
+    llama = _copy("llama", tmp_path)
+    _edit_config(llama, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(UnsupportedCheckpoint, match="rope_scaling"):
+        tfm.from_pretrained(llama)
+    from safetensors.numpy import load_file, save_file
+
+    t5 = _copy("t5", tmp_path)
+    tensors = load_file(t5 / "model.safetensors")
+    save_file(tensors | {"encoder.block.0.layer.0.SelfAttention.q.bias": np.zeros(32, np.float32)},
+              t5 / "model.safetensors")
+    with pytest.raises(UnsupportedCheckpoint, match="does not read: encoder.block.0.layer.0.SelfAttention.q.bias"):
+        tfm.from_pretrained(t5)
+    del tensors["decoder.final_layer_norm.weight"]
+    save_file(tensors, t5 / "model.safetensors")
+    with pytest.raises(ValueError, match="lacks tensor.*decoder.final_layer_norm.weight"):
+        tfm.from_pretrained(t5)
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
+    path = _copy("gpt2", tmp_path)
+    _edit_config(path, vocab_size=200)
+    tensors_path = path / "model.safetensors"
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(tensors_path)
+    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:200]
+    save_file(tensors, tensors_path)
+    with pytest.raises(ValueError, match="300 pieces but the model's vocab_size is 200"):
+        tfm.from_pretrained(path)
+
+
+def test_models_the_hugging_face_layout_cannot_express():
+    config = tfm.ModelConfig.preset("transformer-tiny")  # sinusoidal, post-norm encoder-decoder
+    with pytest.raises(UnsupportedCheckpoint, match="T5 checkpoint cannot express position='sinusoidal'"):
+        tfm.save_pretrained(tfm.Seq2SeqLM(config), {}, "unused")
+    unscaled = tfm.ModelConfig.preset("gpt2-tiny", attention_logit_scaling=False)  # transformers would scale
+    with pytest.raises(UnsupportedCheckpoint, match="GPT-2 checkpoint cannot express attention_logit_scaling=False"):
+        tfm.save_pretrained(tfm.CausalLM(unscaled), {}, "unused")
+    with pytest.raises(ValueError, match="encoder-decoder model needs its tokenizer"):
+        tfm.save_pretrained(load("t5").model, load("t5").params, "unused")
+
+
+def test_checkpoint_variants_real_files_have(tmp_path):
+    """bfloat16 weights, TensorFlow-era norm names, T5's unused cross-attention bias, a BERT MLM without
+    a pooler, Mistral's sliding window: each loads as transformers loads it."""
+    from safetensors.flax import save_file as save_flax
+    from safetensors.numpy import load_file, save_file
+
+    bert = _copy("bert", tmp_path)
+    tensors = load_file(bert / "model.safetensors")
+    renamed = {name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): value
+               for name, value in tensors.items()}
+    save_flax({name: jax.numpy.asarray(value, "bfloat16") for name, value in renamed.items()}, bert / "model.safetensors")
+    loaded = tfm.from_pretrained(bert, head="mlm")
+    rounded = np.asarray(jax.numpy.asarray(tensors["bert.embeddings.LayerNorm.weight"], "bfloat16"), np.float32)
+    np.testing.assert_array_equal(loaded.params["embed"]["norm"]["scale"], rounded)
+    tfm.save_pretrained(loaded.model, loaded.params, tmp_path / "mlm", tokenizer=loaded.tokenizer)  # no pooler
+    assert "bert.pooler.dense.weight" not in load_file(tmp_path / "mlm" / "model.safetensors")
+
+    t5 = _copy("t5", tmp_path)
+    tensors = load_file(t5 / "model.safetensors")
+    unused = "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"
+    save_file(tensors | {unused: np.ones((32, 4), np.float32)}, t5 / "model.safetensors")
+    jax.tree.map(np.testing.assert_array_equal, tfm.from_pretrained(t5).params, load("t5").params)
+    _edit_config(t5, dense_act_fn="gelu_new")
+    with pytest.raises(UnsupportedCheckpoint, match="dense_act_fn='gelu_new'"):
+        tfm.from_pretrained(t5)
+
+    mistral = _copy("llama", tmp_path)
+    _edit_config(mistral, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16)
+    assert tfm.from_pretrained(mistral).config.max_length == 16  # exact within the window
+    with pytest.raises(UnsupportedCheckpoint, match="exceeds the checkpoint's sliding_window=16"):
+        tfm.from_pretrained(mistral, max_length=64)
+    _edit_config(mistral, architectures=["MistralForSequenceClassification"])
+    with pytest.raises(UnsupportedCheckpoint, match="MistralForSequenceClassification.*not supported"):
+        tfm.from_pretrained(mistral)
+
+
+def test_sharded_checkpoints_load_like_one_file(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    path = _copy("llama", tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, shard_names in shards.items():
+        save_file({name: tensors[name] for name in shard_names}, path / shard)
+    weight_map = {name: shard for shard, shard_names in shards.items() for name in shard_names}
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (path / "model.safetensors").unlink()
+    jax.tree.map(np.testing.assert_array_equal, tfm.from_pretrained(path).params, load("llama").params)
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="lists model-00002-of-00002.safetensors, which is missing"):
+        tfm.from_pretrained(path)
+
+
+# all-MiniLM-L6-v2 through transformers 4.57.6 (BertModel, mean pooling over the attention mask, L2
+# normalisation, as sentence-transformers does), once, on these sentences: the first four dimensions of
+# each embedding and the cosine similarity of each pair.
+MINILM_SENTENCES = ["A man is playing a guitar.", "Someone plays an acoustic guitar.",
+                    "The stock market fell sharply today.", "A chef is cooking pasta in the kitchen.",
+                    "Pasta is being prepared by a cook."]
+MINILM_EMBEDDINGS = [[0.021664, -0.004864, -0.009649, -0.063401], [0.023163, 0.000715, 0.027428, -0.025650],
+                     [0.060455, 0.005445, 0.076566, 0.053829], [-0.021271, -0.036635, -0.046889, 0.089861],
+                     [-0.038388, -0.032416, -0.049606, 0.108548]]
+MINILM_SIMILARITY = [[1.0, 0.801948, -0.054027, 0.150034, 0.034563], [0.801948, 1.0, -0.007439, 0.117111, 0.06005],
+                     [-0.054027, -0.007439, 1.0, -0.030842, -0.005181], [0.150034, 0.117111, -0.030842, 1.0, 0.777301],
+                     [0.034563, 0.06005, -0.005181, 0.777301, 1.0]]
+
+
+@pytest.mark.network
+def test_real_minilm_sentence_embeddings():
+    from train.datasets import pretrained_checkpoint
+
+    minilm = tfm.from_pretrained(pretrained_checkpoint("all-minilm-l6-v2"))
+    embeddings = minilm.embed(MINILM_SENTENCES)
+    np.testing.assert_allclose(embeddings[:, :4], MINILM_EMBEDDINGS, atol=2e-6)
+    similarity = embeddings @ embeddings.T
+    np.testing.assert_allclose(similarity, MINILM_SIMILARITY, atol=2e-6)
+    for sentence, paraphrase in ((0, 1), (3, 4)):  # each paraphrase is nearer than every unrelated sentence
+        others = [i for i in range(len(MINILM_SENTENCES)) if i not in (sentence, paraphrase)]
+        assert similarity[sentence, paraphrase] > similarity[sentence, others].max()
+
+
+def test_sampling_command_line_over_a_checkpoint_directory():
+    command = [sys.executable, "-m", "transformer.sample", str(FIXTURES / "t5"), "--prompt", "Hello world",
+               "--strategy", "greedy", "--max-new-tokens", "6"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = tfm.Sampler.load(FIXTURES / "t5")("Hello world", max_new_tokens=6)
+    assert result.stdout.splitlines()[-1] == f"-> {expected}"
