@@ -125,3 +125,14 @@ def test_all_minilm_l6_v2_is_fetched_and_loads_as_a_bert_body():
     tokenizer = body.tokenizer
     assert tokenizer.encode("Hello world") == [7592, 2088]
     assert (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id) == (101, 102, 0, 103)
+
+
+def test_a_checkpoint_tokenizer_model_keeps_its_configs(tmp_path):
+    """A Llama-style checkpoint's tokenizer.model is opened with the files beside it (its
+    tokenizer_config.json says whether texts start with <s>), not copied alone as a run's is."""
+    from train import tasks
+
+    checkpoint = shutil.copytree(FIXTURES / "t5", tmp_path / "llama-like")
+    (checkpoint / "spiece.model").rename(checkpoint / "tokenizer.model")
+    config = config_lib.parse_args(["init_from=" + str(checkpoint)])
+    assert tasks._tokenizer_source(config) == checkpoint

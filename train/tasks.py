@@ -275,7 +275,8 @@ def _tokenizer_source(config: TrainConfig) -> pathlib.Path | None:
     directory or tokenizer.json (opened and saved into the run directory), or None (trained)."""
     if config.init_from:
         source = init_source(config.init_from)
-        return source / "tokenizer.model" if (source / "tokenizer.model").is_file() else source
+        own_model = (source / "config.yaml").is_file() and (source / "tokenizer.model").is_file()
+        return source / "tokenizer.model" if own_model else source  # a checkpoint's: with its configs
     return pathlib.Path(config.tokenizer) if config.tokenizer else None
 
 

@@ -39,7 +39,6 @@ from transformer.models import (
 )
 from transformer.tokenizer import Tokenizer
 
-HEADS = (LM, MLM, PRETRAINING, ENCODER, CLASSIFY, TOKEN_CLASSIFY)
 # The transformers class a sentencepiece tokenizer is saved for, by family (see SentencePieceTokenizer.save).
 SENTENCEPIECE_CLASS = {"bert": "AlbertTokenizer", "gpt2": "LlamaTokenizer", "llama": "LlamaTokenizer", "t5": "T5Tokenizer"}
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -147,8 +146,8 @@ def _fields(family: type[Architecture], hf: dict[str, Any], max_length: int | No
 
 
 def _check_head(head: str, family: type[Architecture]) -> str:
-    encoder_heads = (MLM, PRETRAINING, ENCODER, CLASSIFY, TOKEN_CLASSIFY)
-    allowed = encoder_heads if family.model_type == "bert" else (LM,)
+    """`head`, or an error when the family's body cannot carry it (an encoder head on GPT-2)."""
+    allowed = (MLM, PRETRAINING, ENCODER, CLASSIFY, TOKEN_CLASSIFY) if family.model_type == "bert" else (LM,)
     if head not in allowed:
         raise ValueError(f"head={head!r} does not fit a {family.model_type} checkpoint; choose one of {allowed}.")
     return head
