@@ -1,15 +1,46 @@
-"""Decoding speed: our compiled generation loop against Hugging Face `generate`, side by side.
+"""Decoding speed: prefill and decode measured apart, each decode step against the memory bound.
 
-    pip install torch==2.13.0 transformers      # the reference (a CPU build of torch)
-    python benchmarks/decode.py [--batch-sizes 1 8] [--prompt-length 32] [--new-tokens 64]
-        [--repeats 3] [--dtype float32] [--out benchmarks/results/decode.json]
+    python benchmarks/decode.py [--models gpt2-small t5-small] [--batch-sizes 1 8 32]
+        [--prompt-length 32] [--new-tokens 64] [--repeats 3] [--dtype float32 [bfloat16]]
+        [--set FIELD=VALUE ...] [--bandwidth GB/s] [--no-hf] [--out benchmarks/results/decode.json]
 
-Both sides run GPT-2 small (124M parameters, the same architecture: tests/test_presets.py
-checks the parameter count against `GPT2LMHeadModel`) with random weights, greedy decoding with
-a KV cache, a fixed prompt and exactly `--new-tokens` new tokens (no EOS). The figure is new
-tokens per second (batch x new tokens / wall time, prefill included), the median of
-`--repeats` calls after a warm-up call (which compiles our program); the ratio is ours / theirs
-in the same run.
+Every model has random weights, dropout 0, and decodes greedily with its KV cache a fixed
+random prompt (encoder-decoder: a source of --prompt-length tokens, the decoder starting from
+token 0) for exactly --new-tokens tokens (no EOS). --set changes ModelConfig fields of every
+model (e.g. num_decoder_layers=4 d_model=256 num_heads=4 d_ff=1024 vocab_size=8192 for the
+small GPT shape); --dtype float32 bfloat16 measures both compute dtypes in one run.
+
+How prefill and decode are told apart. `transformer.generate` is one compiled program: the
+prefill (prompt, or encoder plus first decoder token, in one pass) chooses the first token,
+then a while loop runs one decode step per further token. So
+    prefill      = a call with max_new_tokens=1 (no decode step at all),
+    decode step  = (a call with --new-tokens - a call with 1) / (--new-tokens - 1);
+the two calls differ in nothing else but the cache's slots (bucket + 1 against bucket +
+--new-tokens; the prefill attends over them, a small part of its time). The model and
+variables are prepared once with `transformer.decoding.for_decoding`, as a long-lived caller
+(Sampler) would, so neither figure contains that one-off copy. Each figure is the median of
+--repeats rounds after a warm-up call of each program (which compiles it); a round times both
+calls, in alternating order.
+
+The bound. A decode step must read every weight it uses once, in the compute dtype (the
+decoder's projections and the output head, train.metrics.matmul_weights; not the encoder,
+nor the embedding tables it reads one row of), plus the keys and values cached so far:
+self-attention at the mean length over the decode steps (prompt + tokens so far;
+encoder-decoder: tokens so far) and, for an encoder-decoder, the source's cross-attention
+keys and values. Those bytes over the memory bandwidth measured on the spot
+(workload.measured_bandwidth, or --bandwidth) are "bound ms/step", and "% of bound" is bound /
+measured step (100%: as fast as memory allows). The implementation reads the whole
+preallocated cache (bucket + --new-tokens slots) at every step; the bound counts only the
+tokens there are. "FLOP ms/step" is the step's arithmetic (2 FLOPs per weight and row, 2 per
+cached key or value element and query head) at the matmul rate measured on the spot
+(workload.measured_matmul_peak, a large square product in the compute dtype): where it
+exceeds the bound (large batches on a CPU), the step is compute-bound.
+
+When torch and transformers are importable (pip install torch transformers, a CPU build of
+torch; --no-hf skips it), Hugging Face's PyTorch `generate` is timed the same way (its
+prefill with max_new_tokens=1, its step from the difference; min_new_tokens forces the
+length) on the same shapes, on the CPU, or on CUDA when JAX runs on a GPU (otherwise left
+out there). benchmarks/compare.py puts more peers side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +49,7 @@ import argparse
 import os
 import statistics
 import time
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -25,83 +57,219 @@ import numpy as np
 
 import transformer as tfm
 from report import write_results
+from train.metrics import matmul_weights
+from transformer.decoding import for_decoding
+from workload import device_line, measured_bandwidth, measured_matmul_peak, model_config
+
+Run = Callable[[int], None]  # one generate call with this many new tokens, blocking until done
 
 
-def time_calls(fn, repeats: int) -> float:
-    fn()  # warm-up: compiles ours, fills torch's caches
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+# ----------------------------------------------------------------------------- the bound
 
 
-def ours(prompts: np.ndarray, new_tokens: int, dtype: str, repeats: int) -> float:
-    config = tfm.ModelConfig.preset("gpt2-small", dtype=dtype, dropout_rate=0.0, attention_dropout_rate=0.0)
-    model = tfm.CausalLM(config)
-    variables = {"params": nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), prompts[:1])["params"])}
-    model, variables = tfm.unscanned(model, variables)  # as Sampler does: layers unstacked once
+def kv_cache_bytes(config: tfm.ModelConfig, batch: int, length: float, itemsize: int) -> float:
+    """Bytes of the keys and values of `length` tokens in every decoder layer."""
+    return 2 * config.num_decoder_layers * batch * length * config.num_kv_heads * config.head_dim * itemsize
 
-    def run():
-        output = tfm.generate(model, variables, prompts, max_new_tokens=new_tokens, strategy="greedy")
+
+def step_cost(config: tfm.ModelConfig, batch: int, prompt_length: int, new_tokens: int) -> dict:
+    """What one decode step reads and computes, on average over the steps of a call.
+
+    Weights: the decoder's matrix-product weights and the output head, each read once
+    (train.metrics.matmul_weights, the FLOP count of training; cross-attention keys and values
+    are the encoder's, cached). FLOPs: 2 per weight and row, and 2 per cached key or value
+    element and query head reading it.
+    """
+    itemsize = np.dtype(config.dtype).itemsize
+    weights = matmul_weights(config)[1]
+    mean_new = new_tokens / 2  # decode step i (1 .. new_tokens - 1) attends to i new tokens
+    if config.num_encoder_layers:  # the decoder's own tokens, and the source's keys and values
+        self_length, cross_length = mean_new, prompt_length
+    else:
+        self_length, cross_length = prompt_length + mean_new, 0
+    cache = kv_cache_bytes(config, batch, self_length + cross_length, itemsize)
+    flops = 2 * batch * weights + 2 * cache / itemsize * (config.num_heads // config.num_kv_heads)
+    return {"weight_bytes": weights * itemsize, "kv_bytes": cache, "bytes_per_step": weights * itemsize + cache,
+            "flops_per_step": flops}
+
+
+# ----------------------------------------------------------------------------- the sides
+
+
+def ours(config: tfm.ModelConfig, prompts: np.ndarray) -> Run:
+    """Our generate on `config` (random weights), prepared once as a long-lived caller would."""
+    encoder_decoder = bool(config.num_encoder_layers)
+    model = tfm.Seq2SeqLM(config) if encoder_decoder else tfm.CausalLM(config)
+    inputs = (prompts[:1], prompts[:1]) if encoder_decoder else (prompts[:1],)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *inputs)["params"])
+    model, variables = for_decoding(model, {"params": params})
+    start = {"bos_id": 0} if encoder_decoder else {}
+
+    def run(new_tokens: int):
+        output = tfm.generate(model, variables, prompts, max_new_tokens=new_tokens, strategy="greedy", **start)
         jax.block_until_ready(output.tokens)
 
-    return time_calls(run, repeats)
+    return run
 
 
-def hugging_face(prompts: np.ndarray, new_tokens: int, dtype: str, repeats: int) -> float:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+def hugging_face(config: tfm.ModelConfig, prompts: np.ndarray) -> Run | str:
+    """transformers' PyTorch model of the same shape and its generate, or why it is left out."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    except ImportError as error:
+        return f"not installed ({error.name})"
+    from transformer.architectures import ARCHITECTURES
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    if jax.default_backend() == "gpu":
+        if not torch.cuda.is_available():
+            return "torch has no CUDA here, and a CPU figure beside a GPU one compares nothing"
+        device = "cuda"
+    elif jax.default_backend() == "cpu":
+        device = "cpu"
+        torch.set_num_threads(os.cpu_count() or 1)
+    else:
+        return f"no torch device for JAX's {jax.default_backend()}"
+    encoder_decoder = bool(config.num_encoder_layers)
+    family = "t5" if encoder_decoder else "gpt2"
+    hf_config = AutoConfig.for_model(**ARCHITECTURES[family].hf_config(config))
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config()).eval().to(getattr(torch, dtype))
-    input_ids = torch.as_tensor(prompts, dtype=torch.long)
-    attention_mask = torch.ones_like(input_ids)
+    auto = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
+    model = auto.from_config(hf_config).eval().to(device=device, dtype=getattr(torch, config.dtype))
+    input_ids = torch.as_tensor(prompts, dtype=torch.long, device=device)
+    start = {"decoder_start_token_id": 0} if encoder_decoder else {}
 
-    def run():
+    def run(new_tokens: int):
         with torch.inference_mode():
             model.generate(
-                input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, use_cache=True, pad_token_id=0,
+                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0, **start,
             )
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-    return time_calls(run, repeats)
+    return run
+
+
+def prefill_and_step(run: Run, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of a prefill (1 new token) and of one decode step (see the module doc)."""
+    run(1), run(new_tokens)  # warm-up: compiles both programs
+    prefills, fulls = [], []
+    for round_ in range(repeats):
+        for tokens in (1, new_tokens) if round_ % 2 == 0 else (new_tokens, 1):
+            start = time.perf_counter()
+            run(tokens)
+            (prefills if tokens == 1 else fulls).append(time.perf_counter() - start)
+    prefill, full = statistics.median(prefills), statistics.median(fulls)
+    return prefill, max(full - prefill, 0.0) / (new_tokens - 1)
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+COLUMNS = [  # (header, row key, format of a value); numbers right-aligned under their header
+    ("model", "model", "{:<12}"), ("dtype", "dtype", "{:<8}"), ("batch", "batch", "{:d}"),
+    ("prefill ms", "prefill_ms", "{:.1f}"), ("prefill tok/s", "prefill_tokens_per_second", "{:.0f}"),
+    ("decode ms/step", "decode_ms_per_step", "{:.2f}"), ("decode tok/s", "decode_tokens_per_second", "{:.1f}"),
+    ("bound ms/step", "bound_ms_per_step", "{:.2f}"), ("% of bound", "percent_of_bound", "{:.0f}"),
+    ("FLOP ms/step", "flop_ms_per_step", "{:.2f}"),
+]
+HF_COLUMNS = [
+    ("HF prefill ms", "hf_prefill_ms", "{:.1f}"), ("HF ms/step", "hf_decode_ms_per_step", "{:.2f}"),
+    ("HF step / ours", "hf_over_ours_step", "{:.2f}"),
+]
+TEXT = ("model", "dtype")
+
+
+def header(columns) -> str:
+    return " ".join(form.format(name) if key in TEXT else name for name, key, form in columns)
+
+
+def line(row: dict, columns) -> str:
+    cells = []
+    for name, key, form in columns:
+        value = row.get(key)
+        if key in TEXT:
+            cells.append(form.format(value))
+        else:
+            cells.append(("-" if value is None else form.format(value)).rjust(len(name)))
+    return " ".join(cells)
+
+
+def load_line() -> str:
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return f"load average {load:.2f} on {cores} cores" + (" (busy: figures are noisy)" if load > cores else "")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--models", nargs="+", default=["gpt2-small", "t5-small"], help="ModelConfig presets")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="ModelConfig fields of every model")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--prompt-length", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--new-tokens", type=int, default=64, help="at least 2: one prefill token, then steps")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (median)")
+    parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                        help="compute dtypes (parameters stay float32)")
+    parser.add_argument("--bandwidth", type=float, default=None, metavar="GB/s",
+                        help="memory bandwidth for the bound instead of measuring it")
+    parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face's PyTorch generate")
     parser.add_argument("--out", default="benchmarks/results/decode.json")
     args = parser.parse_args()
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (the first comes from the prefill)")
 
-    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-          f"gpt2-small, prompt {args.prompt_length}, {args.new_tokens} new tokens, greedy, {args.dtype}")
-    print(f"{'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'ours / HF':>10}")
-    rows = []
-    for batch in args.batch_sizes:
-        prompts = np.random.default_rng(batch).integers(0, 50257, (batch, args.prompt_length)).astype(np.int32)
-        seconds_ours = ours(prompts, args.new_tokens, args.dtype, args.repeats)
-        seconds_hf = hugging_face(prompts, args.new_tokens, args.dtype, args.repeats)
-        tokens = batch * args.new_tokens
-        row = {
-            "batch": batch, "ours_tokens_per_second": tokens / seconds_ours,
-            "hf_tokens_per_second": tokens / seconds_hf, "ours_over_hf": seconds_hf / seconds_ours,
-        }
-        rows.append(row)
-        print(f"{batch:>5} {row['ours_tokens_per_second']:>11.1f} {row['hf_tokens_per_second']:>10.1f} "
-              f"{row['ours_over_hf']:>10.2f}")
+    bandwidth = args.bandwidth * 1e9 if args.bandwidth else measured_bandwidth()
+    peaks = {dtype: measured_matmul_peak(dtype) for dtype in args.dtype}
+    print(f"device: {device_line()}; {load_line()}")
+    print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s ({'given' if args.bandwidth else 'measured'}); matmul peak "
+          + ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items())
+          + f"; prompt {args.prompt_length}, {args.new_tokens} new tokens, greedy, median of {args.repeats}")
+    columns = COLUMNS + ([] if args.no_hf else HF_COLUMNS)
+    print(header(columns))
+    rows, hf_missing = [], None
+    for name in args.models:
+        for dtype in args.dtype:
+            config = model_config(name, args.set, dtype=dtype, dropout_rate=0.0, attention_dropout_rate=0.0)
+            for batch in args.batch_sizes:
+                prompts = np.random.default_rng(batch).integers(7, config.vocab_size, (batch, args.prompt_length))
+                prompts = prompts.astype(np.int32)
+                run = ours(config, prompts)
+                prefill, step = prefill_and_step(run, args.new_tokens, args.repeats)
+                reads = step_cost(config, batch, args.prompt_length, args.new_tokens)
+                bound = reads["bytes_per_step"] / bandwidth
+                row = {
+                    "model": name, "dtype": dtype, "batch": batch,
+                    "prefill_ms": prefill * 1e3, "prefill_tokens_per_second": batch * args.prompt_length / prefill,
+                    "decode_ms_per_step": step * 1e3, "decode_tokens_per_second": batch / step if step else None,
+                    "bound_ms_per_step": bound * 1e3, "percent_of_bound": 100 * bound / step if step else None,
+                    "flop_ms_per_step": reads["flops_per_step"] / peaks[dtype] * 1e3,
+                    **reads,
+                }
+                if not args.no_hf:
+                    hf = hugging_face(config, prompts)
+                    if isinstance(hf, str):
+                        hf_missing = hf
+                    else:
+                        hf_prefill, hf_step = prefill_and_step(hf, args.new_tokens, args.repeats)
+                        row.update(hf_prefill_ms=hf_prefill * 1e3, hf_decode_ms_per_step=hf_step * 1e3,
+                                   hf_over_ours_step=hf_step / step if step else None)
+                rows.append(row)
+                print(line(row, columns))
+    if hf_missing:
+        print(f"Hugging Face left out: {hf_missing}")
+    print(load_line())
+    versions = {}
+    if not args.no_hf and not hf_missing:
+        import torch
+        import transformers
 
-    import torch
-    import transformers
-
-    write_results(args.out, rows, torch=torch.__version__, transformers=transformers.__version__,
-                  prompt_length=args.prompt_length, new_tokens=args.new_tokens, dtype=args.dtype)
+        versions = dict(torch=torch.__version__, transformers=transformers.__version__)
+    write_results(
+        args.out, rows, bandwidth_bytes_per_second=bandwidth, bandwidth_given=bool(args.bandwidth),
+        matmul_peak_flops={dtype: peak for dtype, peak in peaks.items()},
+        prompt_length=args.prompt_length, new_tokens=args.new_tokens, repeats=args.repeats, set=args.set, **versions,
+    )
 
 
 if __name__ == "__main__":

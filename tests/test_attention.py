@@ -506,6 +506,38 @@ def test_cudnn_off_gpu_is_an_error():
         dot_product_attention(q, k, v, implementation="cudnn")
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_matches_reference_on_packed_rows(causal):
+    """cuDNN (bfloat16, causal by index) equals the reference on packed, padded rows, forward
+    and gradient, at the real queries; grouped-query heads; a cross-attention-shaped call too."""
+    segment_ids, positions = packed([[40, 60, 20], [128], [70, 30]], 128)
+    mask = self_attention_mask(segment_ids, positions, causal=causal)
+    q, k, v = (x.astype(jnp.bfloat16) for x in random_qkv(7, 3, 128, 128, 8, 2, head_dim=64))
+    real = np.asarray(segment_ids != 0)[:, :, None, None]
+
+    def loss(implementation, q, k, v):
+        out = dot_product_attention(q, k, v, mask, implementation=implementation).astype(jnp.float32)
+        return jnp.sum(jnp.where(real, out, 0.0) ** 2), out
+
+    results = {}
+    for implementation in ("cudnn", "reference"):
+        grad_fn = jax.jit(jax.grad(functools.partial(loss, implementation), argnums=(0, 1, 2), has_aux=True))
+        results[implementation] = grad_fn(q, k, v)
+    (grads, out), (ref_grads, ref_out) = results["cudnn"], results["reference"]
+    np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref_out, 0), atol=2e-2)
+    for grad, ref_grad in zip(grads, ref_grads):
+        grad, ref_grad = np.asarray(grad, np.float32), np.asarray(ref_grad, np.float32)
+        assert np.linalg.norm(grad - ref_grad) <= 2e-2 * np.linalg.norm(ref_grad)  # bfloat16 inputs
+
+    cross = cross_attention_mask(segment_ids[:, :64], segment_ids)
+    out = jax.jit(functools.partial(dot_product_attention, implementation="cudnn"))(q[:, :64], k, v, cross)
+    ref = dot_product_attention(q[:, :64], k, v, cross, implementation="reference")
+    real_queries = real[:, :64]
+    np.testing.assert_allclose(np.where(real_queries, out.astype(jnp.float32), 0),
+                               np.where(real_queries, ref.astype(jnp.float32), 0), atol=2e-2)
+
+
 def test_unknown_implementation_is_an_error():
     """An implementation name outside the enum is rejected."""
     q, k, v = random_qkv(0, 1, 4, 4, 2, 2)

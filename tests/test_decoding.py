@@ -3,6 +3,7 @@
 import functools
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -364,3 +365,122 @@ def test_unscanned_model_computes_what_the_scanned_one_does(make):
     np.testing.assert_allclose(
         loop_model.apply(loop_variables, *inputs), model.apply(variables, *inputs), rtol=1e-5, atol=1e-5
     )
+
+
+# ----------------------------------------------------------------------------- what makes the loop fast
+
+
+def test_argmax_is_jnp_argmax_with_ties_infinities_and_nan():
+    logits = jnp.array([[1.0, 3.0, 3.0, 0.0], [2.0, jnp.nan, 5.0, jnp.nan], [-jnp.inf, -jnp.inf, -1.0, -jnp.inf]])
+    np.testing.assert_array_equal(tfm.decoding.argmax(logits), jnp.argmax(logits, axis=-1))
+    rounded = jnp.round(jax.random.normal(RNG, (3, 5, 40)), 1)  # [B, T, V], with ties
+    np.testing.assert_array_equal(tfm.decoding.argmax(rounded), jnp.argmax(rounded, axis=-1))
+
+
+def test_token_log_probs_are_log_softmax_at_the_token():
+    logits = 5.0 * jax.random.normal(RNG, (4, 30))
+    tokens = jnp.array([0, 3, 29, 7])
+    expected = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    np.testing.assert_allclose(tfm.decoding.token_log_probs(logits, tokens), expected, rtol=1e-6)
+
+
+def test_sampling_runs_one_decode_step_fewer_than_the_tokens_it_generates():
+    """The first token comes from the prefill's logits; no step runs after the last token."""
+    steps = []
+
+    def counted_step(token, cache):
+        jax.debug.callback(lambda: steps.append(1))
+        return markov_step(token, cache)
+
+    start = jnp.zeros((2,), jnp.int32)
+    logits, cache = markov_step(start, start)
+    for max_new_tokens in (1, 4):
+        steps.clear()
+        out = tfm.sample_loop(counted_step, logits, cache, RNG, max_new_tokens=max_new_tokens, greedy=True)
+        jax.block_until_ready(out.tokens)
+        jax.effects_barrier()
+        assert len(steps) == max_new_tokens - 1
+        assert out.tokens.shape == (2, max_new_tokens) and (out.lengths == max_new_tokens).all()
+
+
+@functools.cache
+def tied_decoder():
+    cfg = tfm.ModelConfig.preset("gpt2-tiny", dropout_rate=0.0, max_length=64)
+    model = tfm.CausalLM(cfg)
+    return model, jax.jit(model.init)(RNG, jnp.ones((1, 4), jnp.int32))
+
+
+@pytest.mark.parametrize("make", [tied_decoder, decoder, seq2seq], ids=["tied", "untied", "tied_rescaled"])
+def test_for_decoding_computes_what_the_model_does(make):
+    """Unscanned, with a tied head's embedding copied and transposed into an untied one: same logits."""
+    model, variables = make()
+    prepared, prepared_variables = tfm.decoding.for_decoding(model, variables)
+    assert not prepared.config.scan_layers and not prepared.config.tie_embeddings
+    if model.config.tie_embeddings:
+        embedding = nn.meta.unbox(variables["params"])["embed"]["token"]["embedding"]
+        scale = model.config.d_model**-0.5 if model.config.rescale_tied_logits else 1.0
+        np.testing.assert_allclose(prepared_variables["params"]["lm_head"]["kernel"], embedding.T * scale)
+    tokens = jnp.array([[5, 6, 7, 8, 9, 10]])
+    inputs = (tokens, tokens[:, :4]) if isinstance(model, tfm.Seq2SeqLM) else (tokens,)
+    np.testing.assert_allclose(
+        prepared.apply(prepared_variables, *inputs), model.apply(variables, *inputs), rtol=1e-5, atol=1e-5
+    )
+    again, again_variables = tfm.decoding.for_decoding(prepared, prepared_variables)
+    assert again == prepared and again_variables is prepared_variables
+
+
+def test_kv_cache_stores_head_major_and_reads_in_attention_order():
+    """k, v in and out are [B, S, K, H]; the leaves are [B, K, S, H], which attention reads without a transpose."""
+    k, v = jax.random.normal(RNG, (2, 5, 3, 4)), jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3, 4))
+    cache = tfm.KVCache(k, v)
+    assert [leaf.shape for leaf in jax.tree.leaves(cache)] == [(2, 3, 5, 4)] * 2
+    np.testing.assert_array_equal(cache.k, k)
+    np.testing.assert_array_equal(cache.v, v)
+    np.testing.assert_array_equal(jax.tree.map(lambda x: 2 * x, cache).k, 2 * k)
+    new = jax.random.normal(jax.random.PRNGKey(2), (2, 2, 3, 4))
+    written = jax.jit(lambda c, n, i: c.write(n, -n, i))(cache, new, 1)
+    np.testing.assert_array_equal(written.k, k.at[:, 1:3].set(new))
+    np.testing.assert_array_equal(written.v, v.at[:, 1:3].set(-new))
+    empty = tfm.init_cache(tfm.ModelConfig.preset("llama-tiny"), batch_size=2, max_length=8)
+    cfg = tfm.ModelConfig.preset("llama-tiny")
+    assert empty.self_attention.k.shape == (cfg.num_decoder_layers, 2, 8, cfg.num_kv_heads, cfg.head_dim)
+
+
+def test_a_layer_of_a_stacked_cache_reads_and_writes_like_its_slice():
+    """`KVCache.layer(i)` writes into the stacked arrays in place and reads what layer i holds."""
+    shape = (3, 2, 5, 4, 8)  # [L, B, S, K, H]
+    stacked = tfm.KVCache(jax.random.normal(RNG, shape), jax.random.normal(jax.random.PRNGKey(1), shape))
+    new = jax.random.normal(jax.random.PRNGKey(2), (2, 1, 4, 8))
+
+    @jax.jit
+    def write(stacked, new, start):
+        return stacked.layer(1).write(new, 2 * new, start)
+
+    written = write(stacked, new, 3)
+    alone = jax.tree.map(lambda x: x[1], stacked).write(new, 2 * new, 3)
+    np.testing.assert_array_equal(written.k, alone.k)
+    np.testing.assert_array_equal(written.v, alone.v)
+    np.testing.assert_array_equal(written.stacked.k[1], alone.k)
+    for other in (0, 2):
+        np.testing.assert_array_equal(written.stacked.k[other], stacked.k[other])
+        np.testing.assert_array_equal(written.stacked.v[other], stacked.v[other])
+
+
+def test_for_decoding_casts_the_matrices_a_narrower_compute_dtype_reads():
+    """bfloat16 compute: kernels and embedding tables are cast once (the model casts them at every
+    use anyway); norms and T5's relative-position bias table, read in float32, stay float32."""
+    cfg = tfm.ModelConfig.preset("t5-tiny", dropout_rate=0.0, max_length=64, dtype="bfloat16")
+    model = tfm.Seq2SeqLM(cfg)
+    tokens = jnp.array([[5, 6, 7, 8, 9, 10]])
+    variables = jax.jit(model.init)(RNG, tokens, tokens)
+    prepared, prepared_variables = tfm.decoding.for_decoding(model, variables)
+    dtypes = {
+        "/".join(str(getattr(key, "key", key)) for key in path): leaf.dtype
+        for path, leaf in jax.tree_util.tree_flatten_with_path(prepared_variables["params"])[0]
+    }
+    assert dtypes["lm_head/kernel"] == dtypes["encoder/layers_0/feed_forward/wi/kernel"] == jnp.bfloat16
+    assert dtypes["embed/token/embedding"] == jnp.bfloat16
+    assert dtypes["decoder/relative_position_bias/embedding"] == dtypes["decoder/final_norm/scale"] == jnp.float32
+    expected = model.apply(variables, tokens, tokens[:, :4])  # bfloat16 products: up to a rounding or two
+    logits = prepared.apply(prepared_variables, tokens, tokens[:, :4])
+    np.testing.assert_allclose(logits, expected, atol=0.02 * float(jnp.abs(expected).max()))

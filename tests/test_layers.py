@@ -1,5 +1,6 @@
 """MultiHeadAttention with an explicit cache; the one Block serves every architecture."""
 
+import functools
 import inspect
 
 import flax.linen as nn
@@ -114,3 +115,32 @@ def test_model_runs_under_a_mesh_with_logical_rules():
         variables = jax.jit(model.init)(RNG, *init_inputs(model))
         logits = jax.jit(model.apply)(variables, *init_inputs(model))
     assert logits.shape == (1, 4, model.config.vocab_size)
+
+
+def test_float32_logits_gradient_runs_in_the_compute_dtype():
+    """The output head returns float32 logits, but its gradient products stay in the compute
+    dtype (bfloat16 inputs: no float32 x float32 product over the vocabulary), and equal the
+    plain product's gradient in float32."""
+    numbers = (((2,), (1,)), ((), ()))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (5, 8))
+
+    def loss(dot, x, kernel):
+        return jnp.sum(jnp.sin(dot(x, kernel)))
+
+    plain = lambda x, kernel: jnp.einsum("btd,vd->btv", x, kernel)  # noqa: E731
+    dot = functools.partial(layers.float32_dot, dimension_numbers=numbers)
+    for ours, reference in zip(jax.grad(loss, (1, 2))(dot, x, kernel),
+                               jax.grad(loss, (1, 2))(plain, x, kernel)):
+        np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6)
+
+    hessian_vector = jax.jvp(jax.grad(functools.partial(loss, dot, x)), (kernel,), (kernel,))[1]  # forward mode too
+    np.testing.assert_allclose(hessian_vector, jax.jvp(jax.grad(functools.partial(loss, plain, x)), (kernel,), (kernel,))[1],
+                               rtol=1e-5, atol=1e-5)
+
+    low = (x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    assert layers.float32_dot(*low, numbers).dtype == jnp.float32
+    gradient = jax.jit(jax.grad(lambda x, kernel: loss(lambda a, b: layers.float32_dot(a, b, numbers), x, kernel), (0, 1)))
+    products = [line for line in gradient.lower(*low).as_text().splitlines() if "dot_general" in line]
+    assert len(products) == 3  # forward, and the gradients of x and kernel
+    assert all(line.split(":")[-1].split("->")[0].count("bf16") == 2 for line in products), products

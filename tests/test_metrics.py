@@ -2,9 +2,14 @@
 
 import time
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
-from train.metrics import IntervalMetrics, summarize
+from conftest import preset
+from train.metrics import IntervalMetrics, head_weights, summarize, training_flops
+from transformer.tasks import Task
 
 
 def test_an_interval_reports_the_sums_of_its_steps_and_nothing_before_it_closes():
@@ -30,3 +35,36 @@ def test_time_spent_paused_is_left_out_of_the_interval():
     interval.end_interval(1, {})
     *_, seconds = interval.read()
     assert seconds < 0.2
+
+
+def _matmul_flops(jaxpr) -> float:
+    """2 x output size x contracted size of every dot_general in a jaxpr and its sub-jaxprs."""
+    flops = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            flops += 2 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[i] for i in contract])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    flops += _matmul_flops(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    flops += _matmul_flops(sub)
+    return flops
+
+
+@pytest.mark.parametrize("name, task", [("gpt2-tiny", Task.CAUSAL_LM), ("llama-tiny", Task.CAUSAL_LM),
+                                        ("t5-tiny", Task.SEQ2SEQ), ("bert-tiny", Task.MASKED_LM)])
+def test_training_flops_are_three_times_the_forward_matrix_products(name, task):
+    """MFU's FLOP count (all T x T attention pairs) is 3 x the matrix products the forward pass
+    really runs (counted in its jaxpr): gated activations, grouped-query heads, cross-attention
+    and the masked-LM transform included."""
+    config = preset(name, scan_layers=False)
+    model = task.model(config)
+    length, source = 12, (8 if task == Task.SEQ2SEQ else 0)
+    inputs = task.example_inputs(length, source)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)
+    forward = jax.make_jaxpr(lambda p: model.apply(p, *inputs))(params)
+    counted = training_flops(config, length, source, head=head_weights(config, task), causal_pairs="all")
+    assert counted == pytest.approx(3 * _matmul_flops(forward.jaxpr), rel=1e-9)

@@ -464,3 +464,22 @@ def test_relative_bias_keeps_chunked_attention_linear_in_memory(gradient):
     relative, rotary = decoder_temp_bytes("relative", gradient), decoder_temp_bytes("rope", gradient)
     assert relative < 1.25 * rotary + 16 * MiB, (relative / MiB, rotary / MiB)
     assert relative < 256 * MiB, relative / MiB
+
+
+def test_a_new_encoder_output_replaces_the_cached_cross_attention_in_both_stacks():
+    """Decoding with a cache filled from source A and the encoder output of source B attends to
+    B from then on, scanned or not (the unscanned loop once kept A's keys and values)."""
+    cfg = preset("t5-tiny")
+    variables = init(tfm.Seq2SeqLM(cfg))
+    models = {"scanned": (tfm.Seq2SeqLM(cfg), variables), "loop": tfm.unscanned(tfm.Seq2SeqLM(cfg), variables)}
+    source_a, source_b = random_tokens((2, 6), cfg.vocab_size, seed=1), random_tokens((2, 6), cfg.vocab_size, seed=2)
+    start = jnp.full((2, 1), 2, jnp.int32)
+    caches = {}
+    for name, (model, params) in models.items():
+        encode = lambda source: model.apply(params, source, method="encode")  # noqa: E731
+        _, cache = model.apply(params, start, encode(source_a), cache=tfm.init_cache(cfg, 2, 4), method="decode")
+        _, cache = model.apply(params, start, encode(source_b), cache=cache, method="decode")
+        _, fresh = model.apply(params, start, encode(source_b), cache=tfm.init_cache(cfg, 2, 4), method="decode")
+        np.testing.assert_allclose(cache.cross_attention.k, fresh.cross_attention.k, atol=ATOL)
+        caches[name] = cache.cross_attention.k
+    np.testing.assert_allclose(caches["scanned"], caches["loop"], atol=ATOL)

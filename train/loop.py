@@ -296,8 +296,7 @@ class Logger:
     def __init__(self, job: Job, log: metrics_lib.MetricsLog, bar: tqdm):
         self.job, self.log, self.bar = job, log, bar
         config = job.config
-        num_params = sum(x.size for x in jax.tree.leaves(nn.meta.unbox(job.state.params)))
-        self.step_flops = metrics_lib.flops_per_step(config, num_params)
+        self.step_flops = metrics_lib.flops_per_step(config)
         self.step_tokens = metrics_lib.tokens_per_step(config)
         self.peak = metrics_lib.peak_flops_per_device(config)
         self.interval = metrics_lib.IntervalMetrics()

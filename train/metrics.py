@@ -17,6 +17,8 @@ import jax
 
 from train import rundir
 from train.config import TrainConfig
+from transformer.config import ModelConfig
+from transformer.tasks import Task
 
 # Dense bfloat16 peak FLOP/s per device, matched against `jax.Device.device_kind`.
 PEAK_FLOPS = {
@@ -53,19 +55,60 @@ def tokens_per_step(config: TrainConfig) -> int:
     return config.batch_size * (config.seq_length + (config.source_length if config.task.encoder_decoder else 0))
 
 
-def flops_per_step(config: TrainConfig, num_params: int) -> float:
-    """Training FLOPs of one step: 6 per parameter per token (forward and backward) plus the
-    attention scores and values, 12 * layers * length * width per token (PaLM, appendix B)."""
-    m = config.model
-    width = m.num_heads * m.head_dim
-    source, target = config.source_length, config.seq_length
-    if config.task.encoder_decoder:
-        tokens = source + target
-        attention = 12 * width * (m.num_encoder_layers * source**2 + m.num_decoder_layers * (target**2 + target * source))
-    else:
-        tokens = target
-        attention = 12 * width * (m.num_encoder_layers + m.num_decoder_layers) * target**2
-    return config.batch_size * (6 * num_params * tokens + attention)
+def matmul_weights(model: ModelConfig, head: int | None = None) -> tuple[int, int]:
+    """(per encoder token, per decoder token) weights that take part in a matrix product: every
+    projection of every layer, plus the output head's `head` weights (default d_model x vocab)
+    on the decoder's tokens (encoder-only: the encoder's). Cross-attention keys and values are
+    projections of encoder tokens. The embedding lookup, norms and biases are not counted."""
+    d = model.d_model
+    queries_outputs, keys_values = 2 * d * model.head_dim * model.num_heads, 2 * d * model.head_dim * model.num_kv_heads
+    feed_forward = d * model.d_ff * (3 if model.activation.gated else 2)
+    layer = queries_outputs + keys_values + feed_forward
+    head = d * model.vocab_size if head is None else head
+    if not model.num_decoder_layers:
+        return model.num_encoder_layers * layer + head, 0
+    encoder = model.num_encoder_layers * layer
+    decoder = model.num_decoder_layers * layer + head
+    if model.num_encoder_layers:  # cross-attention
+        encoder += model.num_decoder_layers * keys_values
+        decoder += model.num_decoder_layers * queries_outputs
+    return encoder, decoder
+
+
+def training_flops(model: ModelConfig, length: int, source_length: int = 0, *, head: int | None = None,
+                   causal_pairs: str = "attended") -> float:
+    """Training FLOPs of one row (forward and backward, 3 x the forward pass).
+
+    Matrix products: 6 per `matmul_weights` per token (`head`: the output head's weights per
+    token, default d_model x vocab). Attention: 12 x heads x head_dim per (query, key) pair per
+    layer (scores and weighted values). Causal self-attention counts the pairs the mask allows,
+    T (T + 1) / 2 (`causal_pairs="attended"`, what a kernel that skips masked blocks computes),
+    or all T x T (`"all"`: the PaLM / nanoGPT convention).
+    length: the decoder's tokens (the encoder's, encoder-only); source_length: the encoder's.
+    """
+    encoder_weights, decoder_weights = matmul_weights(model, head)
+    pair = 12 * model.num_heads * model.head_dim
+    causal = length * (length + 1) / 2 if causal_pairs == "attended" else length**2
+    if not model.num_decoder_layers:  # encoder-only: bidirectional over `length`
+        return 6 * encoder_weights * length + pair * model.num_encoder_layers * length**2
+    flops = 6 * decoder_weights * length + pair * model.num_decoder_layers * causal
+    if model.num_encoder_layers:
+        flops += 6 * encoder_weights * source_length + pair * model.num_encoder_layers * source_length**2
+        flops += pair * model.num_decoder_layers * length * source_length  # cross-attention
+    return flops
+
+
+def head_weights(model: ModelConfig, task: Task) -> int:
+    """Per-token weights of the task's output head: the vocabulary projection (masked LM: and
+    its d x d transform); none for classification (one pooled row per example)."""
+    d, vocab = model.d_model, model.vocab_size
+    return {Task.CLASSIFICATION: 0, Task.MASKED_LM: d * vocab + d * d}.get(task, d * vocab)
+
+
+def flops_per_step(config: TrainConfig) -> float:
+    """Training FLOPs of one step (`training_flops` of each row)."""
+    source = config.source_length if config.task.encoder_decoder else 0
+    return config.batch_size * training_flops(config.model, config.seq_length, source, head=head_weights(config.model, config.task))
 
 
 def peak_flops_per_device(config: TrainConfig) -> float | None:

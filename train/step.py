@@ -167,6 +167,11 @@ def compile_steps(model, objective, optimizer, mesh: Mesh, shardings, *, accumul
         with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
             return evaluate(params, batch)
 
+    def trace_train(state, batch, rng):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+            return train.trace(state, batch, rng)
+
+    run_train.trace = trace_train  # ahead-of-time: .trace(...).lower().compile(), as jax.jit's
     return run_train, run_eval
 
 

@@ -9,7 +9,10 @@ Implementations:
     "reference"  plain einsums; the ground truth every other implementation is tested against.
     "xla"        `jax.nn.dot_product_attention` lowered by XLA.
     "cudnn"      `jax.nn.dot_product_attention` on cuDNN's fused flash attention (NVIDIA GPUs,
-                 bfloat16/float16 inputs). Only used when asked for explicitly.
+                 bfloat16/float16 inputs). Only used when asked for explicitly. A causal
+                 `AttentionMask` with T == S is applied by index (cuDNN skips the blocks above
+                 the diagonal), which equals the mask by position when positions strictly rise
+                 within each segment id, as packing, padding and generation make them.
     "chunked"    online softmax over blocks of queries and keys (Rabe & Staats 2021; flash
                  attention's recurrence): memory grows linearly with length, in the forward
                  and (through rematerialisation of each query block) the backward pass.
@@ -76,19 +79,31 @@ def dot_product_attention(
             weights = _dropout(weights, dropout_rate, dropout_rng)
         return _weighted_values(weights, v)
     if implementation == AttentionImplementation.CUDNN:
-        if dropout:
-            raise ValueError("The 'cudnn' attention implementation has no attention dropout; set "
-                             "attention_dropout_rate=0 or use the 'xla' implementation.")
-        if jax.default_backend() != "gpu":
-            raise ValueError(
-                f"The 'cudnn' attention implementation needs an NVIDIA GPU, but JAX runs on "
-                f"{jax.default_backend()!r}; use 'xla' or 'chunked'."
-            )
-    dense, bias = _dense_mask(mask), _dense_bias(bias)
-    if bias is not None and implementation == AttentionImplementation.CUDNN:
-        bias = bias.astype(q.dtype)  # cuDNN takes the bias in the input dtype; XLA adds it in float32
+        return _cudnn_attention(q, k, v, mask, bias, scale, dropout)
     return jax.nn.dot_product_attention(
-        q, k, v, bias=bias, mask=dense, scale=scale, implementation=implementation.value
+        q, k, v, bias=_dense_bias(bias), mask=_dense_mask(mask), scale=scale, implementation="xla"
+    )
+
+
+def _cudnn_attention(q, k, v, mask: Mask, bias: Bias, scale: float, dropout: bool) -> jax.Array:
+    """cuDNN's flash attention. It applies causality itself, skipping the blocks above the
+    diagonal; by index, which equals the mask's by position where queries and keys are one
+    sequence (T == S) whose positions rise within each segment (packed rows, prompts), the
+    segment mask doing the rest."""
+    if dropout:
+        raise ValueError("The 'cudnn' attention implementation has no attention dropout; set "
+                         "attention_dropout_rate=0 or use the 'xla' implementation.")
+    if jax.default_backend() != "gpu":
+        raise ValueError(
+            f"The 'cudnn' attention implementation needs an NVIDIA GPU, but JAX runs on "
+            f"{jax.default_backend()!r}; use 'xla' or 'chunked'."
+        )
+    is_causal = isinstance(mask, AttentionMask) and mask.causal and q.shape[1] == k.shape[1]
+    if is_causal:
+        mask = mask.replace(causal=False)
+    bias = None if bias is None else _dense_bias(bias).astype(q.dtype)  # cuDNN takes the bias in the input dtype
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=_dense_mask(mask), scale=scale, is_causal=is_causal, implementation="cudnn"
     )
 
 

@@ -9,32 +9,107 @@ from flax import struct
 from transformer.config import ModelConfig
 
 
-@struct.dataclass
+@jax.tree_util.register_pytree_node_class
 class KVCache:
     """Keys and values of one attention layer: k, v [B, S, K, H] (a leading L axis when stacked).
 
     Self-attention caches are preallocated and filled slot by slot: every call appends its
     tokens (padding included) at the same slot index in every row. Cross-attention caches
     hold the encoder's keys and values, computed once.
+
+    They are stored head-major, `keys` and `values` [B, K, S, H] (the pytree's leaves), the
+    layout attention's two matrix products read as they are: stored as [B, S, K, H], every
+    decode step transposed every layer's whole cache before attending to it. `k` and `v`
+    are views in the [B, S, K, H] order of `dot_product_attention`, and XLA cancels the two
+    transposes, so the products read the stored arrays directly.
     """
 
-    k: jax.Array
-    v: jax.Array
+    def __init__(self, k: jax.Array, v: jax.Array):
+        """k, v: [..., S, K, H] (any leading axes)."""
+        self.keys = jnp.swapaxes(k, -3, -2)
+        self.values = jnp.swapaxes(v, -3, -2)
+
+    @property
+    def k(self) -> jax.Array:
+        """[..., S, K, H]"""
+        return jnp.swapaxes(self.keys, -3, -2)
+
+    @property
+    def v(self) -> jax.Array:
+        """[..., S, K, H]"""
+        return jnp.swapaxes(self.values, -3, -2)
+
+    @classmethod
+    def head_major(cls, keys, values) -> KVCache:
+        """The cache of keys and values [..., K, S, H] as they are stored (no copy)."""
+        cache = object.__new__(cls)
+        cache.keys, cache.values = keys, values
+        return cache
+
+    def tree_flatten(self):
+        return (self.keys, self.values), None
+
+    @classmethod
+    def tree_unflatten(cls, _, leaves) -> KVCache:
+        return cls.head_major(*leaves)  # leaves may be other than arrays (tree utilities, transforms)
+
+    def __repr__(self) -> str:
+        return f"KVCache(keys={self.keys!r}, values={self.values!r})"
 
     def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
         """Stores new k, v [B, T, K, H] in slots start .. start + T - 1 of every row."""
-        index = (0, start, 0, 0)
-        return KVCache(
-            jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), index),
-            jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), index),
+        index = (0, 0, start, 0)
+        return KVCache.head_major(
+            jax.lax.dynamic_update_slice(self.keys, jnp.swapaxes(k, 1, 2).astype(self.keys.dtype), index),
+            jax.lax.dynamic_update_slice(self.values, jnp.swapaxes(v, 1, 2).astype(self.values.dtype), index),
         )
+
+    def layer(self, index: int) -> LayerCache:
+        """Layer `index` of this stacked cache [L, ...], read and written in place (see LayerCache)."""
+        return LayerCache(self, index)
+
+
+@jax.tree_util.register_pytree_node_class
+class LayerCache:
+    """One layer of a stacked KVCache, for a loop over layers: k and v are its [B, S, K, H]
+    views, and `write` updates the stacked arrays in place, where slicing each layer out and
+    stacking the layers again copies the whole cache at every decode step. `stacked` is the
+    stack after the write.
+    """
+
+    def __init__(self, stacked: KVCache, index: int):
+        self.stacked, self.index = stacked, index
+
+    @property
+    def k(self) -> jax.Array:
+        return jnp.swapaxes(self.stacked.keys[self.index], -3, -2)
+
+    @property
+    def v(self) -> jax.Array:
+        return jnp.swapaxes(self.stacked.values[self.index], -3, -2)
+
+    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> LayerCache:
+        """Stores new k, v [B, T, K, H] in slots start .. start + T - 1 of every row of this layer."""
+        index = (self.index, 0, 0, start, 0)
+        keys, values = self.stacked.keys, self.stacked.values
+        return LayerCache(KVCache.head_major(
+            jax.lax.dynamic_update_slice(keys, jnp.swapaxes(k, 1, 2)[None].astype(keys.dtype), index),
+            jax.lax.dynamic_update_slice(values, jnp.swapaxes(v, 1, 2)[None].astype(values.dtype), index),
+        ), self.index)
+
+    def tree_flatten(self):
+        return (self.stacked,), self.index
+
+    @classmethod
+    def tree_unflatten(cls, index, leaves) -> LayerCache:
+        return cls(leaves[0], index)
 
 
 @struct.dataclass
 class DecoderCache:
     """Everything a decoder stack needs to extend its sequences a few tokens at a time.
 
-    self_attention: stacked KVCache, k and v [L, B, S, K, H].
+    self_attention: stacked KVCache, k and v [L, B, S, K, H] (stored [L, B, K, S, H]).
     segment_ids: [B, S] per slot; 0 = empty or padding (never attended to).
     positions: [B, S] per slot, the token positions (for causality and position encodings).
     end: [] int32, slots written so far (the same in every row).
@@ -101,7 +176,7 @@ def init_cache(config: ModelConfig, batch_size: int, max_length: int | None = No
             f"A cache of {max_length} tokens exceeds the model's context of {config.max_length} "
             "(ModelConfig.max_length)."
         )
-    shape = (config.num_decoder_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
-    zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
-    slots = jnp.zeros((batch_size, max_length), jnp.int32)
-    return DecoderCache(KVCache(zeros, zeros), slots, slots, jnp.zeros((), jnp.int32))
+    shape = (config.num_decoder_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
+    zeros = lambda: jnp.zeros(shape, jnp.dtype(config.dtype))  # noqa: E731  head-major, as KVCache stores them
+    slots = lambda: jnp.zeros((batch_size, max_length), jnp.int32)  # noqa: E731  (distinct buffers: donatable)
+    return DecoderCache(KVCache.head_major(zeros(), zeros()), slots(), slots(), jnp.zeros((), jnp.int32))

@@ -116,17 +116,21 @@ class CausalLM(nn.Module):
         positions: jax.Array | None = None,
         cache: DecoderCache | None = None,
         deterministic: bool = True,
+        logits_at: jax.Array | None = None,
     ):
         """tokens [B, T] -> logits [B, T, V] float32; with a cache, (logits, updated cache).
 
         segment_ids [B, T]: 0 = padding, and packed documents get distinct ids so that they
         never attend to each other. positions [B, T] default to 0..T-1 (after the cached
         tokens when decoding). With a cache, the tokens extend each row of the cache; padding
-        (segment 0) at the end of a row is not counted in its length.
+        (segment 0) at the end of a row is not counted in its length. logits_at [B]: only the
+        logits at that index of each row, [B, 1, V] (a prompt's last token, for generation).
         """
         segment_ids, positions = _inputs(self.config, tokens, segment_ids, positions, cache)
         x = self.embed(tokens, positions, deterministic=deterministic)
         x, cache = self.decoder(x, segment_ids, positions, cache=cache, deterministic=deterministic)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         logits = _output_logits(self, self.config, x)
         return logits if cache is None else (logits, cache)
 

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from transformer.decoding import GenerationConfig, generate, unscanned, with_options
+from transformer.decoding import GenerationConfig, for_decoding, generate, with_options
 from transformer.models import CausalLM, Seq2SeqLM
 from transformer.pretrained import from_pretrained
 from transformer.runs import load_run, read_config
@@ -49,7 +49,7 @@ class Sampler:
         self.defaults = _tokenizer_ids(tokenizer, isinstance(model, Seq2SeqLM)) | (token_ids or {}) | {
             "vocab_size": tokenizer.vocab_size if padded else None}
         # Layers unstacked once here rather than inside every generation.
-        self.model, self.variables = unscanned(model, {"params": nn.meta.unbox(params)})
+        self.model, self.variables = for_decoding(model, {"params": nn.meta.unbox(params)})
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike, *, step: int | None = None) -> Sampler:

@@ -134,13 +134,22 @@ class Stack(nn.Module):
         return x, cache.replace(self_attention=self_kv)
 
     def _loop(self, x, caches, inputs, deterministic):
-        """The unscanned stack: layers_0 .. layers_{L-1}, each with its own parameters."""
+        """The unscanned stack: layers_0 .. layers_{L-1}, each with its own parameters.
+
+        A stacked cache is read and written in place, layer by layer (`KVCache.layer`): slicing
+        every layer out and stacking them again copied the whole cache at every decode step.
+        """
         block = block_class(self.config)
-        outputs = []
+        self_kv, cross_kv = caches
+        computed = []  # the cross-attention keys and values the blocks compute from `encoded`
         for i in range(self.num_layers):
-            layer_caches = jax.tree.map(lambda c: c[i], caches)
-            x, layer_caches = block(self.config, self.has_cross_attention, name=f"layers_{i}")(
+            layer_caches = (None if self_kv is None else self_kv.layer(i), None if cross_kv is None else cross_kv.layer(i))
+            x, (self_out, cross_out) = block(self.config, self.has_cross_attention, name=f"layers_{i}")(
                 x, layer_caches, inputs, deterministic
             )
-            outputs.append(layer_caches)
-        return x, jax.tree.map(lambda *c: jnp.stack(c), *outputs)
+            if self_kv is not None:
+                self_kv = self_out.stacked
+            computed.append(cross_out)
+        if self.has_cross_attention and inputs.encoded is not None:  # a new encoder output replaces the cache's
+            cross_kv = jax.tree.map(lambda *c: jnp.stack(c), *computed)
+        return x, (self_kv, cross_kv)

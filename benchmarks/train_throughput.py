@@ -1,0 +1,95 @@
+"""Training throughput of the project's own step: tokens/s, step time, compile time, peak
+memory and MFU for a preset and batch shape.
+
+    python benchmarks/train_throughput.py [--preset gpt2-small] [--set FIELD=VALUE ...]
+        [--batch 8] [--length 1024] [--dtype bfloat16] [--attention cudnn] [--steps 20]
+        [--out benchmarks/results/train_throughput.json]
+
+The step is `train.step.compile_steps`'s (objective, AdamW with clipping and the decay mask,
+the non-finite guard, metrics) on a batch of random tokens already on the device; dropout
+follows the preset unless `--set dropout_rate=0 attention_dropout_rate=0`.
+
+MFU = model FLOPs per second / peak. Model FLOPs per token are 6 x the weights of every matrix
+product (projections and the output head; not the embedding lookup) plus attention: 12 x heads
+x head_dim per (query, key) pair per layer. Causal self-attention counts the pairs the mask
+allows, (T + 1) / 2 keys per query on average; `MFU (all pairs)` counts all T x T, the PaLM /
+nanoGPT convention. The peak is the published dense bfloat16 figure for bfloat16 compute on a
+GPU/TPU (`train.metrics.PEAK_FLOPS`), else the rate of a large matmul in the compute dtype
+measured now (always printed beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+
+import workload
+from report import write_results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    workload.add_model_arguments(parser)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=None, help="tokens per row (default: the preset's max_length)")
+    parser.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
+    parser.add_argument("--attention", default=None, help="xla, cudnn, chunked or reference (default: the preset's)")
+    parser.add_argument("--remat", default=None, help="rematerialisation policy (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after the compiling one")
+    parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    args = parser.parse_args()
+
+    fields = {name: value for name, value in [("dtype", args.dtype), ("attention_implementation", args.attention),
+                                              ("remat_policy", args.remat)] if value is not None}
+    config = workload.model_config(args.preset, args.set, **fields)
+    length = args.length or config.max_length
+    measured_peak = workload.measured_matmul_peak(config.dtype)
+    published = workload.published_peak() if jax.default_backend() != "cpu" and config.dtype == "bfloat16" else None
+    peak = published or measured_peak
+    peak_source = "published bf16" if published else f"measured {config.dtype}"
+
+    step, state, batch = workload.training_step(config, args.batch, length)
+    rng = jax.random.PRNGKey(0)
+    start = time.perf_counter()
+    state, metrics = step(state, batch, rng)
+    jax.block_until_ready(metrics)
+    first_step = time.perf_counter() - start
+    times = []
+    for index in range(args.steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch, jax.random.fold_in(rng, index))
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    step_seconds = times[len(times) // 2]
+    tokens = args.batch * length
+    attended, full = workload.training_flops_per_token(config, length)
+    memory = jax.devices()[0].memory_stats() or {}
+    peak_bytes = memory.get("peak_bytes_in_use")
+    parameters = sum(x.size for x in jax.tree.leaves(state.params))
+    row = {
+        "preset": args.preset, "changes": args.set, "task": workload.task_of(config).value,
+        "parameters": parameters, "dtype": config.dtype, "attention": config.attention_implementation.value,
+        "remat": config.remat_policy.value, "batch": args.batch, "length": length,
+        "tokens_per_second": tokens / step_seconds, "step_ms": 1000 * step_seconds,
+        "first_step_s": first_step, "peak_memory_gib": peak_bytes / 2**30 if peak_bytes else None,
+        "flops_per_token": attended, "flops_per_token_all_pairs": full,
+        "peak_flops": peak, "peak_source": peak_source, "measured_matmul_flops": measured_peak,
+        "mfu": attended * tokens / step_seconds / peak, "mfu_all_pairs": full * tokens / step_seconds / peak,
+        "loss": float(metrics["loss"] / metrics["weight"]),
+    }
+    print(f"{args.preset} {' '.join(args.set)}: {parameters / 1e6:.1f}M parameters, {row['task']}, "
+          f"{config.dtype}, attention {row['attention']}, remat {row['remat']}, batch {args.batch} x {length}")
+    print(f"peak: {peak / 1e12:.2f} TFLOP/s ({peak_source}); matmul measured now: {measured_peak / 1e12:.2f} "
+          f"TFLOP/s {config.dtype}")
+    print(f"{'tokens/s':>10} {'step ms':>9} {'first step s':>13} {'peak GiB':>9} {'MFU':>7} {'MFU (all pairs)':>16}")
+    memory_text = f"{row['peak_memory_gib']:.2f}" if peak_bytes else "n/a"
+    print(f"{row['tokens_per_second']:>10,.0f} {row['step_ms']:>9.1f} {first_step:>13.2f} {memory_text:>9} "
+          f"{row['mfu']:>7.1%} {row['mfu_all_pairs']:>16.1%}")
+    write_results(args.out, [row])
+
+
+if __name__ == "__main__":
+    main()
