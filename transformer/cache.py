@@ -56,13 +56,16 @@ class KVCache:
     def __repr__(self) -> str:
         return f"KVCache(keys={self.keys!r}, values={self.values!r})"
 
-    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
-        """Stores new k, v [B, T, K, H] in slots start .. start + T - 1 of every row."""
-        index = (0, 0, start, 0)
-        return KVCache.head_major(
-            jax.lax.dynamic_update_slice(self.keys, jnp.swapaxes(k, 1, 2).astype(self.keys.dtype), index),
-            jax.lax.dynamic_update_slice(self.values, jnp.swapaxes(v, 1, 2).astype(self.values.dtype), index),
-        )
+    def write(self, k: jax.Array, v: jax.Array, start: jax.Array, layer: int | None = None) -> KVCache:
+        """Stores new k, v [B, T, K, H] in slots start .. start + T - 1 of every row (of `layer`
+        of a stacked cache, in place)."""
+        index = (0, 0, start, 0) if layer is None else (layer, 0, 0, start, 0)
+
+        def update(stored, new):
+            new = jnp.swapaxes(new, 1, 2).astype(stored.dtype)
+            return jax.lax.dynamic_update_slice(stored, new if layer is None else new[None], index)
+
+        return KVCache.head_major(update(self.keys, k), update(self.values, v))
 
     def layer(self, index: int) -> LayerCache:
         """Layer `index` of this stacked cache [L, ...], read and written in place (see LayerCache)."""
@@ -82,20 +85,15 @@ class LayerCache:
 
     @property
     def k(self) -> jax.Array:
-        return jnp.swapaxes(self.stacked.keys[self.index], -3, -2)
+        return self.stacked.k[self.index]
 
     @property
     def v(self) -> jax.Array:
-        return jnp.swapaxes(self.stacked.values[self.index], -3, -2)
+        return self.stacked.v[self.index]
 
     def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> LayerCache:
         """Stores new k, v [B, T, K, H] in slots start .. start + T - 1 of every row of this layer."""
-        index = (self.index, 0, 0, start, 0)
-        keys, values = self.stacked.keys, self.stacked.values
-        return LayerCache(KVCache.head_major(
-            jax.lax.dynamic_update_slice(keys, jnp.swapaxes(k, 1, 2)[None].astype(keys.dtype), index),
-            jax.lax.dynamic_update_slice(values, jnp.swapaxes(v, 1, 2)[None].astype(values.dtype), index),
-        ), self.index)
+        return LayerCache(self.stacked.write(k, v, start, self.index), self.index)
 
     def tree_flatten(self):
         return (self.stacked,), self.index
