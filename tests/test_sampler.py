@@ -1,17 +1,23 @@
 """Sampler over a run directory: batches, streaming, the command line and clear errors."""
 
+import dataclasses
 import pathlib
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
 import synthetic
 from processes import subprocess_env
 from train import config as config_lib
-from train import loop
-from transformer.decoding import GenerationConfig
+from train import loop, tasks
+from transformer import show_attention
+from transformer.decoding import GenerationConfig, unscanned
+from transformer.interpret import text_attention
+from transformer.runs import load_run
 from transformer.sampler import Sampler
 
 TINY = ["model.vocab_size=256", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.max_length=64"]
@@ -38,7 +44,7 @@ def translation_run(tmp_path_factory) -> pathlib.Path:
     (folder / "train.tsv").write_text("\n".join(f"{a}\t{b}" for a, b in pairs))
     config = config_lib.parse_args([
         "transformer-tiny-en-fr", *TINY, "model.num_encoder_layers=1", "model.num_decoder_layers=1",
-        f"train_files=[{folder / 'train.tsv'}]", "file_format=tsv", *SHORT, f"run_dir={folder / 'run'}",
+        f"train_files=[{folder / 'train.tsv'}]", "file_format=tsv", *SHORT, "steps=400", f"run_dir={folder / 'run'}",
     ])
     loop.run(config, progress=False)
     return folder / "run"
@@ -134,3 +140,67 @@ def test_prompt_of_the_wrong_type_is_a_type_error(lm_run):
         sampler(123)
     assert str(error.value) == "The prompt must be a str or a list of str, got int 123."
     assert sampler(("Ka", "Ka to"), max_new_tokens=2) == sampler(["Ka", "Ka to"], max_new_tokens=2)
+
+
+def test_text_attention_labels_a_translation_and_its_source(translation_run, tmp_path):
+    """Cross-attention rows are the greedy translation's pieces (after BOS), columns the source's
+    (+ EOS); every row is a distribution; the command line writes one heatmap per attention."""
+    run = load_run(translation_run)
+    tok, text = run.tokenizer, "Ka to bo"
+    translation = Sampler.load(translation_run)(text, strategy="greedy", max_new_tokens=63)
+    maps = text_attention(run, text)
+    assert set(maps) == {"encoder/self_attention", "decoder/self_attention", "decoder/cross_attention"}
+    source = [tok.id_to_token(i) for i in tok.encode(text) + [tok.eos_id]]
+    cross = maps["decoder/cross_attention"]
+    target = cross.queries  # BOS + the generated pieces, which read as the sampler's translation
+    assert target[0] == tok.id_to_token(tok.bos_id) and tok.decode([tok.token_to_id(p) for p in target[1:]]) == translation
+    assert cross.keys == source and len(target) <= run.model.config.max_length
+    assert cross.weights.shape == (1, 2, len(target), len(source))  # [layers, heads, T, S]
+    np.testing.assert_allclose(cross.weights.sum(-1), 1.0, rtol=1e-5)
+    assert maps["encoder/self_attention"].keys == source and maps["decoder/self_attention"].keys == target
+
+    assert show_attention.main([str(translation_run), "--text", text, "--out", str(tmp_path), "--head", "1"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "decoder_cross_attention.png", "decoder_self_attention.png", "encoder_self_attention.png"]
+    assert show_attention.main([str(translation_run), "--text", text, "--out", str(tmp_path), "--head", "2"]) == 1
+
+
+def test_text_attention_of_a_language_model_is_causal(lm_run):
+    maps = text_attention(load_run(lm_run), "Ka to bo ni")
+    (attention,) = maps.values()
+    assert attention.queries == attention.keys and len(attention.keys) == attention.weights.shape[-1]
+    assert np.all(np.triu(attention.weights, k=1) == 0)
+
+
+def test_translation_bleu_scores_greedy_and_beam_translations(translation_run):
+    """The run's BLEU figures score what the sampler writes: greedy ("bleu") and beam search with
+    length penalty 0.6 ("bleu_beam"). Each is 100 against its own outputs as
+    references and below 100 against the other's."""
+    run = load_run(translation_run)
+    config = config_lib.load_yaml(translation_run / "config.yaml").replace(bleu_examples=3, bleu_beams=3)
+    sampler, sources = Sampler.load(translation_run), synthetic.sentences(3, 5)
+    outputs = {
+        "bleu": sampler(sources, strategy="greedy", max_new_tokens=config.seq_length),
+        "bleu_beam": sampler(sources, strategy="beam", num_beams=3, length_penalty=0.6, max_new_tokens=config.seq_length),
+    }
+    assert outputs["bleu"] != outputs["bleu_beam"] and all(outputs["bleu"]) and all(outputs["bleu_beam"])
+    for name, references in outputs.items():
+        examples = [{"source": s, "target": t} for s, t in zip(sources, references)]
+        metrics, _ = tasks.translation_bleu(config, run.model, run.params, run.tokenizer, examples)
+        assert metrics[name] == pytest.approx(100.0)
+        assert metrics[({"bleu", "bleu_beam"} - {name}).pop()] < 100.0
+
+
+def test_text_attention_names_and_stacks_layers_alike_scanned_or_not(lm_run):
+    """An unscanned stack's per-layer entries come back under the scanned names, stacked in
+    layer order, with the same weights."""
+    run = load_run(lm_run)
+    model = type(run.model)(run.model.config.replace(num_decoder_layers=3))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), *run.task.example_inputs())
+    scanned = text_attention(dataclasses.replace(run, model=model, params=variables["params"]), "Ka to bo ni")
+    flat_model, flat_variables = unscanned(model, nn.meta.unbox(variables))
+    flat = text_attention(dataclasses.replace(run, model=flat_model, params=flat_variables["params"]), "Ka to bo ni")
+    assert list(flat) == list(scanned) == ["decoder/self_attention"]
+    assert scanned["decoder/self_attention"].weights.shape[0] == 3
+    np.testing.assert_allclose(flat["decoder/self_attention"].weights, scanned["decoder/self_attention"].weights, atol=1e-5)
+    assert flat["decoder/self_attention"].keys == scanned["decoder/self_attention"].keys

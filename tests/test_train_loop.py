@@ -145,7 +145,7 @@ def reference(corpus, tmp_path_factory) -> pathlib.Path:
     return run_dir
 
 
-def test_run_directory_holds_everything_a_sampler_needs(reference):
+def test_run_directory_holds_everything_a_sampler_needs(reference, corpus):
     names = {p.name for p in reference.iterdir()}
     assert {"config.yaml", "tokenizer.model", "checkpoints", "metrics.jsonl", "tensorboard", "loss.png"} <= names
     assert config_lib.load_yaml(reference / "config.yaml").steps == 12
@@ -158,6 +158,15 @@ def test_run_directory_holds_everything_a_sampler_needs(reference):
     validation = [r for r in log if r["split"] == "validation"]
     assert [r["step"] for r in validation] == [6, 12] and all(r["sample"] for r in validation)
     assert {"loss", "perplexity", "accuracy"} <= set(validation[-1])
+    # Loss per character: the loss per token times the validation text's predicted tokens per
+    # character (a line is a document here: its first token is not predicted, its EOS is and
+    # counts as one character).
+    lines = [line for line in pathlib.Path(corpus["validation"]).read_text().splitlines() if line.strip()]
+    tokens = sum(len(Tokenizer.load(reference).encode(line)) for line in lines)
+    tokens_per_character = tokens / sum(len(line) + 1 for line in lines)
+    assert validation[-1]["nats_per_char"] == pytest.approx(validation[-1]["loss"] * tokens_per_character, rel=1e-5)
+    baseline = next(r for r in log if r["split"] == "baseline")
+    assert baseline["unigram_nats_per_char"] == pytest.approx(baseline["unigram_loss"] * tokens_per_character, rel=1e-5)
     # A sampler loaded from the directory reproduces the run's last sample (same options, same seed).
     continuation = Sampler.load(reference)("ROMEO:", max_new_tokens=8, strategy="sample", temperature=0.8, top_k=40)
     assert validation[-1]["sample"] == "ROMEO:" + continuation
@@ -226,7 +235,7 @@ def snapshot(run_dir: pathlib.Path) -> dict[str, bytes]:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ("learning_rate=0.5", r"different configuration \(learning_rate: saved 0.002, now 0.5\)"),
+        ("learning_rate=0.5", r"different configuration \(learning_rate: saved 0.001, now 0.5\)"),
         ("model.d_ff=48", r"different configuration \(model.d_ff: saved 64, now 48\)\. Resume"),
     ],
 )

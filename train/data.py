@@ -163,6 +163,11 @@ class PackedLM:
         self.stream = np.concatenate(pieces)
         self.document = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
         self.length = length
+        # predicted tokens (all but each document's first) per character of text (each EOS counted
+        # as the character that ends a document): the loss per token times this is the loss per
+        # character, comparable across tokenizers (each document's first token comes free)
+        characters = sum(len(d["text"]) + 1 for d in documents)
+        self.tokens_per_character = (len(self.stream) - len(documents)) / characters
         if len(self.stream) < length + 1:
             raise ValueError(f"The documents hold {len(self.stream)} tokens, fewer than one row of {length + 1}.")
 

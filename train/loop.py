@@ -56,7 +56,7 @@ from transformer.tokenizer import Tokenizer
 # Keys that may change when a run directory is resumed; any other difference is an error.
 RESUMABLE_KEYS = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "sample_prompt",
-    "sample_tokens", "bleu_examples", "peak_flops", "distributed", "coordinator_address", "num_processes",
+    "sample_tokens", "bleu_examples", "bleu_beams", "peak_flops", "distributed", "coordinator_address", "num_processes",
     "process_id", "mesh_data", "mesh_fsdp", "mesh_tensor", "run_dir", "resume_step",
 })
 # Model fields a fine-tuning run chooses itself; the rest of the architecture comes from `init_from`.
@@ -238,6 +238,8 @@ def evaluate(job: Job, params) -> tuple[dict[str, float], str]:
             break
         sums = metrics_lib.add(sums, job.eval_step(params, global_batch(batch, job.mesh)))
     result = metrics_lib.summarize(metrics_lib.to_host(sums), token_level=task.token_level)
+    if job.data.validation.rows is not None:  # a language model: also per character of text
+        result["nats_per_char"] = result["loss"] * job.data.validation.rows.tokens_per_character
     text = ""
     if task.generation is not None and jax.process_count() == 1:  # generation runs on one process's devices
         generated, text = task.generation(config, job.model, params, job.tokenizer, job.data.validation_examples)

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from train import data as data_lib
 from train import datasets, objectives, rundir
 from train.config import FileFormat, TrainConfig
-from transformer.decoding import generate
+from transformer.decoding import GenerationConfig, generate
 from transformer.files import sha256_file
 from transformer.sampler import Sampler
 from transformer.tasks import Task
@@ -88,7 +88,8 @@ def unigram_loss(train: data_lib.PackedLM, validation: data_lib.PackedLM, vocab_
     """Cross-entropy of the validation tokens under the training tokens' frequencies (add-one
     smoothed): the loss of a model that ignores context, the bar a language model must clear."""
     counts = np.bincount(train.stream, minlength=vocab_size) + 1.0
-    return float(-np.log(counts / counts.sum())[validation.stream[1:]].mean())
+    predicted = validation.stream[1:][validation.document[1:] == validation.document[:-1]]  # the weighted targets
+    return float(-np.log(counts / counts.sum())[predicted].mean())
 
 
 def majority_accuracy(validation: list[dict]) -> float:
@@ -104,7 +105,8 @@ def copy_bleu(examples: list[dict]) -> float:
 
 
 def _lm_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
-    return {"unigram_loss": unigram_loss(train.rows, validation.rows, config.model.vocab_size)}
+    loss = unigram_loss(train.rows, validation.rows, config.model.vocab_size)
+    return {"unigram_loss": loss, "unigram_nats_per_char": loss * validation.rows.tokens_per_character}
 
 
 def _no_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
@@ -136,26 +138,33 @@ def sample_text(config: TrainConfig, model, params, tokenizer: Tokenizer, exampl
 
 
 def translation_bleu(config: TrainConfig, model, params, tokenizer: Tokenizer, examples) -> tuple[dict, str]:
-    """Corpus BLEU (sacrebleu) of greedy translations of the first `bleu_examples` validation
-    pairs, and the first of them."""
+    """Corpus BLEU (sacrebleu) of the translations of the first `bleu_examples` validation pairs:
+    greedy ("bleu") and, with `bleu_beams` > 0, beam search scoring sum(log p) / length**0.6
+    ("bleu_beam"; the 2017 recipe's alpha, on this library's length penalty rather than GNMT's);
+    and the first pair with its greedy translation."""
     import sacrebleu
 
     examples = examples[: config.bleu_examples]
     if not examples:
         return {}, ""
     variables = {"params": nn.meta.unbox(params)}
-    hypotheses = []
-    for start in range(0, len(examples), config.batch_size):
-        chunk = examples[start : start + config.batch_size]
-        sources = [tokenizer.encode(e["source"])[: config.source_length - 1] + [tokenizer.eos_id] for e in chunk]
-        output = generate(
-            model, variables, sources, max_new_tokens=config.seq_length, eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id,
-        )
-        tokens, lengths = np.asarray(output.tokens), np.asarray(output.lengths)
-        hypotheses += [tokenizer.decode(t[:n]) for t, n in zip(tokens, lengths)]
-    bleu = sacrebleu.corpus_bleu(hypotheses, [[e["target"] for e in examples]]).score
-    return {"bleu": bleu}, f"{examples[0]['source']} -> {hypotheses[0]}"
+    searches = {"bleu": GenerationConfig(max_new_tokens=config.seq_length)}
+    if config.bleu_beams:
+        searches["bleu_beam"] = searches["bleu"].replace(strategy="beam", num_beams=config.bleu_beams, length_penalty=0.6)
+    references = [[e["target"] for e in examples]]
+    metrics, translations = {}, {}
+    for name, search in searches.items():
+        search = search.replace(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id)
+        hypotheses = []
+        for start in range(0, len(examples), config.batch_size):
+            chunk = examples[start : start + config.batch_size]
+            sources = [tokenizer.encode(e["source"])[: config.source_length - 1] + [tokenizer.eos_id] for e in chunk]
+            output = generate(model, variables, sources, search)
+            tokens, lengths = np.asarray(output.tokens), np.asarray(output.lengths)
+            hypotheses += [tokenizer.decode(t[:n]) for t, n in zip(tokens, lengths)]
+        metrics[name] = sacrebleu.corpus_bleu(hypotheses, references).score
+        translations[name] = hypotheses
+    return metrics, f"{examples[0]['source']} -> {translations['bleu'][0]}"
 
 
 TASKS: dict[Task, TrainingTask] = {

@@ -41,7 +41,7 @@ from transformer.decoding import (
     top_p_filter,
     unscanned,
 )
-from transformer.interpret import attention_maps, plot_attention
+from transformer.interpret import TextAttention, attention_maps, plot_attention, text_attention
 from transformer.layers import Block, BlockInputs, Embedder, FeedForward, MultiHeadAttention, RelativePositionBias
 from transformer.masks import (
     AttentionMask,
@@ -96,6 +96,7 @@ __all__ = [
     "Seq2SeqLM",
     "SequenceClassifier",
     "Stack",
+    "TextAttention",
     "TokenClassifier",
     "Tokenizer",
     "apply_rotary",
@@ -121,6 +122,7 @@ __all__ = [
     "self_attention_mask",
     "sentence_embedding",
     "sinusoidal_embedding",
+    "text_attention",
     "top_k_filter",
     "top_p_filter",
     "unscanned",

@@ -1,13 +1,19 @@
-"""Attention weights of a forward pass, and a heatmap of them."""
+"""Attention weights of a forward pass, a run's attention on one text, and a heatmap of them."""
 
 from __future__ import annotations
 
 import os
+import re
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
+
+from transformer.decoding import GenerationConfig, generate
+from transformer.runs import Run
+from transformer.tasks import Task
 
 
 def attention_maps(model: nn.Module, variables, *args, **kwargs) -> dict[str, jax.Array]:
@@ -66,3 +72,56 @@ def plot_attention(
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+class TextAttention(NamedTuple):
+    """One attention of a model over one text: weights [L, N, T, S] and the pieces on each axis."""
+
+    weights: np.ndarray
+    queries: list[str]
+    keys: list[str]
+
+
+def text_attention(run: Run, text: str, *, max_new_tokens: int | None = None) -> dict[str, TextAttention]:
+    """Every attention of a run's model over one text, labelled with the tokenizer's pieces.
+
+    A language model attends over the text, an encoder over [CLS] text [SEP], and an
+    encoder-decoder model over the text (+ EOS) and its greedy translation (BOS + pieces, at
+    most `max_new_tokens`, by default as many as the model's context holds). Keys name the
+    attention ("encoder/self_attention", "decoder/cross_attention", ...), scanned or not.
+    """
+    tok = run.tokenizer
+    if not tok.encode(text):
+        raise ValueError("The text is empty: give at least one word to show attention over.")
+    variables = {"params": run.params}
+    if run.task == Task.SEQ2SEQ:
+        limit = run.model.config.max_length - 1 if max_new_tokens is None else max_new_tokens  # BOS + it fit
+        source = tok.encode(text) + [tok.eos_id]
+        search = GenerationConfig(max_new_tokens=limit, eos_id=tok.eos_id, pad_id=tok.pad_id, bos_id=tok.bos_id)
+        output = generate(run.model, {"params": nn.meta.unbox(run.params)}, [source], search)
+        translation = [int(t) for t in np.asarray(output.tokens)[0, : int(output.lengths[0])] if t != tok.eos_id]
+        target = [tok.bos_id, *translation]
+        maps = attention_maps(run.model, variables, np.array([source]), np.array([target]))
+    else:
+        if run.task == Task.CAUSAL_LM:
+            source = ([tok.bos_id] if tok.adds_bos else []) + tok.encode(text)
+        else:
+            source = [tok.cls_id, *tok.encode(text), tok.sep_id]
+        target = source
+        maps = attention_maps(run.model, variables, np.array([source]))
+    layers: dict[str, dict[int, np.ndarray]] = {}  # attention -> layer -> [N, T, S]
+    for name, weights in maps.items():
+        unscanned = re.fullmatch(r"(.*)/layers_(\d+)/(.*)", name)  # one entry per layer, [B, N, T, S]
+        if unscanned:
+            layers.setdefault(f"{unscanned[1]}/{unscanned[3]}", {})[int(unscanned[2])] = np.asarray(weights)[0]
+        else:  # a scanned stack: [L, B, N, T, S]
+            layers[name] = dict(enumerate(np.asarray(weights)[:, 0]))
+    out = {}
+    for name, by_layer in layers.items():
+        queries = target if name.startswith("decoder") else source
+        keys = source if name.startswith("encoder") or name.endswith("cross_attention") else target
+        out[name] = TextAttention(
+            np.stack([by_layer[i] for i in sorted(by_layer)]),
+            [tok.id_to_token(i) for i in queries], [tok.id_to_token(i) for i in keys],
+        )
+    return out
