@@ -5,13 +5,14 @@ All text is synthetic and written under pytest's tmp_path; nothing is downloaded
 
 import json
 import re
+import types
 
 import grain
 import numpy as np
 import pytest
 from synthetic import sentences
 
-from train import data
+from train import data, tasks
 from transformer.tokenizer import Tokenizer
 
 def documents(count: int, seed: int, min_sentences: int = 1, max_sentences: int = 6) -> list[dict]:
@@ -271,6 +272,15 @@ def test_packed_lm_rows(tok):
 
     tokens = np.concatenate([packed[i]["tokens"] for i in range(len(packed))])
     np.testing.assert_array_equal(tokens, stream[: len(tokens)])
+
+
+def test_unigram_loss_scores_only_the_tokens_a_model_predicts():
+    """Add-one smoothed training frequencies, averaged over exactly the weighted targets: every
+    token but each validation document's first (hand computation)."""
+    train_rows = types.SimpleNamespace(stream=np.array([1, 1, 2, 0]))  # counts + 1: [2, 3, 2, 1] / 8
+    validation = types.SimpleNamespace(stream=np.array([2, 0, 1, 3, 0]), document=np.array([0, 0, 1, 1, 1]))
+    expected = -(np.log(2 / 8) + np.log(1 / 8) + np.log(2 / 8)) / 3  # targets 0, 3, 0 (not 2 or 1)
+    assert tasks.unigram_loss(train_rows, validation, vocab_size=4) == pytest.approx(expected)
 
 
 def test_packed_lm_too_little_text(tok):

@@ -66,6 +66,14 @@ def test_stream_joins_to_the_full_result(lm_run, options):
     assert "".join(pieces) == sampler("Ka to", max_new_tokens=16, **options)
 
 
+def test_token_ids_are_the_ids_of_the_text_a_call_returns(lm_run):
+    sampler = Sampler.load(lm_run)
+    options = dict(max_new_tokens=12, strategy="sample", temperature=1.5, seed=2)
+    prompt, new = sampler.token_ids("Ka to", **options)
+    assert prompt == sampler.tokenizer.encode("Ka to") and len(new) == 12
+    assert sampler.tokenizer.decode(prompt + new) == "Ka to" + sampler("Ka to", **options)
+
+
 def test_same_seed_same_text_and_seeds_differ(lm_run):
     sampler = Sampler.load(lm_run)
     options = dict(max_new_tokens=16, strategy="sample", temperature=2.0)

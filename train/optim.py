@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from transformer.layers import is_weight_matrix
+
 
 class Schedule(enum.StrEnum):
     INVERSE_SQRT = "inverse_sqrt"  # the 2017 paper: linear warmup, then decay with 1/sqrt(step)
@@ -45,27 +47,13 @@ def learning_rate_schedule(schedule: Schedule | str, peak: float, warmup_steps: 
     return lambda count: of_step(count + 1)
 
 
-# Leaf names of weight matrices: projections (`kernel`) and embedding tables (`embedding`).
-_DECAYED = ("kernel", "embedding")
-# Tables that hold biases, not weights, although they are stored as embeddings.
-_NOT_DECAYED_MODULES = ("relative_position_bias",)
-
-
-def decays(path: tuple[str, ...]) -> bool:
-    """Whether weight decay applies to the parameter at `path` (module names, then leaf name).
-
-    Decided by what the parameter is, not by its rank, so that scanned layers (whose biases and
-    norm scales are stacked to [layers, ...]) decay exactly what unscanned layers do: projection
-    and embedding matrices decay; biases, norm scales and T5's relative-position bias do not.
-    """
-    return bool(path) and path[-1] in _DECAYED and not any(name in _NOT_DECAYED_MODULES for name in path)
-
-
 def decay_mask(params):
-    """A tree of booleans like `params` (boxed or not): True where weight decay applies."""
+    """A tree of booleans like `params` (boxed or not): True where weight decay applies, on the
+    weight matrices (projections and embeddings) only, never on biases, norm scales or T5's
+    relative-position bias, whether layers are scanned or not (`is_weight_matrix`)."""
 
     def mask(key_path, _):
-        return decays(tuple(key.key for key in key_path if isinstance(key, jax.tree_util.DictKey)))
+        return is_weight_matrix(key.key for key in key_path if isinstance(key, jax.tree_util.DictKey))
 
     return jax.tree_util.tree_map_with_path(mask, params)
 

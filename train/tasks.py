@@ -152,14 +152,13 @@ def translation_bleu(config: TrainConfig, model, params, tokenizer: Tokenizer, e
     if config.bleu_beams:
         searches["bleu_beam"] = searches["bleu"].replace(strategy="beam", num_beams=config.bleu_beams, length_penalty=0.6)
     references = [[e["target"] for e in examples]]
+    sources = [tokenizer.encode(e["source"])[: config.source_length - 1] + [tokenizer.eos_id] for e in examples]
     metrics, translations = {}, {}
     for name, search in searches.items():
         search = search.replace(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id)
         hypotheses = []
-        for start in range(0, len(examples), config.batch_size):
-            chunk = examples[start : start + config.batch_size]
-            sources = [tokenizer.encode(e["source"])[: config.source_length - 1] + [tokenizer.eos_id] for e in chunk]
-            output = generate(model, variables, sources, search)
+        for start in range(0, len(sources), config.batch_size):
+            output = generate(model, variables, sources[start : start + config.batch_size], search)
             tokens, lengths = np.asarray(output.tokens), np.asarray(output.lengths)
             hypotheses += [tokenizer.decode(t[:n]) for t, n in zip(tokens, lengths)]
         metrics[name] = sacrebleu.corpus_bleu(hypotheses, references).score

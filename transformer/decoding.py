@@ -26,6 +26,7 @@ import numpy as np
 from flax import struct
 
 from transformer.cache import DecoderCache, init_cache
+from transformer.layers import is_weight_matrix
 from transformer.models import CausalLM, Seq2SeqLM
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -283,8 +284,7 @@ def _cast_matrices(params, dtype):
     relative-position bias table, which the model reads in float32, nor norms and biases."""
 
     def cast(path, leaf):
-        names = [str(getattr(key, "key", key)) for key in path]
-        matrix = names[-1] == "kernel" or (names[-1] == "embedding" and "relative_position_bias" not in names)
+        matrix = is_weight_matrix(str(getattr(key, "key", key)) for key in path)
         narrower = jnp.issubdtype(leaf.dtype, jnp.floating) and jnp.finfo(leaf.dtype).bits > jnp.finfo(dtype).bits
         return leaf.astype(dtype) if matrix and narrower else leaf
 

@@ -8,11 +8,12 @@ from typing import NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from transformer.decoding import GenerationConfig, generate
 from transformer.runs import Run
+from transformer.sampler import Sampler
 from transformer.tasks import Task
 
 
@@ -20,17 +21,22 @@ def attention_maps(model: nn.Module, variables, *args, **kwargs) -> dict[str, ja
     """Runs `model.apply(variables, *args, **kwargs)` and returns every layer's attention weights.
 
     Keys name the attention, e.g. "decoder/self_attention" or "decoder/cross_attention"; values
-    are float32 [L, B, N, T, S] for scanned stacks (one entry per layer, "layers_0/..." when
-    unscanned). Weights are recomputed with the reference formula, so any implementation works.
+    are float32 [L, B, N, T, S], layers stacked in order whether the stack is scanned or not.
+    Weights are recomputed with the reference formula, so any implementation works.
     """
     _, state = model.apply(variables, *args, mutable=["intermediates"], **kwargs)
     flat = traverse_util.flatten_dict(state.get("intermediates", {}), sep="/")
-    maps = {}
+    layers: dict[str, dict[int, jax.Array]] = {}  # attention -> layer -> [B, N, T, S]
     for path, (weights,) in flat.items():
-        maps[path.removesuffix("/attention_weights").replace("/layers/", "/")] = weights
-    if not maps:
+        name = path.removesuffix("/attention_weights")
+        unscanned = re.fullmatch(r"(.*)/layers_(\d+)/(.*)", name)  # one module per layer
+        if unscanned:
+            layers.setdefault(f"{unscanned[1]}/{unscanned[3]}", {})[int(unscanned[2])] = weights
+        else:  # a scanned stack records [L, B, N, T, S] under ".../layers/..."
+            layers[name.replace("/layers/", "/")] = dict(enumerate(weights))
+    if not layers:
         raise ValueError(f"{type(model).__name__} recorded no attention weights.")
-    return maps
+    return {name: jnp.stack([by_layer[i] for i in sorted(by_layer)]) for name, by_layer in layers.items()}
 
 
 def plot_attention(
@@ -95,33 +101,23 @@ def text_attention(run: Run, text: str, *, max_new_tokens: int | None = None) ->
         raise ValueError("The text is empty: give at least one word to show attention over.")
     variables = {"params": run.params}
     if run.task == Task.SEQ2SEQ:
+        sampler = Sampler(run.model, run.params, tok)
         limit = run.model.config.max_length - 1 if max_new_tokens is None else max_new_tokens  # BOS + it fit
-        source = tok.encode(text) + [tok.eos_id]
-        search = GenerationConfig(max_new_tokens=limit, eos_id=tok.eos_id, pad_id=tok.pad_id, bos_id=tok.bos_id)
-        output = generate(run.model, {"params": nn.meta.unbox(run.params)}, [source], search)
-        translation = [int(t) for t in np.asarray(output.tokens)[0, : int(output.lengths[0])] if t != tok.eos_id]
-        target = [tok.bos_id, *translation]
+        source, translation = sampler.token_ids(text, max_new_tokens=limit)
+        target = [tok.bos_id, *(t for t in translation if t != tok.eos_id)]
         maps = attention_maps(run.model, variables, np.array([source]), np.array([target]))
     else:
         if run.task == Task.CAUSAL_LM:
-            source = ([tok.bos_id] if tok.adds_bos else []) + tok.encode(text)
+            source = Sampler(run.model, run.params, tok).prompt_ids(text)
         else:
             source = [tok.cls_id, *tok.encode(text), tok.sep_id]
         target = source
         maps = attention_maps(run.model, variables, np.array([source]))
-    layers: dict[str, dict[int, np.ndarray]] = {}  # attention -> layer -> [N, T, S]
-    for name, weights in maps.items():
-        unscanned = re.fullmatch(r"(.*)/layers_(\d+)/(.*)", name)  # one entry per layer, [B, N, T, S]
-        if unscanned:
-            layers.setdefault(f"{unscanned[1]}/{unscanned[3]}", {})[int(unscanned[2])] = np.asarray(weights)[0]
-        else:  # a scanned stack: [L, B, N, T, S]
-            layers[name] = dict(enumerate(np.asarray(weights)[:, 0]))
     out = {}
-    for name, by_layer in layers.items():
+    for name, weights in maps.items():
         queries = target if name.startswith("decoder") else source
         keys = source if name.startswith("encoder") or name.endswith("cross_attention") else target
         out[name] = TextAttention(
-            np.stack([by_layer[i] for i in sorted(by_layer)]),
-            [tok.id_to_token(i) for i in queries], [tok.id_to_token(i) for i in keys],
+            np.asarray(weights)[:, 0], [tok.id_to_token(i) for i in queries], [tok.id_to_token(i) for i in keys]
         )
     return out

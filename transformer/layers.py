@@ -58,6 +58,15 @@ def _float32_dot_jvp(dimension_numbers, primals, tangents):
     return float32_dot(x, kernel, dimension_numbers), output_dot
 
 
+def is_weight_matrix(path) -> bool:
+    """Whether the parameter at `path` (module names, then the leaf's name) is a weight matrix:
+    a projection kernel or an embedding table; not a bias, a norm scale, nor T5's
+    relative-position bias table (an embedding that holds biases). Decided by name, not rank, so
+    a scanned stack (biases stacked to [layers, d]) answers as an unscanned one does."""
+    path = tuple(path)
+    return bool(path) and path[-1] in ("kernel", "embedding") and "relative_position_bias" not in path
+
+
 class Dense(nn.Module):
     """x W + b over the trailing `axis` dims of x, with logical axis names `axes` (inputs..., outputs...).
 

@@ -91,7 +91,9 @@ class Sampler:
         config = with_options(config, options)
         return config.replace(**{name: value for name, value in self.defaults.items() if getattr(config, name) is None})
 
-    def _prompt_ids(self, text: str) -> list[int]:
+    def prompt_ids(self, text: str) -> list[int]:
+        """The ids a text is given to the model as: a source ends with EOS; a prompt starts with
+        BOS where the tokenizer adds one (Llama), or is BOS alone when empty."""
         ids = self.tokenizer.encode(text)
         if self.is_encoder_decoder:
             return ids + [self.defaults["eos_id"]]
@@ -100,7 +102,7 @@ class Sampler:
         return ids
 
     def _generate(self, texts: Sequence[str], config: GenerationConfig, seed: int, on_tokens=None):
-        prompts = [self._prompt_ids(text) for text in texts]
+        prompts = [self.prompt_ids(text) for text in texts]
         output = generate(
             self.model, self.variables, prompts, config, rng=jax.random.PRNGKey(seed), on_tokens=on_tokens
         )
@@ -127,6 +129,15 @@ class Sampler:
         outputs = [self._text(p, g) for p, g in zip(prompts, generated)]
         return outputs[0] if isinstance(text, str) else outputs
 
+    def token_ids(
+        self, text: str, config: GenerationConfig | None = None, *, seed: int = 0, **options: Any
+    ) -> tuple[list[int], list[int]]:
+        """The prompt ids of one text and the ids generated after them (up to and including EOS):
+        what `sampler(text, ...)` decodes, for a caller that needs the tokens."""
+        _texts(text, batch=False)
+        (prompt,), (generated,) = self._generate([text], self._config(config, options), seed)
+        return prompt, [int(t) for t in generated]
+
     def stream(
         self, text: str, config: GenerationConfig | None = None, *, seed: int = 0, **options: Any
     ) -> Iterator[str]:
@@ -147,7 +158,7 @@ class Sampler:
             except BaseException as error:  # re-raised in the consuming thread
                 pieces.put(error)
 
-        prompt = self._prompt_ids(text)
+        prompt = self.prompt_ids(text)
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
         new: list[int] = []
