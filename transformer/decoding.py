@@ -51,6 +51,7 @@ class GenerationConfig:
     top_p: float | None = None  # sample: only the nucleus of probability p
     num_beams: int = 4  # beam: W live beams per row
     length_penalty: float = 1.0  # beam: a hypothesis scores sum(log p) / length**length_penalty
+    no_repeat_ngram_size: int = 0  # n > 0: no n-gram occurs twice in the generated tokens (all strategies)
     eos_id: int | None = None  # a row stops at this token (kept); None: rows never stop early
     pad_id: int | None = None  # pads the prompts and the output after EOS; None: 0
     bos_id: int | None = None  # the first decoder input of an encoder-decoder model
@@ -72,6 +73,8 @@ class GenerationConfig:
                 raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
         if self.strategy == "beam" and self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}.")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: off), got {self.no_repeat_ngram_size}.")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1 or None, got {self.vocab_size}.")
         if self.strategy == "beam" and not math.isfinite(self.length_penalty):
@@ -132,6 +135,24 @@ def top_p_filter(logits: jax.Array, p: float | jax.Array) -> jax.Array:
     num_kept = jnp.sum(before < p, axis=-1, keepdims=True)  # >= 1: the most likely is always kept
     threshold = jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)
     return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def ban_repeated_ngrams(logits: jax.Array, history: jax.Array, length: jax.Array | int, n: int) -> jax.Array:
+    """logits [..., V] with every token that would repeat an n-gram of history [..., S]'s first
+    `length` tokens (the tokens generated so far) eliminated: fairseq's and Hugging Face's
+    no_repeat_ngram_size, the usual cure for the loops of greedy and beam search. n = 0: none."""
+    starts = history.shape[-1] - n + 1  # windows of n - 1 tokens followed by one more
+    if n < 1 or starts < 1:
+        return logits
+    shape, history, logits = logits.shape, history.reshape(-1, history.shape[-1]), logits.reshape(-1, logits.shape[-1])
+    rows = history.shape[0]
+    last = jax.lax.dynamic_slice_in_dim(history, jnp.maximum(length - (n - 1), 0), n - 1, axis=1)  # [R, n-1]
+    match = jnp.broadcast_to(jnp.arange(starts) + n - 1 < length, (rows, starts))  # the next token is written
+    for k in range(n - 1):
+        match &= history[:, k : k + starts] == last[:, k : k + 1]
+    following = history[:, n - 1 :]  # [R, starts]: the token after each window
+    hits = jnp.zeros(logits.shape, jnp.int32).at[jnp.arange(rows)[:, None], following].add(match.astype(jnp.int32))
+    return jnp.where(hits > 0, _NEG_INF, logits).reshape(shape)
 
 
 def sample_logits(
@@ -350,6 +371,7 @@ def sample_loop(
     top_p: float | jax.Array | None = None,
     eos_id: int | None = None,
     pad_id: int = 0,
+    no_repeat_ngram_size: int = 0,
     on_tokens: Callable[[jax.Array], None] | None = None,
 ) -> GenerateOutput:
     """Greedy or sampled decoding as one lax.while_loop over `decode_step`.
@@ -359,16 +381,18 @@ def sample_loop(
     max_new_tokens tokens take max_new_tokens - 1 decode steps. The loop stops when every
     row has produced eos_id or after max_new_tokens tokens. `on_tokens`, when given, is
     called with each step's tokens [B] (pad_id for finished rows), e.g. to send them to the
-    host with `jax.debug.callback` (streaming).
+    host with `jax.debug.callback` (streaming). With `no_repeat_ngram_size` n > 0, no n-gram
+    occurs twice in a row's tokens; scores stay the model's log-probabilities.
     """
 
     def choose(state: SamplingState, logits: jax.Array) -> SamplingState:
         """Every row's next token drawn from its logits [B, V], and recorded."""
+        allowed = ban_repeated_ngrams(logits, state.tokens, state.step, no_repeat_ngram_size)
         if greedy:  # the key is left as it is: splitting it is a dozen ops a step for nothing
-            rng, token = state.rng, argmax(logits)
+            rng, token = state.rng, argmax(allowed)
         else:
             rng, key = jax.random.split(state.rng)
-            token = sample_logits(logits, key, temperature=temperature, top_k=top_k, top_p=top_p)
+            token = sample_logits(allowed, key, temperature=temperature, top_k=top_k, top_p=top_p)
         token_log_prob = token_log_probs(logits, token)  # [B]
         token = jnp.where(state.done, pad_id, token).astype(jnp.int32)
         if on_tokens is not None:
@@ -462,15 +486,16 @@ def beam_search(
     length_penalty: float | jax.Array = 1.0,
     eos_id: int | None = None,
     pad_id: int = 0,
+    no_repeat_ngram_size: int = 0,
     select_rows: Callable = lambda cache, rows: cache.select_rows(rows),
 ) -> GenerateOutput:
     """Beam search over the same decode step: W live beams and W best finished hypotheses per row.
 
-    logits [B, V] and cache (B rows) come from the prefill; `select_rows(cache, rows)` gathers
-    cache rows. A hypothesis scores sum(log p) / length**length_penalty. Each step expands every
-    live beam by every token, keeps the 2W best candidates, moves those ending in EOS (at the
-    last step, all of them) to the finished set and continues the W best others. The loop stops
-    once no live beam can beat the W-th best finished hypothesis, or after max_new_tokens.
+    logits [B, V] and cache (B rows) come from the prefill; `select_rows(cache, rows)` gathers cache
+    rows. A hypothesis scores sum(log p) / length**length_penalty and repeats no n-gram of size
+    `no_repeat_ngram_size` (0: off). Each step extends every live beam by every token, keeps the 2W
+    best, finishes those ending in EOS (all, at the last step) and continues the W best others,
+    until no live beam can beat the W-th best finished hypothesis.
     """
     (batch, vocab), width, steps = logits.shape, num_beams, max_new_tokens
     rows = jnp.arange(batch)[:, None]
@@ -478,13 +503,13 @@ def beam_search(
     def body(state):
         i = state.step
         log_probs = jax.nn.log_softmax(state.logits.astype(jnp.float32), axis=-1).reshape(batch, width, vocab)
+        log_probs = ban_repeated_ngrams(log_probs, state.alive, i, no_repeat_ngram_size)
         candidates = (state.alive_scores[:, :, None] + log_probs).reshape(batch, width * vocab)
         scores, index = jax.lax.top_k(candidates, 2 * width)  # [B, 2W]: at most W of them end in EOS
         parent, token = index // vocab, (index % vocab).astype(jnp.int32)
         sequences = state.alive[rows, parent].at[:, :, i].set(token)  # [B, 2W, steps]
-        ends = jnp.full(token.shape, i + 1 == steps)  # at the length limit live beams finish too
-        if eos_id is not None:
-            ends |= token == eos_id
+        at_limit = jnp.full(token.shape, i + 1 == steps)  # at the length limit live beams finish too
+        ends = at_limit if eos_id is None else at_limit | (token == eos_id)
 
         normalised = jnp.where(ends, scores / _length_penalty(i + 1, length_penalty), _NEG_INF)
         finished, finished_scores, finished_lengths = _best_finished(state, sequences, normalised, i + 1)
@@ -531,12 +556,14 @@ def _generate(
         return beam_search(
             step, logits, cache, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens,
             length_penalty=length_penalty, eos_id=config.eos_id, pad_id=config.pad_id,
+            no_repeat_ngram_size=config.no_repeat_ngram_size,
         )
     on_tokens = (lambda token: jax.debug.callback(_emit, stream_id, token, ordered=True)) if stream else None
     return sample_loop(
         step, logits, cache, rng, max_new_tokens=config.max_new_tokens, greedy=config.strategy == "greedy",
         temperature=temperature, top_k=config.top_k, top_p=None if config.top_p is None else top_p,
-        eos_id=config.eos_id, pad_id=config.pad_id, on_tokens=on_tokens,
+        eos_id=config.eos_id, pad_id=config.pad_id, no_repeat_ngram_size=config.no_repeat_ngram_size,
+        on_tokens=on_tokens,
     )
 
 

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                        help="no n-gram occurs twice in the generated text (e.g. 3 against greedy loops; 0: off)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--no-stream", action="store_true", help="print each result when it is complete")
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         config = GenerationConfig(
             max_new_tokens=args.max_new_tokens, strategy=args.strategy, temperature=args.temperature,
             top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
         )
         sampler = Sampler.load(args.run_dir, step=args.step)
     except (FileNotFoundError, ValueError) as error:
