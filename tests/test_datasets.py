@@ -6,7 +6,7 @@ import pytest
 
 from train import datasets
 
-EXPECTED_SIZES = {"shakespeare": 42, "rt-polarity": 10_568, "bible-en-fr": 31_099}
+EXPECTED_SIZES = {"shakespeare": 42, "rt-polarity": 10_568, "opinions": 798, "bible-en-fr": 31_099}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED_SIZES))
@@ -43,6 +43,11 @@ def test_contents(splits):
         labels = [e["label"] for e in examples]
         assert set(labels) == {0, 1} and 0.45 < sum(labels) / len(labels) < 0.55
         assert all(e["text"] and "\r" not in e["text"] for e in examples)
+    elif name == "opinions":  # documents of sentences in their order, one per line
+        sentences = [line for e in examples for line in e["text"].split("\n")]
+        assert len(sentences) == 3_708 + 5_190 and all(s.strip() and "\r" not in s for s in sentences)
+        review = next(e["text"] for e in examples if e["text"].startswith("troubleshooting ad-2500"))
+        assert review.split("\n")[1] == "repost from january 13, 2004 with a better fit title."
     else:
         assert all(e["source"] and e["target"] for e in examples)
         assert not any("dummy verse" in e["source"] or "`" in e["source"] for e in examples)

