@@ -282,6 +282,18 @@ def test_greedy_without_repeated_ngrams_equals_the_stepwise_argmax_over_allowed_
     assert not has_repeated_ngram(sequence[len(prompt) :], n)
 
 
+@pytest.mark.parametrize("options", [dict(strategy="beam", num_beams=3), dict(strategy="sample", temperature=0.05)])
+def test_beam_search_and_sampling_repeat_no_ngram_when_asked(options):
+    """generate passes the option to every strategy: with it no row repeats a bigram; without
+    it, these (peaked) searches on this model do."""
+    model, variables = decoder()
+    prompts, rng = [[5, 6, 7], [20]], jax.random.PRNGKey(1)
+    plain = tfm.generate(model, variables, prompts, max_new_tokens=24, rng=rng, **options)
+    assert any(has_repeated_ngram(row.tolist(), 2) for row in plain.tokens)
+    banned = tfm.generate(model, variables, prompts, max_new_tokens=24, rng=rng, no_repeat_ngram_size=2, **options)
+    assert not any(has_repeated_ngram(row[:n].tolist(), 2) for row, n in zip(banned.tokens, banned.lengths))
+
+
 @pytest.mark.parametrize("n", [1, 2])
 def test_exhaustive_beam_search_without_repeated_ngrams_finds_the_brute_force_best(n):
     """With every live prefix kept, beam search returns the best hypothesis among those that

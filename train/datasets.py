@@ -163,6 +163,12 @@ def _read_bible(path: pathlib.Path) -> list[tuple[str, dict]]:
     return [(pair["source"], pair) for pair in pairs]  # split by the English text: repeats stay together
 
 
+# vaderSentiment's sdist carries its paper's rated sentences: rt-polarity and opinions.
+_VADER_SENTIMENT = Package(
+    "vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
+    "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", binary=False,
+)
+
 DATASETS: dict[str, DatasetSpec] = {
     "shakespeare": DatasetSpec(
         name="shakespeare",
@@ -178,10 +184,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "rt-polarity": DatasetSpec(
         name="rt-polarity",
         task="classification",
-        package=Package(
-            "vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
-            "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", binary=False,
-        ),
+        package=_VADER_SENTIMENT,
         read=_read_rt_polarity,
         split=_split_by_hash,
         splits_doc="by sentence id: crc32(id) % 20 == 0 is test, == 1 validation (about 5% each)",
@@ -190,10 +193,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "opinions": DatasetSpec(
         name="opinions",
         task="lm",
-        package=Package(
-            "vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
-            "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", binary=False,
-        ),
+        package=_VADER_SENTIMENT,
         read=_read_opinions,
         split=_split_by_hash,
         splits_doc="by document (e.g. amazon-12, nyt-7): crc32 % 20 == 0 is test, == 1 validation (about 5% each)",

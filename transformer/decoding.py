@@ -139,8 +139,9 @@ def top_p_filter(logits: jax.Array, p: float | jax.Array) -> jax.Array:
 
 def ban_repeated_ngrams(logits: jax.Array, history: jax.Array, length: jax.Array | int, n: int) -> jax.Array:
     """logits [..., V] with every token that would repeat an n-gram of history [..., S]'s first
-    `length` tokens (the tokens generated so far) eliminated: fairseq's and Hugging Face's
-    no_repeat_ngram_size, the usual cure for the loops of greedy and beam search. n = 0: none."""
+    `length` tokens (the tokens generated so far; unlike Hugging Face's, not the prompt's)
+    eliminated: fairseq's no_repeat_ngram_size, the usual cure for the loops of greedy and beam
+    search. n = 0: none. Where every token is banned (n = 1 past the vocabulary) any may follow."""
     starts = history.shape[-1] - n + 1  # windows of n - 1 tokens followed by one more
     if n < 1 or starts < 1:
         return logits

@@ -13,7 +13,7 @@ import numpy as np
 from flax import traverse_util
 
 from transformer.runs import Run
-from transformer.sampler import Sampler
+from transformer.sampler import Sampler, prompt_ids
 from transformer.tasks import Task
 
 
@@ -108,7 +108,7 @@ def text_attention(run: Run, text: str, *, max_new_tokens: int | None = None) ->
         maps = attention_maps(run.model, variables, np.array([source]), np.array([target]))
     else:
         if run.task == Task.CAUSAL_LM:
-            source = Sampler(run.model, run.params, tok).prompt_ids(text)
+            source = prompt_ids(tok, text)
         else:
             source = [tok.cls_id, *tok.encode(text), tok.sep_id]
         target = source

@@ -92,14 +92,9 @@ class Sampler:
         return config.replace(**{name: value for name, value in self.defaults.items() if getattr(config, name) is None})
 
     def prompt_ids(self, text: str) -> list[int]:
-        """The ids a text is given to the model as: a source ends with EOS; a prompt starts with
-        BOS where the tokenizer adds one (Llama), or is BOS alone when empty."""
-        ids = self.tokenizer.encode(text)
-        if self.is_encoder_decoder:
-            return ids + [self.defaults["eos_id"]]
-        if self.tokenizer.adds_bos or not ids:  # Llama's texts start with BOS; an empty prompt is BOS alone
-            return [self.tokenizer.bos_id, *ids]
-        return ids
+        """The ids a text is given to the model as (see `prompt_ids`)."""
+        source_eos_id = self.defaults["eos_id"] if self.is_encoder_decoder else None
+        return prompt_ids(self.tokenizer, text, source_eos_id=source_eos_id)
 
     def _generate(self, texts: Sequence[str], config: GenerationConfig, seed: int, on_tokens=None):
         prompts = [self.prompt_ids(text) for text in texts]
@@ -176,6 +171,18 @@ class Sampler:
                 yield current[len(shown):]
                 shown = current
         worker.join()
+
+
+def prompt_ids(tokenizer: Tokenizer, text: str, *, source_eos_id: int | None = None) -> list[int]:
+    """The ids a text is given to a model as: an encoder-decoder model's source ends with
+    `source_eos_id`; a decoder-only prompt starts with BOS where the tokenizer adds one (Llama),
+    or is BOS alone when empty."""
+    ids = tokenizer.encode(text)
+    if source_eos_id is not None:
+        return ids + [source_eos_id]
+    if tokenizer.adds_bos or not ids:
+        return [tokenizer.bos_id, *ids]
+    return ids
 
 
 def _tokenizer_ids(tokenizer: Tokenizer, encoder_decoder: bool) -> dict[str, int | None]:

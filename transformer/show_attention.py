@@ -1,7 +1,7 @@
 """The command line of attention heatmaps: what a trained run attends to in one text.
 
     python -m transformer.show_attention runs/transformer-tiny-en-fr --text "And God saw the light."
-    python -m transformer.show_attention runs/bert-tiny-mlm --text "To be, or not to be" --layer 0 --head 1
+    python -m transformer.show_attention runs/bert-tiny-mlm --text "The picture is sharp, but the sound is poor." --layer 0 --head 1
 
 Writes one PNG per attention (encoder self-attention, decoder self- and cross-attention) of one
 layer, averaged over heads unless `--head` picks one; an encoder-decoder run shows the text
