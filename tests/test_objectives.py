@@ -25,6 +25,19 @@ def test_label_smoothing_matches_a_hand_computation():
     np.testing.assert_allclose(unsmoothed, -np.sum(log_p[[0, 1], np.asarray(targets)] * np.asarray(weights)), rtol=1e-6)
 
 
+def test_correct_counts_match_argmax_and_ties_count_as_correct():
+    """`correct` is the weighted count of argmax hits (checked against numpy); a target that
+    shares the highest logit counts as correct, wherever argmax would put the tie."""
+    rng = np.random.default_rng(0)
+    logits, targets = rng.normal(size=(3, 5, 40)), rng.integers(0, 40, (3, 5))
+    targets[0] = logits[0].argmax(-1)  # some hits
+    weights = rng.random((3, 5))
+    correct = objectives.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))[2]
+    np.testing.assert_allclose(correct, np.sum((logits.argmax(-1) == targets) * weights), rtol=1e-6)
+    tied = jnp.asarray([[1.0, 3.0, 3.0], [3.0, 3.0, 1.0]])
+    assert float(objectives.cross_entropy(tied, jnp.asarray([2, 2]), jnp.ones(2))[2]) == 1.0
+
+
 def test_masked_lm_loss_counts_selected_positions_and_real_examples_only():
     cfg = tfm.ModelConfig.preset("bert-tiny", dropout_rate=0.0, attention_dropout_rate=0.0, vocab_size=64)
     model = tfm.MaskedLM(cfg, next_sentence_prediction=True)

@@ -31,9 +31,10 @@ def cross_entropy(
 
     With label smoothing ls the target distribution is (1 - ls) on the target plus ls spread
     uniformly over the vocabulary (the 2017 paper uses 0.1). Returns the summed loss, the
-    summed weight and the weighted count of correct argmax predictions.
+    summed weight and the weighted count of correct predictions (the target has the highest
+    logit; where several share it, as argmax's first one or not, it counts as correct).
 
-    Written as plain reductions over the vocabulary (logsumexp, max, min), which XLA fuses:
+    Written as plain reductions over the vocabulary (logsumexp and its max), which XLA fuses:
     log_softmax materialised [..., V] twice more, and `jnp.argmax` (a reduction over (value,
     index) pairs that XLA's CPU backend runs element by element) cost a third of a small
     model's training step.
@@ -45,7 +46,9 @@ def cross_entropy(
     if label_smoothing:  # the uniform part: mean over the vocabulary of -log p
         nll = (1.0 - label_smoothing) * nll + label_smoothing * (log_normalizers - logits.mean(axis=-1))
     weights = weights.astype(jnp.float32)
-    correct = (argmax(jax.lax.stop_gradient(logits)) == targets).astype(jnp.float32)
+    # The target holds the highest logit (a tie counts as correct): the maximum is logsumexp's, so
+    # this costs no pass over [..., V]; an argmax materialised one (14 ms of a 470 ms CPU step).
+    correct = (target_logits >= jnp.max(jax.lax.stop_gradient(logits), axis=-1)).astype(jnp.float32)
     return jnp.sum(nll * weights), jnp.sum(weights), jnp.sum(correct * weights)
 
 

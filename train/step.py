@@ -83,6 +83,30 @@ def _split_microbatches(batch, accumulation: int):
     return jax.tree.map(lambda x: x.reshape(accumulation, x.shape[0] // accumulation, *x.shape[1:]), batch)
 
 
+def _accumulated_gradients(grad_fn, params, batch, rng, accumulation: int):
+    """Sums of `grad_fn(params, microbatch, rng_i) -> (grads, metrics)` over the microbatches,
+    microbatch i drawing its randomness from fold_in(rng, i).
+
+    One microbatch is called directly: XLA keeps a one-trip loop, with zero-filled gradients
+    and the layers' saved activations copied through it (9% of a small model's CPU step).
+    """
+    if accumulation == 1:
+        return grad_fn(params, batch, jax.random.fold_in(rng, 0))
+
+    def accumulate(carry, xs):
+        grads, metrics = carry
+        microbatch, index = xs
+        step_grads, step_metrics = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
+        return (jax.tree.map(jnp.add, grads, step_grads), jax.tree.map(jnp.add, metrics, step_metrics)), None
+
+    microbatches = _split_microbatches(batch, accumulation)
+    first = jax.tree.map(lambda x: x[0], microbatches)
+    zero_metrics = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, first, rng)[1]))
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    (grads, metrics), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics), (microbatches, jnp.arange(accumulation)))
+    return grads, metrics
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -114,20 +138,7 @@ def train_step(
         return objectives.training_loss(metrics, total_weights), metrics
 
     grad_fn = jax.grad(microbatch_loss, has_aux=True)
-
-    def accumulate(carry, xs):
-        grads, metrics = carry
-        microbatch, index = xs
-        step_grads, step_metrics = grad_fn(state.params, microbatch, jax.random.fold_in(rng, index))
-        return (jax.tree.map(jnp.add, grads, step_grads), jax.tree.map(jnp.add, metrics, step_metrics)), None
-
-    microbatches = _split_microbatches(batch, accumulation)
-    first = jax.tree.map(lambda x: x[0], microbatches)
-    zero_metrics = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: microbatch_loss(state.params, first, rng)[1]))
-    zero_grads = jax.tree.map(jnp.zeros_like, state.params)
-    (grads, metrics), _ = jax.lax.scan(
-        accumulate, (zero_grads, zero_metrics), (microbatches, jnp.arange(accumulation))
-    )
+    grads, metrics = _accumulated_gradients(grad_fn, state.params, batch, rng, accumulation)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))

@@ -9,6 +9,7 @@ One `Block` serves all three architectures. It never decides causality: it recei
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import flax.linen as nn
@@ -93,10 +94,15 @@ class Dense(nn.Module):
         if cfg.use_bias if self.use_bias is None else self.use_bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[-len(features) :])
             bias = self.param("bias", bias_init, features, cfg.param_dtype)
+        if axis != tuple(range(x.ndim - len(axis), x.ndim)):
+            raise ValueError(f"Dense contracts trailing axes of its input; got axis={self.axis} for {x.shape}.")
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.dtype)
-        dimension_numbers = ((axis, tuple(range(len(axis)))), ((), ()))
+        # One 2-D product [M, K] x [K, F]. With the batch axes kept, XLA:CPU ran the weight
+        # gradient (contracting batch and length) as a generic dot: 5% slower training steps.
+        rows = x.reshape(-1, kernel.size // math.prod(features))
         dot = float32_dot if self.float32_output else jax.lax.dot_general
-        out = dot(x, kernel, dimension_numbers)  # [..., outputs...]
+        out = dot(rows, kernel.reshape(rows.shape[1], -1), (((1,), (0,)), ((), ())))
+        out = out.reshape(x.shape[: x.ndim - len(axis)] + features)  # [..., outputs...]
         return out if bias is None else out + bias
 
 
