@@ -507,11 +507,12 @@ def test_for_decoding_computes_what_the_model_does(make):
     assert again == prepared and again_variables is prepared_variables
 
 
-def test_kv_cache_stores_head_major_and_reads_in_attention_order():
-    """k, v in and out are [B, S, K, H]; the leaves are [B, K, S, H], which attention reads without a transpose."""
+def test_kv_cache_stores_attention_layouts_and_reads_in_attention_order():
+    """k, v in and out are [B, S, K, H]; the leaves are [B, K, H, S], which attention's
+    products read without a transpose."""
     k, v = jax.random.normal(RNG, (2, 5, 3, 4)), jax.random.normal(jax.random.PRNGKey(1), (2, 5, 3, 4))
     cache = tfm.KVCache(k, v)
-    assert [leaf.shape for leaf in jax.tree.leaves(cache)] == [(2, 3, 5, 4)] * 2
+    assert [leaf.shape for leaf in jax.tree.leaves(cache)] == [(2, 3, 4, 5)] * 2
     np.testing.assert_array_equal(cache.k, k)
     np.testing.assert_array_equal(cache.v, v)
     np.testing.assert_array_equal(jax.tree.map(lambda x: 2 * x, cache).k, 2 * k)

@@ -386,7 +386,7 @@ _TRANSFORMER_SMALL = ModelConfig.preset(
 # checkpoint's config.json (keeping the dropout).
 _MINILM = ModelConfig.preset("bert-base", d_model=384, num_heads=12, d_ff=1536, num_encoder_layers=6)
 # Full-size models in bfloat16 for accelerators; vocabularies sized for the bundled corpora.
-_ACCELERATOR = dict(dtype="bfloat16", remat_policy="dots_no_batch")
+_ACCELERATOR = dict(dtype="bfloat16")
 
 EXPERIMENTS: dict[str, TrainConfig] = {
     "gpt-tiny": TrainConfig(
