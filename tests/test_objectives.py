@@ -27,7 +27,8 @@ def test_label_smoothing_matches_a_hand_computation():
 
 def test_correct_counts_match_argmax_and_ties_count_as_correct():
     """`correct` is the weighted count of argmax hits (checked against numpy); a target that
-    shares the highest logit counts as correct, wherever argmax would put the tie."""
+    shares the highest logit counts as correct, wherever argmax would put the tie, unless all
+    logits tie (a collapsed model scores nothing)."""
     rng = np.random.default_rng(0)
     logits, targets = rng.normal(size=(3, 5, 40)), rng.integers(0, 40, (3, 5))
     targets[0] = logits[0].argmax(-1)  # some hits
@@ -36,6 +37,8 @@ def test_correct_counts_match_argmax_and_ties_count_as_correct():
     np.testing.assert_allclose(correct, np.sum((logits.argmax(-1) == targets) * weights), rtol=1e-6)
     tied = jnp.asarray([[1.0, 3.0, 3.0], [3.0, 3.0, 1.0]])
     assert float(objectives.cross_entropy(tied, jnp.asarray([2, 2]), jnp.ones(2))[2]) == 1.0
+    collapsed = jnp.full((4, 50), 2.5)
+    assert float(objectives.cross_entropy(collapsed, jnp.arange(4), jnp.ones(4))[2]) == 0.0
 
 
 def test_masked_lm_loss_counts_selected_positions_and_real_examples_only():

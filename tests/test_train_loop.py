@@ -247,6 +247,18 @@ def test_resuming_with_a_different_config_is_an_error_naming_the_fields(corpus, 
     assert snapshot(reference) == before  # nothing was overwritten
 
 
+def test_runs_saved_with_another_remat_policy_or_attention_implementation_resume(tmp_path):
+    """Those change how a step is computed, not what: a run saved before remat became the default
+    resumes; a change of architecture still does not."""
+    config = config_lib.EXPERIMENTS["gpt-tiny"]
+    older = config.model.replace(remat_policy="none", attention_implementation="chunked")
+    config_lib.save_yaml(dataclasses.replace(config, model=older), tmp_path / "config.yaml")
+    loop._check_resumable(config, tmp_path)
+    wider = dataclasses.replace(config, model=config.model.replace(d_ff=2 * config.model.d_ff))
+    with pytest.raises(ValueError, match="model.d_ff: saved 1024, now 2048"):
+        loop._check_resumable(wider, tmp_path)
+
+
 def test_a_finished_run_changes_nothing_and_refuses_fewer_steps(corpus, reference, capsys):
     before = snapshot(reference)
     result = loop.run(config_lib.parse_args(tiny_args(corpus, reference)), progress=False)

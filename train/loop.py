@@ -58,6 +58,8 @@ RESUMABLE_KEYS = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "sample_prompt",
     "sample_tokens", "bleu_examples", "bleu_beams", "peak_flops", "distributed", "coordinator_address", "num_processes",
     "process_id", "mesh_data", "mesh_fsdp", "mesh_tensor", "run_dir", "resume_step",
+    # how a step is computed, not what: runs saved before remat became the default resume
+    "model.remat_policy", "model.attention_implementation",
 })
 # Model fields a fine-tuning run chooses itself; the rest of the architecture comes from `init_from`.
 FINE_TUNING_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "dtype", "remat_policy", "attention_implementation")

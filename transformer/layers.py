@@ -99,7 +99,7 @@ class Dense(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.dtype)
         # One 2-D product [M, K] x [K, F]. With the batch axes kept, XLA:CPU ran the weight
         # gradient (contracting batch and length) as a generic dot: 5% slower training steps.
-        rows = x.reshape(-1, kernel.size // math.prod(features))
+        rows = x.reshape(-1, math.prod(x.shape[a] for a in axis))
         dot = float32_dot if self.float32_output else jax.lax.dot_general
         out = dot(rows, kernel.reshape(rows.shape[1], -1), (((1,), (0,)), ((), ())))
         out = out.reshape(x.shape[: x.ndim - len(axis)] + features)  # [..., outputs...]
