@@ -25,6 +25,18 @@ def test_label_smoothing_matches_a_hand_computation():
     np.testing.assert_allclose(unsmoothed, -np.sum(log_p[[0, 1], np.asarray(targets)] * np.asarray(weights)), rtol=1e-6)
 
 
+def test_loss_gradient_is_softmax_minus_the_target_distribution():
+    """d loss / d logits = weight * (softmax - q), q the (smoothed) target distribution: the
+    backward pass XLA fuses over the logits computes the textbook gradient."""
+    rng = np.random.default_rng(1)
+    logits, targets, weights = rng.normal(size=(2, 3, 7)), rng.integers(0, 7, (2, 3)), rng.random((2, 3))
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    for ls in (0.0, 0.1):
+        q = (1 - ls) * np.eye(7)[targets] + ls / 7
+        grad = jax.grad(lambda x: objectives.cross_entropy(x, jnp.asarray(targets), jnp.asarray(weights), ls)[0])
+        np.testing.assert_allclose(grad(jnp.asarray(logits)), weights[..., None] * (p - q), rtol=1e-5, atol=1e-7)
+
+
 def test_correct_counts_match_argmax_and_ties_count_as_correct():
     """`correct` is the weighted count of argmax hits (checked against numpy); a target that
     shares the highest logit counts as correct, wherever argmax would put the tie, unless all
