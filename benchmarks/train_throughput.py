@@ -9,11 +9,12 @@ The step is `train.step.compile_steps`'s (objective, AdamW with clipping and the
 the non-finite guard, metrics) on a batch of random tokens already on the device; dropout
 follows the preset unless `--set dropout_rate=0 attention_dropout_rate=0`.
 
-The step time is a round of --steps steps dispatched back to back and waited for once, over
---steps (the median of --rounds rounds): the training loop reads each step's metrics a step
-late, so the host prepares the next step while the device runs this one. Waiting for every
-step would add the host's dispatch time to each: a profile of GPT-2 small's unrolled step on
-an H100 kept the GPU busy 40.6 ms of the 46.3 ms that waiting for every step measured.
+The step time is the median over --rounds rounds of one round's time / --steps; a round
+dispatches --steps steps back to back and waits once, as the training loop does (it keeps
+metrics on the device and reads them only at log steps, a step late), so the host prepares
+the next step while the device runs this one. Waiting for every step would add the host's
+dispatch time to each: in a profile of GPT-2 small's unrolled step on an H100 a step's
+kernels spanned 40.6 ms of the 46.3 ms that waiting for every step measured.
 
 MFU = model FLOPs per second / peak. Model FLOPs per token are 6 x the weights of every matrix
 product (projections and the output head; not the embedding lookup) plus attention: 12 x heads
@@ -80,6 +81,7 @@ def main():
         "preset": args.preset, "changes": args.set, "task": workload.task_of(config).value,
         "parameters": parameters, "dtype": config.dtype, "attention": config.attention_implementation.value,
         "remat": config.remat_policy.value, "batch": args.batch, "length": length,
+        "timing": "back to back", "steps": args.steps, "rounds": args.rounds,
         "tokens_per_second": tokens / step_seconds, "step_ms": 1000 * step_seconds,
         "first_step_s": first_step, "peak_memory_gib": peak_bytes / 2**30 if peak_bytes else None,
         "flops_per_token": attended, "flops_per_token_all_pairs": full,

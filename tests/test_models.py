@@ -428,6 +428,17 @@ def test_bfloat16_logits_are_accumulated_in_float32():
         assert jnp.any(logits != logits.astype(jnp.bfloat16).astype(jnp.float32)), name
 
 
+def test_pretraining_continues_from_a_masked_lm_run():
+    """A masked-LM run loads whole into another masked LM (continued, task-adaptive pretraining):
+    its top-level `mlm_bias` leaf too, and the NSP head it no longer uses stays behind."""
+    cfg = preset("bert-tiny")
+    pretrained = init(tfm.MaskedLM(cfg, next_sentence_prediction=True))["params"]
+    pretrained = jax.tree.map(lambda x: x + 1.0, nn.meta.unbox(pretrained))  # unlike a fresh initialisation
+    params, new = tfm.merge_pretrained(init(tfm.MaskedLM(cfg))["params"], pretrained)
+    assert new == [] and "mlm_bias" in params
+    jax.tree.map(np.testing.assert_array_equal, params, {k: pretrained[k] for k in params})
+
+
 def test_merge_pretrained_refuses_a_different_layer_layout():
     cfg = preset("bert-tiny")
     scanned = init(tfm.MaskedLM(cfg))["params"]

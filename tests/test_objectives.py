@@ -53,6 +53,28 @@ def test_correct_counts_match_argmax_and_ties_count_as_correct():
     assert float(objectives.cross_entropy(collapsed, jnp.arange(4), jnp.ones(4))[2]) == 0.0
 
 
+@pytest.mark.parametrize("pick", [objectives.gathered_logits, objectives.selected_logits])
+def test_both_ways_of_picking_the_target_logit_agree_with_numpy(pick):
+    """The CPU's gather and the accelerators' select: the same values (0 out of range) and the
+    same one-hot gradient."""
+    rng = np.random.default_rng(2)
+    logits, targets = rng.normal(size=(3, 6)).astype(np.float32), np.array([5, 0, 6])
+    expected = np.where(targets < 6, logits[np.arange(3), np.minimum(targets, 5)], 0.0)
+    np.testing.assert_allclose(pick(jnp.asarray(logits), jnp.asarray(targets)), expected, rtol=1e-6)
+    grad = jax.grad(lambda x: jnp.sum(pick(x, jnp.asarray(targets)) * jnp.arange(1.0, 4.0)))(jnp.asarray(logits))
+    np.testing.assert_array_equal(grad, np.eye(6)[np.minimum(targets, 5)] * (targets < 6)[:, None] * np.arange(1, 4)[:, None])
+
+
+def test_a_target_outside_the_vocabulary_picks_no_logit_and_is_never_correct():
+    """Its loss is the logsumexp alone (finite), and it does not score even where every logit
+    is below the 0 it picks."""
+    logits = jnp.asarray([[-1.0, -2.0, -3.0]] * 3)
+    loss, _, correct = objectives.cross_entropy(logits, jnp.asarray([3, -1, 0]), jnp.asarray([1.0, 1.0, 0.0]))
+    logsumexp = float(jax.nn.logsumexp(logits[0]))
+    np.testing.assert_allclose(loss, 2 * logsumexp, rtol=1e-6)
+    assert float(correct) == 0.0
+
+
 def test_masked_lm_loss_counts_selected_positions_and_real_examples_only():
     cfg = tfm.ModelConfig.preset("bert-tiny", dropout_rate=0.0, attention_dropout_rate=0.0, vocab_size=64)
     model = tfm.MaskedLM(cfg, next_sentence_prediction=True)

@@ -109,7 +109,9 @@ class ModelConfig:
     scan_layers: bool = True  # nn.scan over layers: compile time independent of depth
     # Under nn.scan, keeping every activation stacks each layer's elementwise intermediates too
     # (five [B, T, F] arrays for GELU), written and read back through the loop: 10% slower
-    # training steps on a CPU than recomputing them, and more memory.
+    # training steps on a CPU than recomputing them (20% on an H100), and more memory. Unrolled
+    # layers (scan_layers=False) train fastest with "none" where memory allows: GPT-2 small on
+    # an H100, 46 against 54 ms a step (recomputing cuDNN attention costs more than it saves).
     remat_policy: RematPolicy = RematPolicy.DOTS_NO_BATCH
     attention_implementation: AttentionImplementation = AttentionImplementation.XLA
 

@@ -339,7 +339,7 @@ def merge_pretrained(params, pretrained) -> tuple[dict, list[str]]:
             "heads or layers): " + "; ".join(mismatched)
         )
     for module in sorted({p.split("/")[0] for p in target} & {p.split("/")[0] for p in source}):
-        if not any(p.startswith(module + "/") and p in source for p in target):
+        if not any(p.split("/")[0] == module and p in source for p in target):  # a module, or a top-level leaf
             raise ValueError(
                 f"No pretrained parameter of {module!r} matches the model's layout; were the two models "
                 "built with different scan_layers settings?"
