@@ -144,3 +144,17 @@ def test_float32_logits_gradient_runs_in_the_compute_dtype():
     products = [line for line in gradient.lower(*low).as_text().splitlines() if "dot_general" in line]
     assert len(products) == 3  # forward, and the gradients of x and kernel
     assert all(line.split(":")[-1].split("->")[0].count("bf16") == 2 for line in products), products
+
+
+def test_dense_contracts_trailing_axes_as_einsum_and_refuses_others():
+    """Dense's one 2-D product computes the contraction over its trailing `axis` dims (checked
+    against einsum); a leading axis is a clear error, not a silently wrong reshape."""
+    cfg = preset("gpt2-tiny")
+    x = jax.random.normal(RNG, (2, 3, 4, 5))
+    dense = layers.Dense(cfg, features=(6, 7), axes=("heads", "kv", "embed", "mlp"), axis=(-2, -1), use_bias=False)
+    params = dense.init(RNG, x)
+    kernel = nn.meta.unbox(params)["params"]["kernel"]  # [4, 5, 6, 7]
+    np.testing.assert_allclose(dense.apply(params, x), jnp.einsum("btkh,khfo->btfo", x, kernel), rtol=1e-5, atol=1e-6)
+    leading = layers.Dense(cfg, features=6, axes=("batch", "mlp"), axis=0, use_bias=False)
+    with pytest.raises(ValueError, match="trailing axes"):
+        leading.init(RNG, x)
