@@ -1,14 +1,18 @@
 """Every recipe end to end, one after another: each named experiment with its defaults, its
-wall time and its last validation figures (the README's Results table, on this machine).
+training and wall time, and its last validation figures (the figures behind the README's
+Results table; translation BLEU here is the run's own, on its `bleu_examples` verses).
 
     python benchmarks/recipes.py [--runs runs/recipes] [--only NAME ...] [--set key=value ...]
         [--out benchmarks/results/recipes.json]
 
-Each run is its own `python -m train` process, so its wall time counts tokenizer training,
-compiling, evaluations and checkpoints. The sentiment fine-tune starts from the pretraining run
-made just before it; `sentiment-from-scratch` is the same fine-tune with a fresh body (and a
-tokenizer trained on the reviews). `--set` adds overrides to every run (e.g. `steps=20` for a
-dry run). A run directory that holds a finished run is not trained again; its figures are read.
+Each run is its own `python -m train` process: "train s" is the loop's own time (its `Done: N
+steps in T s`), "wall s" adds tokenizer training, the first compile and the last evaluation. The
+sentiment fine-tune starts from the pretraining run made before it (skipped if that run failed;
+`--only bert-tiny-sentiment` needs it in `--runs` already); `sentiment-from-scratch` is the same
+fine-tune with a fresh body and a tokenizer trained on the reviews. A run directory that holds a
+finished run is not trained again: its figures are read and it is marked reused. `--set` adds
+overrides to every run; give a dry run (`--set steps=20`) its own `--runs` folder, since a run
+directory resumes towards whatever `steps` the next command asks for.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -31,6 +37,7 @@ RECIPES = [
     ("transformer-tiny-en-fr", "transformer-tiny-en-fr", []),
 ]
 FIGURES = ("loss", "perplexity", "nats_per_char", "nsp_accuracy", "accuracy", "bleu", "bleu_beam")
+DONE = re.compile(r"^Done: (\d+) steps in (\d+) s")
 
 
 def last_validation(run_dir: pathlib.Path) -> dict:
@@ -41,15 +48,34 @@ def last_validation(run_dir: pathlib.Path) -> dict:
     return {k: records[-1][k] for k in ("step", *FIGURES) if records and k in records[-1]}
 
 
-def run_recipe(name: str, experiment: str, overrides: list[str], runs: pathlib.Path) -> dict:
-    run_dir = runs / name
-    args = [experiment, f"run_dir={run_dir}", *(o.format(runs=runs) for o in overrides)]
-    print(f"$ python -m train {' '.join(args)}", flush=True)
-    start = time.perf_counter()
-    process = subprocess.run([sys.executable, "-m", "train", *args], cwd=pathlib.Path(__file__).parents[1])
+def run_recipe(name: str, args: list[str], runs: pathlib.Path) -> dict:
+    """Runs `python -m train ARGS`, its output passed through; the row of the table."""
+    command = shlex.join(["python", "-m", "train", *args])
+    print(f"$ {command}", flush=True)
+    start, train_s, reused = time.perf_counter(), None, False
+    with subprocess.Popen([sys.executable, "-m", "train", *args], cwd=pathlib.Path(__file__).parents[1],
+                          stdout=subprocess.PIPE, text=True, bufsize=1) as process:
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            if done := DONE.match(line):
+                train_s = int(done.group(2))
+            reused = reused or "nothing to do" in line
     wall = time.perf_counter() - start
-    return {"recipe": name, "command": f"python -m train {' '.join(args)}", "returncode": process.returncode,
-            "wall_s": round(wall, 1), **last_validation(run_dir)}
+    return {"recipe": name, "command": command, "returncode": process.returncode, "reused": reused,
+            "train_s": train_s, "wall_s": round(wall, 1), **last_validation(runs / name)}
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = [c for c in ("step", *FIGURES) if any(c in row for row in rows)]
+    print(f"\n{'recipe':24s} {'train s':>8s} {'wall s':>8s} " + " ".join(f"{c:>13s}" for c in columns))
+    for row in rows:
+        figures = " ".join(f"{row[c]:13.4g}" if c in row else f"{'':13s}" for c in columns)
+        train_s = "" if row.get("train_s") is None else str(row["train_s"])
+        wall_s = "" if row.get("wall_s") is None else f"{row['wall_s']:.1f}"
+        status = row.get("skipped") or ("reused" if row.get("reused") else "")
+        if row.get("returncode"):
+            status = f"exit status {row['returncode']}"
+        print(f"{row['recipe']:24s} {train_s:>8s} {wall_s:>8s} {figures}  {status}".rstrip())
 
 
 def main():
@@ -60,17 +86,22 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/recipes.json")
     args = parser.parse_args()
     runs = pathlib.Path(args.runs).resolve()
-    rows = [
-        run_recipe(name, experiment, overrides + args.set, runs)
-        for name, experiment, overrides in RECIPES if not args.only or name in args.only
-    ]
-    columns = [c for c in ("step", *FIGURES) if any(c in row for row in rows)]
-    print(f"\n{'recipe':24s} {'wall s':>8s} " + " ".join(f"{c:>13s}" for c in columns))
-    for row in rows:
-        figures = " ".join(f"{row[c]:13.4g}" if c in row else f"{'':13s}" for c in columns)
-        status = "" if row["returncode"] == 0 else f"  (exit status {row['returncode']})"
-        print(f"{row['recipe']:24s} {row['wall_s']:8.1f} {figures}{status}")
-    write_results(args.out, rows, runs=str(runs))
+    rows, failed = [], set()
+    for name, experiment, overrides in RECIPES:
+        if args.only and name not in args.only:
+            continue
+        needs = [other for other in failed if "{runs}/" + other in " ".join(overrides)]
+        if needs:
+            rows.append({"recipe": name, "skipped": f"skipped: {needs[0]} failed"})
+            failed.add(name)
+            continue
+        row = run_recipe(name, [experiment, f"run_dir={runs / name}", *(o.format(runs=runs) for o in overrides),
+                                *args.set], runs)
+        if row["returncode"]:
+            failed.add(name)
+        rows.append(row)
+    print_table(rows)
+    write_results(args.out, rows, runs=str(runs), overrides=args.set)
 
 
 if __name__ == "__main__":
