@@ -18,7 +18,6 @@ directory resumes towards whatever `steps` the next command asks for.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import re
 import shlex
@@ -27,6 +26,7 @@ import sys
 import time
 
 from report import write_results
+from train import rundir
 
 # (name, experiment, overrides); {runs} is the folder of run directories
 RECIPES = [
@@ -42,9 +42,8 @@ DONE = re.compile(r"^Done: (\d+) steps in (\d+) s")
 
 def last_validation(run_dir: pathlib.Path) -> dict:
     """The run's last validation record (its figures only), or {} if it wrote none."""
-    path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    records = [r for r in records if r.get("split") == "validation"]
+    records, _ = rundir.read_metrics(run_dir / "metrics.jsonl")
+    records = [r for r in records if r["split"] == "validation"]
     return {k: records[-1][k] for k in ("step", *FIGURES) if records and k in records[-1]}
 
 
@@ -52,17 +51,18 @@ def run_recipe(name: str, args: list[str], runs: pathlib.Path) -> dict:
     """Runs `python -m train ARGS`, its output passed through; the row of the table."""
     command = shlex.join(["python", "-m", "train", *args])
     print(f"$ {command}", flush=True)
-    start, train_s, reused = time.perf_counter(), None, False
+    start, train_s = time.perf_counter(), None
     with subprocess.Popen([sys.executable, "-m", "train", *args], cwd=pathlib.Path(__file__).parents[1],
                           stdout=subprocess.PIPE, text=True, bufsize=1) as process:
         for line in process.stdout:
             print(line, end="", flush=True)
             if done := DONE.match(line):
                 train_s = int(done.group(2))
-            reused = reused or "nothing to do" in line
     wall = time.perf_counter() - start
-    return {"recipe": name, "command": command, "returncode": process.returncode, "reused": reused,
-            "train_s": train_s, "wall_s": round(wall, 1), **last_validation(runs / name)}
+    # a finished run directory trains no step, so it prints no `Done:` line
+    status = f"exit status {process.returncode}" if process.returncode else "reused" if train_s is None else "trained"
+    return {"recipe": name, "command": command, "status": status, "train_s": train_s, "wall_s": round(wall, 1),
+            **last_validation(runs / name)}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -72,9 +72,7 @@ def print_table(rows: list[dict]) -> None:
         figures = " ".join(f"{row[c]:13.4g}" if c in row else f"{'':13s}" for c in columns)
         train_s = "" if row.get("train_s") is None else str(row["train_s"])
         wall_s = "" if row.get("wall_s") is None else f"{row['wall_s']:.1f}"
-        status = row.get("skipped") or ("reused" if row.get("reused") else "")
-        if row.get("returncode"):
-            status = f"exit status {row['returncode']}"
+        status = "" if row["status"] == "trained" else row["status"]
         print(f"{row['recipe']:24s} {train_s:>8s} {wall_s:>8s} {figures}  {status}".rstrip())
 
 
@@ -92,12 +90,12 @@ def main():
             continue
         needs = [other for other in failed if "{runs}/" + other in " ".join(overrides)]
         if needs:
-            rows.append({"recipe": name, "skipped": f"skipped: {needs[0]} failed"})
+            rows.append({"recipe": name, "status": f"skipped: {needs[0]} failed"})
             failed.add(name)
             continue
         row = run_recipe(name, [experiment, f"run_dir={runs / name}", *(o.format(runs=runs) for o in overrides),
                                 *args.set], runs)
-        if row["returncode"]:
+        if row["status"].startswith("exit status"):
             failed.add(name)
         rows.append(row)
     print_table(rows)
