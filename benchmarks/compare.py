@@ -2,7 +2,7 @@
 
     pip install torch==2.13.0 transformers==4.57.6      # the peers (a CPU build of torch)
     python benchmarks/compare.py [--only train|decode] [--steps 5] [--repeats 3] [--compile]
-        [--batch-sizes 1 8] [--prompt-length 32] [--new-tokens 64] [--full-size] [--torch-threads N]
+        [--train-layers 4] [--batch-sizes 1 8] [--prompt-length 32] [--new-tokens 64] [--full-size] [--torch-threads N]
         [--out benchmarks/results/compare.json]
 
 Every model is float32 with dropout 0 and random weights, and has the same shape and parameter
@@ -11,8 +11,9 @@ d_model 256, 4 heads, d_ff 1024, vocabulary 8192, 256 positions (learned positio
 pre-LayerNorm, GELU-tanh, tied embeddings); the T5 shape is `t5-small` cut the same way (4 + 4
 layers).
 
-Training (GPT-2 shape, batch 8 x 256 tokens, random tokens): tokens/s of one full step and the
-first step's time (for ours and Flax the XLA compile, for torch.compile its compile).
+Training (GPT-2 shape, --train-layers deep, batch 8 x 256 tokens, random tokens): tokens/s of one
+full step and the first step's time (for ours and Flax the XLA compile, for torch.compile its
+compile; ours scans its layers, so its compile hardly grows with depth, while HF Flax unrolls).
   ours      workload.training_step: the project's compiled step (AdamW lr 1e-4, betas 0.9/0.98,
             eps 1e-9, weight decay 0.01 on matrices, clipping 1.0, non-finite guard, metrics)
   torch     nanoGPT's GPT written below, eager: the same AdamW (decay on matrices), clipping 1.0,
@@ -61,6 +62,7 @@ import optax
 import transformer as tfm
 import workload
 from report import write_results
+from train.hugepages import reexec_with_huge_pages
 from train.optim import make_optimizer
 from transformer.architectures import ARCHITECTURES
 
@@ -207,8 +209,8 @@ def hf_flax_training(config: tfm.ModelConfig, tokens: np.ndarray, targets: np.nd
     return count(params), run
 
 
-def training_sides(compile: bool) -> tuple[tfm.ModelConfig, dict[str, Side]]:
-    config = gpt_config()
+def training_sides(compile: bool, layers: int) -> tuple[tfm.ModelConfig, dict[str, Side]]:
+    config = gpt_config().replace(num_decoder_layers=layers)
     data = workload.synthetic_batch(workload.task_of(config), TRAIN_BATCH, TRAIN_LENGTH, config.vocab_size)
     tokens, targets = data["tokens"], data["targets"]
     sides = {OURS: lambda: our_training(config), "torch": lambda: torch_training(config, tokens, targets, False)}
@@ -362,7 +364,7 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 
 
 def train_section(args, unavailable: dict[str, str]) -> list[dict]:
-    config, sides = training_sides(args.compile)
+    config, sides = training_sides(args.compile, args.train_layers)
     print(f"\ntraining: gpt2-small cut to {config.num_decoder_layers} layers x {config.d_model}, vocabulary "
           f"{config.vocab_size}, batch {TRAIN_BATCH} x {TRAIN_LENGTH}, float32; median of {args.repeats} rounds "
           f"of {args.steps} steps")
@@ -405,11 +407,13 @@ def load_line() -> str:
 
 
 def main():
+    reexec_with_huge_pages()  # as `python -m train` runs; GLIBC_TUNABLES= (empty) measures without
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["train", "decode"], default=None, help="one section (default: both)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per side per round")
     parser.add_argument("--repeats", type=int, default=3, help="rounds per section, the sides' order alternating")
     parser.add_argument("--compile", action="store_true", help="training: add torch.compile (compiles for minutes)")
+    parser.add_argument("--train-layers", type=int, default=4, help="training: the GPT-2 shape's depth")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="decoding batch sizes")
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -437,7 +441,8 @@ def main():
     write_results(args.out, rows, torch=torch.__version__, transformers=transformers.__version__,
                   torch_threads=args.torch_threads, omp_wait_policy=os.environ["OMP_WAIT_POLICY"], steps=args.steps,
                   repeats=args.repeats, prompt_length=args.prompt_length, new_tokens=args.new_tokens,
-                  full_size=args.full_size, unavailable=unavailable, load_average=[load_start, os.getloadavg()[0]])
+                  full_size=args.full_size, train_layers=args.train_layers, unavailable=unavailable,
+                  load_average=[load_start, os.getloadavg()[0]])
 
 
 if __name__ == "__main__":

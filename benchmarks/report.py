@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import platform
 import time
@@ -11,12 +12,14 @@ import jax
 
 
 def write_results(path: str | pathlib.Path, rows: list[dict], **meta) -> None:
-    """Writes {"meta": {device, backend, jax, host, date, **meta}, "rows": rows} to `path`."""
+    """Writes {"meta": {device, backend, jax, host, date, glibc_tunables, **meta}, "rows": rows} to
+    `path` (glibc_tunables: the GLIBC_TUNABLES the process ran with; see train.hugepages)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-        "host": platform.node(), "date": time.strftime("%Y-%m-%d"), **meta,
+        "host": platform.node(), "date": time.strftime("%Y-%m-%d"),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), **meta,
     }
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {path}")

@@ -25,6 +25,7 @@ import jax
 from report import write_results
 from train import config as config_lib
 from train import loop, rundir
+from train.hugepages import reexec_with_huge_pages
 from train.step import global_batch
 
 
@@ -52,6 +53,7 @@ def loop_steps_per_second(config) -> list[float]:
 
 
 def main():
+    reexec_with_huge_pages()  # as `python -m train` runs; GLIBC_TUNABLES= (empty) measures without
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="gpt-tiny")
     parser.add_argument("--steps", type=int, default=200)

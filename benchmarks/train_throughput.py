@@ -34,9 +34,11 @@ import jax
 
 import workload
 from report import write_results
+from train.hugepages import reexec_with_huge_pages
 
 
 def main():
+    reexec_with_huge_pages()  # as `python -m train` runs; GLIBC_TUNABLES= (empty) measures without
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     workload.add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=8)

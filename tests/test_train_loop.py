@@ -133,6 +133,31 @@ def test_help_lists_experiments_and_keys(capsys):
     assert usage().startswith("usage: python -m train")
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's tunables are Linux's")
+def test_train_command_restarts_once_with_huge_pages():
+    """`python -m train` restarts itself once, with glibc's huge-page tunable set and its own
+    arguments and interpreter options kept (-X importtime shows each start importing
+    train.hugepages); a GLIBC_TUNABLES already set, even empty, is left alone."""
+
+    def run(command, **env):
+        environ = subprocess_env(**env)
+        if "GLIBC_TUNABLES" not in env:
+            environ.pop("GLIBC_TUNABLES", None)
+        return subprocess.run([sys.executable, *command], cwd=ROOT, env=environ, capture_output=True, text=True,
+                              check=True)
+
+    def starts(**env) -> int:
+        result = run(["-X", "importtime", "-m", "train", "--help"], **env)
+        assert result.stdout.startswith("usage: python -m train")
+        return result.stderr.count(" train.hugepages\n")
+
+    assert starts() == 2
+    assert starts(GLIBC_TUNABLES="") == 1
+    show = ("from train.hugepages import reexec_with_huge_pages as r; r(); import os, sys; "
+            "print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
+    assert run(["-c", show, "a", "b c"]).stdout == "glibc.malloc.hugetlb=1 ['a', 'b c']\n"
+
+
 # ----------------------------------------------------------------------------- runs
 
 
