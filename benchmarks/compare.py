@@ -407,7 +407,7 @@ def load_line() -> str:
 
 
 def main():
-    reexec_with_huge_pages()  # as `python -m train` runs; GLIBC_TUNABLES= (empty) measures without
+    reexec_with_huge_pages()  # as `python -m train` does; GLIBC_TUNABLES=glibc.malloc.hugetlb=0: without
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["train", "decode"], default=None, help="one section (default: both)")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps per side per round")

@@ -53,7 +53,7 @@ def loop_steps_per_second(config) -> list[float]:
 
 
 def main():
-    reexec_with_huge_pages()  # as `python -m train` runs; GLIBC_TUNABLES= (empty) measures without
+    reexec_with_huge_pages()  # as `python -m train` does; GLIBC_TUNABLES=glibc.malloc.hugetlb=0: without
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="gpt-tiny")
     parser.add_argument("--steps", type=int, default=200)

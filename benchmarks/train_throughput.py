@@ -38,7 +38,7 @@ from train.hugepages import reexec_with_huge_pages
 
 
 def main():
-    reexec_with_huge_pages()  # as `python -m train` runs; GLIBC_TUNABLES= (empty) measures without
+    reexec_with_huge_pages()  # as `python -m train` does; GLIBC_TUNABLES=glibc.malloc.hugetlb=0: without
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     workload.add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=8)

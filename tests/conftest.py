@@ -1,9 +1,18 @@
-"""Tiny-model builders shared by the tests (imported as `from conftest import ...`)."""
+"""Tiny-model builders shared by the tests (imported as `from conftest import ...`).
+
+The test process compiles through the persistent compilation cache that its `python -m ...`
+child processes share (`processes.py`): a program that several tests build afresh (the same
+tiny model's step, a second `jax.jit` of the same function) is compiled once.
+"""
 
 import jax
 import jax.numpy as jnp
 
 import transformer as tfm
+from processes import CACHE_SETTINGS
+
+for _name, _value in CACHE_SETTINGS.items():
+    jax.config.update(_name, _value)
 
 RNG = jax.random.PRNGKey(0)
 

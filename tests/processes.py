@@ -1,7 +1,8 @@
 """The environment of tests that start `python -m ...` processes.
 
-The processes share a persistent JAX compilation cache for the test session, so a program
-compiled by one run (a train step, an evaluation) is loaded, not recompiled, by the next.
+The processes share a persistent JAX compilation cache for the test session (with the test
+process itself, conftest.py), so a program compiled by one run (a train step, an evaluation)
+is loaded, not recompiled, by the next.
 """
 
 import atexit
@@ -15,9 +16,14 @@ _CACHE_DIR = tempfile.mkdtemp(prefix="transformer-tests-jax-cache-")
 atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
 
 
+# Every program is cached, however quickly it compiled or small it is.
+CACHE_SETTINGS = {
+    "jax_compilation_cache_dir": _CACHE_DIR, "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+}
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """os.environ for a CPU child process that imports this checkout, plus `extra`."""
-    return dict(
-        os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=_CACHE_DIR,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra,
-    )
+    cache = {name.upper(): str(value) for name, value in CACHE_SETTINGS.items()}
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **cache, **extra)

@@ -20,7 +20,7 @@ import pytest
 import synthetic
 from processes import ROOT, subprocess_env
 from train import config as config_lib
-from train import loop, rundir, tasks
+from train import hugepages, loop, rundir, tasks
 from train.__main__ import main, usage
 from train.step import global_batch
 from transformer.runs import load_run
@@ -133,18 +133,18 @@ def test_help_lists_experiments_and_keys(capsys):
     assert usage().startswith("usage: python -m train")
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's tunables are Linux's")
-def test_train_command_restarts_once_with_huge_pages():
-    """`python -m train` restarts itself once, with glibc's huge-page tunable set and its own
+@pytest.mark.skipif(not hugepages._glibc_with_hugetlb(), reason="needs glibc 2.35+ and huge pages")
+def test_train_command_restarts_once_with_huge_pages(tmp_path):
+    """`python -m train` restarts itself once, with glibc's huge-page tunable added and its own
     arguments and interpreter options kept (-X importtime shows each start importing
-    train.hugepages); a GLIBC_TUNABLES already set, even empty, is left alone."""
+    train.hugepages); a GLIBC_TUNABLES that names the tunable is left alone."""
 
     def run(command, **env):
         environ = subprocess_env(**env)
-        if "GLIBC_TUNABLES" not in env:
-            environ.pop("GLIBC_TUNABLES", None)
+        if not env:
+            environ.pop("GLIBC_TUNABLES", None)  # as where nobody set it
         return subprocess.run([sys.executable, *command], cwd=ROOT, env=environ, capture_output=True, text=True,
-                              check=True)
+                              check=True, timeout=120)
 
     def starts(**env) -> int:
         result = run(["-X", "importtime", "-m", "train", "--help"], **env)
@@ -152,10 +152,12 @@ def test_train_command_restarts_once_with_huge_pages():
         return result.stderr.count(" train.hugepages\n")
 
     assert starts() == 2
-    assert starts(GLIBC_TUNABLES="") == 1
-    show = ("from train.hugepages import reexec_with_huge_pages as r; r(); import os, sys; "
-            "print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])")
-    assert run(["-c", show, "a", "b c"]).stdout == "glibc.malloc.hugetlb=1 ['a', 'b c']\n"
+    assert starts(GLIBC_TUNABLES="glibc.malloc.hugetlb=0") == 1
+    script = tmp_path / "show.py"
+    script.write_text("import os, sys\nprint('start', flush=True)\nfrom train.hugepages import reexec_with_huge_pages\n"
+                      "reexec_with_huge_pages()\nprint(os.environ['GLIBC_TUNABLES'], sys.argv[1:])\n")
+    output = run([str(script), "a", "b c"], GLIBC_TUNABLES="glibc.malloc.arena_max=2").stdout
+    assert output == "start\nstart\nglibc.malloc.arena_max=2:glibc.malloc.hugetlb=1 ['a', 'b c']\n"
 
 
 # ----------------------------------------------------------------------------- runs

@@ -8,7 +8,7 @@ import sys
 if __name__ == "__main__":  # first: before JAX is imported, a restart costs little
     from train.hugepages import reexec_with_huge_pages
 
-    reexec_with_huge_pages()  # 12-15% faster training steps on a CPU; see train.hugepages
+    reexec_with_huge_pages()  # about 12% faster training steps on a CPU; see train.hugepages
 
 from train.config import DEFAULT_EXPERIMENT, EXPERIMENTS, FIELDS, parse_args, to_dict  # noqa: E402
 
