@@ -2,8 +2,8 @@
 
     pip install torch==2.13.0 transformers==4.57.6      # the peers (a CPU build of torch)
     python benchmarks/compare.py [--only train|decode] [--steps 5] [--repeats 3] [--compile]
-        [--train-layers 4] [--batch-sizes 1 8] [--prompt-length 32] [--new-tokens 64] [--full-size] [--torch-threads N]
-        [--out benchmarks/results/compare.json]
+        [--train-layers 4] [--batch-sizes 1 8] [--prompt-length 32] [--new-tokens 64] [--full-size]
+        [--torch-threads N] [--out benchmarks/results/compare.json]
 
 Every model is float32 with dropout 0 and random weights, and has the same shape and parameter
 count on every side (checked, printed). The GPT-2 shape is `gpt2-small` cut to 4 layers,
