@@ -137,7 +137,8 @@ def test_help_lists_experiments_and_keys(capsys):
 def test_train_command_restarts_once_with_huge_pages(tmp_path):
     """`python -m train` restarts itself once, with glibc's huge-page tunable added and its own
     arguments and interpreter options kept (-X importtime shows each start importing
-    train.hugepages); a GLIBC_TUNABLES that names the tunable is left alone."""
+    train.hugepages); a GLIBC_TUNABLES that names the tunable is left alone, and a program that
+    runs `train` inside itself is not restarted."""
 
     def run(command, **env):
         environ = subprocess_env(**env)
@@ -158,6 +159,10 @@ def test_train_command_restarts_once_with_huge_pages(tmp_path):
                       "reexec_with_huge_pages()\nprint(os.environ['GLIBC_TUNABLES'], sys.argv[1:])\n")
     output = run([str(script), "a", "b c"], GLIBC_TUNABLES="glibc.malloc.arena_max=2").stdout
     assert output == "start\nstart\nglibc.malloc.arena_max=2:glibc.malloc.hugetlb=1 ['a', 'b c']\n"
+    # run inside another program (as a notebook kernel would), it must not restart that program
+    host = ("import runpy, sys\nprint('host started', flush=True)\nsys.argv = ['train', '--help']\n"
+            "runpy.run_module('train', run_name='__main__')")
+    assert run(["-c", host]).stdout.count("host started") == 1
 
 
 # ----------------------------------------------------------------------------- runs
