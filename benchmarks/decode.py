@@ -27,8 +27,9 @@ decoder's projections and the output head, train.metrics.matmul_weights; not the
 nor the embedding tables it reads one row of), plus the keys and values cached so far:
 self-attention at the mean length over the decode steps (prompt + tokens so far;
 encoder-decoder: tokens so far) and, for an encoder-decoder, the source's cross-attention
-keys and values. Those bytes over the memory bandwidth measured on the spot
-(workload.measured_bandwidth, or --bandwidth) are "bound ms/step", and "% of bound" is bound /
+keys and values. Those bytes over the rate at which memory is read, measured on the spot
+(workload.measured_read_bandwidth: a 512 MB matrix, 4 GB on a GPU, read by a matrix-vector
+product; or --bandwidth) are "bound ms/step", and "% of bound" is bound /
 measured step (100%: as fast as memory allows). The implementation reads the whole
 preallocated cache (bucket + --new-tokens slots) at every step; the bound counts only the
 tokens there are. "FLOP ms/step" is the step's arithmetic (2 FLOPs per weight and row, 2 per
@@ -59,7 +60,7 @@ import transformer as tfm
 from report import write_results
 from train.metrics import matmul_weights
 from transformer.decoding import for_decoding
-from workload import device_line, measured_bandwidth, measured_matmul_peak, model_config
+from workload import device_line, measured_matmul_peak, measured_read_bandwidth, model_config
 
 Run = Callable[[int], None]  # one generate call with this many new tokens, blocking until done
 
@@ -212,17 +213,18 @@ def main():
     parser.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                         help="compute dtypes (parameters stay float32)")
     parser.add_argument("--bandwidth", type=float, default=None, metavar="GB/s",
-                        help="memory bandwidth for the bound instead of measuring it")
+                        help="memory read bandwidth for the bound instead of measuring it")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face's PyTorch generate")
     parser.add_argument("--out", default="benchmarks/results/decode.json")
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first comes from the prefill)")
 
-    bandwidth = args.bandwidth * 1e9 if args.bandwidth else measured_bandwidth()
+    bandwidth = args.bandwidth * 1e9 if args.bandwidth else measured_read_bandwidth()
     peaks = {dtype: measured_matmul_peak(dtype) for dtype in args.dtype}
     print(f"device: {device_line()}; {load_line()}")
-    print(f"memory bandwidth {bandwidth / 1e9:.1f} GB/s ({'given' if args.bandwidth else 'measured'}); matmul peak "
+    source = "given" if args.bandwidth else "measured"
+    print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s ({source}); matmul peak "
           + ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items())
           + f"; prompt {args.prompt_length}, {args.new_tokens} new tokens, greedy, median of {args.repeats}")
     columns = COLUMNS + ([] if args.no_hf else HF_COLUMNS)
@@ -266,7 +268,7 @@ def main():
 
         versions = dict(torch=torch.__version__, transformers=transformers.__version__)
     write_results(
-        args.out, rows, bandwidth_bytes_per_second=bandwidth, bandwidth_given=bool(args.bandwidth),
+        args.out, rows, read_bandwidth_bytes_per_second=bandwidth, read_bandwidth_given=bool(args.bandwidth),
         matmul_peak_flops={dtype: peak for dtype, peak in peaks.items()},
         prompt_length=args.prompt_length, new_tokens=args.new_tokens, repeats=args.repeats, set=args.set, **versions,
     )

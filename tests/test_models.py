@@ -271,7 +271,8 @@ def test_cached_seq2seq_decoding_equals_full_forward(name):
         model, variables, target[:, :2], encoded, source_segment_ids=source_segments,
         cache=tfm.init_cache(cfg, 2, 8), method="decode",
     )
-    assert cache.cross_attention.k.shape == (cfg.num_decoder_layers, 2, 7, cfg.num_kv_heads, cfg.head_dim)
+    layer_shape = (2, 7, cfg.num_kv_heads, cfg.head_dim)
+    assert [layer.k.shape for layer in cache.cross_attention] == [layer_shape] * cfg.num_decoder_layers
     outputs = [logits]
     for t in range(2, 6):
         logits, cache = apply(model, variables, target[:, t : t + 1], None, cache=cache, method="decode")
@@ -491,6 +492,7 @@ def test_a_new_encoder_output_replaces_the_cached_cross_attention_in_both_stacks
         _, cache = model.apply(params, start, encode(source_a), cache=tfm.init_cache(cfg, 2, 4), method="decode")
         _, cache = model.apply(params, start, encode(source_b), cache=cache, method="decode")
         _, fresh = model.apply(params, start, encode(source_b), cache=tfm.init_cache(cfg, 2, 4), method="decode")
-        np.testing.assert_allclose(cache.cross_attention.k, fresh.cross_attention.k, atol=ATOL)
-        caches[name] = cache.cross_attention.k
+        keys = np.stack([layer.k for layer in cache.cross_attention])
+        np.testing.assert_allclose(keys, np.stack([layer.k for layer in fresh.cross_attention]), atol=ATOL)
+        caches[name] = keys
     np.testing.assert_allclose(caches["scanned"], caches["loop"], atol=ATOL)

@@ -120,8 +120,10 @@ class Stack(nn.Module):
         inputs = BlockInputs(self_mask, positions, cache_index, self_bias, encoded, cross_mask)
         if cfg.scan_layers:
             x, (self_kv, cross_kv) = scan_blocks(cfg, self.num_layers, self.has_cross_attention, name="layers")(
-                x, caches, inputs, deterministic
+                x, _stacked(caches), inputs, deterministic
             )
+            if cache is not None:
+                self_kv, cross_kv = _unstacked(self_kv, self.num_layers), _unstacked(cross_kv, self.num_layers)
         else:
             x, (self_kv, cross_kv) = self._loop(x, caches, inputs, deterministic)
 
@@ -134,22 +136,30 @@ class Stack(nn.Module):
         return x, cache.replace(self_attention=self_kv)
 
     def _loop(self, x, caches, inputs, deterministic):
-        """The unscanned stack: layers_0 .. layers_{L-1}, each with its own parameters.
-
-        A stacked cache is read and written in place, layer by layer (`KVCache.layer`): slicing
-        every layer out and stacking them again copied the whole cache at every decode step.
-        """
+        """The unscanned stack: layers_0 .. layers_{L-1}, each with its own parameters and cache."""
         block = block_class(self.config)
         self_kv, cross_kv = caches
-        computed = []  # the cross-attention keys and values the blocks compute from `encoded`
+        self_out, cross_out = [], []  # each block's caches (cross: new ones only when `encoded` is given)
         for i in range(self.num_layers):
-            layer_caches = (None if self_kv is None else self_kv.layer(i), None if cross_kv is None else cross_kv.layer(i))
-            x, (self_out, cross_out) = block(self.config, self.has_cross_attention, name=f"layers_{i}")(
+            layer_caches = (None if self_kv is None else self_kv[i], None if cross_kv is None else cross_kv[i])
+            x, (layer_self, layer_cross) = block(self.config, self.has_cross_attention, name=f"layers_{i}")(
                 x, layer_caches, inputs, deterministic
             )
-            if self_kv is not None:
-                self_kv = self_out.stacked
-            computed.append(cross_out)
+            self_out.append(layer_self)
+            cross_out.append(layer_cross)
+        if self_kv is not None:
+            self_kv = tuple(self_out)
         if self.has_cross_attention and inputs.encoded is not None:  # a new encoder output replaces the cache's
-            cross_kv = jax.tree.map(lambda *c: jnp.stack(c), *computed)
+            cross_kv = tuple(cross_out)
         return x, (self_kv, cross_kv)
+
+
+def _stacked(caches):
+    """Per-layer caches (tuples of KVCache, or None) as KVCaches [L, ...] for nn.scan: a copy of
+    every layer at every call, which is why decoding unscans the layers first (`for_decoding`)."""
+    return tuple(None if layers is None else jax.tree.map(lambda *a: jnp.stack(a), *layers) for layers in caches)
+
+
+def _unstacked(stacked, num_layers: int):
+    """A KVCache [L, ...] as a tuple of per-layer KVCaches (None stays None)."""
+    return None if stacked is None else tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers))
