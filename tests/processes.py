@@ -24,6 +24,7 @@ CACHE_SETTINGS = {
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """os.environ for a CPU child process that imports this checkout, plus `extra`."""
+    """os.environ for a CPU child process that imports this checkout, plus `extra` (which may
+    replace the cache settings, e.g. JAX_COMPILATION_CACHE_DIR="" for a process on its own cache)."""
     cache = {name.upper(): str(value) for name, value in CACHE_SETTINGS.items()}
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), **cache, **extra)
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **cache, **extra}

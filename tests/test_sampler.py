@@ -102,18 +102,22 @@ def test_a_config_and_options_by_name_give_the_same_text(lm_run):
         sampler("Ka", beams=2)
 
 
-def test_command_line_prints_prompt_and_continuation(lm_run):
+def test_command_line_prints_prompt_and_continuation(lm_run, tmp_path):
+    """... streamed or whole; a whole result's program is kept in the command's compilation cache
+    (a streaming program calls back to Python, and JAX keeps no such program)."""
     sampler = Sampler.load(lm_run)
     expected = "Ka to" + sampler("Ka to", max_new_tokens=6)
     env = subprocess_env()
-    result = subprocess.run(
-        [sys.executable, "-m", "transformer.sample", str(lm_run), "--prompt", "Ka to", "--strategy", "greedy",
-         "--max-new-tokens", "6"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.splitlines()[-1] == expected
-    assert "Warning" not in result.stderr, result.stderr  # e.g. runpy's "found in sys.modules"
+    cache = tmp_path / "xla"
+    command = [sys.executable, "-m", "transformer.sample", str(lm_run), "--prompt", "Ka to", "--strategy", "greedy",
+               "--max-new-tokens", "6", "--compilation-cache", str(cache)]
+    for whole in (False, True):
+        result = subprocess.run(command + ["--no-stream"] * whole, env=subprocess_env(JAX_COMPILATION_CACHE_DIR=""),
+                                capture_output=True, text=True, timeout=300)  # not the test session's cache
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.splitlines()[-1] == expected
+        assert "Warning" not in result.stderr, result.stderr  # e.g. runpy's "found in sys.modules"
+    assert list(cache.glob("jit__generate-*-cache")), sorted(cache.iterdir())
     missing = subprocess.run([sys.executable, "-m", "transformer.sample", str(lm_run.parent / "nothing")],
                              env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and "is not a run directory" in missing.stderr

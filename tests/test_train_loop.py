@@ -216,8 +216,8 @@ def long_reference(corpus, tmp_path_factory) -> pathlib.Path:
     return run_dir
 
 
-def start_and_wait_for_checkpoint(args, run_dir: pathlib.Path, step: int = 50) -> subprocess.Popen:
-    process = train_process(args)
+def start_and_wait_for_checkpoint(args, run_dir: pathlib.Path, step: int = 50, **env) -> subprocess.Popen:
+    process = train_process(args, **env)
     while not (run_dir / "checkpoints" / str(step)).is_dir():
         assert process.poll() is None, finish(process)[-3000:]
         time.sleep(0.02)
@@ -244,15 +244,19 @@ def test_resume_after_sigkill_is_bitwise_identical(corpus, long_reference, tmp_p
 
 
 def test_sigterm_saves_and_the_run_resumes(corpus, long_reference, tmp_path):
+    """... and the resumed process loads the training step its first process compiled, from the
+    run's own compilation cache (not the test session's)."""
     run_dir = tmp_path / "run"
-    process = start_and_wait_for_checkpoint(tiny_args(corpus, run_dir, *LONG), run_dir)
+    args = tiny_args(corpus, run_dir, *LONG, f"compilation_cache={tmp_path / 'xla'}")
+    process = start_and_wait_for_checkpoint(args, run_dir, JAX_COMPILATION_CACHE_DIR="")
     process.send_signal(signal.SIGTERM)
     output = finish(process)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     stopped_at = final_params(run_dir)[0]
     assert f"Stopped by SIGTERM at step {stopped_at}" in output and 50 <= stopped_at < 300
-    output = finish(train_process(tiny_args(corpus, run_dir, *LONG)))
+    output = finish(train_process(args, JAX_COMPILATION_CACHE_DIR="", JAX_LOG_COMPILES="1"))
     assert f"Resumed {run_dir} at step {stopped_at}" in output, output[-3000:]
+    assert "Persistent compilation cache hit for 'jit_train_step'" in output, output[-3000:]
     assert_bitwise_equal(final_params(run_dir)[1], final_params(long_reference)[1])
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from train.optim import Schedule
+from transformer import compile_cache
 from transformer.files import write_atomically
 from transformer.config import ModelConfig, coerce_scalar
 from transformer.tasks import Task
@@ -177,6 +178,9 @@ class TrainConfig:
     bleu_examples: int = _field(100, "seq2seq: validation pairs translated for BLEU; 0 = none")
     bleu_beams: int = _field(4, "seq2seq: beams of a second BLEU, by beam search (score / length**0.6); 0 = none")
     peak_flops: float = _field(0.0, "per-device peak FLOP/s for MFU; 0 = known accelerators only")
+    compilation_cache: str = _field(
+        compile_cache.DEFAULT_DIR, 'compiled programs kept for the next run (a rerun or resume skips compiling); "" = off'
+    )
 
     def __post_init__(self):
         for name in FIELDS:

@@ -48,6 +48,7 @@ from train.tasks import TASKS, TaskData, init_source, load_splits, prepare_token
 from transformer import runs
 from transformer.architectures import ENCODER, LM, MLM, PRETRAINING
 from transformer.checkpoint import CheckpointUnreadable, Checkpointer
+from transformer.compile_cache import use_compilation_cache
 from transformer.models import merge_pretrained
 from transformer.pretrained import checkpoint_config, from_pretrained
 from transformer.tasks import Task
@@ -57,7 +58,7 @@ from transformer.tokenizer import Tokenizer
 RESUMABLE_KEYS = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "sample_prompt",
     "sample_tokens", "bleu_examples", "bleu_beams", "peak_flops", "distributed", "coordinator_address", "num_processes",
-    "process_id", "mesh_data", "mesh_fsdp", "mesh_tensor", "run_dir", "resume_step",
+    "process_id", "mesh_data", "mesh_fsdp", "mesh_tensor", "run_dir", "resume_step", "compilation_cache",
     # how a step is computed, not what: runs saved before remat became the default resume
     "model.remat_policy", "model.attention_implementation",
 })
@@ -416,6 +417,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     (RunDirectoryBusy). A finished run is not trained again.
     """
     initialize_distributed(config)
+    use_compilation_cache(config.compilation_cache)
     config = resolve_init_from(config)
     run_dir = config.run_path
     say = tqdm.write if jax.process_index() == 0 else (lambda *_: None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from transformer.compile_cache import DEFAULT_DIR, use_compilation_cache
 from transformer.decoding import STRATEGIES, GenerationConfig
 from transformer.sampler import Sampler
 
@@ -36,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--no-stream", action="store_true", help="print each result when it is complete")
+    parser.add_argument("--compilation-cache", default=DEFAULT_DIR, metavar="DIR",
+                        help='compiled programs kept for the next call (default %(default)s; "" = off); '
+                        "a streamed result's program calls back to Python and is not kept")
     args = parser.parse_args(argv)
+    use_compilation_cache(args.compilation_cache)
     try:
         config = GenerationConfig(
             max_new_tokens=args.max_new_tokens, strategy=args.strategy, temperature=args.temperature,
