@@ -179,7 +179,7 @@ class TrainConfig:
     bleu_beams: int = _field(4, "seq2seq: beams of a second BLEU, by beam search (score / length**0.6); 0 = none")
     peak_flops: float = _field(0.0, "per-device peak FLOP/s for MFU; 0 = known accelerators only")
     compilation_cache: str = _field(
-        compile_cache.DEFAULT_DIR, 'compiled programs kept for the next run (a rerun or resume skips compiling); "" = off'
+        compile_cache.DEFAULT_DIR, 'compiled programs kept for later runs (a rerun or resume skips compiling); "" = off'
     )
 
     def __post_init__(self):
