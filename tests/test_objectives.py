@@ -75,7 +75,8 @@ def test_a_target_outside_the_vocabulary_picks_no_logit_and_is_never_correct():
     assert float(correct) == 0.0
 
 
-def test_masked_lm_loss_counts_selected_positions_and_real_examples_only():
+def masked_lm_and_batch():
+    """A tiny BERT with an NSP head, its variables, and a batch of 3 rows (the last a filler row)."""
     cfg = tfm.ModelConfig.preset("bert-tiny", dropout_rate=0.0, attention_dropout_rate=0.0, vocab_size=64)
     model = tfm.MaskedLM(cfg, next_sentence_prediction=True)
     rng = np.random.default_rng(0)
@@ -86,7 +87,12 @@ def test_masked_lm_loss_counts_selected_positions_and_real_examples_only():
         weights=(rng.random((3, 8)) < 0.3).astype(np.float32) * segments, segment_ids=segments,
         token_types=np.zeros((3, 8), np.int32), nsp_labels=np.array([0, 1, 1], np.int32),
     )
-    variables = model.init(jax.random.PRNGKey(0), batch["tokens"])
+    return model, model.init(jax.random.PRNGKey(0), batch["tokens"]), batch
+
+
+def test_masked_lm_loss_counts_selected_positions_and_real_examples_only():
+    model, variables, batch = masked_lm_and_batch()
+    segments = batch["segment_ids"]
     metrics = objectives.masked_lm(model, variables["params"], batch, rng=jax.random.PRNGKey(0), deterministic=True)
 
     mlm_logits, nsp_logits = model.apply(
@@ -107,6 +113,27 @@ def test_masked_lm_loss_counts_selected_positions_and_real_examples_only():
         model, variables["params"], dict(batch, targets=targets), rng=jax.random.PRNGKey(0), deterministic=True
     )
     assert float(changed["loss"]) == float(metrics["loss"])
+
+
+def test_with_label_smoothing_the_loss_is_still_the_cross_entropy_and_the_step_minimises_the_smoothed_one():
+    """Training reports the same cross-entropy as validation (which never smooths); the step's
+    objective is the smoothed loss, by hand: -sum over selected positions of
+    (1 - ls) log p(target) + ls mean_v log p(v)."""
+    model, variables, batch = masked_lm_and_batch()
+    run = lambda ls: objectives.masked_lm(  # noqa: E731
+        model, variables["params"], batch, rng=jax.random.PRNGKey(0), deterministic=True, label_smoothing=ls)
+    plain, smoothed = run(0.0), run(0.1)
+    assert "smoothed_loss" not in plain
+    np.testing.assert_allclose(smoothed["loss"], plain["loss"], rtol=1e-6)
+    mlm_logits = model.apply(variables, batch["tokens"], token_types=batch["token_types"],
+                             segment_ids=batch["segment_ids"])[0]
+    log_p = np.asarray(jax.nn.log_softmax(mlm_logits))
+    selected = np.nonzero(batch["weights"])
+    by_hand = -np.sum(0.9 * log_p[selected + (batch["targets"][selected],)] + 0.1 * log_p[selected].mean(-1))
+    np.testing.assert_allclose(smoothed["smoothed_loss"], by_hand, rtol=1e-5)
+    weights = objectives.loss_weights(batch)
+    np.testing.assert_allclose(objectives.training_loss(smoothed, weights),
+                               by_hand / len(selected[0]) + plain["nsp_loss"] / 2, rtol=1e-5)
 
 
 def test_training_loss_is_the_sum_of_each_terms_mean():

@@ -28,12 +28,15 @@ PEAK_FLOPS = {
 
 
 def summarize(sums: dict[str, float], *, token_level: bool = True) -> dict[str, float]:
-    """Metric sums -> means: loss per weighted token (or example), perplexity (token-level
-    tasks), accuracy, and the next-sentence loss and accuracy when present."""
+    """Metric sums -> means: loss (cross-entropy) per weighted token (or example), perplexity
+    (token-level tasks), accuracy, and when present the label-smoothed loss the step minimises
+    and the next-sentence loss and accuracy."""
     weight = max(sums["weight"], 1e-9)
     out = {"loss": sums["loss"] / weight, "accuracy": sums["correct"] / weight}
     if token_level:
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
+    if "smoothed_loss" in sums:
+        out["smoothed_loss"] = sums["smoothed_loss"] / weight
     if "nsp_weight" in sums:
         nsp_weight = max(sums["nsp_weight"], 1e-9)
         out["nsp_loss"] = sums["nsp_loss"] / nsp_weight

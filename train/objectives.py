@@ -6,7 +6,9 @@ divide once at the end: a mean is loss / weight, never a mean of means. Padding 
 
 The loss a step minimises is the sum of each term's mean (`training_loss`): each term's sum
 divided by that term's weight in the whole batch (`loss_weights`, known before the forward
-pass), so k microbatches give exactly the gradient of one k-times-larger batch.
+pass), so k microbatches give exactly the gradient of one k-times-larger batch. With label
+smoothing the step minimises the smoothed sum (`smoothed_loss`), while `loss` stays the plain
+cross-entropy, so that training and validation report the same quantity.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from transformer.decoding import argmax
 
 Metrics = dict[str, jax.Array]
 Objective = Callable[..., Metrics]  # (model, params, batch, *, rng, deterministic, ...) -> metric sums
-# Each loss term and the metric that holds its weight.
+# Each loss term and the metric that holds its weight; a step minimises "smoothed_" + term where
+# the objective reports one (label smoothing).
 LOSS_TERMS = {"loss": "weight", "nsp_loss": "nsp_weight"}
 
 
@@ -77,8 +80,13 @@ def selected_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def _token_metrics(logits, targets, weights, label_smoothing) -> Metrics:
-    loss, weight, correct = cross_entropy(logits, targets, weights, label_smoothing)
-    return {"loss": loss, "weight": weight, "correct": correct}
+    """Cross-entropy, weight and correct sums; with label smoothing also the smoothed loss that
+    the step minimises (XLA computes the max and the sum of exponentials once for both)."""
+    loss, weight, correct = cross_entropy(logits, targets, weights)
+    metrics = {"loss": loss, "weight": weight, "correct": correct}
+    if label_smoothing:
+        metrics["smoothed_loss"] = cross_entropy(logits, targets, weights, label_smoothing)[0]
+    return metrics
 
 
 def nsp_weights(batch) -> jax.Array:
@@ -95,13 +103,15 @@ def loss_weights(batch) -> Metrics:
 
 
 def training_loss(metrics: Metrics, total_weights: Metrics) -> jax.Array:
-    """The sum of each loss term's mean: its sum over its weight in the whole (global) batch.
+    """The sum of each loss term's mean: its sum (the smoothed one, where there is one) over
+    its weight in the whole (global) batch.
 
     With the whole batch's weights, the losses of microbatches add up to the loss of the batch
     (MLM and NSP each keep their own mean, as in BERT).
     """
     return sum(
-        metrics[term] / jnp.maximum(total_weights[weight], 1.0) for term, weight in LOSS_TERMS.items() if term in metrics
+        metrics.get("smoothed_" + term, metrics[term]) / jnp.maximum(total_weights[weight], 1.0)
+        for term, weight in LOSS_TERMS.items() if term in metrics
     )
 
 
