@@ -7,18 +7,23 @@ import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import tokenizers
+from tokenizers import decoders, pre_tokenizers
 
 import synthetic
 from processes import subprocess_env
 from train import config as config_lib
 from train import loop, tasks
+import transformer as tfm
 from transformer import show_attention
 from transformer.decoding import GenerationConfig, unscanned
 from transformer.interpret import text_attention
 from transformer.runs import load_run
 from transformer.sampler import Sampler
+from transformer.tokenizer import HuggingFaceTokenizer, SpecialTokens
 
 TINY = ["model.vocab_size=256", "model.d_model=32", "model.num_heads=2", "model.d_ff=64", "model.max_length=64"]
 SHORT = ["steps=30", "batch_size=8", "seq_length=32", "source_length=32", "learning_rate=3e-3", "warmup_steps=2",
@@ -64,6 +69,25 @@ def test_stream_joins_to_the_full_result(lm_run, options):
     pieces = list(sampler.stream("Ka to", max_new_tokens=16, **options))
     assert len(pieces) > 1  # it really streamed
     assert "".join(pieces) == sampler("Ka to", max_new_tokens=16, **options)
+
+
+def test_a_stream_of_byte_tokens_joins_to_the_full_result_across_split_characters():
+    """A byte-level tokenizer (GPT-2's kind) cuts characters of several bytes across tokens: the
+    stream holds such a character back until its last byte, and goes on after it."""
+    vocab = {byte: i for i, byte in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}  # 256 bytes, no merges
+    byte_level = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab | {"<|endoftext|>": 256}, merges=[]))
+    byte_level.pre_tokenizer, byte_level.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    byte_level.add_special_tokens(["<|endoftext|>"])
+    cfg = tfm.ModelConfig.preset("gpt2-tiny", vocab_size=257, max_length=32, num_decoder_layers=1)
+    model = tfm.CausalLM(cfg)
+    sampler = Sampler(model, model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"],
+                      HuggingFaceTokenizer(byte_level, SpecialTokens(eos=256, pad=256, bos=256)))
+    texts = []
+    for seed in range(4):
+        options = dict(max_new_tokens=16, strategy="sample", temperature=1.0, seed=seed)
+        texts.append(sampler("Hi", **options))
+        assert "".join(sampler.stream("Hi", **options)) == texts[-1]
+    assert any(len(text.encode()) > len(text) for text in texts)  # characters of several bytes were made
 
 
 def test_token_ids_are_the_ids_of_the_text_a_call_returns(lm_run):

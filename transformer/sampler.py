@@ -28,6 +28,8 @@ from transformer.runs import load_run, read_config
 from transformer.tasks import Task
 from transformer.tokenizer import Tokenizer
 
+INCOMPLETE = "\ufffd"  # what a decoder gives for the bytes of a character cut short
+
 
 class Sampler:
     """A decoder-only model continues text; an encoder-decoder model translates it.
@@ -166,11 +168,15 @@ class Sampler:
             if item == config.pad_id:
                 continue
             new.append(item)
-            current = self._text(prompt, new)
+            # A token may end inside a character's bytes, which decode as U+FFFD until the next
+            # token completes them: held back, so that every piece extends the text shown so far.
+            current = self._text(prompt, new).rstrip(INCOMPLETE)
             if current.startswith(shown) and len(current) > len(shown):
                 yield current[len(shown):]
                 shown = current
         worker.join()
+        if (final := self._text(prompt, new)).startswith(shown) and len(final) > len(shown):
+            yield final[len(shown):]  # bytes that never made a character
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str, *, source_eos_id: int | None = None) -> list[int]:
