@@ -61,6 +61,21 @@ def test_seq2seq_greedy_equals_stepwise_argmax():
         assert out.tokens[row].tolist() == target[1:]
 
 
+def test_seq2seq_generates_up_to_its_whole_context():
+    """max_new_tokens = max_length: BOS and the first max_length - 1 tokens fill the decoder's
+    context, and the last token is the argmax of a full pass over them; beam search too."""
+    cfg = tfm.ModelConfig.preset("t5-tiny", dropout_rate=0.0, max_length=8)
+    model = tfm.Seq2SeqLM(cfg)
+    source = jnp.array([[5, 6, 7]])
+    variables = jax.jit(model.init)(RNG, source, source)
+    out = tfm.generate(model, variables, source, max_new_tokens=8, bos_id=2)
+    assert out.tokens.shape == (1, 8)
+    target = jnp.concatenate([jnp.array([[2]]), out.tokens[:, :7]], axis=1)
+    assert int(out.tokens[0, 7]) == int(jnp.argmax(model.apply(variables, source, target)[0, -1]))
+    beams = tfm.generate(model, variables, source, max_new_tokens=8, bos_id=2, strategy="beam", num_beams=2)
+    assert beams.tokens.shape == (1, 8) and np.isfinite(np.asarray(beams.scores)).all()
+
+
 def test_each_row_of_a_batch_equals_the_prompt_alone():
     model, variables = decoder()
     together = tfm.generate(model, variables, PROMPTS, max_new_tokens=5, strategy="beam", num_beams=3)

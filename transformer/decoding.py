@@ -618,7 +618,9 @@ def generate(
     max_length, max_new_tokens = model.config.max_length, config.max_new_tokens
     if isinstance(model, Seq2SeqLM):
         padded_length = bucket_length(max(lengths), max_length)
-        cache_length = 1 + max_new_tokens
+        # BOS and all new tokens but the last are fed; beam search feeds the last too, for logits it
+        # never reads (at the context's end that write lands on the last slot, which nothing reads).
+        cache_length = min(1 + max_new_tokens, max_length)
     else:
         padded_length = bucket_length(max(lengths), max_length - max_new_tokens)
         cache_length = padded_length + max_new_tokens
