@@ -212,6 +212,17 @@ def test_encode_labels_unknown_label_is_named():
         data.encode_labels([{"label": "pos"}, {"label": "maybe"}], label_names=["neg", "pos"])
 
 
+def test_encode_labels_takes_ids_for_names_but_never_a_number_for_another_number():
+    """0 and 1 may stand for "neg" and "pos"; but with names "0", "2", "5" from training, a
+    validation label 1 is no class (it would have been read as id 1, which means "2")."""
+    encoded, _ = data.encode_labels([{"label": 1}, {"label": "neg"}], label_names=["neg", "pos"])
+    assert [e["label"] for e in encoded] == [1, 0]
+    _, names = data.encode_labels([{"label": 0}, {"label": 2}, {"label": 5}])
+    assert data.encode_labels([{"label": 5}], label_names=names)[0] == [{"label": 2}]
+    with pytest.raises(ValueError, match=r"Example 0: label 1 is not one of the labels \['0', '2', '5'\]"):
+        data.encode_labels([{"label": 1}], label_names=names)
+
+
 def test_encode_labels_integer_labels_keep_their_meaning():
     """With 11 integer classes, names[encoded label] is the original label for every example."""
     examples = [{"label": i} for i in range(11)]

@@ -111,8 +111,9 @@ def read_tsv(paths: Iterable[str | os.PathLike], columns: Sequence[str] = ("text
 def encode_labels(examples: list[dict], label_names: Sequence[str] | None = None) -> tuple[list[dict], list[str]]:
     """Labels -> ids 0..n-1 and their names.
 
-    With `label_names`, a label is one of the names (or already an id into them). Without,
-    the sorted set of labels seen defines the names (integers sorted as numbers).
+    With `label_names`, a label is one of the names, or already an id into names that are not
+    numbers (0 and 1 for "neg" and "pos"; names "0", "2", "5" take the labels 0, 2, 5 only).
+    Without, the sorted set of labels seen defines the names (integers sorted as numbers).
     A label outside the set is an error naming the example.
     """
     if label_names is None:
@@ -122,10 +123,12 @@ def encode_labels(examples: list[dict], label_names: Sequence[str] | None = None
     else:
         label_names = [str(name) for name in label_names]
     index = {name: i for i, name in enumerate(label_names)}
+    ids_allowed = not all(name.lstrip("-").isdigit() for name in label_names)
     encoded = []
     for number, example in enumerate(examples):
         label = example["label"]
-        if str(label) not in index and isinstance(label, (int, np.integer)) and 0 <= label < len(label_names):
+        if (str(label) not in index and ids_allowed and isinstance(label, (int, np.integer))
+                and 0 <= label < len(label_names)):
             encoded.append(example)
             continue
         if str(label) not in index:
