@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import preset
-from train.metrics import IntervalMetrics, head_weights, summarize, training_flops
+from train.metrics import IntervalMetrics, head_weights, published_peak_flops, summarize, training_flops
 from transformer.tasks import Task
 
 
@@ -68,3 +68,13 @@ def test_training_flops_are_three_times_the_forward_matrix_products(name, task):
     forward = jax.make_jaxpr(lambda p: model.apply(p, *inputs))(params)
     counted = training_flops(config, length, source, head=head_weights(config, task), causal_pairs="all")
     assert counted == pytest.approx(3 * _matmul_flops(forward.jaxpr), rel=1e-9)
+
+
+@pytest.mark.parametrize("kind, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("TPU v6 lite", 918e12), ("TPU v5 lite", 197e12), ("cpu", None),
+])
+def test_the_published_peak_is_the_device_kinds_own_not_a_namesakes(kind, peak):
+    """A name matches as whole words, variants first: an L40S is no L4, an H100 PCIe no H100 SXM."""
+    assert published_peak_flops(kind) == peak

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import pathlib
+import re
 import time
 from typing import Any
 
@@ -20,9 +21,11 @@ from train.config import TrainConfig
 from transformer.config import ModelConfig
 from transformer.tasks import Task
 
-# Dense bfloat16 peak FLOP/s per device, matched against `jax.Device.device_kind`.
+# Dense bfloat16 peak FLOP/s per device, by a name that `jax.Device.device_kind` holds as whole
+# words ("L4" is not an L40S); the first match counts, so a variant comes before its family.
 PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
+    "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "GH200": 989e12, "H200": 989e12, "A100": 312e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 125e12,
     "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12,
 }
 
@@ -114,12 +117,15 @@ def flops_per_step(config: TrainConfig) -> float:
     return config.batch_size * training_flops(config.model, config.seq_length, source, head=head_weights(config.model, config.task))
 
 
+def published_peak_flops(device_kind: str) -> float | None:
+    """The published dense bfloat16 peak of a device kind ("NVIDIA H100 80GB HBM3"), if known."""
+    return next((flops for name, flops in PEAK_FLOPS.items()
+                 if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", device_kind, re.IGNORECASE)), None)
+
+
 def peak_flops_per_device(config: TrainConfig) -> float | None:
     """The configured peak, or the known bfloat16 peak of this accelerator (None on CPUs)."""
-    if config.peak_flops:
-        return config.peak_flops
-    kind = jax.devices()[0].device_kind
-    return next((flops for name, flops in PEAK_FLOPS.items() if name.lower() in kind.lower()), None)
+    return config.peak_flops or published_peak_flops(jax.devices()[0].device_kind)
 
 
 class IntervalMetrics:
