@@ -298,6 +298,25 @@ def test_wordpiece_keeps_case_when_the_config_says_so(tmp_path):
     assert Tokenizer.load(tmp_path).encode("The cat") == [1, 6]
 
 
+@pytest.mark.parametrize("settings, ids", [
+    ({}, [10, 8]),  # lowercased, accents stripped: "mat" "on"
+    ({"strip_accents": False}, [1, 1]),  # lowercased, accents kept: no such words
+    ({"do_lower_case": False}, [1, 1]),  # as cased BERT: accents kept too
+    ({"do_lower_case": False, "strip_accents": True}, [10, 8]),
+])
+def test_wordpiece_strips_accents_as_the_config_says(tmp_path, settings, ids):
+    """BertTokenizer's strip_accents follows do_lower_case unless the config sets it."""
+    write_json(wordpiece_dir(tmp_path), "tokenizer_config.json", settings)
+    assert Tokenizer.load(tmp_path).encode("mát ón") == ids
+
+
+def test_wordpiece_splits_chinese_characters_unless_the_config_says_not(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(WORDPIECE_VOCAB + ["東", "京", "東京"]) + "\n")
+    assert Tokenizer.load(tmp_path).encode("東京") == [13, 14]
+    write_json(tmp_path, "tokenizer_config.json", {"tokenize_chinese_chars": False})
+    assert Tokenizer.load(tmp_path).encode("東京") == [15]
+
+
 def test_tokenizer_json_padding_truncation_and_specials_are_off(tmp_path):
     """The padding, truncation and [CLS]/[SEP] baked into a tokenizer.json are not applied, whether
     it is loaded from its directory or its file."""

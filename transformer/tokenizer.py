@@ -556,14 +556,17 @@ def _load_byte_level_bpe(files: list[pathlib.Path], configs: _Configs) -> Huggin
 
 
 def _load_wordpiece(files: list[pathlib.Path], configs: _Configs) -> HuggingFaceTokenizer:
-    """BERT's vocab.txt, lowercased unless tokenizer_config.json says do_lower_case: false."""
+    """BERT's vocab.txt with the text handling tokenizer_config.json gives BertTokenizer:
+    do_lower_case (default true), strip_accents (default: as do_lower_case) and
+    tokenize_chinese_chars (default true)."""
     (vocab,) = files
     bert_kinds = ("unk", "sep", "cls", "pad", "mask")
     named = {f"{kind}_token": found[0] for kind in bert_kinds if (found := configs.named_token(kind))}
-    lowercase = configs.tokenizer.get("do_lower_case", True)
-    built = _parsed(files, lambda: tokenizers.Tokenizer.from_str(
-        BertWordPieceTokenizer(str(vocab), lowercase=lowercase, **named).to_str()
-    ))
+    settings = configs.tokenizer
+    built = _parsed(files, lambda: tokenizers.Tokenizer.from_str(BertWordPieceTokenizer(
+        str(vocab), lowercase=settings.get("do_lower_case", True), strip_accents=settings.get("strip_accents"),
+        handle_chinese_chars=settings.get("tokenize_chinese_chars", True), **named,
+    ).to_str()))
     return _huggingface(built, vocab, configs)
 
 
