@@ -600,7 +600,8 @@ def generate(
     """Continues each prompt (decoder-only) or translates each source (encoder-decoder).
 
     prompts: token id lists of any lengths, or an array [B, T] (right-padded, with
-        `prompt_lengths`, or all of length T). Each row's result equals generating it alone.
+        `prompt_lengths`, or all of length T). Each row's result equals generating it alone,
+        greedy or by beam search (sampling draws a row's randomness by its place in the batch).
     config: the GenerationConfig (default: greedy, 64 new tokens); `options`, its fields by
         name (max_new_tokens=20, strategy="beam", ...), override it.
     rng: the random key of strategy "sample".
