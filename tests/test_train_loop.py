@@ -14,6 +14,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -22,6 +23,7 @@ from processes import ROOT, subprocess_env
 from train import config as config_lib
 from train import hugepages, loop, rundir, tasks
 from train.__main__ import main, usage
+from train.optim import learning_rate_schedule
 from train.step import global_batch
 from transformer.runs import load_run
 from transformer.sampler import Sampler
@@ -418,6 +420,28 @@ def test_repeated_nonfinite_steps_stop_the_run_without_saving_them(corpus, tmp_p
     with pytest.raises(loop.TrainingDiverged, match="the last 4 steps had non-finite gradients .* and were skipped"):
         loop.run(config, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_learning_rate_logged_is_the_one_the_last_update_used_when_steps_were_skipped(corpus, tmp_path,
+                                                                                          monkeypatch):
+    """A skipped step does not advance the optimizer's count, so its schedule falls behind the
+    step number by the number of steps skipped; the log says the rate actually applied."""
+    causal_lm = tasks.TASKS[Task.CAUSAL_LM]
+
+    def sometimes_poisoned(model, params, batch, **kwargs):
+        metrics = causal_lm.objective(model, params, batch, **kwargs)
+        poisoned = batch["tokens"][0, 0] % 2 == 0  # the data decides: the same steps in every run
+        return dict(metrics, loss=metrics["loss"] * jnp.where(poisoned, jnp.nan, 1.0))
+
+    monkeypatch.setitem(tasks.TASKS, Task.CAUSAL_LM, dataclasses.replace(causal_lm, objective=sometimes_poisoned))
+    config = config_lib.parse_args(tiny_args(corpus, tmp_path / "run", "warmup_steps=20", "max_nonfinite_steps=12"))
+    loop.run(config, progress=False)
+    schedule = learning_rate_schedule(config.schedule, config.learning_rate, config.warmup_steps, config.steps)
+    train = [r for r in records(tmp_path / "run") if r["split"] == "train"]
+    assert 0 < train[-1]["nonfinite_steps"] < 12  # some steps were skipped, not all
+    for record in train:
+        applied = record["step"] - record["nonfinite_steps"]
+        assert record["learning_rate"] == pytest.approx(float(schedule(applied - 1)), rel=1e-6)
 
 
 def test_a_saved_step_has_its_training_record_even_if_the_run_dies_right_after(corpus, tmp_path, monkeypatch):

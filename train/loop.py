@@ -323,7 +323,8 @@ class Logger:
             return
         values = metrics_lib.summarize(sums, token_level=TASKS[config.task].token_level)
         values["grad_norm"] = sums["grad_norm"] / steps
-        values["learning_rate"] = float(self.job.schedule(step - 1))  # of the update just made
+        # of the last update made: a skipped (non-finite) step leaves the optimizer's count behind
+        values["learning_rate"] = float(self.job.schedule(step - 1 - counts["total"]))
         values["steps_per_second"] = steps / elapsed
         values["examples_per_second"] = steps * config.batch_size / elapsed
         values["tokens_per_second"] = steps * self.step_tokens / elapsed
