@@ -153,7 +153,7 @@ class TrainConfig:
     adam_eps: float = 1e-9
     label_smoothing: float = 0.0
     scheduled_sampling: float = _field(0.0, "final probability of feeding the model its own prediction")
-    max_nonfinite_steps: int = _field(10, "stop after this many non-finite steps in a row")
+    max_nonfinite_steps: int = _field(10, "stop after this many non-finite steps in a row (checked at log steps)")
     seed: int = 0
 
     # Devices: mesh axis sizes (-1 = the remaining devices) and multi-host start-up.
