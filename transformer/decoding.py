@@ -204,7 +204,8 @@ def token_log_probs(logits: jax.Array, token: jax.Array) -> jax.Array:
 class GenerateOutput:
     """tokens [B, max_new_tokens] (pad_id after EOS), lengths [B] (EOS included), and scores [B]:
     the summed log-probability of the tokens under the model (greedy, sample), or the
-    length-normalised beam score (beam)."""
+    length-normalised beam score (beam); with GenerationConfig.vocab_size, a distribution over
+    the ids below it."""
 
     tokens: jax.Array
     lengths: jax.Array
