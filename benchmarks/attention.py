@@ -88,7 +88,7 @@ def main():
           f"dtype={args.dtype}")
     print(f"{'length':>7} {'implementation':>14} {'bias':>8} {'temp MiB':>10} {'x xla':>7} {'ms/call':>9} {'x xla':>7}")
     for length in args.lengths:
-        baseline = None  # "xla" without bias, the first measurement at this length
+        baseline = None  # "xla" without bias at this length; no ratios at a length where it failed
         for bias in biases:
             for implementation in implementations:
                 key = {"length": length, "implementation": implementation, "bias": bias}
@@ -102,14 +102,15 @@ def main():
                           f"{str(error)[:80]}")
                     rows.append({**key, "error": str(error)[:500]})
                     continue
-                baseline = baseline or (temp, seconds)
-                row = {
-                    **key, "temp_bytes": temp, "seconds": seconds,
-                    "memory_vs_xla": temp / max(baseline[0], 1), "time_vs_xla": seconds / baseline[1],
-                }
+                if implementation == "xla" and bias == "none":
+                    baseline = (temp, seconds)
+                ratios = (temp / max(baseline[0], 1), seconds / baseline[1]) if baseline else (None, None)
+                row = {**key, "temp_bytes": temp, "seconds": seconds, "memory_vs_xla": ratios[0],
+                       "time_vs_xla": ratios[1]}
                 rows.append(row)
-                print(f"{length:>7} {implementation:>14} {bias:>8} {temp / 2**20:>10.1f} {row['memory_vs_xla']:>7.2f} "
-                      f"{seconds * 1e3:>9.2f} {row['time_vs_xla']:>7.2f}")
+                memory_ratio, time_ratio = (f"{r:>7.2f}" if r is not None else f"{'-':>7}" for r in ratios)
+                print(f"{length:>7} {implementation:>14} {bias:>8} {temp / 2**20:>10.1f} {memory_ratio} "
+                      f"{seconds * 1e3:>9.2f} {time_ratio}")
 
     write_results(
         args.out, rows, backward=args.backward, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,

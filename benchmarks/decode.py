@@ -84,8 +84,8 @@ def step_cost(config: tfm.ModelConfig, batch: int, prompt_length: int, new_token
     itemsize = np.dtype(config.dtype).itemsize
     weights = matmul_weights(config)[1]
     mean_new = new_tokens / 2  # decode step i (1 .. new_tokens - 1) attends to i new tokens
-    if config.num_encoder_layers:  # the decoder's own tokens, and the source's keys and values
-        self_length, cross_length = mean_new, prompt_length
+    if config.num_encoder_layers:  # the decoder's own tokens after BOS, and the source's keys and values
+        self_length, cross_length = 1 + mean_new, prompt_length
     else:
         self_length, cross_length = prompt_length + mean_new, 0
     cache = kv_cache_bytes(config, batch, self_length + cross_length, itemsize)
@@ -219,6 +219,9 @@ def main():
     args = parser.parse_args()
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first comes from the prefill)")
+    # as compare.py: torch's OpenMP threads sleep between its calls instead of spinning on the
+    # cores XLA's threads then need (read when torch loads OpenMP)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else measured_read_bandwidth()
     peaks = {dtype: measured_matmul_peak(dtype) for dtype in args.dtype}

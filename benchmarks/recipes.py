@@ -6,8 +6,9 @@ Results table; translation BLEU here is the run's own, on its `bleu_examples` ve
         [--out benchmarks/results/recipes.json]
 
 Each run is its own `python -m train` process: "train s" is the loop's own time (its `Done: N
-steps in T s`), "wall s" adds tokenizer training, the first compile and the last evaluation
-(compiled cold, as in a first run: `compilation_cache=` is off unless `--set` says otherwise). The
+steps in T s`: the first, compiling step to the last evaluation and save), "wall s" adds the
+process's start, data and tokenizer preparation and building the model (compiled cold, as in a
+first run: `compilation_cache=` is off unless `--set` says otherwise). The
 sentiment fine-tune starts from the pretraining run made before it (skipped if that run failed;
 `--only bert-tiny-sentiment` needs it in `--runs` already); `sentiment-from-scratch` is the same
 fine-tune with a fresh body and a tokenizer trained on the reviews. A run directory that holds a

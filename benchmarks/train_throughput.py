@@ -22,7 +22,11 @@ x head_dim per (query, key) pair per layer. Causal self-attention counts the pai
 allows, (T + 1) / 2 keys per query on average; `MFU (all pairs)` counts all T x T, the PaLM /
 nanoGPT convention. The peak is the published dense bfloat16 figure for bfloat16 compute on a
 GPU/TPU (`train.metrics.PEAK_FLOPS`), else the rate of a large matmul in the compute dtype
-measured now (always printed beside it).
+measured now (always printed beside it), times the number of devices the step runs on.
+
+Tokens are every position of the batch, source and target both for an encoder-decoder (as the
+training log counts them, `train.metrics.tokens_per_step`); FLOPs per token divide the step's
+FLOPs by those tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import jax
 import workload
 from report import write_results
 from train.hugepages import reexec_with_huge_pages
+from transformer.tasks import Task
 
 
 def main():
@@ -57,8 +62,8 @@ def main():
     length = args.length or config.max_length
     measured_peak = workload.measured_matmul_peak(config.dtype)
     published = workload.published_peak() if jax.default_backend() != "cpu" and config.dtype == "bfloat16" else None
-    peak = published or measured_peak
-    peak_source = "published bf16" if published else f"measured {config.dtype}"
+    peak = (published or measured_peak) * jax.device_count()  # the step's batch is split over every device
+    peak_source = ("published bf16" if published else f"measured {config.dtype}") + f" x {jax.device_count()} device(s)"
 
     step, state, batch = workload.training_step(config, args.batch, length)
     rng = jax.random.PRNGKey(0)
@@ -74,8 +79,9 @@ def main():
         jax.block_until_ready(metrics)
         rounds.append((time.perf_counter() - start) / args.steps)
     step_seconds = sorted(rounds)[len(rounds) // 2]
-    tokens = args.batch * length
-    attended, full = workload.training_flops_per_token(config, length)
+    rows_per_token = 2 if workload.task_of(config) == Task.SEQ2SEQ else 1  # source and target, both `length`
+    tokens = args.batch * length * rows_per_token
+    attended, full = (flops / rows_per_token for flops in workload.training_flops_per_token(config, length))
     memory = jax.devices()[0].memory_stats() or {}
     peak_bytes = memory.get("peak_bytes_in_use")
     parameters = sum(x.size for x in jax.tree.leaves(state.params))
