@@ -165,3 +165,13 @@ def test_mesh_sizes_are_checked():
         train_step.make_mesh(2, 2, 1, devices=jax.devices()[:1])
     with pytest.raises(ValueError, match="At most one mesh axis"):
         train_step.make_mesh(-1, -1, 1)
+
+
+def test_the_batch_axes_must_split_over_the_processes():
+    """Each process reads its own rows of a batch: a mesh whose data x fsdp shards cannot be
+    shared out among the processes (tensor parallelism across hosts) is refused, never fed
+    different rows as one replicated batch (two CPU processes with mesh (1, 1, 4) did that)."""
+    mesh = train_step.make_mesh(devices=jax.devices()[:1])
+    train_step.check_batch_axes(mesh, process_count=1)
+    with pytest.raises(ValueError, match=r"data x fsdp = 1 shard\(s\), which 2 processes cannot share"):
+        train_step.check_batch_axes(mesh, process_count=2)

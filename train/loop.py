@@ -43,7 +43,7 @@ from train import metrics as metrics_lib
 from train import rundir
 from train.config import TrainConfig, load_yaml, save_yaml, to_dict
 from train.optim import learning_rate_schedule, make_optimizer, nonfinite_counts
-from train.step import compile_steps, create_state, global_batch, make_mesh
+from train.step import check_batch_axes, compile_steps, create_state, global_batch, make_mesh
 from train.tasks import TASKS, TaskData, init_source, load_splits, prepare_tokenizer, sync, task_data
 from transformer import runs
 from transformer.architectures import ENCODER, LM, MLM, PRETRAINING
@@ -183,6 +183,7 @@ def set_up(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> Job:
             f"The microbatch of {config.batch_size // config.accumulation} examples cannot be split over "
             f"{data_shards} data-parallel devices; make batch_size / accumulation a multiple of {data_shards}."
         )
+    check_batch_axes(mesh)
     inputs = config.task.example_inputs(config.seq_length, config.source_length)
     state, shardings = create_state(model, optimizer, inputs, jax.random.PRNGKey(config.seed), mesh)
     sampling = optax.linear_schedule(0.0, config.scheduled_sampling, config.steps) if config.scheduled_sampling else None

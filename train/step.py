@@ -186,7 +186,23 @@ def compile_steps(model, objective, optimizer, mesh: Mesh, shardings, *, accumul
     return run_train, run_eval
 
 
+def check_batch_axes(mesh: Mesh, process_count: int | None = None) -> None:
+    """Each process reads its own share of every batch (`train.data.batches`), so the batch axes
+    must split over the processes: data x fsdp a multiple of the process count, which keeps
+    tensor parallelism within a host. Otherwise processes that hold one replicated share of the
+    batch would each fill it with different rows."""
+    process_count = jax.process_count() if process_count is None else process_count
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if shards % process_count:
+        raise ValueError(
+            f"The mesh splits each batch into data x fsdp = {shards} shard(s), which {process_count} processes "
+            f"cannot share: make mesh_data x mesh_fsdp a multiple of {process_count} (mesh_tensor a divisor of "
+            f"one host's {mesh.devices.size // process_count} device(s))."
+        )
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This process's rows -> global arrays sharded along the batch axis over ("data", "fsdp")."""
+    check_batch_axes(mesh)
     sharding = NamedSharding(mesh, BATCH_SPEC)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
