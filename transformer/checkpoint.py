@@ -74,7 +74,8 @@ class Checkpointer:
 
     directory: the checkpoints folder itself (e.g. `run_dir / "checkpoints"`); it is created
         by the first save, so restoring from a wrong path creates nothing.
-    keep: how many of the newest steps to keep; older ones are deleted after each save.
+    keep: how many of the last saved steps to keep (the newest ones, unless `save(force=True)`
+        saved an older step); the others are deleted after each save.
     async_save: write in a background thread. `save` returns once the arrays are copied off
         the devices, so the state may be donated to the next train step straight away.
     """
