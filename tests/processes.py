@@ -9,6 +9,7 @@ import atexit
 import os
 import pathlib
 import shutil
+import socket
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,3 +29,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     replace the cache settings, e.g. JAX_COMPILATION_CACHE_DIR="" for a process on its own cache)."""
     cache = {name.upper(): str(value) for name, value in CACHE_SETTINGS.items()}
     return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **cache, **extra}
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a jax.distributed coordinator)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]

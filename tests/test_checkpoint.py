@@ -17,6 +17,7 @@ import optax
 import pytest
 from flax import struct
 
+from processes import free_port, subprocess_env
 from transformer.checkpoint import CheckpointUnreadable, Checkpointer
 
 
@@ -384,3 +385,35 @@ def test_a_disk_too_full_for_the_state_fails_before_writing(checkpoints, monkeyp
     checkpointer.save(2, make_state(2))  # once there is room
     assert_bitwise_equal(checkpointer.restore(ABSTRACT)[0], make_state(2))
     checkpointer.close()
+
+
+SET_ASIDE_BY_TWO_PROCESSES = """
+import os, sys, time
+import jax, numpy as np
+rank, address, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=address, num_processes=2, process_id=rank)
+from transformer.checkpoint import Checkpointer
+checkpointer = Checkpointer(os.path.join(root, "checkpoints"), keep=5)
+for step in (1, 2):
+    checkpointer.save(step, {"params": {"w": np.arange(4.0, dtype=np.float32) + step}})
+checkpointer.wait()
+time.sleep(0.5 * rank)  # a slower host checks after process 0 could have moved the step
+checkpointer.set_aside(2, os.path.join(root, "set_aside", "step-2-damaged"))
+print("steps", checkpointer.all_steps())
+"""
+
+
+def test_two_processes_set_a_step_aside_together(tmp_path):
+    """Every process checks the step and the destination before process 0 moves the files (a
+    slower process found the step gone and the destination taken, and stopped)."""
+    address = f"localhost:{free_port()}"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", SET_ASIDE_BY_TWO_PROCESSES, str(rank), address, str(tmp_path)],
+                         env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert all(p.returncode == 0 for p in processes), "\n\n".join(o[-2000:] for o in outputs)
+    assert all("steps [1]" in output for output in outputs)
+    assert (tmp_path / "set_aside" / "step-2-damaged").is_dir() and not (tmp_path / "checkpoints" / "2").exists()

@@ -8,7 +8,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 
 import synthetic
-from processes import ROOT, subprocess_env
+from processes import ROOT, free_port, subprocess_env
 from train import config as config_lib
 from train import hugepages, loop, rundir, tasks
 from train.__main__ import main, usage
@@ -477,12 +476,6 @@ def test_a_dataset_of_the_wrong_kind_is_a_clear_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- multi-process
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_train_together_like_one(corpus, tmp_path):

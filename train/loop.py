@@ -536,8 +536,10 @@ def _finished(config: TrainConfig, run_dir: pathlib.Path, say) -> RunResult:
 
 
 def _set_aside(checkpointer: Checkpointer, run_dir: pathlib.Path, step: int, reason: str) -> pathlib.Path:
-    """Moves a checkpoint step out of the way, into run_dir/set_aside/ (never deletes it)."""
-    destination = run_dir / "set_aside" / f"step-{step}-{reason}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """Moves a checkpoint step out of the way, into run_dir/set_aside/ (never deletes it); the
+    folder is named by process 0's clock, so that every process names the same one."""
+    now = int(multihost_utils.broadcast_one_to_all(np.int64(time.time())))
+    destination = run_dir / "set_aside" / f"step-{step}-{reason}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
     checkpointer.set_aside(step, destination)
     return destination
 

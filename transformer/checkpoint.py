@@ -193,7 +193,8 @@ class Checkpointer:
 
         For a damaged step, or the newer steps when a run goes back to an older one: the step no
         longer counts as saved, so it can be saved again. `destination` must not exist; its parent
-        folders are created. Every process calls it; process 0 moves the files.
+        folders are created. Every process calls it with the same destination; every process
+        checks before process 0 moves the files, and none goes on before they are moved.
         """
         self._step_to_read(step)
         destination = pathlib.Path(os.path.abspath(destination))
@@ -202,11 +203,12 @@ class Checkpointer:
                 f"Cannot set checkpoint {self._step_dir(step)} aside to {destination}: it exists. "
                 f"Pass a destination that does not exist yet; nothing was moved."
             )
+        # The barriers' names must be unique: the destination is new.
+        ocp.multihost.sync_global_processes(f"Checkpointer:set_aside:checked:{destination}")
         if jax.process_index() == 0:
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(self._step_dir(step), destination)
-        # Moved before any process re-reads the folder (the barrier's name must be unique: destination is new).
-        ocp.multihost.sync_global_processes(f"Checkpointer:set_aside:{destination}")
+        ocp.multihost.sync_global_processes(f"Checkpointer:set_aside:moved:{destination}")
         self._manager.reload()
 
     def wait(self) -> None:
