@@ -139,14 +139,17 @@ for sizes in [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]:
     state, losses = t.train(optimizer, steps=3, mesh_sizes=sizes)
     embedding = state.params["embed"]["token"]["embedding"].value
     kernel = state.params["decoder"]["layers"]["feed_forward"]["wi"]["kernel"].value
-    results[str(sizes)] = dict(losses=losses, embedding=str(embedding.sharding.spec), wi=str(kernel.sharding.spec))
+    key = state.params["decoder"]["layers"]["self_attention"]["key"]["kernel"].value
+    results[str(sizes)] = dict(losses=losses, embedding=str(embedding.sharding.spec), wi=str(kernel.sharding.spec),
+                               key=str(key.sharding.spec))
 print(json.dumps(results))
 """
 
 
 def test_sharded_training_matches_one_device():
     """On 8 fake CPU devices, meshes (8,1,1), (2,2,2), (1,4,2) give the 1-device losses (float32,
-    rtol 1e-5) and the parameters are sharded as the logical axis rules say."""
+    rtol 1e-5) and the parameters are sharded as the logical axis rules say (key and value
+    kernels too, which every tensor shard held whole)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     output = subprocess.run(
         [sys.executable, "-c", SHARDED_SCRIPT, os.path.dirname(__file__)],
@@ -158,6 +161,8 @@ def test_sharded_training_matches_one_device():
         np.testing.assert_allclose(result["losses"], baseline, rtol=1e-5, err_msg=sizes)
         assert result["embedding"] == "P('tensor', 'fsdp')", sizes  # vocab x embed
         assert result["wi"] == "P(None, 'fsdp', 'tensor')", sizes  # layers x embed x mlp
+        # layers x embed x heads x head_dim: as many key heads as query heads split over "tensor" too
+        assert result["key"] == "P(None, 'fsdp', 'tensor', None)", sizes
 
 
 def test_mesh_sizes_are_checked():
