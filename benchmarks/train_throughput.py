@@ -79,9 +79,9 @@ def main():
         jax.block_until_ready(metrics)
         rounds.append((time.perf_counter() - start) / args.steps)
     step_seconds = sorted(rounds)[len(rounds) // 2]
-    rows_per_token = 2 if workload.task_of(config) == Task.SEQ2SEQ else 1  # source and target, both `length`
-    tokens = args.batch * length * rows_per_token
-    attended, full = (flops / rows_per_token for flops in workload.training_flops_per_token(config, length))
+    sequences_per_row = 2 if workload.task_of(config) == Task.SEQ2SEQ else 1  # source and target, both `length`
+    tokens = args.batch * length * sequences_per_row
+    attended, full = (flops / sequences_per_row for flops in workload.training_flops_per_token(config, length))
     memory = jax.devices()[0].memory_stats() or {}
     peak_bytes = memory.get("peak_bytes_in_use")
     parameters = sum(x.size for x in jax.tree.leaves(state.params))

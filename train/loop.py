@@ -416,7 +416,9 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     """Trains (or resumes) the run described by `config`; returns the last evaluation.
 
     The run directory is locked while the run trains: a second process on it is refused
-    (RunDirectoryBusy). A finished run is not trained again.
+    (RunDirectoryBusy). A finished run is not trained again. Unless JAX already has one, this
+    process's persistent compilation cache becomes `config.compilation_cache` (a `jax.config`
+    setting, which stays after the call).
     """
     initialize_distributed(config)
     use_compilation_cache(config.compilation_cache)
@@ -536,10 +538,8 @@ def _finished(config: TrainConfig, run_dir: pathlib.Path, say) -> RunResult:
 
 
 def _set_aside(checkpointer: Checkpointer, run_dir: pathlib.Path, step: int, reason: str) -> pathlib.Path:
-    """Moves a checkpoint step out of the way, into run_dir/set_aside/ (never deletes it); the
-    folder is named by process 0's clock, so that every process names the same one."""
-    now = int(multihost_utils.broadcast_one_to_all(np.int64(time.time())))
-    destination = run_dir / "set_aside" / f"step-{step}-{reason}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}"
+    """Moves a checkpoint step out of the way, into run_dir/set_aside/ (never deletes it)."""
+    destination = run_dir / "set_aside" / f"step-{step}-{reason}-{time.strftime('%Y%m%d-%H%M%S')}"
     checkpointer.set_aside(step, destination)
     return destination
 

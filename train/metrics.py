@@ -120,7 +120,7 @@ def flops_per_step(config: TrainConfig) -> float:
 def published_peak_flops(device_kind: str) -> float | None:
     """The published dense bfloat16 peak of a device kind ("NVIDIA H100 80GB HBM3"), if known."""
     return next((flops for name, flops in PEAK_FLOPS.items()
-                 if re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", device_kind, re.IGNORECASE)), None)
+                 if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", device_kind, re.IGNORECASE)), None)
 
 
 def peak_flops_per_device(config: TrainConfig) -> float | None:

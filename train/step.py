@@ -202,7 +202,7 @@ def check_batch_axes(mesh: Mesh, process_count: int | None = None) -> None:
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded along the batch axis over ("data", "fsdp")."""
-    check_batch_axes(mesh)
+    """This process's rows -> global arrays sharded along the batch axis over ("data", "fsdp")
+    (the mesh must pass `check_batch_axes`)."""
     sharding = NamedSharding(mesh, BATCH_SPEC)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import itertools
 import json
 import os
 import pathlib
@@ -41,6 +42,7 @@ from etils import epath
 from transformer.files import sha256_file, write_atomically
 
 CHECKSUMS = "checksums.json"  # in each step directory: {path relative to it: sha256 hex digest}
+_SET_ASIDE_CALLS = itertools.count()  # numbers set_aside's barriers (every process calls it in the same order)
 
 
 class CheckpointUnreadable(ValueError):
@@ -74,8 +76,9 @@ class Checkpointer:
 
     directory: the checkpoints folder itself (e.g. `run_dir / "checkpoints"`); it is created
         by the first save, so restoring from a wrong path creates nothing.
-    keep: how many of the last saved steps to keep (the newest ones, unless `save(force=True)`
-        saved an older step); the others are deleted after each save.
+    keep: how many steps to keep; the others are deleted after each save. These are the newest,
+        except after `save(force=True)` of an older step: then the last saved since this
+        Checkpointer opened the folder (or last set a step aside).
     async_save: write in a background thread. `save` returns once the arrays are copied off
         the devices, so the state may be donated to the next train step straight away.
     """
@@ -193,8 +196,9 @@ class Checkpointer:
 
         For a damaged step, or the newer steps when a run goes back to an older one: the step no
         longer counts as saved, so it can be saved again. `destination` must not exist; its parent
-        folders are created. Every process calls it with the same destination; every process
-        checks before process 0 moves the files, and none goes on before they are moved.
+        folders are created. Every process calls it, in the same order; every process checks
+        before process 0 moves the files (to its `destination`), and none goes on before they are
+        moved.
         """
         self._step_to_read(step)
         destination = pathlib.Path(os.path.abspath(destination))
@@ -203,12 +207,12 @@ class Checkpointer:
                 f"Cannot set checkpoint {self._step_dir(step)} aside to {destination}: it exists. "
                 f"Pass a destination that does not exist yet; nothing was moved."
             )
-        # The barriers' names must be unique: the destination is new.
-        ocp.multihost.sync_global_processes(f"Checkpointer:set_aside:checked:{destination}")
+        call = next(_SET_ASIDE_CALLS)  # the barriers' names: the same on every process, never reused
+        ocp.multihost.sync_global_processes(f"Checkpointer:set_aside:{call}:checked")
         if jax.process_index() == 0:
             destination.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(self._step_dir(step), destination)
-        ocp.multihost.sync_global_processes(f"Checkpointer:set_aside:moved:{destination}")
+        ocp.multihost.sync_global_processes(f"Checkpointer:set_aside:{call}:moved")
         self._manager.reload()
 
     def wait(self) -> None:
@@ -331,7 +335,7 @@ def _write_checksums(step_dir: pathlib.Path) -> None:
     checksums = {
         path.relative_to(step_dir).as_posix(): sha256_file(path)
         for path in sorted(step_dir.rglob("*"))
-        if path.is_file() and path.name not in (CHECKSUMS, CHECKSUMS + ".tmp")
+        if path.is_file() and not path.name.startswith(CHECKSUMS)  # nor its temporary file
     }
     write_atomically(step_dir / CHECKSUMS, json.dumps(checksums, indent=1))
 

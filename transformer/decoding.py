@@ -621,7 +621,8 @@ def generate(
     if isinstance(model, Seq2SeqLM):
         padded_length = bucket_length(max(lengths), max_length)
         # BOS and all new tokens but the last are fed; beam search feeds the last too, for logits it
-        # never reads (at the context's end that write lands on the last slot, which nothing reads).
+        # never reads (at the context's end that write lands on the last slot, which nothing reads,
+        # and a learned position table gives that position NaN: harmless in logits nobody reads).
         cache_length = min(1 + max_new_tokens, max_length)
     else:
         padded_length = bucket_length(max(lengths), max_length - max_new_tokens)

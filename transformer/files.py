@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import secrets
 
 
 def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Replaces the file with `text`: a temporary file, synced, renamed over it, so a crash leaves
-    the old file or the new one, never a part."""
-    temporary = pathlib.Path(f"{path}.tmp")
-    with open(temporary, "w", encoding="utf-8") as file:
+    """Replaces the file with `text`: a temporary file of its own (processes writing the same
+    file at once each write theirs), synced, renamed over it, so a crash leaves the old file or
+    the new one, never a part."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    with open(temporary, "x", encoding="utf-8") as file:
         file.write(text)
         file.flush()
         os.fsync(file.fileno())
