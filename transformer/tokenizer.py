@@ -25,6 +25,7 @@ import json
 import os
 import pathlib
 import re
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -319,15 +320,67 @@ class SentencePieceTokenizer(Tokenizer):
         `transformers` class that encodes as `encode` does: "T5Tokenizer" (spiece.model; it ends a
         text with EOS, as an encoder-decoder source here is), "LlamaTokenizer" (tokenizer.model;
         BOS as `adds_bos` says, no EOS) or "AlbertTokenizer" (spiece.model; [CLS] text [SEP]); by
-        default the one that keeps `adds_bos` and the extra ids."""
+        default the one that keeps `adds_bos` and the extra ids. A Llama-class save of a model that
+        normalises text also writes tokenizer.json, which `transformers`' fast tokenizer then
+        reads (see `_normalizing_as_tokenizers`)."""
         tokenizer_class = tokenizer_class or ("LlamaTokenizer" if self.adds_bos else "T5Tokenizer")
         settings = SENTENCEPIECE_CLASSES[tokenizer_class](self)
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         file = directory / ("tokenizer.model" if tokenizer_class == "LlamaTokenizer" else "spiece.model")
         file.write_bytes(self._sp.serialized_model_proto())
+        if tokenizer_class == "LlamaTokenizer" and (fast := _normalizing_as_tokenizers(self._sp)):
+            write_atomically(directory / "tokenizer.json", fast.to_str())
         _write_tokenizer_config(directory, self, tokenizer_class=tokenizer_class, **settings)
         return directory
+
+
+def _normalizing_as_tokenizers(sp: spm.SentencePieceProcessor) -> tokenizers.Tokenizer | None:
+    """A sentencepiece model that normalises text (the NFKC map and whitespace folding that
+    `Tokenizer.train` gives it) as a `tokenizers.Tokenizer` that encodes as it does; None for
+    one that does not normalise (Llama's own) or falls back to bytes.
+
+    Saved as tokenizer.json beside a Llama-class tokenizer.model, it is what `transformers`'
+    fast tokenizer loads; converting the model itself, that tokenizer skips the normalisation.
+    The rules are `transformers`' for T5's models (the model's character map, trailing spaces
+    dropped, runs of spaces one "▁", a "▁" before the first word). Two differences remain: the
+    control tokens (<s>, </s>) are special there, so text naming them encodes as them, and a
+    text that starts with a user-defined symbol ([CLS], [SEP], [MASK]) gets no "▁" before it.
+    """
+    try:  # sentencepiece's generated module needs a protobuf runtime as new as it was made with
+        from sentencepiece import sentencepiece_model_pb2
+    except Exception as error:  # noqa: BLE001 - an old protobuf: say what is lost, and save the rest
+        warnings.warn(f"No tokenizer.json written ({error}): transformers' fast tokenizer will not apply this "
+                      "sentencepiece model's normalisation; load it with use_fast=False.", stacklevel=3)
+        return None
+    proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
+    spec, trainer = proto.normalizer_spec, proto.trainer_spec
+    if not (spec.precompiled_charsmap or spec.remove_extra_whitespaces) or trainer.byte_fallback:
+        return None
+    pieces = [(piece.piece, piece.score) for piece in proto.pieces]
+    if trainer.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+        model = tokenizers.models.Unigram(pieces, trainer.unk_id, False)
+    else:  # BPE: a merge for every split of a piece into two pieces, ranked by the piece
+        ids = {piece: i for i, (piece, _) in enumerate(pieces)}
+        merges = [merge for piece, _ in pieces for merge in sorted(
+            ((piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids),
+            key=lambda pair: (ids[pair[0]], ids[pair[1]]))]
+        model = tokenizers.models.BPE(ids, merges, unk_token=pieces[trainer.unk_id][0], fuse_unk=True)
+    fast = tokenizers.Tokenizer(model)
+    steps = [tokenizers.normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:
+        steps += [tokenizers.normalizers.Strip(left=False, right=True),
+                  tokenizers.normalizers.Replace(tokenizers.Regex(" {2,}"), "▁")]
+    fast.normalizer = tokenizers.normalizers.Sequence(steps)
+    prefix = "first" if spec.add_dummy_prefix else "never"
+    fast.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prefix)
+    fast.decoder = tokenizers.decoders.Metaspace(replacement="▁", prepend_scheme=prefix)
+    kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
+    fast.add_special_tokens([tokenizers.AddedToken(piece.piece, normalized=False) for piece in proto.pieces
+                             if piece.type in (kinds.CONTROL, kinds.UNKNOWN)])
+    fast.add_tokens([tokenizers.AddedToken(piece.piece, normalized=True) for piece in proto.pieces
+                     if piece.type == kinds.USER_DEFINED])
+    return fast
 
 
 # What each `transformers` class for a sentencepiece file needs to encode as this library does.
