@@ -42,7 +42,7 @@ from train import data as data_lib
 from train import metrics as metrics_lib
 from train import rundir
 from train.config import TrainConfig, load_yaml, save_yaml, to_dict
-from train.optim import learning_rate_schedule, make_optimizer, nonfinite_counts
+from train.optim import learning_rate_schedule, make_optimizer, nonfinite_counts, updates_applied
 from train.step import check_batch_axes, compile_steps, create_state, global_batch, make_mesh
 from train.tasks import TASKS, TaskData, init_source, load_splits, prepare_tokenizer, sync, task_data
 from transformer import runs
@@ -324,8 +324,7 @@ class Logger:
             return
         values = metrics_lib.summarize(sums, token_level=TASKS[config.task].token_level)
         values["grad_norm"] = sums["grad_norm"] / steps
-        # of the last update made: a skipped (non-finite) step leaves the optimizer's count behind
-        values["learning_rate"] = float(self.job.schedule(step - 1 - counts["total"]))
+        values["learning_rate"] = float(self.job.schedule(counts["applied"] - 1))  # of the last update applied
         values["steps_per_second"] = steps / elapsed
         values["examples_per_second"] = steps * config.batch_size / elapsed
         values["tokens_per_second"] = steps * self.step_tokens / elapsed
@@ -347,7 +346,8 @@ class Logger:
             self.interval.add(metrics)
         if step % self.job.config.log_every == 0 or step == self.job.config.steps:
             consecutive, total = nonfinite_counts(state.opt_state)
-            counts = {"consecutive": consecutive, "total": total}  # copied: the next step donates the state
+            counts = {"consecutive": consecutive, "total": total, "applied": updates_applied(state.opt_state)}
+            # copied: the next step donates the state
             self.interval.end_interval(step, jax.tree.map(lambda x: jnp.array(x, copy=True), counts))
 
 

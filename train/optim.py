@@ -80,3 +80,11 @@ def make_optimizer(
 def nonfinite_counts(opt_state) -> tuple[jax.Array, jax.Array]:
     """(consecutive, total) non-finite steps recorded by `make_optimizer`'s wrapper."""
     return opt_state.notfinite_count, opt_state.total_notfinite
+
+
+def updates_applied(opt_state) -> jax.Array:
+    """How many updates `make_optimizer`'s optimizer has applied: the count its learning-rate
+    schedule reads, which a skipped non-finite step does not advance."""
+    (count,) = [count for path, count in optax.tree_utils.tree_get_all_with_path(opt_state, "count")
+                if path[-1].tuple_name == "ScaleByScheduleState"]
+    return count
