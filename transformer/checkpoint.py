@@ -39,7 +39,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from transformer.files import sha256_file, write_atomically
+from transformer.files import file_digests, sha256_file, write_atomically
 
 CHECKSUMS = "checksums.json"  # in each step directory: {path relative to it: sha256 hex digest}
 _SET_ASIDE_CALLS = itertools.count()  # numbers set_aside's barriers (every process calls it in the same order)
@@ -332,12 +332,7 @@ class Checkpointer:
 
 def _write_checksums(step_dir: pathlib.Path) -> None:
     """Writes step_dir/checksums.json, the sha256 of every other file under step_dir, atomically."""
-    checksums = {
-        path.relative_to(step_dir).as_posix(): sha256_file(path)
-        for path in sorted(step_dir.rglob("*"))
-        if path.is_file() and not path.name.startswith(CHECKSUMS)  # nor its temporary file
-    }
-    write_atomically(step_dir / CHECKSUMS, json.dumps(checksums, indent=1))
+    write_atomically(step_dir / CHECKSUMS, json.dumps(file_digests(step_dir, CHECKSUMS), indent=1))
 
 
 def _split_params(state) -> tuple[object, object]:

@@ -28,3 +28,11 @@ def sha256_file(path: str | os.PathLike) -> str:
         while block := file.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_digests(directory: str | os.PathLike, listing: str) -> dict[str, str]:
+    """{path relative to `directory`: sha256} of every file under it but the digest `listing`
+    itself (and that listing's temporary files): what such a listing records."""
+    directory = pathlib.Path(directory)
+    return {path.relative_to(directory).as_posix(): sha256_file(path) for path in sorted(directory.rglob("*"))
+            if path.is_file() and not path.name.startswith(listing)}
