@@ -360,12 +360,9 @@ def _normalizing_as_tokenizers(sp: spm.SentencePieceProcessor) -> tokenizers.Tok
     pieces = [(piece.piece, piece.score) for piece in proto.pieces]
     if trainer.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
         model = tokenizers.models.Unigram(pieces, trainer.unk_id, False)
-    else:  # BPE: a merge for every split of a piece into two pieces, ranked by the piece
+    else:
         ids = {piece: i for i, (piece, _) in enumerate(pieces)}
-        merges = [merge for piece, _ in pieces for merge in sorted(
-            ((piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids),
-            key=lambda pair: (ids[pair[0]], ids[pair[1]]))]
-        model = tokenizers.models.BPE(ids, merges, unk_token=pieces[trainer.unk_id][0], fuse_unk=True)
+        model = tokenizers.models.BPE(ids, _merges(ids), unk_token=pieces[trainer.unk_id][0], fuse_unk=True)
     fast = tokenizers.Tokenizer(model)
     steps = [tokenizers.normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
     if spec.remove_extra_whitespaces:
@@ -381,6 +378,16 @@ def _normalizing_as_tokenizers(sp: spm.SentencePieceProcessor) -> tokenizers.Tok
     fast.add_tokens([tokenizers.AddedToken(piece.piece, normalized=True) for piece in proto.pieces
                      if piece.type == kinds.USER_DEFINED])
     return fast
+
+
+def _merges(ids: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges for sentencepiece's pieces (in id order, best first): every split of a piece into
+    two pieces, ranked by the piece they make, then by their own ids."""
+    merges = []
+    for piece in ids:
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids]
+        merges += sorted(splits, key=lambda pair: (ids[pair[0]], ids[pair[1]]))
+    return merges
 
 
 # What each `transformers` class for a sentencepiece file needs to encode as this library does.
