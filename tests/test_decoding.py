@@ -63,7 +63,8 @@ def test_seq2seq_greedy_equals_stepwise_argmax():
 
 def test_seq2seq_generates_up_to_its_whole_context():
     """max_new_tokens = max_length: BOS and the first max_length - 1 tokens fill the decoder's
-    context, and the last token is the argmax of a full pass over them; beam search too."""
+    context, and the last token is the argmax of a full pass over them; beam search's best
+    hypothesis scores its log-probability under a full pass, over its length (penalty 1)."""
     cfg = tfm.ModelConfig.preset("t5-tiny", dropout_rate=0.0, max_length=8)
     model = tfm.Seq2SeqLM(cfg)
     source = jnp.array([[5, 6, 7]])
@@ -73,7 +74,11 @@ def test_seq2seq_generates_up_to_its_whole_context():
     target = jnp.concatenate([jnp.array([[2]]), out.tokens[:, :7]], axis=1)
     assert int(out.tokens[0, 7]) == int(jnp.argmax(model.apply(variables, source, target)[0, -1]))
     beams = tfm.generate(model, variables, source, max_new_tokens=8, bos_id=2, strategy="beam", num_beams=2)
-    assert beams.tokens.shape == (1, 8) and np.isfinite(np.asarray(beams.scores)).all()
+    assert beams.tokens.shape == (1, 8)
+    target = jnp.concatenate([jnp.array([[2]]), beams.tokens[:, :7]], axis=1)
+    log_p = jax.nn.log_softmax(model.apply(variables, source, target)[0], axis=-1)  # [8, V]
+    expected = float(jnp.sum(log_p[jnp.arange(8), beams.tokens[0]])) / 8
+    np.testing.assert_allclose(float(beams.scores[0]), expected, rtol=1e-5)
 
 
 def test_each_row_of_a_batch_equals_the_prompt_alone():
