@@ -39,6 +39,7 @@ import jax
 import workload
 from report import write_results
 from train.hugepages import reexec_with_huge_pages
+from train.metrics import published_peak_flops
 from transformer.tasks import Task
 
 
@@ -61,7 +62,8 @@ def main():
     config = workload.model_config(args.preset, args.set, **fields)
     length = args.length or config.max_length
     measured_peak = workload.measured_matmul_peak(config.dtype)
-    published = workload.published_peak() if jax.default_backend() != "cpu" and config.dtype == "bfloat16" else None
+    published = (published_peak_flops(jax.devices()[0].device_kind)
+                 if jax.default_backend() != "cpu" and config.dtype == "bfloat16" else None)
     peak = (published or measured_peak) * jax.device_count()  # the step's batch is split over every device
     peak_source = ("published bf16" if published else f"measured {config.dtype}") + f" x {jax.device_count()} device(s)"
 

@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 
 from train import objectives
-from train.metrics import head_weights, published_peak_flops, training_flops
+from train.metrics import head_weights, training_flops
 from train.optim import make_optimizer
 from train.step import compile_steps, create_state, global_batch, make_mesh
 from transformer.config import ModelConfig
@@ -128,11 +128,6 @@ def measured_read_bandwidth(megabytes: int | None = None, repeats: int = 5) -> f
     read = jax.jit(jnp.matmul)
     jax.block_until_ready(read(matrix, vector))
     return matrix.nbytes / time_it(lambda: jax.block_until_ready(read(matrix, vector)), repeats)
-
-
-def published_peak() -> float | None:
-    """The device's published dense bfloat16 peak, when known (`train.metrics.PEAK_FLOPS`)."""
-    return published_peak_flops(jax.devices()[0].device_kind)
 
 
 def device_line() -> str:
