@@ -475,6 +475,16 @@ def test_a_dataset_of_the_wrong_kind_is_a_clear_error(tmp_path):
         tasks.load_examples(config, "train")
 
 
+def test_validation_files_replace_a_named_data_sets_validation_split(tmp_path, monkeypatch):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("my own held-out text\n")
+    monkeypatch.setattr(tasks.datasets, "load_dataset", lambda name, split: [{"text": f"{name} {split}"}])
+    config = config_lib.experiment("gpt-tiny").replace(validation_files=(str(held_out),))
+    train, validation, _ = tasks.load_splits(config)
+    assert train == [{"text": "shakespeare train"}]
+    assert validation == [{"text": "my own held-out text"}]
+
+
 # ----------------------------------------------------------------------------- multi-process
 
 

@@ -128,7 +128,7 @@ class TrainConfig:
     # Data: a named data set (train.datasets) or your own files.
     dataset: str = "shakespeare"
     train_files: tuple[str, ...] = _field((), "instead of `dataset`")
-    validation_files: tuple[str, ...] = ()
+    validation_files: tuple[str, ...] = _field((), "held-out files; with `dataset`, in place of its validation split")
     file_format: FileFormat = FileFormat.TEXT
     seq_length: int = _field(128, "tokens per example (the target side for seq2seq)")
     source_length: int = _field(128, "seq2seq source tokens")

@@ -201,10 +201,11 @@ class TaskData:
 
 
 def load_examples(config: TrainConfig, split: str) -> list[dict]:
-    """The examples of one split, from the named data set or the configured files."""
+    """The examples of one split, from the configured files (`train_files`, `validation_files`) or,
+    where the split has none, the named data set."""
     kind, fields = TASKS[config.task].data, TASKS[config.task].fields
-    if config.train_files:
-        files = config.train_files if split == "train" else config.validation_files
+    files = config.train_files if split == "train" else config.validation_files
+    if files:
         if config.file_format == FileFormat.TEXT and kind == "lm":
             return data_lib.read_text(files)
         if config.file_format == FileFormat.LINES and kind == "lm":
