@@ -285,12 +285,31 @@ def test_packed_lm_rows(tok):
     np.testing.assert_array_equal(tokens, stream[: len(tokens)])
 
 
+def test_packed_documents_start_as_prompts_do():
+    """A tokenizer that adds BOS (Llama's) trains on documents that start with it, as the
+    sampler's prompts do; BOS is never a target of weight 1."""
+    from processes import ROOT
+    from transformer.sampler import prompt_ids
+
+    llama = Tokenizer.load(ROOT / "tests" / "fixtures" / "pretrained" / "llama")
+    assert llama.adds_bos
+    docs = [{"text": "the dog barked"}, {"text": "few birds ate fish"}, {"text": "clouds came"}]
+    packed = data.PackedLM(docs, llama, 4)
+    starts = np.flatnonzero(np.diff(packed.document, prepend=-1))
+    for doc, start, end in zip(docs, starts, [*starts[1:], len(packed.stream)]):
+        np.testing.assert_array_equal(packed.stream[start:end], prompt_ids(llama, doc["text"]) + [llama.eos_id])
+    rows = [packed[i] for i in range(len(packed))]
+    targets, weights = np.concatenate([r["targets"] for r in rows]), np.concatenate([r["weights"] for r in rows])
+    assert (targets == llama.bos_id).any() and not weights[targets == llama.bos_id].any()
+
+
 def test_unigram_loss_scores_only_the_tokens_a_model_predicts():
-    """Add-one smoothed training frequencies, averaged over exactly the weighted targets: every
-    token but each validation document's first (hand computation)."""
-    train_rows = types.SimpleNamespace(stream=np.array([1, 1, 2, 0]))  # counts + 1: [2, 3, 2, 1] / 8
+    """Add-one smoothed frequencies of the training targets, averaged over exactly the weighted
+    validation targets: every token but each document's first (hand computation)."""
+    train_rows = types.SimpleNamespace(stream=np.array([3, 1, 1, 2, 0]), document=np.array([0, 1, 1, 1, 1]))
+    # targets 1, 2, 0 (not 3 or the first 1): counts + 1 = [2, 2, 2, 1] / 7
     validation = types.SimpleNamespace(stream=np.array([2, 0, 1, 3, 0]), document=np.array([0, 0, 1, 1, 1]))
-    expected = -(np.log(2 / 8) + np.log(1 / 8) + np.log(2 / 8)) / 3  # targets 0, 3, 0 (not 2 or 1)
+    expected = -(np.log(2 / 7) + np.log(1 / 7) + np.log(2 / 7)) / 3  # targets 0, 3, 0 (not 2 or 1)
     assert tasks.unigram_loss(train_rows, validation, vocab_size=4) == pytest.approx(expected)
 
 

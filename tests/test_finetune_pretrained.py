@@ -149,3 +149,28 @@ def test_a_checkpoint_tokenizer_model_keeps_its_configs(tmp_path):
     (checkpoint / "spiece.model").rename(checkpoint / "tokenizer.model")
     config = config_lib.parse_args(["init_from=" + str(checkpoint)])
     assert tasks._tokenizer_source(config) == checkpoint
+
+
+def test_a_t5_checkpoint_fine_tunes_on_translation_and_decodes_as_it_did(tmp_path):
+    """T5's tokenizer has no BOS: teacher forcing starts the decoder at the pad id, as the
+    checkpoint's decoder_start_token_id does, and the run (learning rate 1e-12) translates exactly as
+    the checkpoint itself."""
+    from train import data as data_lib
+    from transformer.sampler import Sampler
+
+    checkpoint = shutil.copytree(FIXTURES / "t5", tmp_path / "t5")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"source": s, "target": s[::-1]}) + "\n" for s in TEXTS * 4))
+    args = [
+        "transformer-tiny-en-fr", f"init_from={checkpoint}", f"train_files=[{pairs}]", f"validation_files=[{pairs}]",
+        "file_format=jsonl", "seq_length=8", "source_length=8", "batch_size=4", "steps=2", "learning_rate=1e-12",
+        "log_every=2", "eval_every=2", "eval_batches=1", "bleu_examples=2", "bleu_beams=0", f"run_dir={tmp_path / 'run'}",
+    ]
+    result = loop.run(config_lib.parse_args(args), progress=False)
+    assert result.step == 2 and "bleu" in result.validation
+    start = json.loads((checkpoint / "config.json").read_text())["decoder_start_token_id"]
+    features = data_lib.seq2seq_features({"source": "a", "target": "b"}, Tokenizer.load(checkpoint), 8, 8)
+    assert features["target_in"][0] == start
+    run, original = Sampler.load(tmp_path / "run"), Sampler.load(checkpoint)
+    assert run.defaults["bos_id"] == start
+    assert run(TEXTS, max_new_tokens=6) == original(TEXTS, max_new_tokens=6)

@@ -149,7 +149,8 @@ def _pad(values: Sequence[int], length: int, fill: int = 0, dtype=np.int32) -> n
 
 
 class PackedLM:
-    """Causal-LM rows: documents joined with EOS, cut into rows of `length` tokens.
+    """Causal-LM rows: documents joined with EOS (each starting with BOS where the tokenizer adds
+    one, as a prompt does: Llama), cut into rows of `length` tokens.
 
     Row i holds stream[i*length : (i+1)*length] as inputs and the next tokens as targets.
     Each document in a row has its own segment id and positions counting from 0 (a document
@@ -162,7 +163,8 @@ class PackedLM:
         if not documents:
             raise ValueError("No documents to pack.")
         encoded = tokenizer.encode_batch([d["text"] for d in documents])
-        pieces = [np.asarray(ids + [tokenizer.eos_id], np.int32) for ids in encoded]
+        bos = [tokenizer.bos_id] if tokenizer.adds_bos else []
+        pieces = [np.asarray(bos + ids + [tokenizer.eos_id], np.int32) for ids in encoded]
         self.stream = np.concatenate(pieces)
         self.document = np.repeat(np.arange(len(pieces), dtype=np.int32), [len(p) for p in pieces])
         self.length = length
@@ -334,11 +336,12 @@ class MaskedLMExamples:
 def seq2seq_features(
     example: dict, tokenizer: Tokenizer, source_length: int, target_length: int
 ) -> dict[str, np.ndarray]:
-    """Source + EOS; decoder input = BOS + target (teacher forcing), predicting target + EOS."""
+    """Source + EOS; decoder input = the decoder start (BOS, or T5's pad) + target (teacher forcing),
+    predicting target + EOS."""
     tok = tokenizer
     source = tok.encode(example["source"])[: source_length - 1] + [tok.eos_id]
     target = tok.encode(example["target"])[: target_length - 1] + [tok.eos_id]
-    target_in = [tok.bos_id] + target[:-1]
+    target_in = [tok.decoder_start_id] + target[:-1]
     return {
         "source": _pad(source, source_length, tok.pad_id),
         "source_segment_ids": _pad([1] * len(source), source_length),

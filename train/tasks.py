@@ -87,9 +87,13 @@ def _classification(examples, tokenizer, config) -> Split:
 def unigram_loss(train: data_lib.PackedLM, validation: data_lib.PackedLM, vocab_size: int) -> float:
     """Cross-entropy of the validation tokens under the training tokens' frequencies (add-one
     smoothed): the loss of a model that ignores context, the bar a language model must clear."""
-    counts = np.bincount(train.stream, minlength=vocab_size) + 1.0
-    predicted = validation.stream[1:][validation.document[1:] == validation.document[:-1]]  # the weighted targets
-    return float(-np.log(counts / counts.sum())[predicted].mean())
+    counts = np.bincount(_predicted(train), minlength=vocab_size) + 1.0
+    return float(-np.log(counts / counts.sum())[_predicted(validation)].mean())
+
+
+def _predicted(rows: data_lib.PackedLM) -> np.ndarray:
+    """The tokens of a packed stream that are targets of weight 1: all but each document's first."""
+    return rows.stream[1:][rows.document[1:] == rows.document[:-1]]
 
 
 def majority_accuracy(validation: list[dict]) -> float:
@@ -155,7 +159,7 @@ def translation_bleu(config: TrainConfig, model, params, tokenizer: Tokenizer, e
     sources = [tokenizer.encode(e["source"])[: config.source_length - 1] + [tokenizer.eos_id] for e in examples]
     metrics, translations = {}, {}
     for name, search in searches.items():
-        search = search.replace(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id)
+        search = search.replace(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, bos_id=tokenizer.decoder_start_id)
         hypotheses = []
         for start in range(0, len(sources), config.batch_size):
             output = generate(model, variables, sources[start : start + config.batch_size], search)

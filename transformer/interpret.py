@@ -104,7 +104,7 @@ def text_attention(run: Run, text: str, *, max_new_tokens: int | None = None) ->
         sampler = Sampler(run.model, run.params, tok)
         limit = run.model.config.max_length - 1 if max_new_tokens is None else max_new_tokens  # BOS + it fit
         source, translation = sampler.token_ids(text, max_new_tokens=limit)
-        target = [tok.bos_id, *(t for t in translation if t != tok.eos_id)]
+        target = [tok.decoder_start_id, *(t for t in translation if t != tok.eos_id)]
         maps = attention_maps(run.model, variables, np.array([source]), np.array([target]))
     else:
         if run.task == Task.CAUSAL_LM:

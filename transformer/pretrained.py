@@ -391,7 +391,6 @@ def _config_token_ids(tokenizer: Tokenizer, family: type[Architecture]) -> dict[
     for key, name in (("pad_token_id", "pad"), ("bos_token_id", "bos"), ("eos_token_id", "eos")):
         if getattr(tokenizer.specials, name) is not None:
             ids[key] = getattr(tokenizer.specials, name)
-    if family.model_type == "t5":  # the decoder's first input: BOS where the tokenizer has one (models
-        # trained here), else the pad id (T5's convention)
-        ids["decoder_start_token_id"] = ids.get("bos_token_id", ids.get("pad_token_id", 0))
+    if family.model_type == "t5":
+        ids["decoder_start_token_id"] = tokenizer.decoder_start_id
     return ids

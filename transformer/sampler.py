@@ -192,13 +192,14 @@ def prompt_ids(tokenizer: Tokenizer, text: str, *, source_eos_id: int | None = N
 
 
 def _tokenizer_ids(tokenizer: Tokenizer, encoder_decoder: bool) -> dict[str, int | None]:
-    """The tokenizer's eos, pad and (encoder-decoder) bos ids; None for a token it lacks."""
-    names = ("eos_id", "pad_id", "bos_id") if encoder_decoder else ("eos_id", "pad_id")
+    """The tokenizer's eos and pad ids and, as bos_id, an encoder-decoder's decoder start; None for
+    a token it lacks."""
+    names = dict(eos_id="eos_id", pad_id="pad_id") | (dict(bos_id="decoder_start_id") if encoder_decoder else {})
     ids = {}
-    for name in names:
+    for name, attribute in names.items():
         try:
-            ids[name] = getattr(tokenizer, name)
-        except ValueError:  # no such token (T5 has no BOS: its config.json names the decoder start)
+            ids[name] = getattr(tokenizer, attribute)
+        except ValueError:  # no such token
             ids[name] = None
     return ids
 

@@ -221,6 +221,12 @@ class Tokenizer(abc.ABC):
         return self._special_id("eos")
 
     @property
+    def decoder_start_id(self) -> int:
+        """An encoder-decoder model's first decoder input: BOS where the tokenizer has one (tokenizers
+        trained here), else the pad id (T5's `decoder_start_token_id`; its tokenizer has no BOS)."""
+        return self.specials.bos if self.specials.bos is not None else self.pad_id
+
+    @property
     def cls_id(self) -> int:
         return self._special_id("cls")
 
