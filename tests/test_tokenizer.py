@@ -100,6 +100,21 @@ def test_a_llama_class_save_writes_a_tokenizer_json_that_encodes_as_the_model(to
     assert not (tmp_path / "t5" / "tokenizer.json").exists()
 
 
+def test_tokens_added_in_transformers_are_read_from_tokenizer_json(tokenizer, tmp_path):
+    """LlamaTokenizerFast saves tokenizer.model and a tokenizer.json that alone holds its added
+    tokens (a chat model's end token): the directory loads the json, with them."""
+    directory = tokenizer.save(tmp_path / "llama", tokenizer_class="LlamaTokenizer")
+    with_added = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    with_added.add_special_tokens(["<|end|>"])
+    with_added.save(str(directory / "tokenizer.json"))
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    (directory / "tokenizer_config.json").write_text(json.dumps(config | {"eos_token": "<|end|>"}))
+    loaded = Tokenizer.load(directory)
+    end = tokenizer.vocab_size
+    assert (loaded.vocab_size, loaded.eos_id) == (end + 1, end)
+    assert loaded.encode("a b <|end|>") == tokenizer.encode("a b") + [end]
+
+
 def test_encode_batch_equals_encode(tokenizer):
     """encode_batch(texts) == [encode(t) for t in texts], in order."""
     texts = held_out() + [""]
@@ -541,7 +556,8 @@ def test_a_sentencepiece_tokenizer_that_adds_bos_keeps_it_when_saved(tmp_path, t
     trained = tokenizer
     (tmp_path / "llama").mkdir()
     shutil.copyfile(trained.path, tmp_path / "llama" / "tokenizer.model")
-    (tmp_path / "llama" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
-    llama = Tokenizer.load(tmp_path / "llama")
-    assert llama.adds_bos and not trained.adds_bos
+    for name in ("LlamaTokenizer", "LlamaTokenizerFast"):
+        (tmp_path / "llama" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": name}))
+        llama = Tokenizer.load(tmp_path / "llama")
+        assert llama.adds_bos and not trained.adds_bos, name
     assert Tokenizer.load(llama.save(tmp_path / "saved")).adds_bos

@@ -39,6 +39,7 @@ from transformer.files import write_atomically
 CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
 ENCODER_SYMBOLS = (CLS, SEP, MASK)
 T5_CLASSES = ("T5Tokenizer", "T5TokenizerFast")
+LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 T5_DEFAULT_EXTRA_IDS = 100
 EXTRA_ID = re.compile(r"<extra_id_(\d+)>")
 
@@ -561,19 +562,36 @@ def _sentencepiece_specials(processor: spm.SentencePieceProcessor) -> SpecialTok
     return SpecialTokens(**{kind: None if i < 0 else i for kind, i in recorded.items()}, **symbols)
 
 
-def _load_sentencepiece(files: list[pathlib.Path], configs: _Configs) -> SentencePieceTokenizer:
-    (path,) = files
+def _sentencepiece_processor(path: pathlib.Path) -> spm.SentencePieceProcessor:
     processor = spm.SentencePieceProcessor()
     try:
         processor.load(str(path))
     except (OSError, RuntimeError) as error:
         raise ValueError(f"{path} is not a valid sentencepiece model: {error}") from None
+    return processor
+
+
+def _load_tokenizer_model(files: list[pathlib.Path], configs: _Configs) -> Tokenizer:
+    """Llama's tokenizer.model; the tokenizer.json beside it instead where that holds more tokens
+    (tokens added in `transformers`, a chat model's end token, live only there)."""
+    (path,) = files
+    beside = path.with_name("tokenizer.json")
+    if beside.is_file():
+        with_added = _parsed([beside], lambda: tokenizers.Tokenizer.from_file(str(beside)))
+        if with_added.get_vocab_size(with_added_tokens=True) > _sentencepiece_processor(path).get_piece_size():
+            return _huggingface(with_added, beside, configs)
+    return _load_sentencepiece(files, configs)
+
+
+def _load_sentencepiece(files: list[pathlib.Path], configs: _Configs) -> SentencePieceTokenizer:
+    (path,) = files
+    processor = _sentencepiece_processor(path)
     extra_ids = configs.extra_ids()
     token_to_id = functools.partial(_sentencepiece_token_id, processor, extra_ids)
     vocab_size = processor.get_piece_size() + extra_ids
     specials = _special_tokens(configs, token_to_id, vocab_size, _sentencepiece_specials(processor))
-    # transformers' LlamaTokenizer starts a text with BOS unless told otherwise
-    adds_bos = configs.tokenizer.get("add_bos_token", configs.tokenizer.get("tokenizer_class") == "LlamaTokenizer")
+    # transformers' Llama tokenizers start a text with BOS unless told otherwise
+    adds_bos = configs.tokenizer.get("add_bos_token", configs.tokenizer.get("tokenizer_class") in LLAMA_CLASSES)
     return SentencePieceTokenizer(processor, specials, path, extra_ids=extra_ids, adds_bos=bool(adds_bos))
 
 
@@ -637,7 +655,7 @@ def _load_wordpiece(files: list[pathlib.Path], configs: _Configs) -> HuggingFace
 
 
 DIRECTORY_FILES = (
-    (("tokenizer.model",), _load_sentencepiece),
+    (("tokenizer.model",), _load_tokenizer_model),
     (("tokenizer.json",), _load_tokenizer_json),
     (("spiece.model",), _load_sentencepiece),
     (("vocab.json", "merges.txt"), _load_byte_level_bpe),
