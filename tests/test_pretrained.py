@@ -12,12 +12,14 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import transformer as tfm
 from transformer.architectures import UnsupportedCheckpoint
 from transformer.config import Activation
+from transformer.pretrained import checkpoint_config
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pretrained"
 NAMES = ("bert", "bert-body", "gpt2", "llama", "t5", "t5-v1_1")
@@ -119,6 +121,23 @@ def test_save_then_load_is_exact(name, tmp_path):
     texts = json.loads((FIXTURES / name / "tokenizer_reference.json").read_text())["texts"]
     assert [again.tokenizer.encode(t) for t in texts] == [loaded.tokenizer.encode(t) for t in texts]
     assert (again.tokenizer.specials, again.tokenizer.adds_bos) == (loaded.tokenizer.specials, name == "llama")
+
+
+def test_a_bert_without_token_types_saves_one_zero_type_as_transformers_needs(tmp_path):
+    """transformers' BertModel always adds a token-type embedding (type_vocab_size=0 fails in it):
+    the saved checkpoint has one zero row, and computes what the model did."""
+    from safetensors.numpy import load_file
+
+    config = tfm.ModelConfig.preset("bert-tiny", type_vocab_size=0, dropout_rate=0.0, attention_dropout_rate=0.0)
+    model, tokens = tfm.MaskedLM(config), jnp.arange(2, 10)[None]
+    params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+    tfm.save_pretrained(model, params, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["type_vocab_size"] == 1
+    token_types = load_file(tmp_path / "model.safetensors")["bert.embeddings.token_type_embeddings.weight"]
+    np.testing.assert_array_equal(token_types, np.zeros((1, config.d_model)))
+    again = tfm.from_pretrained(tmp_path)
+    np.testing.assert_allclose(again.model.apply({"params": again.params}, tokens),
+                               model.apply({"params": params}, tokens), atol=1e-6)
 
 
 def test_scanned_and_unscanned_layers_hold_the_same_weights():
@@ -230,6 +249,19 @@ def test_unsupported_options_and_unknown_tensors(tmp_path):
         tfm.from_pretrained(t5)
 
 
+def test_a_tensor_of_the_wrong_shape_is_refused_even_with_the_right_size(tmp_path):
+    """A transposed [in, out] weight holds as many numbers as the [out, in] one; read as it is,
+    the model would compute nonsense (transformers refuses it too)."""
+    from safetensors.numpy import load_file, save_file
+
+    bert = _copy("bert", tmp_path)
+    tensors = load_file(bert / "model.safetensors")
+    name = "bert.encoder.layer.0.intermediate.dense.weight"
+    save_file(tensors | {name: np.ascontiguousarray(tensors[name].T)}, bert / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"{name} has shape \(32, 64\); .* needs \(64, 32\)"):
+        tfm.from_pretrained(bert)
+
+
 def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path):
     path = _copy("gpt2", tmp_path)
     _edit_config(path, vocab_size=200)
@@ -283,6 +315,13 @@ def test_checkpoint_variants_real_files_have(tmp_path):
     mistral = _copy("llama", tmp_path)
     _edit_config(mistral, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16)
     assert tfm.from_pretrained(mistral).config.max_length == 16  # exact within the window
+    _edit_config(mistral, sliding_window=None, max_position_embeddings=8192)
+    assert checkpoint_config(mistral).max_length == 8192  # null: no window
+    config = json.loads((mistral / "config.json").read_text())
+    del config["sliding_window"]
+    (mistral / "config.json").write_text(json.dumps(config))
+    assert checkpoint_config(mistral).max_length == 4096  # absent: MistralConfig's window
+    _edit_config(mistral, sliding_window=16)
     with pytest.raises(UnsupportedCheckpoint, match="exceeds the checkpoint's sliding_window=16"):
         tfm.from_pretrained(mistral, max_length=64)
     _edit_config(mistral, architectures=["MistralForSequenceClassification"])

@@ -52,11 +52,12 @@ class Rule:
     inputs: int = 1
 
     def to_param(self, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        if self.layout == Layout.LINEAR:
-            value = value.T
-        if value.size != math.prod(shape) or (self.layout == Layout.COPY and value.shape != shape):
-            raise ValueError(f"{self.tensor} has shape {value.shape}; the model's {self.param} needs {shape}.")
-        return value.reshape(shape)
+        stored = self.to_tensor(np.empty(shape, np.int8)).shape  # what `shape` is saved as
+        if value.shape != stored:
+            raise ValueError(
+                f"{self.tensor} has shape {value.shape}; the model's {self.param} {shape} needs {stored}."
+            )
+        return (value.T if self.layout == Layout.LINEAR else value).reshape(shape)
 
     def to_tensor(self, value: np.ndarray) -> np.ndarray:
         if self.layout == Layout.COPY:
@@ -124,6 +125,7 @@ class Architecture:
     model_type: ClassVar[str]
     heads: ClassVar[dict[str, str]]  # head -> the transformers class that holds it
     ignored: ClassVar[tuple[str, ...]] = ()  # regexes of buffers that are not parameters
+    defaults: ClassVar[dict[str, Any]] = {}  # what transformers' config class assumes where config.json is silent
 
     @classmethod
     def model_config(cls, hf: dict[str, Any]) -> dict[str, Any]:
@@ -181,7 +183,8 @@ class Architecture:
 
     @classmethod
     def fuse(cls, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The inverse of `split`."""
+        """The tensors as a checkpoint stores them: the inverse of `split`, and what transformers
+        needs that the model lacks."""
         return tensors
 
 
@@ -232,7 +235,7 @@ class Bert(Architecture):
             model_type="bert", vocab_size=config.vocab_size, hidden_size=config.d_model,
             num_attention_heads=config.num_heads, intermediate_size=config.d_ff,
             num_hidden_layers=config.num_encoder_layers, max_position_embeddings=config.max_length,
-            type_vocab_size=config.type_vocab_size, layer_norm_eps=config.norm_epsilon,
+            type_vocab_size=config.type_vocab_size or 1, layer_norm_eps=config.norm_epsilon,
             hidden_act=_hf_activation(config.activation), hidden_dropout_prob=config.dropout_rate,
             attention_probs_dropout_prob=config.attention_dropout_rate,
             tie_word_embeddings=config.tie_embeddings, position_embedding_type="absolute",
@@ -241,6 +244,16 @@ class Bert(Architecture):
     @classmethod
     def prefix_in(cls, names):
         return "bert." if any(name.startswith("bert.") for name in names) else ""
+
+    @classmethod
+    def fuse(cls, tensors):
+        """transformers' BERT always adds a token-type embedding: a model without one gets a single
+        zero row (type 0, what every token is given), which adds nothing."""
+        prefix = cls.prefix_in(tensors)
+        if f"{prefix}embeddings.token_type_embeddings.weight" in tensors:
+            return tensors
+        words = tensors[f"{prefix}embeddings.word_embeddings.weight"]
+        return tensors | {f"{prefix}embeddings.token_type_embeddings.weight": np.zeros((1, words.shape[1]), words.dtype)}
 
     @classmethod
     def prefix_for(cls, head):
@@ -541,6 +554,7 @@ class Llama(Architecture):
 class Mistral(Llama):
     model_type = "mistral"
     heads = {LM: "MistralForCausalLM"}
+    defaults = {"sliding_window": 4096}  # MistralConfig's; only an explicit null means no window
 
 
 ARCHITECTURES: dict[str, type[Architecture]] = {a.model_type: a for a in (Bert, GPT2, T5, Llama, Mistral)}

@@ -195,7 +195,7 @@ def _read_config(path: pathlib.Path) -> dict[str, Any]:
         raise UnsupportedCheckpoint(
             f"{file} has model_type={hf.get('model_type')!r}; the library loads {', '.join(ARCHITECTURES)}."
         )
-    return hf
+    return ARCHITECTURES[hf["model_type"]].defaults | hf
 
 
 def _read_tensors(path: pathlib.Path, dtype: str) -> dict[str, np.ndarray]:
