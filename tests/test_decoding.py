@@ -360,6 +360,10 @@ def test_top_p_never_emits_outside_the_nucleus():
     filtered = tfm.top_p_filter(jnp.log(probs), 0.85)
     assert jnp.isfinite(filtered).tolist() == [[True, True, True, False, False]]
     assert jnp.isfinite(tfm.top_p_filter(jnp.log(probs), 0.01)).sum() == 1  # the top token always stays
+    # p = 1 keeps all: GPT-2's 50257 tokens at a sharp temperature, whose tail the float32 sum of
+    # the others reaches 1.0 before (43,904 were kept)
+    sharp = 4.0 * jax.random.normal(RNG, (50257,))
+    assert bool(jnp.isfinite(tfm.top_p_filter(sharp, 1.0)).all())
 
 
 def test_a_new_prompt_length_in_the_same_bucket_does_not_recompile():
@@ -426,6 +430,7 @@ def test_an_unknown_option_is_a_type_error_naming_the_options():
     [
         (dict(prompts=[[1] * 60], max_new_tokens=8), "exceeds the model's context"),
         (dict(prompts=[[1, 2], []], max_new_tokens=4), "Prompt 1 is empty"),
+        (dict(prompts=np.array([[5, 17, 42]]), prompt_lengths=[-1]), r"each from 0 to the array's 3; got \[-1\]"),
         (dict(strategy="sample", temperature=0.0, rng=RNG), "temperature must be > 0"),
         (dict(strategy="sample", top_p=1.5, rng=RNG), r"top_p must be in \(0, 1\]"),
         (dict(strategy="sample", top_p=0.0, rng=RNG), r"top_p must be in \(0, 1\]"),

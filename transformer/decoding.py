@@ -128,13 +128,14 @@ def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
 
 
 def top_p_filter(logits: jax.Array, p: float | jax.Array) -> jax.Array:
-    """Nucleus filter: keeps the smallest set of most likely tokens whose probability reaches p."""
+    """Nucleus filter: keeps the smallest set of most likely tokens whose probability reaches p;
+    p = 1 keeps every token (the running sum of the others reaches 1.0 in float32 first)."""
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # probability mass of the more likely tokens
     num_kept = jnp.sum(before < p, axis=-1, keepdims=True)  # >= 1: the most likely is always kept
     threshold = jnp.take_along_axis(sorted_logits, num_kept - 1, axis=-1)
-    return jnp.where(logits < threshold, -jnp.inf, logits)
+    return jnp.where((logits < threshold) & (p < 1), -jnp.inf, logits)
 
 
 def ban_repeated_ngrams(logits: jax.Array, history: jax.Array, length: jax.Array | int, n: int) -> jax.Array:
@@ -655,8 +656,11 @@ def _as_rows(prompts, prompt_lengths) -> tuple[list[np.ndarray], list[int]]:
         if prompts.ndim != 2:
             raise ValueError(f"Prompts must be token id lists or an array [batch, length], got shape {prompts.shape}.")
         lengths = [prompts.shape[1]] * len(prompts) if prompt_lengths is None else [int(n) for n in prompt_lengths]
-        if len(lengths) != len(prompts) or any(n > prompts.shape[1] for n in lengths):
-            raise ValueError("prompt_lengths must give one length per row, none longer than the array.")
+        if len(lengths) != len(prompts) or any(not 0 <= n <= prompts.shape[1] for n in lengths):
+            raise ValueError(
+                f"prompt_lengths must give one length per row, each from 0 to the array's {prompts.shape[1]}; "
+                f"got {lengths} for {len(prompts)} rows."
+            )
         return [row[:n] for row, n in zip(prompts, lengths)], lengths
     rows = [np.asarray(row, np.int64).reshape(-1) for row in prompts]
     return rows, [len(row) for row in rows]
