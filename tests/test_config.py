@@ -159,6 +159,8 @@ def test_rope_needs_even_head_dim():
     with pytest.raises(ValueError, match="even head dimension"):
         tiny(position="rope", head_dim=5)
     assert tiny(position="rope").head_dim == 4
+    with pytest.raises(ValueError, match="rope_theta=-10000.0 must be > 0"):
+        tiny(position="rope", rope_theta=-10000.0)
 
 
 def test_replace_unknown_key_is_named():

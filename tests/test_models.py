@@ -378,6 +378,23 @@ def test_bad_inputs_are_clear_errors():
         tfm.init_cache(cfg, 1, 32)
 
 
+def test_ids_past_their_tables_are_clear_errors_not_nan():
+    """An eager call with positions, token types or tokens past their embedding tables is an
+    error: the lookup would give NaN, which attention spreads to every position."""
+    gpt = tfm.CausalLM(tfm.ModelConfig.preset("gpt2-tiny", max_length=16))
+    tokens = jnp.ones((1, 4), jnp.int32)
+    variables = gpt.init(RNG, tokens)
+    assert jnp.isfinite(gpt.apply(variables, tokens, positions=jnp.arange(12, 16)[None])).all()
+    with pytest.raises(ValueError, match=r"positions run from 14 to 17, outside \[0, 16\) of the learned position"):
+        gpt.apply(variables, tokens, positions=jnp.arange(14, 18)[None])
+    with pytest.raises(ValueError, match=r"tokens run from 1 to 1024, outside \[0, 1024\)"):
+        gpt.apply(variables, tokens.at[0, 2].set(1024))
+    bert = tfm.SequenceClassifier(tfm.ModelConfig.preset("bert-tiny"), num_labels=2)
+    bert_variables = bert.init(RNG, tokens)
+    with pytest.raises(ValueError, match=r"token_types run from 0 to 2, outside \[0, 2\)"):
+        bert.apply(bert_variables, tokens, token_types=jnp.array([[0, 1, 2, 0]]))
+
+
 def test_left_padded_prompts_decode_like_each_prompt_alone():
     """Left padding (segment 0 before the text) works with the cache too: pads are never attended."""
     cfg = DECODERS["t5 decoder (relative bias)"]

@@ -20,7 +20,7 @@ from flax import traverse_util
 
 from transformer import sharding as ax
 from transformer.cache import DecoderCache
-from transformer.config import ModelConfig
+from transformer.config import ModelConfig, PositionEncoding
 from transformer.layers import Dense, Embedder, activation_fn, norm
 from transformer.positions import segment_positions
 from transformer.stacks import Stack
@@ -38,6 +38,9 @@ def _inputs(config: ModelConfig, tokens, segment_ids, positions, cache: DecoderC
     for name, value in (("segment_ids", segment_ids), ("positions", positions)):
         if value is not None and value.shape != tokens.shape:
             raise ValueError(f"{name} has shape {value.shape}; it must match the tokens' shape {tokens.shape}.")
+    _check_ids("tokens", tokens, config.vocab_size, "ModelConfig.vocab_size")
+    if positions is not None and config.position == PositionEncoding.LEARNED:
+        _check_ids("positions", positions, config.max_length, "the learned position table, ModelConfig.max_length")
     if cache is None and length > config.max_length:
         raise ValueError(
             f"Sequence length {length} exceeds the model's context of {config.max_length} tokens "
@@ -61,6 +64,14 @@ def _inputs(config: ModelConfig, tokens, segment_ids, positions, cache: DecoderC
             is_token = (segment_ids != 0).astype(jnp.int32)
             positions = cache.lengths[:, None] + jnp.cumsum(is_token, axis=1) - is_token
     return segment_ids, positions
+
+
+def _check_ids(name: str, ids, limit: int, table: str) -> None:
+    """Called eagerly, ids must index their table: past it the lookup gives NaN, which attention
+    spreads to every row (inside jit nothing can check)."""
+    lowest, highest = _concrete(jnp.min(ids)), _concrete(jnp.max(ids))
+    if highest is not None and (lowest < 0 or highest >= limit):
+        raise ValueError(f"{name} run from {lowest} to {highest}, outside [0, {limit}) of {table}.")
 
 
 def _concrete(value: jax.Array) -> int | None:
@@ -151,6 +162,8 @@ class _EncoderModel(nn.Module):
     def encode(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
         """tokens [B, T] -> hidden states [B, T, D]."""
         segment_ids, positions = _inputs(self.config, tokens, segment_ids, positions)
+        if token_types is not None and self.config.type_vocab_size:
+            _check_ids("token_types", token_types, self.config.type_vocab_size, "ModelConfig.type_vocab_size")
         x = self.embed(tokens, positions, token_types, deterministic=deterministic)
         x, _ = self.encoder(x, segment_ids, positions, deterministic=deterministic)
         return x
