@@ -164,7 +164,8 @@ def test_a_t5_checkpoint_fine_tunes_on_translation_and_decodes_as_it_did(tmp_pat
     args = [
         "transformer-tiny-en-fr", f"init_from={checkpoint}", f"train_files=[{pairs}]", f"validation_files=[{pairs}]",
         "file_format=jsonl", "seq_length=8", "source_length=8", "batch_size=4", "steps=2", "learning_rate=1e-12",
-        "log_every=2", "eval_every=2", "eval_batches=1", "bleu_examples=2", "bleu_beams=0", f"run_dir={tmp_path / 'run'}",
+        "log_every=2", "eval_every=2", "eval_batches=1", "bleu_examples=2", "bleu_beams=0",
+        f"run_dir={tmp_path / 'run'}",
     ]
     result = loop.run(config_lib.parse_args(args), progress=False)
     assert result.step == 2 and "bleu" in result.validation

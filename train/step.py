@@ -82,7 +82,10 @@ def _split_microbatches(batch, accumulation: int):
     """[B, ...] -> [accumulation, B / accumulation, ...] for every leaf, microbatch i holding rows
     i, i + accumulation, ...: every device's block of the batch splits alike, so no microbatch
     moves between devices."""
-    return jax.tree.map(lambda x: x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]).swapaxes(0, 1), batch)
+    def split(x):
+        return x.reshape(x.shape[0] // accumulation, accumulation, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
 
 
 def _accumulated_gradients(grad_fn, params, batch, rng, accumulation: int):

@@ -252,8 +252,9 @@ class Bert(Architecture):
         prefix = cls.prefix_in(tensors)
         if f"{prefix}embeddings.token_type_embeddings.weight" in tensors:
             return tensors
-        words = tensors[f"{prefix}embeddings.word_embeddings.weight"]
-        return tensors | {f"{prefix}embeddings.token_type_embeddings.weight": np.zeros((1, words.shape[1]), words.dtype)}
+        words = tensors[f"{prefix}embeddings.word_embeddings.weight"]  # [V, D]
+        zero_type = np.zeros((1, words.shape[1]), words.dtype)
+        return tensors | {f"{prefix}embeddings.token_type_embeddings.weight": zero_type}
 
     @classmethod
     def prefix_for(cls, head):

@@ -182,7 +182,7 @@ class ModelConfig:
                 "query heads); use a divisor of num_heads, or None for num_heads."
             )
         if self.position == PositionEncoding.ROPE and not self.rope_theta > 0:
-            raise ValueError(f"ModelConfig.rope_theta={self.rope_theta} must be > 0 (the rotary base; Llama's is 10000).")
+            raise ValueError(f"ModelConfig.rope_theta={self.rope_theta} must be > 0 (the rotary base; Llama's: 10000).")
         if self.position == PositionEncoding.ROPE and self.head_dim % 2:
             raise ValueError(
                 f"Rotary position encoding needs an even head dimension, got {self.head_dim}; "
