@@ -80,6 +80,7 @@ def test_the_run_keeps_the_checkpoint_tokenizer_and_reopens(checkpoint, data, tm
     expected = Tokenizer.load(checkpoint)
     run = load_run(run_dir)
     assert run.step == 4 and run.model.config.d_model == 32
+    assert from_pretrained(run_dir).label_names == ("0", "1")
     assert run.tokenizer.encode_batch(TEXTS) == expected.encode_batch(TEXTS)
     for kind in ("pad_id", "cls_id", "sep_id", "mask_id", "unk_id"):
         assert getattr(run.tokenizer, kind) == getattr(expected, kind), kind

@@ -140,6 +140,19 @@ def test_a_bert_without_token_types_saves_one_zero_type_as_transformers_needs(tm
                                model.apply({"params": params}, tokens), atol=1e-6)
 
 
+def test_a_classifier_keeps_its_label_names(tmp_path):
+    """Names given to save_pretrained are config.json's id2label and label2id, and come back."""
+    clf = load("bert", head="classify", num_labels=3)
+    assert clf.label_names == ()  # a new head has no names
+    names = ("negative", "positive", "toxic")
+    tfm.save_pretrained(clf.model, clf.params, tmp_path, label_names=names)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["id2label"] == {"0": "negative", "1": "positive", "2": "toxic"} and hf["label2id"]["toxic"] == 2
+    assert tfm.from_pretrained(tmp_path).label_names == names
+    with pytest.raises(ValueError, match="label_names must be 3 distinct names"):
+        tfm.save_pretrained(clf.model, clf.params, tmp_path, label_names=("a", "b"))
+
+
 def test_scanned_and_unscanned_layers_hold_the_same_weights():
     scanned, unscanned = load("t5"), load("t5", scan_layers=False)
     layer = unscanned.params["decoder"]["layers_1"]["cross_attention"]["query"]["kernel"]

@@ -55,6 +55,7 @@ class Pretrained:
     fresh: tuple[str, ...] = ()  # parameters of a new head, initialised here (not in the checkpoint)
     generation: dict[str, int] = dataclasses.field(default_factory=dict)  # config.json's eos_id, pad_id, bos_id
     sentence_length: int | None = None  # the longest text `embed` reads (sentence-transformers' max_seq_length)
+    label_names: tuple[str, ...] = ()  # a classifier's labels by id (config.json's id2label; a run's labels.json)
 
     @property
     def config(self) -> ModelConfig:
@@ -123,8 +124,15 @@ def from_pretrained(
     params = {name: jnp.asarray(value, dtype) for name, value in params.items()}
     if scan_layers:
         model, params = model.clone(config=config.replace(scan_layers=True)), _stacked(params)
+    labels = _label_names(hf) if head in (CLASSIFY, TOKEN_CLASSIFY) and not fresh else ()
     return Pretrained(model, traverse_util.unflatten_dict(params, sep="/"), _tokenizer(path, model.config), head,
-                      tuple(fresh), _generation_ids(hf), _sentence_length(path))
+                      tuple(fresh), _generation_ids(hf), _sentence_length(path), labels)
+
+
+def _label_names(hf: dict[str, Any]) -> tuple[str, ...]:
+    """config.json's id2label as names by id."""
+    id2label = {int(i): str(name) for i, name in (hf.get("id2label") or {}).items()}
+    return tuple(id2label[i] for i in sorted(id2label))
 
 
 def checkpoint_config(path: str | os.PathLike, *, max_length: int | None = None) -> ModelConfig:
@@ -325,21 +333,29 @@ def _sentence_length(path: pathlib.Path) -> int | None:
 
 
 def _from_run(path: pathlib.Path, head: str | None) -> Pretrained:
-    from transformer.runs import load_run
+    from transformer.runs import label_names, load_run
 
     run = load_run(path)
     own = _head_of_model(run.model)
     if head not in (None, own):
         raise ValueError(f"{path} is a {run.task} run ({own} head); to fine-tune it under another head, use "
                          "`python -m train ... init_from=` or `merge_pretrained`.")
-    return Pretrained(run.model, nn.meta.unbox(run.params), run.tokenizer, own)
+    return Pretrained(run.model, nn.meta.unbox(run.params), run.tokenizer, own, label_names=tuple(label_names(path)))
 
 
 def save_pretrained(
-    model: nn.Module, params, path: str | os.PathLike, *, tokenizer: Tokenizer | None = None
+    model: nn.Module,
+    params,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Tokenizer | None = None,
+    label_names: Sequence[str] = (),
 ) -> pathlib.Path:
     """Writes config.json and model.safetensors (+ the tokenizer's files) in Hugging Face layout,
-    so that `from_pretrained` and `transformers` load the model. Returns the directory."""
+    so that `from_pretrained` and `transformers` load the model. Returns the directory.
+
+    label_names: a classifier's labels by id, written as config.json's id2label / label2id
+    (default LABEL_0, LABEL_1, ...)."""
     from safetensors.numpy import save_file
 
     config = model.config
@@ -357,8 +373,7 @@ def save_pretrained(
                for rule in rules if rule.param in flat}  # a head may lack parts (MaskedLM: no pooler)
     hf |= {"architectures": [family.heads[head]], "torch_dtype": "float32"}
     if head in (CLASSIFY, TOKEN_CLASSIFY):
-        labels = flat["classifier/kernel"].shape[-1]
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
+        hf |= _label_maps(label_names, flat["classifier/kernel"].shape[-1])
     if tokenizer is not None:
         hf |= _config_token_ids(tokenizer, family)
     path = pathlib.Path(path)
@@ -370,6 +385,14 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save(path, tokenizer_class=SENTENCEPIECE_CLASS[family.model_type])
     return path
+
+
+def _label_maps(names: Sequence[str], num_labels: int) -> dict[str, dict]:
+    """config.json's id2label and label2id."""
+    names = list(names) or [f"LABEL_{i}" for i in range(num_labels)]
+    if len(names) != num_labels or len(set(names)) != len(names):
+        raise ValueError(f"label_names must be {num_labels} distinct names, one per label; got {names}.")
+    return {"id2label": dict(enumerate(names)), "label2id": {name: i for i, name in enumerate(names)}}
 
 
 def _family_of(config: ModelConfig) -> tuple[type[Architecture], dict[str, Any]]:
