@@ -461,6 +461,14 @@ def test_masked_lm_needs_a_document_with_two_chunks(tok):
     assert len(data.MaskedLMExamples(docs, tok, MLM_LENGTH, next_sentence=False)) == 6
 
 
+def test_masked_lm_rows_too_short_for_text_are_clear_errors(mlm_docs, tok):
+    with pytest.raises(ValueError, match=r"\[CLS\] A \[SEP\] B \[SEP\] needs seq_length >= 5"):
+        data.MaskedLMExamples(mlm_docs, tok, 4, next_sentence=True)
+    with pytest.raises(ValueError, match=r"\[CLS\] A \[SEP\] needs seq_length >= 3"):
+        data.MaskedLMExamples(mlm_docs, tok, 2, next_sentence=False)
+    assert len(data.MaskedLMExamples(mlm_docs, tok, 5, next_sentence=True)) > 0
+
+
 def test_masked_lm_random_pair_is_not_the_next_chunk_in_a_small_corpus(tok):
     """In a one-document corpus, a label-1 example never pairs A with its true following chunk;
     a corpus too small to draw random pairs from is a clear error."""

@@ -240,6 +240,11 @@ class MaskedLMExamples:
 
     def __init__(self, documents: Sequence[dict], tokenizer: Tokenizer, length: int, *, next_sentence: bool):
         self.tokenizer, self.length, self.next_sentence = tokenizer, length, next_sentence
+        shortest = 5 if next_sentence else 3  # a token of text in each segment
+        if length < shortest:
+            layout = "[CLS] A [SEP] B [SEP]" if next_sentence else "[CLS] A [SEP]"
+            raise ValueError(f"A masked-LM row of {length} tokens holds no text: {layout} needs seq_length >= "
+                             f"{shortest}.")
         sentences = [[line for line in d["text"].splitlines() if line.strip()] for d in documents]
         flat = tokenizer.encode_batch([s for doc in sentences for s in doc])
         self.sentences, offset = [], 0
