@@ -112,13 +112,18 @@ def test_same_rng_same_text_and_different_rng_different_text():
     assert not np.array_equal(sample(rng=RNG).tokens, sample(rng=jax.random.PRNGKey(1)).tokens)
 
 
-def test_eos_stops_a_row_and_pads_the_rest():
-    """A row stops at EOS (kept), is padded after it, and the others go on."""
+@pytest.mark.parametrize("several", [False, True])
+def test_eos_stops_a_row_and_pads_the_rest(several):
+    """A row stops at EOS (kept), or at the first of several EOS ids, is padded after it, and the
+    others go on."""
     model, variables = decoder()
     free = tfm.generate(model, variables, PROMPTS, max_new_tokens=8)
-    eos = int(free.tokens[1, 2])  # make the 3rd token of row 1 the end-of-sequence token
-    out = tfm.generate(model, variables, PROMPTS, max_new_tokens=8, eos_id=eos, pad_id=0)
-    first_eos = [int(np.argmax(row == eos)) if eos in row else 8 for row in np.asarray(free.tokens)]
+    eos = [int(free.tokens[1, 2])]  # make the 3rd token of row 1 the end-of-sequence token
+    if several:
+        eos = [int(t) for t in free.tokens[0, 4:6] if t not in eos] + eos  # and row 0's 5th or 6th
+    out = tfm.generate(model, variables, PROMPTS, max_new_tokens=8, eos_id=eos if several else eos[0], pad_id=0)
+    first_eos = [int(np.argmax(np.isin(row, eos))) if np.isin(row, eos).any() else 8 for row in np.asarray(free.tokens)]
+    assert not several or first_eos[0] < 6
     for row in range(len(PROMPTS)):
         length = min(first_eos[row] + 1, 8)
         assert int(out.lengths[row]) == length
@@ -190,11 +195,11 @@ def chain_beam_search(chains, length_penalty, *, num_beams, max_new_tokens, eos_
     )
 
 
-def hypotheses(vocab, max_new_tokens):
+def hypotheses(vocab, max_new_tokens, eos=(CHAIN_EOS,)):
     """Every finished hypothesis: a sequence ending at its first EOS, or one of max_new_tokens tokens."""
     for length in range(1, max_new_tokens + 1):
         for tokens in itertools.product(range(vocab), repeat=length):
-            if CHAIN_EOS not in tokens[:-1] and (tokens[-1] == CHAIN_EOS or length == max_new_tokens):
+            if not set(eos) & set(tokens[:-1]) and (tokens[-1] in eos or length == max_new_tokens):
                 yield tokens
 
 
@@ -204,16 +209,17 @@ def hypothesis_score(chain, tokens, length_penalty):
     return sum(chain[a, b] for a, b in zip((0,) + tokens, tokens)) / len(tokens) ** length_penalty
 
 
-def assert_brute_force_best(out, chains, max_new_tokens, length_penalty):
+def assert_brute_force_best(out, chains, max_new_tokens, length_penalty, eos=(CHAIN_EOS,)):
     """Each row's output is a finished hypothesis (padded with 0) that scores as high as the best of all.
 
     Scores are compared, not tokens: in a Markov chain, reorderings of a path can tie exactly."""
     for row, chain in enumerate(chains):
         length = int(out.lengths[row])
         tokens = tuple(out.tokens[row, :length].tolist())
-        assert tokens in set(hypotheses(len(chain), max_new_tokens)), f"row {row}: {tokens}"
+        every = list(hypotheses(len(chain), max_new_tokens, eos))
+        assert tokens in set(every), f"row {row}: {tokens}"
         assert not out.tokens[row, length:].any()
-        best = max(hypothesis_score(chain, other, length_penalty) for other in hypotheses(len(chain), max_new_tokens))
+        best = max(hypothesis_score(chain, other, length_penalty) for other in every)
         np.testing.assert_allclose(out.scores[row], best, rtol=1e-5, err_msg=f"row {row}")
         np.testing.assert_allclose(hypothesis_score(chain, tokens, length_penalty), best, rtol=1e-5)
 
@@ -232,6 +238,15 @@ def test_a_live_beam_at_the_length_limit_competes_with_finished_ones(length_pena
     out = chain_beam_search(chains, length_penalty, num_beams=2, max_new_tokens=3)
     assert out.tokens[0].tolist() == [1, 1, 1]
     assert_brute_force_best(out, chains, 3, length_penalty)
+
+
+def test_a_live_beam_survives_when_several_eos_ids_lead():
+    """EOS ids 2 and 3 are the two likeliest first tokens: one beam keeps the third, A (0.31), whose
+    A A A cut at the limit wins under length penalty 2 (the 2W best candidates were both EOS)."""
+    chains = two_step_chain(first=[0.0, 0.31, 0.34, 0.35], after_a=[0.0, 0.99, 0.005, 0.005])
+    out = chain_beam_search(chains, 2.0, num_beams=1, max_new_tokens=3, eos_id=(2, 3))
+    assert out.tokens[0].tolist() == [1, 1, 1]
+    assert_brute_force_best(out, chains, 3, 2.0, eos=(2, 3))
 
 
 def test_a_negative_length_penalty_does_not_stop_too_early():

@@ -202,6 +202,16 @@ def test_generation_never_emits_ids_past_the_vocabulary():
     assert np.asarray(output.tokens).max() < limit
 
 
+def test_several_eos_ids_come_from_generation_config_json(tmp_path):
+    """As transformers' generate: generation_config.json's ids over config.json's, every EOS id of a
+    list (an instruct model's end of turn is often the second), and a Sampler stops at any."""
+    llama = _copy("llama", tmp_path)
+    assert tfm.from_pretrained(llama).generation == {"eos_id": 2}
+    (llama / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "pad_token_id": 0}))
+    assert tfm.from_pretrained(llama).generation == {"eos_id": (2, 7), "pad_id": 0}
+    assert tfm.Sampler.load(llama)._config(None, {}).eos_ids == (2, 7)
+
+
 def _copy(name: str, tmp_path: pathlib.Path) -> pathlib.Path:
     target = tmp_path / name
     shutil.copytree(FIXTURES / name, target)

@@ -52,12 +52,16 @@ class GenerationConfig:
     num_beams: int = 4  # beam: W live beams per row
     length_penalty: float = 1.0  # beam: a hypothesis scores sum(log p) / length**length_penalty
     no_repeat_ngram_size: int = 0  # n > 0: no n-gram occurs twice in the generated tokens (all strategies)
-    eos_id: int | None = None  # a row stops at this token (kept); None: rows never stop early
+    eos_id: int | tuple[int, ...] | None = None  # a row stops at this token or any of these (kept); None: never
     pad_id: int | None = None  # pads the prompts and the output after EOS; None: 0
     bos_id: int | None = None  # the first decoder input of an encoder-decoder model
     vocab_size: int | None = None  # only ids below it are generated (embedding rows past a tokenizer); None: all
 
     def __post_init__(self):
+        if isinstance(self.eos_id, (list, tuple)):  # several end tokens (an instruct model's end of turn)
+            if not self.eos_id:
+                raise ValueError("eos_id must be a token id, a non-empty list of them, or None.")
+            object.__setattr__(self, "eos_id", tuple(int(i) for i in self.eos_id))  # hashable: a compile key
         if self.strategy not in STRATEGIES:
             raise ValueError(f"Unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}.")
         if self.max_new_tokens < 1:
@@ -79,6 +83,11 @@ class GenerationConfig:
             raise ValueError(f"vocab_size must be >= 1 or None, got {self.vocab_size}.")
         if self.strategy == "beam" and not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}.")
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids a row stops at: eos_id as a tuple (empty for None)."""
+        return _as_ids(self.eos_id)
 
     def replace(self, **options: Any) -> GenerationConfig:
         """A copy with some options changed (and checked); an unknown option is a TypeError."""
@@ -372,7 +381,7 @@ def sample_loop(
     temperature: float | jax.Array = 1.0,
     top_k: int | None = None,
     top_p: float | jax.Array | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
     no_repeat_ngram_size: int = 0,
     on_tokens: Callable[[jax.Array], None] | None = None,
@@ -382,7 +391,7 @@ def sample_loop(
     logits [B, V]: the distribution of the first new token (from the prefill), chosen before
     the loop; each loop step runs `decode_step` on the last token and chooses the next, so
     max_new_tokens tokens take max_new_tokens - 1 decode steps. The loop stops when every
-    row has produced eos_id or after max_new_tokens tokens. `on_tokens`, when given, is
+    row has produced eos_id (or one of several) or after max_new_tokens tokens. `on_tokens`, when given, is
     called with each step's tokens [B] (pad_id for finished rows), e.g. to send them to the
     host with `jax.debug.callback` (streaming). With `no_repeat_ngram_size` n > 0, no n-gram
     occurs twice in a row's tokens; scores stay the model's log-probabilities.
@@ -405,7 +414,7 @@ def sample_loop(
             tokens=state.tokens.at[:, state.step].set(token),
             lengths=state.lengths + (~state.done).astype(jnp.int32),
             scores=state.scores + jnp.where(state.done, 0.0, token_log_prob),
-            done=state.done if eos_id is None else state.done | (token == eos_id),
+            done=state.done | _is_eos(token, eos_id),
             token=token,
             rng=rng,
         )
@@ -420,6 +429,16 @@ def sample_loop(
     start = SamplingState.start(cache, rng, batch=logits.shape[0], max_new_tokens=max_new_tokens, pad_id=pad_id)
     state = jax.lax.while_loop(cond, body, choose(start, logits))
     return GenerateOutput(state.tokens, state.lengths, state.scores)
+
+
+def _as_ids(eos_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    return () if eos_id is None else tuple(eos_id) if isinstance(eos_id, (list, tuple)) else (eos_id,)
+
+
+def _is_eos(token: jax.Array, eos_id: int | Sequence[int] | None) -> jax.Array:
+    """Whether each token is (one of) the EOS id(s); all False for None."""
+    ids = _as_ids(eos_id)
+    return jnp.isin(token, jnp.asarray(ids, token.dtype)) if ids else jnp.zeros(token.shape, bool)
 
 
 def _length_penalty(length: jax.Array, alpha: float | jax.Array) -> jax.Array:
@@ -487,7 +506,7 @@ def beam_search(
     num_beams: int,
     max_new_tokens: int,
     length_penalty: float | jax.Array = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
     no_repeat_ngram_size: int = 0,
     select_rows: Callable = lambda cache, rows: cache.select_rows(rows),
@@ -496,11 +515,13 @@ def beam_search(
 
     logits [B, V] and cache (B rows) come from the prefill; `select_rows(cache, rows)` gathers cache
     rows. A hypothesis scores sum(log p) / length**length_penalty and repeats no n-gram of size
-    `no_repeat_ngram_size` (0: off). Each step extends every live beam by every token, keeps the 2W
-    best, finishes those ending in EOS (all, at the last step) and continues the W best others,
-    until no live beam can beat the W-th best finished hypothesis.
+    `no_repeat_ngram_size` (0: off). Each step extends every live beam by every token, keeps the
+    (1 + E)W best (E: the number of EOS ids, so that W of them do not end), finishes those ending
+    in EOS (all, at the last step) and continues the W best others, until no live beam can beat
+    the W-th best finished hypothesis.
     """
     (batch, vocab), width, steps = logits.shape, num_beams, max_new_tokens
+    candidates_kept = (1 + len(_as_ids(eos_id))) * width
     rows = jnp.arange(batch)[:, None]
 
     def body(state):
@@ -508,11 +529,11 @@ def beam_search(
         log_probs = jax.nn.log_softmax(state.logits.astype(jnp.float32), axis=-1).reshape(batch, width, vocab)
         log_probs = ban_repeated_ngrams(log_probs, state.alive, i, no_repeat_ngram_size)
         candidates = (state.alive_scores[:, :, None] + log_probs).reshape(batch, width * vocab)
-        scores, index = jax.lax.top_k(candidates, 2 * width)  # [B, 2W]: at most W of them end in EOS
+        scores, index = jax.lax.top_k(candidates, candidates_kept)  # at most E x W of them end in EOS
         parent, token = index // vocab, (index % vocab).astype(jnp.int32)
-        sequences = state.alive[rows, parent].at[:, :, i].set(token)  # [B, 2W, steps]
+        sequences = state.alive[rows, parent].at[:, :, i].set(token)  # [B, (1 + E)W, steps]
         at_limit = jnp.full(token.shape, i + 1 == steps)  # at the length limit live beams finish too
-        ends = at_limit if eos_id is None else at_limit | (token == eos_id)
+        ends = at_limit | _is_eos(token, eos_id)
 
         normalised = jnp.where(ends, scores / _length_penalty(i + 1, length_penalty), _NEG_INF)
         finished, finished_scores, finished_lengths = _best_finished(state, sequences, normalised, i + 1)
@@ -691,10 +712,10 @@ def _check_arguments(model, rows, lengths, config: GenerationConfig, *, rng, str
             raise ValueError(f"Prompt {i} has token ids outside the vocabulary [0, {vocab_size}).")
     if config.vocab_size is not None and config.vocab_size > vocab_size:
         raise ValueError(f"GenerationConfig.vocab_size={config.vocab_size} exceeds the model's {vocab_size}.")
-    for name in ("eos_id", "pad_id", "bos_id"):
-        token = getattr(config, name)
-        if token is not None and not 0 <= token < vocab_size:
-            raise ValueError(f"{name}={token} is outside the vocabulary [0, {vocab_size}).")
+    for name, tokens in (("eos_id", config.eos_ids), ("pad_id", [config.pad_id]), ("bos_id", [config.bos_id])):
+        for token in tokens:
+            if token is not None and not 0 <= token < vocab_size:
+                raise ValueError(f"{name}={token} is outside the vocabulary [0, {vocab_size}).")
     if config.strategy == "sample":
         if rng is None:
             raise ValueError("Sampling needs a random key: pass rng=jax.random.PRNGKey(seed).")

@@ -53,7 +53,7 @@ class Pretrained:
     tokenizer: Tokenizer | None  # None when the directory has no tokenizer files
     head: str
     fresh: tuple[str, ...] = ()  # parameters of a new head, initialised here (not in the checkpoint)
-    generation: dict[str, int] = dataclasses.field(default_factory=dict)  # config.json's eos_id, pad_id, bos_id
+    generation: dict[str, Any] = dataclasses.field(default_factory=dict)  # eos_id(s), pad_id, bos_id to generate with
     sentence_length: int | None = None  # the longest text `embed` reads (sentence-transformers' max_seq_length)
     label_names: tuple[str, ...] = ()  # a classifier's labels by id (config.json's id2label; a run's labels.json)
 
@@ -126,7 +126,7 @@ def from_pretrained(
         model, params = model.clone(config=config.replace(scan_layers=True)), _stacked(params)
     labels = _label_names(hf) if head in (CLASSIFY, TOKEN_CLASSIFY) and not fresh else ()
     return Pretrained(model, traverse_util.unflatten_dict(params, sep="/"), _tokenizer(path, model.config), head,
-                      tuple(fresh), _generation_ids(hf), _sentence_length(path), labels)
+                      tuple(fresh), _generation_ids(hf, path), _sentence_length(path), labels)
 
 
 def _label_names(hf: dict[str, Any]) -> tuple[str, ...]:
@@ -317,13 +317,23 @@ def _tokenizer(path: pathlib.Path, config: ModelConfig) -> Tokenizer | None:
     return tokenizer
 
 
-def _generation_ids(hf: dict[str, Any]) -> dict[str, int]:
-    """GenerationConfig's ids from config.json: eos_id (the first, where it lists several), pad_id, and
-    bos_id = the decoder start of an encoder-decoder model."""
-    names = dict(eos_id="eos_token_id", pad_id="pad_token_id", bos_id="decoder_start_token_id")
-    values = {ours: hf.get(theirs) for ours, theirs in names.items()}
-    values = {name: value[0] if isinstance(value, list) and value else value for name, value in values.items()}
-    return {name: value for name, value in values.items() if isinstance(value, int)}
+def _generation_ids(hf: dict[str, Any], path: pathlib.Path) -> dict[str, Any]:
+    """GenerationConfig's ids, as transformers' `generate` reads them: generation_config.json's,
+    else config.json's: eos_id (a tuple where they list several: an instruct model's end of
+    turn), pad_id, and bos_id = the decoder start of an encoder-decoder model."""
+    file = path / "generation_config.json"
+    try:
+        generation = hf | (json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {})
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{file} is not valid JSON: {error}.") from None
+    ids = {}
+    for ours, theirs in dict(eos_id="eos_token_id", pad_id="pad_token_id", bos_id="decoder_start_token_id").items():
+        value = generation.get(theirs)
+        if isinstance(value, list) and value and all(isinstance(i, int) for i in value):
+            value = tuple(value) if ours == "eos_id" and len(value) > 1 else value[0]
+        if isinstance(value, (int, tuple)):
+            ids[ours] = value
+    return ids
 
 
 def _sentence_length(path: pathlib.Path) -> int | None:

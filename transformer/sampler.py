@@ -41,8 +41,8 @@ class Sampler:
     def __init__(
         self, model: CausalLM | Seq2SeqLM, params, tokenizer: Tokenizer, *, token_ids: dict[str, int] | None = None
     ):
-        """token_ids: eos_id, pad_id and bos_id (the decoder start) where they are not the
-        tokenizer's (a checkpoint's config.json sets T5's decoder start to its pad id)."""
+        """token_ids: eos_id (one or several), pad_id and bos_id (the decoder start) where they are
+        not the tokenizer's (a checkpoint's config.json sets T5's decoder start to its pad id)."""
         tokenizer.check_compatible(model.config)
         self.tokenizer = tokenizer
         # GenerationConfig fields a call leaves None: the token ids, and the ids that may be generated
@@ -95,8 +95,10 @@ class Sampler:
 
     def prompt_ids(self, text: str) -> list[int]:
         """The ids a text is given to the model as (see `prompt_ids`)."""
-        source_eos_id = self.defaults["eos_id"] if self.is_encoder_decoder else None
-        return prompt_ids(self.tokenizer, text, source_eos_id=source_eos_id)
+        if not self.is_encoder_decoder:
+            return prompt_ids(self.tokenizer, text)
+        eos_ids = self._config(None, {}).eos_ids  # a source ends with the first
+        return prompt_ids(self.tokenizer, text, source_eos_id=eos_ids[0] if eos_ids else None)
 
     def _generate(self, texts: Sequence[str], config: GenerationConfig, seed: int, on_tokens=None):
         prompts = [self.prompt_ids(text) for text in texts]
@@ -163,7 +165,7 @@ class Sampler:
         while (item := pieces.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
-            if item == config.eos_id:  # decoded as nothing; checked first, as the pad id may be the same
+            if item in config.eos_ids:  # decoded as nothing; checked first, as the pad id may be the same
                 break
             if item == config.pad_id:
                 continue
