@@ -516,12 +516,10 @@ def beam_search(
     logits [B, V] and cache (B rows) come from the prefill; `select_rows(cache, rows)` gathers cache
     rows. A hypothesis scores sum(log p) / length**length_penalty and repeats no n-gram of size
     `no_repeat_ngram_size` (0: off). Each step extends every live beam by every token, keeps the
-    (1 + E)W best (E: the number of EOS ids, so that W of them do not end), finishes those ending
-    in EOS (all, at the last step) and continues the W best others, until no live beam can beat
-    the W-th best finished hypothesis.
+    (1 + E)W best (E EOS ids: W of them do not end), finishes those ending in EOS (all, at the last
+    step) and continues the W best others, until no live beam can beat the W-th best finished one.
     """
-    (batch, vocab), width, steps = logits.shape, num_beams, max_new_tokens
-    candidates_kept = (1 + len(_as_ids(eos_id))) * width
+    (batch, vocab), width, steps, eos_ids = logits.shape, num_beams, max_new_tokens, _as_ids(eos_id)
     rows = jnp.arange(batch)[:, None]
 
     def body(state):
@@ -529,11 +527,11 @@ def beam_search(
         log_probs = jax.nn.log_softmax(state.logits.astype(jnp.float32), axis=-1).reshape(batch, width, vocab)
         log_probs = ban_repeated_ngrams(log_probs, state.alive, i, no_repeat_ngram_size)
         candidates = (state.alive_scores[:, :, None] + log_probs).reshape(batch, width * vocab)
-        scores, index = jax.lax.top_k(candidates, candidates_kept)  # at most E x W of them end in EOS
+        scores, index = jax.lax.top_k(candidates, (1 + len(eos_ids)) * width)  # at most E x W of them end in EOS
         parent, token = index // vocab, (index % vocab).astype(jnp.int32)
         sequences = state.alive[rows, parent].at[:, :, i].set(token)  # [B, (1 + E)W, steps]
         at_limit = jnp.full(token.shape, i + 1 == steps)  # at the length limit live beams finish too
-        ends = at_limit | _is_eos(token, eos_id)
+        ends = at_limit | _is_eos(token, eos_ids)
 
         normalised = jnp.where(ends, scores / _length_penalty(i + 1, length_penalty), _NEG_INF)
         finished, finished_scores, finished_lengths = _best_finished(state, sequences, normalised, i + 1)
