@@ -210,6 +210,9 @@ def test_several_eos_ids_come_from_generation_config_json(tmp_path):
     (llama / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "pad_token_id": 0}))
     assert tfm.from_pretrained(llama).generation == {"eos_id": (2, 7), "pad_id": 0}
     assert tfm.Sampler.load(llama)._config(None, {}).eos_ids == (2, 7)
+    (llama / "generation_config.json").write_text('{"eos_token_id": [2, 7]')
+    with pytest.raises(ValueError, match="generation_config.json is not valid JSON"):
+        tfm.from_pretrained(llama)
 
 
 def _copy(name: str, tmp_path: pathlib.Path) -> pathlib.Path:
@@ -367,6 +370,9 @@ def test_sharded_checkpoints_load_like_one_file(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, tfm.from_pretrained(path).params, load("llama").params)
     (path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="lists model-00002-of-00002.safetensors, which is missing"):
+        tfm.from_pretrained(path)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ValueError, match="has no weight_map"):
         tfm.from_pretrained(path)
 
 

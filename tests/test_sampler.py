@@ -71,6 +71,16 @@ def test_stream_joins_to_the_full_result(lm_run, options):
     assert "".join(pieces) == sampler("Ka to", max_new_tokens=16, **options)
 
 
+def test_a_stream_stops_at_any_of_several_eos_ids(lm_run):
+    sampler = Sampler.load(lm_run)
+    options = dict(max_new_tokens=16, strategy="sample", temperature=1.0, seed=1)
+    prompt, new = sampler.token_ids("Ka to", **options)
+    stop = next(i for i in range(2, len(new)) if new[i] not in new[:i])  # a token that first appears at i
+    options["eos_id"] = (sampler.tokenizer.eos_id, new[stop])
+    pieces = list(sampler.stream("Ka to", **options))
+    assert "".join(pieces) == sampler._text(prompt, new[:stop]) == sampler("Ka to", **options)
+
+
 def test_a_stream_of_byte_tokens_joins_to_the_full_result_across_split_characters():
     """A byte-level tokenizer (GPT-2's kind) cuts characters of several bytes across tokens: the
     stream holds such a character back until its last byte, and goes on after it."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import secrets
+from typing import Any
 
 
 def write_atomically(path: str | os.PathLike, text: str) -> None:
@@ -36,3 +38,18 @@ def file_digests(directory: str | os.PathLike, listing: str) -> dict[str, str]:
     directory = pathlib.Path(directory)
     return {path.relative_to(directory).as_posix(): sha256_file(path) for path in sorted(directory.rglob("*"))
             if path.is_file() and not path.name.startswith(listing)}
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object of a settings file ({} where there is no such file); a clear error where
+    the file is not JSON or holds something other than an object."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object of settings.")
+    return value

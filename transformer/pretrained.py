@@ -33,7 +33,7 @@ from transformer.architectures import (
 )
 from transformer.config import ModelConfig
 from transformer.decoding import unscanned
-from transformer.files import write_atomically
+from transformer.files import read_json_object, write_atomically
 from transformer.models import (
     CausalLM, EncoderModel, MaskedLM, Seq2SeqLM, SequenceClassifier, TokenClassifier, sentence_embedding,
 )
@@ -193,10 +193,7 @@ def _read_config(path: pathlib.Path) -> dict[str, Any]:
             f"{path} is not a run directory (no config.yaml, written by `python -m train`) nor a Hugging Face "
             f"checkpoint directory (no config.json beside {WEIGHTS})."
         )
-    try:
-        hf = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{file} is not valid JSON: {error}.") from None
+    hf = read_json_object(file)
     if hf.get("model_type") in NOT_SUPPORTED:
         raise UnsupportedCheckpoint(f"{file}: {NOT_SUPPORTED[hf['model_type']]}.")
     if hf.get("model_type") not in ARCHITECTURES:
@@ -214,7 +211,10 @@ def _read_tensors(path: pathlib.Path, dtype: str) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
     if (path / INDEX).is_file():
-        files = sorted(set(json.loads((path / INDEX).read_text(encoding="utf-8"))["weight_map"].values()))
+        weight_map = read_json_object(path / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{path / INDEX} has no weight_map of tensor names to files; download it again.")
+        files = sorted(set(weight_map.values()))
     elif (path / WEIGHTS).is_file():
         files = [WEIGHTS]
     elif any(path.glob("pytorch_model*.bin")):
@@ -321,11 +321,7 @@ def _generation_ids(hf: dict[str, Any], path: pathlib.Path) -> dict[str, Any]:
     """GenerationConfig's ids, as transformers' `generate` reads them: generation_config.json's,
     else config.json's: eos_id (a tuple where they list several: an instruct model's end of
     turn), pad_id, and bos_id = the decoder start of an encoder-decoder model."""
-    file = path / "generation_config.json"
-    try:
-        generation = hf | (json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {})
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{file} is not valid JSON: {error}.") from None
+    generation = hf | read_json_object(path / "generation_config.json")
     ids = {}
     for ours, theirs in dict(eos_id="eos_token_id", pad_id="pad_token_id", bos_id="decoder_start_token_id").items():
         value = generation.get(theirs)
@@ -338,8 +334,7 @@ def _generation_ids(hf: dict[str, Any], path: pathlib.Path) -> dict[str, Any]:
 
 def _sentence_length(path: pathlib.Path) -> int | None:
     """sentence-transformers' max_seq_length (sentence_bert_config.json), the length its embeddings use."""
-    file = path / "sentence_bert_config.json"
-    return json.loads(file.read_text(encoding="utf-8")).get("max_seq_length") if file.is_file() else None
+    return read_json_object(path / "sentence_bert_config.json").get("max_seq_length")
 
 
 def _from_run(path: pathlib.Path, head: str | None) -> Pretrained:

@@ -124,7 +124,10 @@ class Sampler:
         `seed` fixes sampling.
         """
         texts = _texts(text)
-        prompts, generated = self._generate(texts, self._config(config, options), seed)
+        config = self._config(config, options)
+        prompts, generated = self._generate(texts, config, seed)
+        # a final EOS is not text, even where it is an ordinary token (a stop id of the caller's)
+        generated = [g[:-1] if g and g[-1] in config.eos_ids else g for g in generated]
         outputs = [self._text(p, g) for p, g in zip(prompts, generated)]
         return outputs[0] if isinstance(text, str) else outputs
 

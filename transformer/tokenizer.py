@@ -34,7 +34,7 @@ import tokenizers
 from tokenizers.implementations import BertWordPieceTokenizer, ByteLevelBPETokenizer
 
 from transformer.config import ModelConfig
-from transformer.files import write_atomically
+from transformer.files import read_json_object, write_atomically
 
 CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
 ENCODER_SYMBOLS = (CLS, SEP, MASK)
@@ -465,8 +465,8 @@ class _Configs:
     @classmethod
     def read(cls, directory: pathlib.Path) -> _Configs:
         return cls(
-            directory, _read_json(directory / "tokenizer_config.json"),
-            _read_json(directory / "special_tokens_map.json"), _read_json(directory / "config.json"),
+            directory, read_json_object(directory / "tokenizer_config.json"),
+            read_json_object(directory / "special_tokens_map.json"), read_json_object(directory / "config.json"),
         )
 
     def named_token(self, kind: str) -> tuple[str, str] | None:
@@ -491,18 +491,6 @@ class _Configs:
         """T5's sentinel count: tokenizer_config.json's extra_ids, by default 100 for T5 and 0 otherwise."""
         default = T5_DEFAULT_EXTRA_IDS if self.tokenizer.get("tokenizer_class") in T5_CLASSES else 0
         return self.tokenizer.get("extra_ids", default)
-
-
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object of settings.")
-    return value
 
 
 def _special_tokens(
