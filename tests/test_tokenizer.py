@@ -88,14 +88,22 @@ NORMALISED = ["Hello,  world!  Two  spaces.", "  leading and trailing  ", "tab\t
               "café 東京 ½", "multiple    inner     spaces", "   ", "", "end  ", "a [MASK] b [SEP] c"]
 
 
-def test_a_llama_class_save_writes_a_tokenizer_json_that_encodes_as_the_model(tokenizer, tmp_path):
-    """transformers' fast Llama tokenizer reads tokenizer.json, else converts tokenizer.model without
-    its normalisation (other ids for the texts above); T5's fast tokenizer keeps it, so T5's class
-    needs none."""
+def test_a_llama_or_albert_class_save_writes_a_tokenizer_json_that_encodes_as_the_model(tokenizer, tmp_path):
+    """transformers' fast Llama and Albert tokenizers read tokenizer.json, else convert the model
+    without its normalisation (other ids for the texts above; Albert's ends a text that ends in
+    spaces with a "▁"); T5's fast tokenizer keeps it, so T5's class needs none."""
     tokenizer.save(tmp_path / "llama", tokenizer_class="LlamaTokenizer")
     fast = tokenizers.Tokenizer.from_file(str(tmp_path / "llama" / "tokenizer.json"))
     for text in NORMALISED + held_out():
         assert fast.encode(text, add_special_tokens=False).ids == tokenizer.encode(text), repr(text)
+    tokenizer.save(tmp_path / "albert", tokenizer_class="AlbertTokenizer")
+    fast = tokenizers.Tokenizer.from_file(str(tmp_path / "albert" / "tokenizer.json"))
+    cls, sep = tokenizer.cls_id, tokenizer.sep_id
+    for text in NORMALISED + held_out():
+        assert fast.encode(text).ids == [cls, *tokenizer.encode(text), sep], repr(text)
+    pair = fast.encode("Ka to", "ri ber")
+    assert pair.ids == [cls, *tokenizer.encode("Ka to"), sep, *tokenizer.encode("ri ber"), sep]
+    assert pair.type_ids == [0] * (len(tokenizer.encode("Ka to")) + 2) + [1] * (len(tokenizer.encode("ri ber")) + 1)
     tokenizer.save(tmp_path / "t5", tokenizer_class="T5Tokenizer")
     assert not (tmp_path / "t5" / "tokenizer.json").exists()
 

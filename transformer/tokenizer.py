@@ -327,16 +327,18 @@ class SentencePieceTokenizer(Tokenizer):
         `transformers` class that encodes as `encode` does: "T5Tokenizer" (spiece.model; it ends a
         text with EOS, as an encoder-decoder source here is), "LlamaTokenizer" (tokenizer.model;
         BOS as `adds_bos` says, no EOS) or "AlbertTokenizer" (spiece.model; [CLS] text [SEP]); by
-        default the one that keeps `adds_bos` and the extra ids. A Llama-class save of a model that
-        normalises text also writes tokenizer.json, which `transformers`' fast tokenizer then
-        reads (see `_normalizing_as_tokenizers`)."""
+        default the one that keeps `adds_bos` and the extra ids. A Llama- or Albert-class save of a
+        model that normalises text also writes tokenizer.json, which `transformers`' fast tokenizer
+        then reads (see `_normalizing_as_tokenizers`)."""
         tokenizer_class = tokenizer_class or ("LlamaTokenizer" if self.adds_bos else "T5Tokenizer")
         settings = SENTENCEPIECE_CLASSES[tokenizer_class](self)
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         file = directory / ("tokenizer.model" if tokenizer_class == "LlamaTokenizer" else "spiece.model")
         file.write_bytes(self._sp.serialized_model_proto())
-        if tokenizer_class == "LlamaTokenizer" and (fast := _normalizing_as_tokenizers(self._sp)):
+        if tokenizer_class != "T5Tokenizer" and (fast := _normalizing_as_tokenizers(self._sp)):
+            if tokenizer_class == "AlbertTokenizer":
+                fast.post_processor = _cls_sep_template(self)
             write_atomically(directory / "tokenizer.json", fast.to_str())
         _write_tokenizer_config(directory, self, tokenizer_class=tokenizer_class, **settings)
         return directory
@@ -385,6 +387,18 @@ def _normalizing_as_tokenizers(sp: spm.SentencePieceProcessor) -> tokenizers.Tok
     fast.add_tokens([tokenizers.AddedToken(piece.piece, normalized=True) for piece in proto.pieces
                      if piece.type == kinds.USER_DEFINED])
     return fast
+
+
+def _cls_sep_template(tok: SentencePieceTokenizer) -> tokenizers.processors.TemplateProcessing:
+    """BERT's [CLS] A [SEP] (B [SEP]), with token types 0 and 1: what AlbertTokenizer adds."""
+    if tok.specials.cls is None or tok.specials.sep is None:
+        raise ValueError(f"{tok!r} has no [CLS] or no [SEP] token, which AlbertTokenizer adds to every text; "
+                         "save it as another tokenizer_class, or train it with BERT's special tokens.")
+    cls, sep = tok.id_to_token(tok.cls_id), tok.id_to_token(tok.sep_id)
+    return tokenizers.processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, tok.cls_id), (sep, tok.sep_id)],
+    )
 
 
 def _merges(ids: dict[str, int]) -> list[tuple[str, str]]:
