@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -152,8 +153,9 @@ def hugging_face(config: tfm.ModelConfig, prompts: np.ndarray) -> Run | str:
     return run
 
 
-def prefill_and_step(run: Run, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """Median seconds of a prefill (1 new token) and of one decode step (see the module doc)."""
+def prefill_and_step(run: Run, new_tokens: int, repeats: int) -> tuple[float, float | None]:
+    """Median seconds of a prefill (1 new token) and of one decode step (see the module doc);
+    None for the step when noise made the whole call no slower than the prefill alone."""
     run(1), run(new_tokens)  # warm-up: compiles both programs
     prefills, fulls = [], []
     for round_ in range(repeats):
@@ -162,7 +164,11 @@ def prefill_and_step(run: Run, new_tokens: int, repeats: int) -> tuple[float, fl
             run(tokens)
             (prefills if tokens == 1 else fulls).append(time.perf_counter() - start)
     prefill, full = statistics.median(prefills), statistics.median(fulls)
-    return prefill, max(full - prefill, 0.0) / (new_tokens - 1)
+    if full <= prefill:
+        print(f"warning: {new_tokens} tokens took no longer than 1 ({full * 1e3:.2f} against {prefill * 1e3:.2f} ms): "
+              "no decode step time; raise --repeats or --new-tokens.", file=sys.stderr)
+        return prefill, None
+    return prefill, (full - prefill) / (new_tokens - 1)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -246,7 +252,7 @@ def main():
                 row = {
                     "model": name, "dtype": dtype, "batch": batch,
                     "prefill_ms": prefill * 1e3, "prefill_tokens_per_second": batch * args.prompt_length / prefill,
-                    "decode_ms_per_step": step * 1e3, "decode_tokens_per_second": batch / step if step else None,
+                    "decode_ms_per_step": step and step * 1e3, "decode_tokens_per_second": step and batch / step,
                     "bound_ms_per_step": bound * 1e3, "percent_of_bound": 100 * bound / step if step else None,
                     "flop_ms_per_step": reads["flops_per_step"] / peaks[dtype] * 1e3,
                     **reads,
@@ -257,8 +263,8 @@ def main():
                         hf_missing = hf
                     else:
                         hf_prefill, hf_step = prefill_and_step(hf, args.new_tokens, args.repeats)
-                        row.update(hf_prefill_ms=hf_prefill * 1e3, hf_decode_ms_per_step=hf_step * 1e3,
-                                   hf_over_ours_step=hf_step / step if step else None)
+                        row.update(hf_prefill_ms=hf_prefill * 1e3, hf_decode_ms_per_step=hf_step and hf_step * 1e3,
+                                   hf_over_ours_step=hf_step / step if step and hf_step else None)
                 rows.append(row)
                 print(line(row, columns))
     if hf_missing:

@@ -49,7 +49,7 @@ def loop_steps_per_second(config) -> list[float]:
     with tempfile.TemporaryDirectory() as run_dir:
         loop.run(config.replace(run_dir=run_dir), progress=False)
         records, _ = rundir.read_metrics(pathlib.Path(run_dir) / "metrics.jsonl")
-        return [r["steps_per_second"] for r in records if r["split"] == "train"]
+        return [r["steps_per_second"] for r in records if r["split"] == "train" and "steps_per_second" in r]
 
 
 def main():

@@ -104,7 +104,7 @@ def time_it(fn, repeats: int) -> float:
 
 def measured_matmul_peak(dtype: str = "float32", size: int | None = None, repeats: int = 5) -> float:
     """FLOP/s of a large square matrix product in `dtype` on the default device, measured now."""
-    size = size or (8192 if jax.default_backend() == "gpu" else 2048)
+    size = size or (2048 if jax.default_backend() == "cpu" else 8192)  # an accelerator needs a large one
     a = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32).astype(dtype)
     b = jax.random.normal(jax.random.PRNGKey(2), (size, size), jnp.float32).astype(dtype)
     product = jax.jit(lambda a, b: a @ b)
@@ -121,7 +121,7 @@ def measured_read_bandwidth(megabytes: int | None = None, repeats: int = 5) -> f
     plus write) measures more: 1.4-2.3x the read-only rates on the 2-core CPU of
     benchmarks/RESULTS.md, where other read-only kernels came within 25% of this one.
     """
-    megabytes = megabytes or (4096 if jax.default_backend() == "gpu" else 512)
+    megabytes = megabytes or (512 if jax.default_backend() == "cpu" else 4096)
     columns = 4096
     matrix = jnp.ones((megabytes * 2**20 // (4 * columns), columns), jnp.float32)
     vector = jnp.ones((columns,), jnp.float32)

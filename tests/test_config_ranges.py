@@ -112,3 +112,15 @@ def test_directory_as_yaml_file_names_it(tmp_path):
     folder.mkdir()
     with pytest.raises(ValueError, match="is a directory; pass a YAML file in it"):
         config_lib.parse_args([str(folder)])
+
+
+def test_text_settings_on_the_command_line_are_taken_verbatim(tmp_path):
+    """YAML would read these as a mapping, an octal number, a boolean and a comment."""
+    config = config_lib.parse_args(["sample_prompt=ROMEO:", "run_dir=runs/010", "tokenizer=yes", "init_from=a #1"])
+    assert (config.sample_prompt, config.run_dir, config.tokenizer, config.init_from) == (
+        "ROMEO:", "runs/010", "yes", "a #1")
+    assert config_lib.parse_args(["run_dir=010"]).run_dir == "010"
+    assert config_lib.parse_args(["train_files=[a.txt, b.txt]"]).train_files == ("a.txt", "b.txt")  # lists as YAML
+    (tmp_path / "config.yaml").write_text("sample_prompt:\n  ROMEO: thou\n")
+    with pytest.raises(ValueError, match="sample_prompt must be text.*quote it"):
+        config_lib.parse_args([str(tmp_path / "config.yaml")])

@@ -73,7 +73,10 @@ def test_the_body_starts_from_the_checkpoint(checkpoint, data, tmp_path):
 
 def test_the_run_keeps_the_checkpoint_tokenizer_and_reopens(checkpoint, data, tmp_path):
     """The run directory holds the checkpoint's tokenizer (recorded with its origin), reopens with
-    load_run, and resumes with the same tokenizer files."""
+    load_run, and resumes with the same tokenizer files, the checkpoint gone by then; a start
+    refused for data changed in place leaves the run's labels as they were."""
+    checkpoint = pathlib.Path(shutil.copytree(checkpoint, tmp_path / "checkpoint"))
+    data = dict(data, train=pathlib.Path(shutil.copyfile(data["train"], tmp_path / "train.jsonl")))
     run_dir = tmp_path / "run"
     result = loop.run(config_lib.parse_args(fine_tune_args(checkpoint, data, run_dir)), progress=False)
     assert result.step == 4 and "accuracy" in result.validation
@@ -89,8 +92,14 @@ def test_the_run_keeps_the_checkpoint_tokenizer_and_reopens(checkpoint, data, tm
     assert tokenizer_records and all(r["copied_from"] == str(checkpoint) and r["files"] for r in tokenizer_records)
     assert not (run_dir / "tokenizer.model").exists()
     saved = {p.name: p.read_bytes() for p in run_dir.glob("tokenizer*")}
+    shutil.rmtree(checkpoint)
     resumed = loop.run(config_lib.parse_args(fine_tune_args(checkpoint, data, run_dir, "steps=6")), progress=False)
     assert resumed.step == 6 and {p.name: p.read_bytes() for p in run_dir.glob("tokenizer*")} == saved
+    rows = [json.loads(line) for line in data["train"].read_text().splitlines()]
+    data["train"].write_text("\n".join(json.dumps(row | {"label": ("zzz", "aaa")[row["label"]]}) for row in rows))
+    with pytest.raises(ValueError, match="made from something else"):
+        loop.run(config_lib.parse_args(fine_tune_args(checkpoint, data, run_dir, "steps=8")), progress=False)
+    assert from_pretrained(run_dir).label_names == ("0", "1")
 
 
 def test_a_decoder_checkpoint_for_classification_is_a_clear_error(tmp_path, data):

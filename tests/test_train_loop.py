@@ -242,6 +242,8 @@ def test_resume_after_sigkill_is_bitwise_identical(corpus, long_reference, tmp_p
     # The log reads as if the run had never stopped: what was logged after the checkpoint is dropped.
     steps = lambda run: [(r["step"], r["split"]) for r in records(run)]
     assert steps(run_dir) == steps(long_reference)
+    losses = lambda run: [r["loss"] for r in records(run) if r["split"] == "train"]  # the first step after
+    assert losses(run_dir) == pytest.approx(losses(long_reference), rel=1e-6)  # the resume counts too
 
 
 def test_sigterm_saves_and_the_run_resumes(corpus, long_reference, tmp_path):
@@ -405,6 +407,56 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
     assert final_params(damaged)[0] == 16
 
 
+def test_resume_step_reads_its_step_before_moving_any_and_goes_back_once(corpus, reference, tmp_path, capsys):
+    """Going back to a damaged step is an error that moves nothing. Going back works once: the same
+    command, run again (after a stop, or a preemption), goes on from the steps saved since."""
+    damaged, run_dir = tmp_path / "damaged", tmp_path / "run"
+    for copy in (damaged, run_dir):
+        shutil.copytree(reference, copy)
+    params = damaged / "checkpoints" / "8" / "params"
+    largest = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 1
+    largest.write_bytes(bytes(data))
+    with pytest.raises(loop.CheckpointUnreadable, match="checkpoints/8 cannot be read"):
+        loop.run(config_lib.parse_args(tiny_args(corpus, damaged, "steps=16", "resume_step=8")), progress=False)
+    assert sorted(int(p.name) for p in (damaged / "checkpoints").iterdir()) == [4, 8, 12]
+    assert not (damaged / "set_aside").exists()
+    command = tiny_args(corpus, run_dir, "steps=16", "resume_step=8")
+    assert loop.run(config_lib.parse_args(command), progress=False).step == 16
+    assert "Resumed" in capsys.readouterr().out
+    again = loop.run(config_lib.parse_args(command), progress=False)
+    assert again.step == 16 and "has finished its 16 steps; nothing to do" in capsys.readouterr().out
+    assert len(list((run_dir / "set_aside").iterdir())) == 1  # step 12 of the first attempt only
+    result = loop.run(config_lib.parse_args([*command, "steps=18"]), progress=False)
+    output = capsys.readouterr().out
+    assert result.step == 18 and f"Resumed {run_dir} at step 16." in output
+    assert "resume_step=8: an earlier start went back to it" in output
+
+
+def test_a_stop_at_the_last_step_finishes_the_run(corpus, tmp_path, monkeypatch):
+    """SIGTERM during the last step: the run evaluates, saves and plots as if no signal came (it
+    used to stop, and a rerun found it finished without its final evaluation). Every step's
+    metrics are logged, the first (compiling) one's too, timed or not."""
+    fetched = 0
+
+    def signalled(batch, mesh):
+        nonlocal fetched
+        fetched += 1
+        if fetched == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return global_batch(batch, mesh)
+
+    monkeypatch.setattr(loop, "global_batch", signalled)
+    run_dir = tmp_path / "run"
+    result = loop.run(config_lib.parse_args(tiny_args(corpus, run_dir, "steps=6", "log_every=1")), progress=False)
+    assert result.stopped_by_signal is None and result.step == 6 and (run_dir / "loss.png").is_file()
+    assert [r["step"] for r in records(run_dir) if r["split"] == "validation"] == [6]
+    train = [r for r in records(run_dir) if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6] and all(np.isfinite(r["loss"]) for r in train)
+    assert "steps_per_second" not in train[0] and all("steps_per_second" in r for r in train[1:])
+
+
 @pytest.mark.parametrize("periodic", [["checkpoint_every=100"], ["checkpoint_every=4", "eval_every=4"]])
 def test_repeated_nonfinite_steps_stop_the_run_without_saving_them(corpus, tmp_path, monkeypatch, periodic):
     """Also when the step that reaches the limit is due for a checkpoint and an evaluation."""
@@ -438,9 +490,13 @@ def test_the_learning_rate_logged_is_the_one_the_last_update_used_when_steps_wer
     schedule = learning_rate_schedule(config.schedule, config.learning_rate, config.warmup_steps, config.steps)
     train = [r for r in records(tmp_path / "run") if r["split"] == "train"]
     assert 0 < train[-1]["nonfinite_steps"] < 12  # some steps were skipped, not all
+    skipped_before = 0
     for record in train:
         applied = record["step"] - record["nonfinite_steps"]
         assert record["learning_rate"] == pytest.approx(float(schedule(applied - 1)), rel=1e-6)
+        if record["nonfinite_steps"] - skipped_before < 2:  # the interval of 2 steps applied one: its figures
+            assert np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"]), record
+        skipped_before = record["nonfinite_steps"]
 
 
 def test_a_saved_step_has_its_training_record_even_if_the_run_dies_right_after(corpus, tmp_path, monkeypatch):

@@ -172,7 +172,7 @@ class TrainConfig:
     eval_batches: int = _field(20, "validation batches per evaluation; 0 = the whole split")
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
-    resume_step: int = _field(0, "resume from this checkpoint step; 0 = the newest that restores cleanly")
+    resume_step: int = _field(0, "go back to this checkpoint step (once); 0 = the newest that restores cleanly")
     sample_prompt: str = _field("ROMEO:", "causal LM: text continued at every evaluation")
     sample_tokens: int = 64
     bleu_examples: int = _field(100, "seq2seq: validation pairs translated for BLEU; 0 = none")
@@ -277,6 +277,9 @@ def _coerce(name: str, value):
     if kind in (bool, int, float):
         return coerce_scalar(name, kind, value)
     if kind is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"{name} must be text, got {value!r}; quote it in YAML (a colon and a space, "
+                             "or a leading dash or bracket, make other things of it).")
         return "" if value is None else str(value)
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         try:
@@ -356,10 +359,13 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ValueError(f"Cannot parse override {item!r}; write key=value (e.g. steps=500).")
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            value = text
+        if key in FIELDS and _field_type(FIELDS[key]) is str:
+            value = text  # verbatim: YAML reads "ROMEO:" as a mapping, "010" as 8, "yes" as True
+        else:
+            try:
+                value = yaml.safe_load(text) if text else ""
+            except yaml.YAMLError:
+                value = text
         if key.startswith("model."):
             model_fields[key.removeprefix("model.")] = value
         else:

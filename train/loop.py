@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import signal
@@ -49,11 +50,13 @@ from transformer import runs
 from transformer.architectures import ENCODER, LM, MLM, PRETRAINING
 from transformer.checkpoint import CheckpointUnreadable, Checkpointer
 from transformer.compile_cache import use_compilation_cache
+from transformer.files import read_json_object, write_atomically
 from transformer.models import merge_pretrained
 from transformer.pretrained import checkpoint_config, from_pretrained
 from transformer.tasks import Task
 from transformer.tokenizer import Tokenizer
 
+WENT_BACK = "went_back.json"  # the resume_step a start went back to (see `_goes_back`)
 # Keys that may change when a run directory is resumed; any other difference is an error.
 RESUMABLE_KEYS = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "sample_prompt",
@@ -103,13 +106,14 @@ def initialize_distributed(config: TrainConfig) -> None:
     jax.distributed.initialize(**arguments)
 
 
-def resolve_init_from(config: TrainConfig) -> TrainConfig:
+def resolve_init_from(config: TrainConfig, resuming: bool = False) -> TrainConfig:
     """Takes the architecture of `init_from` (a pretraining run's config.yaml, or a Hugging Face
     checkpoint's config.json), keeping this run's dropout, dtype, remat and attention
-    implementation, so its body loads under the new head."""
+    implementation, so its body loads under the new head. Resuming, the run's own config.yaml
+    has it (`init_from` is not read again, and may be gone)."""
     if not config.init_from:
         return config
-    source = init_source(config.init_from)
+    source = config.run_path if resuming else init_source(config.init_from)
     if (source / "config.yaml").is_file():
         pretrained, kind = load_yaml(source / "config.yaml").model, "run"
     else:
@@ -154,16 +158,16 @@ def prepare_data(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> 
     is_main = jax.process_index() == 0
     artefacts = rundir.Artefacts(run_dir, writable=is_main)
     train, validation, label_names = load_splits(config)
-    if is_main and label_names:
-        (run_dir / "labels.json").write_text(json.dumps(label_names))
     training_data = rundir.sha256_json(train)
-    tokenizer = prepare_tokenizer(config, run_dir, train, training_data, artefacts)
+    tokenizer = prepare_tokenizer(config, run_dir, train, training_data, artefacts, resuming)
     if resuming:  # the checkpoints continue training on the same data
         artefacts.check("checkpoints", {"training_data": training_data})
     else:
         artefacts.record("checkpoints", {"training_data": training_data})
-    if is_main:
+    if is_main:  # after the checks: a start they refuse changes nothing
         save_yaml(config, run_dir / "config.yaml")
+        if label_names:
+            write_atomically(run_dir / "labels.json", json.dumps(label_names))
     return task_data(config, tokenizer, train, validation), tokenizer, max(len(label_names), 2)
 
 
@@ -320,30 +324,36 @@ class Logger:
                 f"in all) and were skipped; stopping. The checkpoints in {self.job.run_dir / 'checkpoints'} hold the "
                 "last good state: lower learning_rate, raise warmup_steps or check the data, then resume."
             )
-        if not steps:  # the interval held only the first (compiling) step
-            return
-        values = metrics_lib.summarize(sums, token_level=TASKS[config.task].token_level)
-        values["grad_norm"] = sums["grad_norm"] / steps
+        values = self._averages(sums)
         values["learning_rate"] = float(self.job.schedule(counts["applied"] - 1))  # of the last update applied
-        values["steps_per_second"] = steps / elapsed
-        values["examples_per_second"] = steps * config.batch_size / elapsed
-        values["tokens_per_second"] = steps * self.step_tokens / elapsed
-        if self.peak:
-            values["mfu"] = steps * self.step_flops / elapsed / (self.peak * jax.device_count())
+        if steps:  # not an interval of the first (compiling) step alone
+            values["steps_per_second"] = steps / elapsed
+            values["examples_per_second"] = steps * config.batch_size / elapsed
+            values["tokens_per_second"] = steps * self.step_tokens / elapsed
+            if self.peak:
+                values["mfu"] = steps * self.step_flops / elapsed / (self.peak * jax.device_count())
         values["nonfinite_steps"] = counts["total"]
         self.log.write(step, "train", values)
-        postfix = {"loss": f"{values['loss']:.3f}", "tok/s": f"{values['tokens_per_second']:,.0f}"}
-        if self.peak:
+        postfix = {"loss": f"{values['loss']:.3f}"}
+        if steps:
+            postfix["tok/s"] = f"{values['tokens_per_second']:,.0f}"
+        if steps and self.peak:
             postfix["mfu"] = f"{values['mfu']:.1%}"
         self.bar.set_postfix(postfix, refresh=False)
 
+    def _averages(self, sums: dict[str, float]) -> dict[str, float]:
+        """The interval's metrics over the steps applied (NaN where every step was skipped)."""
+        if not sums["finite_steps"]:
+            return {"loss": math.nan, "grad_norm": math.nan}
+        values = metrics_lib.summarize(sums, token_level=TASKS[self.job.config.task].token_level)
+        return values | {"grad_norm": sums["grad_norm"] / sums["finite_steps"]}
+
     def after_step(self, step: int, metrics, state, *, first: bool) -> None:
         """Adds a step's metrics; at a log step, closes the interval (read at the next step)."""
-        if first:  # the first step compiles: time from its end, and leave it out of the interval
+        self.interval.add(metrics)
+        if first:  # the first step compiles: time from its end
             jax.block_until_ready(metrics)
             self.interval.restart()
-        else:
-            self.interval.add(metrics)
         if step % self.job.config.log_every == 0 or step == self.job.config.steps:
             consecutive, total = nonfinite_counts(state.opt_state)
             counts = {"consecutive": consecutive, "total": total, "applied": updates_applied(state.opt_state)}
@@ -386,7 +396,7 @@ def train_loop(job: Job, checkpointer: Checkpointer, log: metrics_lib.MetricsLog
                 if saving:
                     save(step)
                 stopped = signals.agreed() if jax.process_count() == 1 or step % config.log_every == 0 else None
-                if stopped:
+                if stopped and step < config.steps:  # at the last step: finish (evaluate, save) instead
                     logger.write_ready()
                     save(step)
                     checkpointer.wait()
@@ -422,7 +432,6 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     """
     initialize_distributed(config)
     use_compilation_cache(config.compilation_cache)
-    config = resolve_init_from(config)
     run_dir = config.run_path
     say = tqdm.write if jax.process_index() == 0 else (lambda *_: None)
     lock = rundir.RunLock(run_dir)
@@ -441,17 +450,17 @@ def _train(config: TrainConfig, run_dir: pathlib.Path, checkpointer: Checkpointe
     saved_steps = checkpointer.all_steps()
     resuming = bool(saved_steps)
     if resuming:
+        _check_is_run(run_dir)
+    config = resolve_init_from(config, resuming)
+    if resuming:
         start = _resume_step(config, run_dir, saved_steps)
-        if start == config.steps and not config.resume_step:
+        if start == config.steps and not _goes_back(config, run_dir, saved_steps):
             return _finished(config, run_dir, say)
     elif config.resume_step:
         raise ValueError(f"resume_step={config.resume_step}, but {run_dir} has no checkpoint yet.")
     job = set_up(config, run_dir, resuming)
     if resuming:
-        for newer in (s for s in saved_steps if config.resume_step and s > config.resume_step):
-            say(f"resume_step={config.resume_step}: moved the newer step {newer} to "
-                f"{_set_aside(checkpointer, run_dir, newer, 'after-resume-step')}.")
-        job.state, data_state = _restore(checkpointer, job.state, run_dir, fall_back=not config.resume_step, say=say)
+        job.state, data_state = _resume(config, checkpointer, job.state, run_dir, say)
         job.batches.set_state(data_state)
         say(f"Resumed {run_dir} at step {int(job.state.step)}.")
     elif config.init_from:
@@ -477,10 +486,8 @@ def _introduce(job: Job, log: metrics_lib.MetricsLog, say) -> None:
 
 def _resume_step(config: TrainConfig, run_dir: pathlib.Path, saved_steps: list[int]) -> int:
     """The checkpoint a run directory resumes from, after checking the config may resume it."""
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} has checkpoints but no config.yaml; it is not a run directory.")
     _check_resumable(config, run_dir)
-    start = config.resume_step or saved_steps[-1]
+    start = config.resume_step if _goes_back(config, run_dir, saved_steps) else saved_steps[-1]
     if start not in saved_steps:
         raise ValueError(f"resume_step={start}: no such checkpoint in {run_dir / 'checkpoints'}; saved steps: {saved_steps}.")
     if start > config.steps:
@@ -489,6 +496,40 @@ def _resume_step(config: TrainConfig, run_dir: pathlib.Path, saved_steps: list[i
             f"pass resume_step=N to go back to an earlier checkpoint, or choose a new run_dir."
         )
     return start
+
+
+def _goes_back(config: TrainConfig, run_dir: pathlib.Path, saved_steps: list[int]) -> bool:
+    """Whether this start goes back to `resume_step`: once. The steps saved after a start went
+    back to it (recorded in went_back.json) are resumed from, so that the same command, run again
+    after a stop or a preemption, goes on."""
+    if not config.resume_step:
+        return False
+    went_back = read_json_object(run_dir / WENT_BACK).get("resume_step") == config.resume_step
+    return not (went_back and saved_steps[-1] > config.resume_step)
+
+
+def _resume(config: TrainConfig, checkpointer: Checkpointer, state, run_dir: pathlib.Path, say):
+    """(state, data state) to resume from: `resume_step`'s checkpoint the first time a run goes back
+    to it (read before the newer steps are set aside, so that nothing moves if it cannot be read),
+    else the newest that restores cleanly."""
+    saved_steps = checkpointer.all_steps()
+    if not _goes_back(config, run_dir, saved_steps):
+        if config.resume_step:
+            say(f"resume_step={config.resume_step}: an earlier start went back to it; resuming from the steps "
+                f"trained since (delete {run_dir / WENT_BACK} to go back to it again).")
+        return _restore(checkpointer, state, run_dir, fall_back=True, say=say)
+    restored = checkpointer.restore(state, step=config.resume_step)
+    for newer in (s for s in saved_steps if s > config.resume_step):
+        say(f"resume_step={config.resume_step}: moved the newer step {newer} to "
+            f"{_set_aside(checkpointer, run_dir, newer, 'after-resume-step')}.")
+    if jax.process_index() == 0:
+        write_atomically(run_dir / WENT_BACK, json.dumps({"resume_step": config.resume_step}))
+    return restored
+
+
+def _check_is_run(run_dir: pathlib.Path) -> None:
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} has checkpoints but no config.yaml; it is not a run directory.")
 
 
 def _flat(config: TrainConfig) -> dict[str, Any]:

@@ -138,12 +138,13 @@ class IntervalMetrics:
     """
 
     def __init__(self):
-        self._sums, self._steps, self._pending = None, 0, None
+        self._sums, self._timed, self._pending = None, 0, None
         self._clock = None  # when the last read (or `restart`) happened
 
     def restart(self) -> None:
-        """Starts timing from now (after the first, compiling step)."""
+        """Starts timing from now: the steps added so far (the first, compiling one) are not timed."""
         self._clock = time.perf_counter()
+        self._timed = 0
 
     @contextlib.contextmanager
     def paused(self, state):
@@ -156,15 +157,16 @@ class IntervalMetrics:
 
     def add(self, metrics: dict[str, jax.Array]) -> None:
         self._sums = add(self._sums, metrics)
-        self._steps += 1
+        self._timed += 1
 
     def end_interval(self, step: int, extra: dict[str, jax.Array]) -> None:
         """Closes the interval at `step`; `extra` (device values) is read with it."""
-        self._pending = (step, self._sums, self._steps, extra)
-        self._sums, self._steps = None, 0
+        self._pending = (step, self._sums, self._timed, extra)
+        self._sums, self._timed = None, 0
 
     def read(self) -> tuple[int, dict[str, float], dict[str, float], int, float] | None:
-        """(step, metric sums, extra values, steps, seconds) of the closed interval, or None."""
+        """(step, metric sums, extra values, timed steps, their seconds) of the closed interval,
+        or None. The sums cover every step of the interval, the timing all but a first step."""
         if self._pending is None:
             return None
         step, sums, steps, extra = self._pending
@@ -196,7 +198,9 @@ class MetricsLog:
             rundir.rewrite(self.path, [r for r in records if r["step"] <= resume_step])
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30)  # flushed in the background
+        # flushed in the background; events after resume_step (a killed run's) are purged, as above
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30,
+                                    purge_step=resume_step + 1 if resume_step >= 0 else None)
 
     def write(self, step: int, split: str, values: dict[str, Any]) -> None:
         if not self.enabled:

@@ -129,8 +129,9 @@ def train_step(
     Each loss term is summed over the whole batch and divided by its weight in the whole batch
     (see `objectives.training_loss`), so k microbatches give the same update as one k-times-larger
     batch, for every objective. Returns the new state and metric sums (loss, weight, correct,
-    ...) plus the gradient norm. A step with non-finite gradients leaves parameters and
-    optimizer moments unchanged (see train.optim).
+    ...) plus the gradient norm and `finite_steps` (1). A step with non-finite gradients leaves
+    parameters and optimizer moments unchanged (see train.optim), and its metrics are zeros
+    (`finite_steps` 0), so that a logged interval averages the steps applied.
     """
     probability = None if sampling_probability is None else sampling_probability(state.step)
     total_weights = objectives.loss_weights(batch)
@@ -146,7 +147,10 @@ def train_step(
     grads, metrics = _accumulated_gradients(grad_fn, state.params, batch, rng, accumulation)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    # a step with non-finite gradients (skipped by the optimizer) adds nothing to the logged sums
+    finite = jnp.all(jnp.stack([jnp.isfinite(g).all() for g in jax.tree.leaves(grads)]))
+    metrics = jax.tree.map(lambda m: jnp.where(finite, m, 0), dict(metrics, grad_norm=optax.tree.norm(grads)))
+    metrics["finite_steps"] = finite.astype(jnp.float32)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -320,6 +320,7 @@ def _tokenizer_origin(config: TrainConfig, source: pathlib.Path | None, training
 
 def prepare_tokenizer(
     config: TrainConfig, run_dir: pathlib.Path, train: list[dict], training_data: str, artefacts: rundir.Artefacts,
+    resuming: bool = False,
 ) -> Tokenizer:
     """The run's tokenizer: already in the run directory (made from the same origin), copied from
     `init_from` or `tokenizer`, or trained on the training texts with model.vocab_size pieces.
@@ -329,8 +330,11 @@ def prepare_tokenizer(
 
     Process 0 makes it in a temporary folder and records its origin before moving it into
     place, so a run killed half-way leaves no tokenizer, and one made from other data or
-    settings is refused rather than reused.
+    settings is refused rather than reused. A run resumed keeps the tokenizer it copied from
+    `init_from` (which is not read again, and may be gone).
     """
+    if resuming and config.init_from and any((run_dir / n).exists() and n in artefacts.records for n in TOKENIZER_MODELS):
+        return Tokenizer.load(run_dir)
     source = _tokenizer_source(config)
     origin = _tokenizer_origin(config, source, training_data)
     for name in TOKENIZER_MODELS:  # one of another kind, left by an earlier attempt, is refused (not shadowed)
