@@ -32,9 +32,9 @@ def lm_batch(seed=0):
     }
 
 
-def set_up(optimizer, *, accumulation=1, mesh_sizes=(1, 1, 1)):
-    """(state, compiled train step, mesh) of CONFIG's CausalLM."""
-    model = tfm.CausalLM(CONFIG)
+def set_up(optimizer, *, accumulation=1, mesh_sizes=(1, 1, 1), config=CONFIG):
+    """(state, compiled train step, mesh) of a CausalLM (CONFIG's by default)."""
+    model = tfm.CausalLM(config)
     mesh = train_step.make_mesh(*mesh_sizes, devices=jax.devices()[: int(np.prod(mesh_sizes))])
     state, shardings = train_step.create_state(
         model, optimizer, (jnp.ones((1, LENGTH), jnp.int32),), jax.random.PRNGKey(0), mesh
@@ -43,8 +43,8 @@ def set_up(optimizer, *, accumulation=1, mesh_sizes=(1, 1, 1)):
     return state, step, mesh
 
 
-def train(optimizer, *, accumulation=1, steps=2, batch=None, mesh_sizes=(1, 1, 1)):
-    state, step, mesh = set_up(optimizer, accumulation=accumulation, mesh_sizes=mesh_sizes)
+def train(optimizer, *, accumulation=1, steps=2, batch=None, mesh_sizes=(1, 1, 1), config=CONFIG):
+    state, step, mesh = set_up(optimizer, accumulation=accumulation, mesh_sizes=mesh_sizes, config=config)
     losses = []
     for i in range(steps):
         state, metrics = step(state, train_step.global_batch(batch or lm_batch(i), mesh), jax.random.PRNGKey(i))
@@ -125,7 +125,7 @@ def test_a_non_finite_step_changes_nothing_and_is_counted():
     poisoned = dict(lm_batch(5), weights=np.full((BATCH, LENGTH), np.inf, np.float32))
     model = tfm.CausalLM(CONFIG)
     mesh = train_step.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    shardings = train_step.state_shardings(state, mesh)
+    shardings = train_step.state_shardings(state, model, mesh)
     step, _ = train_step.compile_steps(model, objectives.causal_lm, optimizer, mesh, shardings)
     before = jax.tree.map(np.asarray, state.params)
     state, _ = step(state, train_step.global_batch(poisoned, mesh), jax.random.PRNGKey(9))
@@ -151,6 +151,13 @@ for sizes in [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]:
 state, step, mesh = t.set_up(optimizer, accumulation=4, mesh_sizes=(2, 1, 1))
 traced = step.trace(state, t.train_step.global_batch(t.lm_batch(0), mesh), jax.random.PRNGKey(0))
 program = traced.lower().compile().as_text()
+for kv_heads in (2, 1):  # grouped-query attention: K/V heads split where they divide evenly
+    grouped = t.CONFIG.replace(num_kv_heads=kv_heads)
+    for sizes in [(1, 1, 1), (1, 1, 2)]:
+        state, losses = t.train(optimizer, steps=3, mesh_sizes=sizes, config=grouped)
+        key = state.params["decoder"]["layers"]["self_attention"]["key"]["kernel"].value
+        results[f"kv{kv_heads} {sizes}"] = dict(losses=losses, key=str(key.sharding.spec),
+                                               key_bytes=key.addressable_shards[0].data.nbytes)
 results["accumulated"] = dict(losses=t.train(optimizer, steps=3, mesh_sizes=(2, 1, 1), accumulation=4)[1],
                               all_to_all=program.count("all-to-all("))
 print(json.dumps(results))
@@ -162,13 +169,18 @@ def test_sharded_training_matches_one_device():
     rtol 1e-5) and the parameters are sharded as the logical axis rules say (key and value
     kernels too, which every tensor shard held whole). Accumulating 4 microbatches on 2 devices
     gives them too, without moving rows between devices (contiguous microbatches took 30
-    all-to-alls a step)."""
+    all-to-alls a step). Grouped-query key/value heads split over "tensor" where they divide
+    evenly (every shard held them all), and multi-query attention's one head stays whole."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     output = subprocess.run(
         [sys.executable, "-c", SHARDED_SCRIPT, os.path.dirname(__file__)],
         env=env, capture_output=True, text=True, check=True,
     ).stdout
     results = json.loads(output.strip().splitlines()[-1])
+    for kv_heads, spec in ((2, "P(None, 'fsdp', 'tensor', None)"), (1, "P(None, 'fsdp', None, None)")):
+        one, two = results.pop(f"kv{kv_heads} (1, 1, 1)"), results.pop(f"kv{kv_heads} (1, 1, 2)")
+        np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
+        assert two["key"] == spec and two["key_bytes"] == one["key_bytes"] // (2 if kv_heads == 2 else 1)
     baseline = results.pop("(1, 1, 1)")["losses"]
     accumulated = results.pop("accumulated")
     np.testing.assert_allclose(accumulated["losses"], baseline, rtol=1e-5)

@@ -1,7 +1,7 @@
 """The compiled training and evaluation steps, sharded over a ("data", "fsdp", "tensor") mesh.
 
-Parameters carry logical axis names; `transformer.sharding.LOGICAL_AXIS_RULES` maps them to
-mesh axes, and every sharding here is derived from the abstract train state and those
+Parameters carry logical axis names; `transformer.sharding.axis_rules` maps them to mesh
+axes, and every sharding here is derived from the abstract train state and those
 rules, never written per parameter. Batches are split along their first axis over
 ("data", "fsdp").
 """
@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from train import objectives
 from train.objectives import Objective
-from transformer.sharding import LOGICAL_AXIS_RULES
+from transformer.sharding import axis_rules
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_SPEC = PartitionSpec(("data", "fsdp"))
@@ -55,10 +55,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return Mesh(devices.reshape(sizes), MESH_AXES)
 
 
-def state_shardings(abstract_state, mesh: Mesh):
-    """NamedShardings for every leaf of a (boxed) train state, from its logical axis names."""
+def rules_for(model, mesh: Mesh):
+    """The logical axis rules of `model` on `mesh` (see `transformer.sharding.axis_rules`)."""
+    return axis_rules(model.config.num_kv_heads, mesh.shape["tensor"])
+
+
+def state_shardings(abstract_state, model, mesh: Mesh):
+    """NamedShardings for every leaf of a (boxed) train state of `model`, from its logical axis names."""
     specs = nn.get_partition_spec(abstract_state)
-    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules_for(model, mesh))
 
 
 def create_state(model, optimizer: optax.GradientTransformation, sample_inputs: tuple, rng, mesh: Mesh):
@@ -72,8 +77,8 @@ def create_state(model, optimizer: optax.GradientTransformation, sample_inputs: 
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
     abstract = jax.eval_shape(init, rng)
-    shardings = state_shardings(abstract, mesh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    shardings = state_shardings(abstract, model, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules_for(model, mesh)):
         state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
 
@@ -179,16 +184,18 @@ def compile_steps(model, objective, optimizer, mesh: Mesh, shardings, *, accumul
         out_shardings=replicated,
     )
 
+    rules = rules_for(model, mesh)
+
     def run_train(state, batch, rng):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return train(state, batch, rng)
 
     def run_eval(params, batch):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return evaluate(params, batch)
 
     def trace_train(state, batch, rng):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return train.trace(state, batch, rng)
 
     run_train.trace = trace_train  # ahead-of-time: .trace(...).lower().compile(), as jax.jit's

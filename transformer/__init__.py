@@ -11,7 +11,8 @@ Segment ids: [B, T] ints; 0 = padding, equal non-zero ids = the same packed docu
 Token ids: 0 pad, 1 unk, 2 BOS, 3 EOS, 4 [CLS], 5 [SEP], 6 [MASK] (tokenizers trained here).
 Logical axis names (for sharding): vocab, embed, heads, kv_heads, head_dim, mlp, layers,
 positions, token_types, relative_buckets, labels; activations batch, length. The table
-mapping them to ("data", "fsdp", "tensor") mesh axes is `transformer.sharding.LOGICAL_AXIS_RULES`.
+mapping them to ("data", "fsdp", "tensor") mesh axes is `transformer.sharding.LOGICAL_AXIS_RULES`
+(`axis_rules` adapts it to a model's key/value heads).
 Dtypes: parameters in `param_dtype` (float32), compute in `dtype`; softmax, logits and
 losses in float32.
 """

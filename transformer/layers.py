@@ -231,8 +231,8 @@ class MultiHeadAttention(nn.Module):
         query_stddev = 0.02 if cfg.attention_logit_scaling else 0.02 * head_dim**-0.5
         q_axes = (ax.EMBED, ax.HEADS, ax.HEAD_DIM)
         q = Dense(cfg, (heads, head_dim), q_axes, kernel_stddev=query_stddev, name="query")(x)  # [B, T, N, H]
-        # Key/value heads split over "tensor" as the query heads do, unless there are fewer of them
-        # (grouped or multi-query attention): then every shard keeps them all.
+        # Key/value heads split over "tensor" as the query heads do; fewer of them (grouped or
+        # multi-query attention) only where they divide evenly (`sharding.axis_rules`).
         kv_axes = (ax.EMBED, ax.HEADS if kv_heads == heads else ax.KV_HEADS, ax.HEAD_DIM)
         project_key = Dense(cfg, (kv_heads, head_dim), kv_axes, name="key")
         project_value = Dense(cfg, (kv_heads, head_dim), kv_axes, name="value")
