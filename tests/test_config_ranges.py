@@ -120,6 +120,8 @@ def test_text_settings_on_the_command_line_are_taken_verbatim(tmp_path):
     assert (config.sample_prompt, config.run_dir, config.tokenizer, config.init_from) == (
         "ROMEO:", "runs/010", "yes", "a #1")
     assert config_lib.parse_args(["run_dir=010"]).run_dir == "010"
+    config = config_lib.parse_args(["seed=010", "steps=0100", "model.d_model=064"])
+    assert (config.seed, config.steps, config.model.d_model) == (10, 100, 64)  # decimal, not YAML's octal
     assert config_lib.parse_args(["train_files=[a.txt, b.txt]"]).train_files == ("a.txt", "b.txt")  # lists as YAML
     (tmp_path / "config.yaml").write_text("sample_prompt:\n  ROMEO: thou\n")
     with pytest.raises(ValueError, match="sample_prompt must be text.*quote it"):

@@ -389,17 +389,16 @@ def test_a_new_prompt_length_in_the_same_bucket_does_not_recompile():
     assert tfm.decoding._generate._cache_size() == compiled
 
 
-def test_changing_traced_options_or_ignored_ones_does_not_recompile():
-    """temperature, top_p and length_penalty are traced; options the strategy ignores are not in the key."""
+def test_changing_traced_options_does_not_recompile():
+    """temperature, top_p and length_penalty are traced."""
     model, variables = decoder()
     sample = tfm.GenerationConfig(max_new_tokens=4, strategy="sample", top_p=0.9)
     tfm.generate(model, variables, [[1, 2, 3]], sample, rng=RNG)
     tfm.generate(model, variables, [[1, 2, 3]], max_new_tokens=4, strategy="beam", num_beams=2)
     tfm.generate(model, variables, [[1, 2, 3]], max_new_tokens=4)
     compiled = tfm.decoding._generate._cache_size()
-    tfm.generate(model, variables, [[1, 2, 3]], sample, rng=RNG, temperature=0.5, top_p=0.7, num_beams=3)
+    tfm.generate(model, variables, [[1, 2, 3]], sample, rng=RNG, temperature=0.5, top_p=0.7)
     tfm.generate(model, variables, [[1, 2, 3]], max_new_tokens=4, strategy="beam", num_beams=2, length_penalty=0.3)
-    tfm.generate(model, variables, [[1, 2, 3]], max_new_tokens=4, top_k=5, temperature=2.0, num_beams=1)
     assert tfm.decoding._generate._cache_size() == compiled
 
 
@@ -408,7 +407,7 @@ def test_a_config_and_options_by_name_generate_the_same():
     config = tfm.GenerationConfig(max_new_tokens=5, strategy="beam", num_beams=3, length_penalty=0.6)
     by_name = tfm.generate(model, variables, PROMPTS, max_new_tokens=5, strategy="beam", num_beams=3, length_penalty=0.6)
     for out in (tfm.generate(model, variables, PROMPTS, config),
-                tfm.generate(model, variables, PROMPTS, tfm.GenerationConfig(num_beams=7), **vars(config))):
+                tfm.generate(model, variables, PROMPTS, tfm.GenerationConfig(max_new_tokens=9), **vars(config))):
         np.testing.assert_array_equal(out.tokens, by_name.tokens)
         np.testing.assert_array_equal(out.scores, by_name.scores)
 
@@ -423,6 +422,14 @@ def test_a_config_and_options_by_name_generate_the_same():
         (dict(strategy="sample", top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(strategy="beam", num_beams=0), "num_beams must be >= 1"),
         (dict(strategy="beam", length_penalty=float("inf")), "length_penalty must be a finite number"),
+        # an option of another strategy would be ignored: it is an error naming the strategy it needs
+        (dict(temperature=3.0), "temperature=3.0 applies to strategy='sample' only, and this strategy is 'greedy'"),
+        (dict(strategy="greedy", top_k=40), "top_k=40 applies to strategy='sample' only"),
+        (dict(strategy="beam", top_p=0.9), "top_p=0.9 applies to strategy='sample' only, and this strategy is 'beam'"),
+        (dict(strategy="sample", num_beams=8), "num_beams=8 applies to strategy='beam' only"),
+        (dict(length_penalty=0.6), "length_penalty=0.6 applies to strategy='beam' only.*set strategy='beam'"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be a whole number"),
+        (dict(strategy="beam", num_beams=2.0), "num_beams must be a whole number"),
     ],
 )
 def test_a_generation_config_checks_itself(options, message):
@@ -445,6 +452,8 @@ def test_an_unknown_option_is_a_type_error_naming_the_options():
     [
         (dict(prompts=[[1] * 60], max_new_tokens=8), "exceeds the model's context"),
         (dict(prompts=[[1, 2], []], max_new_tokens=4), "Prompt 1 is empty"),
+        (dict(prompts=[[5.7, 6]]), "Prompts must hold integer token ids, got float64 values"),
+        (dict(prompts=np.array([[5.0, 6.0]])), "Prompts must hold integer token ids"),
         (dict(prompts=np.array([[5, 17, 42]]), prompt_lengths=[-1]), r"each from 0 to the array's 3; got \[-1\]"),
         (dict(strategy="sample", temperature=0.0, rng=RNG), "temperature must be > 0"),
         (dict(strategy="sample", top_p=1.5, rng=RNG), r"top_p must be in \(0, 1\]"),

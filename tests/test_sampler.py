@@ -22,6 +22,7 @@ from transformer import show_attention
 from transformer.decoding import GenerationConfig, unscanned
 from transformer.interpret import text_attention
 from transformer.runs import load_run
+from transformer.sample import main as sample_command
 from transformer.sampler import INCOMPLETE, Sampler
 from transformer.tokenizer import HuggingFaceTokenizer, SpecialTokens
 
@@ -159,7 +160,10 @@ def test_command_line_prints_prompt_and_continuation(lm_run, tmp_path):
     assert missing.returncode == 1 and "is not a run directory" in missing.stderr
 
 
-def test_bad_input_is_a_clear_error(lm_run, tmp_path):
+def test_bad_input_is_a_clear_error(lm_run, tmp_path, capsys):
+    ignored = ["--strategy", "greedy", "--temperature", "3"]  # an error, not ignored
+    assert sample_command([str(lm_run), "--prompt", "Ka", *ignored]) == 1
+    assert "temperature=3.0 applies to strategy='sample' only" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         Sampler.load(tmp_path)
     (tmp_path / "config.yaml").write_text("task: classification\nmodel: {}\n")
@@ -209,8 +213,11 @@ def test_text_attention_labels_a_translation_and_its_source(translation_run, tmp
 
     assert show_attention.main([str(translation_run), "--text", text, "--out", str(tmp_path), "--head", "1"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "decoder_cross_attention.png", "decoder_self_attention.png", "encoder_self_attention.png"]
-    assert show_attention.main([str(translation_run), "--text", text, "--out", str(tmp_path), "--head", "2"]) == 1
+        "decoder_cross_attention_layer0_head1.png", "decoder_self_attention_layer0_head1.png",
+        "encoder_self_attention_layer0_head1.png"]
+    refused = tmp_path / "refused"  # checked before anything is written
+    assert show_attention.main([str(translation_run), "--text", text, "--out", str(refused), "--head", "2"]) == 1
+    assert not refused.exists()
 
 
 def test_text_attention_of_a_language_model_is_causal(lm_run):

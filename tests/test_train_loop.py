@@ -96,6 +96,9 @@ def test_config_from_experiment_yaml_and_overrides(tmp_path):
     assert (mine.task, mine.steps, mine.model.d_model, mine.learning_rate) == (Task.MASKED_LM, 3, 64, 1e-4)
     assert mine.model.num_encoder_layers == config_lib.EXPERIMENTS["bert-tiny-mlm"].model.num_encoder_layers
     assert config_lib.parse_args([]) == config_lib.EXPERIMENTS["gpt-tiny"]
+    (tmp_path / "short.yaml").write_text("batch_size: 8\n")  # over the default experiment, as --help says
+    short = config_lib.parse_args([str(tmp_path / "short.yaml")])
+    assert short == config_lib.EXPERIMENTS["gpt-tiny"].replace(batch_size=8)
     # A model field and a training field that are only valid together are checked together.
     longer = config_lib.parse_args(["bert-tiny-mlm", "seq_length=256", "model.max_length=256"])
     assert (longer.seq_length, longer.model.max_length, longer.model.d_model) == (256, 256, 128)
@@ -351,10 +354,24 @@ def test_files_of_an_aborted_attempt_with_other_data_are_refused(corpus, referen
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "config.yaml").exists()
 
 
+def test_a_vocabulary_too_large_for_the_training_texts_names_them_and_the_setting(corpus, tmp_path):
+    args = tiny_args(corpus, tmp_path / "run", "model.vocab_size=8000")
+    with pytest.raises(ValueError, match=rf"No 8000-piece tokenizer .* \({corpus['train']}\): Vocabulary size too "
+                                         r"high \(8000\)\. Please set it to a value <= \d+\. Lower model.vocab_size"):
+        loop.run(config_lib.parse_args(args), progress=False)
+
+
 def test_a_tokenizer_smaller_than_the_model_vocabulary_is_refused(corpus, reference, tmp_path):
     args = tiny_args(corpus, tmp_path / "run", f"tokenizer={reference / 'tokenizer.model'}", "model.vocab_size=300")
     with pytest.raises(ValueError, match=r"tokenizer has 256 pieces but the model's vocab_size is 300.*model.vocab_size=256"):
         loop.run(config_lib.parse_args(args), progress=False)
+
+
+def test_a_mesh_the_devices_cannot_form_is_refused_before_anything_is_written(corpus, tmp_path):
+    args = tiny_args(corpus, tmp_path / "run", f"mesh_fsdp={jax.device_count() + 1}")
+    with pytest.raises(ValueError, match=r"cannot be split into mesh axes .* lower them \(mesh_data, mesh_fsdp"):
+        loop.run(config_lib.parse_args(args), progress=False)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # released
 
 
 @pytest.mark.parametrize("kind", ["file", "read-only"])

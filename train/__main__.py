@@ -33,7 +33,9 @@ def usage() -> str:
             lines.append(f"  {'model':24s}{'':>14}  a model preset name, or model.FIELD=VALUE for one architecture field")
             continue
         lines.append(f"  {key:24s}{value!r:>14}  {FIELDS[key].metadata.get('help', '')}".rstrip())
-    lines += ["", "example: python -m train transformer-tiny-en-fr steps=200 model.num_decoder_layers=3"]
+    lines += ["", "A CONFIG.yaml holds key: value lines over the default experiment, or over the one its",
+              "`experiment:` key names.",
+              "", "example: python -m train transformer-tiny-en-fr steps=200 model.num_decoder_layers=3"]
     return "\n".join(lines)
 
 

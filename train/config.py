@@ -21,6 +21,7 @@ import functools
 import math
 import os
 import pathlib
+import re
 import types
 import typing
 from typing import Any
@@ -361,6 +362,8 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
             raise ValueError(f"Cannot parse override {item!r}; write key=value (e.g. steps=500).")
         if key in FIELDS and _field_type(FIELDS[key]) is str:
             value = text  # verbatim: YAML reads "ROMEO:" as a mapping, "010" as 8, "yes" as True
+        elif re.fullmatch(r"[+-]?0[0-9]+", text):
+            value = int(text, 10)  # decimal, where YAML 1.1 reads a leading zero as octal (seed=010 -> 8)
         else:
             try:
                 value = yaml.safe_load(text) if text else ""
@@ -458,9 +461,10 @@ def experiment(name: str) -> TrainConfig:
 
 
 def parse_args(args: list[str]) -> TrainConfig:
-    """`[EXPERIMENT | CONFIG.yaml] [key=value ...]` -> the run's config (default: gpt-tiny)."""
+    """`[EXPERIMENT | CONFIG.yaml] [key=value ...]` -> the run's config; what neither the YAML file
+    (nor the experiment its `experiment:` key names) nor an override sets is gpt-tiny's."""
     config = EXPERIMENTS[DEFAULT_EXPERIMENT]
     if args and "=" not in args[0]:
         first, args = args[0], args[1:]
-        config = load_yaml(first) if first.endswith((".yaml", ".yml")) else experiment(first)
+        config = load_yaml(first, config) if first.endswith((".yaml", ".yml")) else experiment(first)
     return apply_overrides(config, args)

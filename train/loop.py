@@ -173,14 +173,7 @@ def prepare_data(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> 
 
 def set_up(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> Job:
     """Data, model, optimizer, the sharded train state and the compiled steps of a run."""
-    data, tokenizer, num_labels = prepare_data(config, run_dir, resuming)
-    model = config.task.model(config.model, num_labels=num_labels, next_sentence_prediction=config.next_sentence_prediction)
-    schedule = learning_rate_schedule(config.schedule, config.learning_rate, config.warmup_steps, config.steps)
-    optimizer = make_optimizer(
-        schedule, weight_decay=config.weight_decay, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-        grad_clip=config.grad_clip or None,
-    )
-    mesh = make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)
+    mesh = make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor)  # checked before files are written
     data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if (config.batch_size // config.accumulation) % data_shards:
         raise ValueError(
@@ -188,6 +181,13 @@ def set_up(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> Job:
             f"{data_shards} data-parallel devices; make batch_size / accumulation a multiple of {data_shards}."
         )
     check_batch_axes(mesh)
+    data, tokenizer, num_labels = prepare_data(config, run_dir, resuming)
+    model = config.task.model(config.model, num_labels=num_labels, next_sentence_prediction=config.next_sentence_prediction)
+    schedule = learning_rate_schedule(config.schedule, config.learning_rate, config.warmup_steps, config.steps)
+    optimizer = make_optimizer(
+        schedule, weight_decay=config.weight_decay, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+        grad_clip=config.grad_clip or None,
+    )
     inputs = config.task.example_inputs(config.seq_length, config.source_length)
     state, shardings = create_state(model, optimizer, inputs, jax.random.PRNGKey(config.seed), mesh)
     sampling = optax.linear_schedule(0.0, config.scheduled_sampling, config.steps) if config.scheduled_sampling else None

@@ -117,7 +117,11 @@ def training_loss(metrics: Metrics, total_weights: Metrics) -> jax.Array:
 
 def scheduled_sampling(tokens, predictions, segment_ids, probability, rng):
     """Replaces each input token (after a segment's first) by the model's own prediction for it
-    with the given probability (Bengio et al. 2015). predictions[t] predicts tokens[t + 1]."""
+    with the given probability (Bengio et al. 2015). predictions[t] predicts tokens[t + 1].
+
+    The predictions are the argmax of one teacher-forced pass, so each is conditioned on the
+    true tokens before it: the two-pass form a Transformer trains in parallel (Mihaylova and
+    Martins 2019), not the paper's sequential sampling, where errors compound."""
     previous_prediction = jnp.concatenate([tokens[:, :1], predictions[:, :-1]], axis=1)
     continues = jnp.concatenate(
         [jnp.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] == segment_ids[:, :-1]], axis=1

@@ -45,7 +45,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if devices.size % known:
-            raise ValueError(f"{devices.size} devices cannot be split into mesh axes {dict(zip(MESH_AXES, sizes))}.")
+            raise ValueError(
+                f"{devices.size} devices cannot be split into mesh axes {dict(zip(MESH_AXES, sizes))}: the fixed "
+                f"sizes need a multiple of {known} devices; lower them (mesh_data, mesh_fsdp, mesh_tensor)."
+            )
         sizes[sizes.index(-1)] = devices.size // known
     if int(np.prod(sizes)) != devices.size:
         raise ValueError(

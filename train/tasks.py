@@ -32,7 +32,7 @@ from transformer.decoding import GenerationConfig, generate
 from transformer.files import sha256_file
 from transformer.sampler import Sampler
 from transformer.tasks import Task
-from transformer.tokenizer import DIRECTORY_FILES, Tokenizer
+from transformer.tokenizer import DIRECTORY_FILES, Tokenizer, TrainingFailed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,10 +368,17 @@ def _make_sentencepiece(config, source, run_dir, train, origin, artefacts) -> No
             corpus = pathlib.Path(tmp) / "corpus.txt"
             texts = [e[key] for e in train for key in ("text", "source", "target") if key in e]
             corpus.write_text("\n".join(texts), encoding="utf-8")
-            Tokenizer.train(
-                [corpus], config.model.vocab_size, model_prefix=made.with_suffix(""),
-                model_type=config.tokenizer_model_type, seed=config.seed,
-            )
+            try:
+                Tokenizer.train(
+                    [corpus], config.model.vocab_size, model_prefix=made.with_suffix(""),
+                    model_type=config.tokenizer_model_type, seed=config.seed,
+                )
+            except TrainingFailed as error:  # its message names the temporary corpus: name the run's data
+                data = ", ".join(config.train_files) or f"dataset={config.dataset}"
+                raise ValueError(
+                    f"No {config.model.vocab_size}-piece tokenizer can be trained on the training texts ({data}): "
+                    f"{error.reason}. Lower model.vocab_size, or give tokenizer=FILE."
+                ) from None
             made.with_suffix(".vocab").replace(path.with_suffix(".vocab"))
         artefacts.record(path.name, origin)
         made.replace(path)

@@ -64,8 +64,18 @@ class GenerationConfig:
             object.__setattr__(self, "eos_id", tuple(int(i) for i in self.eos_id))  # hashable: a compile key
         if self.strategy not in STRATEGIES:
             raise ValueError(f"Unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}.")
+        for name in ("max_new_tokens", "num_beams", "no_repeat_ngram_size", "top_k"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a whole number, got {value!r}.")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+        for name, strategy in _USED_BY.items():
+            if self.strategy != strategy and getattr(self, name) != _DEFAULTS[name]:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} applies to strategy={strategy!r} only, and this strategy is "
+                    f"{self.strategy!r}: set strategy={strategy!r}, or leave {name} out."
+                )
         if self.strategy == "sample":
             if not self.temperature > 0:
                 raise ValueError(
@@ -105,9 +115,14 @@ class GenerationConfig:
             temperature=1.0,
             top_k=self.top_k if sample else None,
             top_p=1.0 if sample and self.top_p is not None else None,
-            num_beams=self.num_beams if beam else 1,
+            num_beams=self.num_beams if beam else _DEFAULTS["num_beams"],
             length_penalty=1.0,
         )
+
+
+# The options one strategy alone uses; set away from its default for another strategy, an option is an error.
+_USED_BY = dict(temperature="sample", top_k="sample", top_p="sample", num_beams="beam", length_penalty="beam")
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerationConfig)}
 
 
 def with_options(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
@@ -671,7 +686,7 @@ def generate(
 
 def _as_rows(prompts, prompt_lengths) -> tuple[list[np.ndarray], list[int]]:
     if isinstance(prompts, (np.ndarray, jax.Array)):
-        prompts = np.asarray(prompts)
+        prompts = _token_ids(prompts)
         if prompts.ndim != 2:
             raise ValueError(f"Prompts must be token id lists or an array [batch, length], got shape {prompts.shape}.")
         lengths = [prompts.shape[1]] * len(prompts) if prompt_lengths is None else [int(n) for n in prompt_lengths]
@@ -681,8 +696,16 @@ def _as_rows(prompts, prompt_lengths) -> tuple[list[np.ndarray], list[int]]:
                 f"got {lengths} for {len(prompts)} rows."
             )
         return [row[:n] for row, n in zip(prompts, lengths)], lengths
-    rows = [np.asarray(row, np.int64).reshape(-1) for row in prompts]
+    rows = [_token_ids(row).reshape(-1) for row in prompts]
     return rows, [len(row) for row in rows]
+
+
+def _token_ids(ids) -> np.ndarray:
+    """`ids` as an integer array; ids of another kind (floats, text) are an error, never cut to integers."""
+    array = np.asarray(ids)
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"Prompts must hold integer token ids, got {array.dtype} values (e.g. {array.flat[0]!r}).")
+    return array.astype(np.int64)
 
 
 def _check_arguments(model, rows, lengths, config: GenerationConfig, *, rng, streaming: bool):

@@ -15,6 +15,9 @@ from transformer.decoding import STRATEGIES, GenerationConfig
 from transformer.sampler import Sampler
 
 
+SAMPLE_TEMPERATURE = 0.8  # the command line samples a little sharper than GenerationConfig's 1.0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m transformer.sample",
@@ -25,13 +28,13 @@ def main(argv: list[str] | None = None) -> int:
                         "checkpoint directory (config.json + model.safetensors: GPT-2, Llama, T5)")
     parser.add_argument("--prompt", action="append", help="text to continue or translate (repeatable); "
                         "without it, each line of standard input is one prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--strategy", choices=STRATEGIES, default="sample")
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--num-beams", type=int, default=4)
-    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="default %(default)s")
+    parser.add_argument("--strategy", choices=STRATEGIES, default="sample", help="default %(default)s")
+    parser.add_argument("--temperature", type=float, help=f"sample only; default {SAMPLE_TEMPERATURE}")
+    parser.add_argument("--top-k", type=int, help="sample only: the k most likely tokens; default all")
+    parser.add_argument("--top-p", type=float, help="sample only: the nucleus of probability p; default all")
+    parser.add_argument("--num-beams", type=int, help="beam only; default 4")
+    parser.add_argument("--length-penalty", type=float, help="beam only; default 1.0")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0,
                         help="no n-gram occurs twice in the generated text (e.g. 3 against greedy loops; 0: off)")
     parser.add_argument("--seed", type=int, default=0)
@@ -43,11 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     use_compilation_cache(args.compilation_cache)
     try:
-        config = GenerationConfig(
-            max_new_tokens=args.max_new_tokens, strategy=args.strategy, temperature=args.temperature,
-            top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
-            no_repeat_ngram_size=args.no_repeat_ngram_size,
-        )
+        if args.strategy == "sample" and args.temperature is None:
+            args.temperature = SAMPLE_TEMPERATURE
+        given = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "num_beams", "length_penalty")
+                 if getattr(args, name) is not None}  # each a flag of one strategy: an error with another
+        config = GenerationConfig(max_new_tokens=args.max_new_tokens, strategy=args.strategy,
+                                  no_repeat_ngram_size=args.no_repeat_ngram_size, **given)
         sampler = Sampler.load(args.run_dir, step=args.step)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

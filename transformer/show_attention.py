@@ -30,17 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_run(args.run_dir, step=args.step)
         out = pathlib.Path(args.out or pathlib.Path(args.run_dir) / "attention")
-        out.mkdir(parents=True, exist_ok=True)
         attentions = text_attention(run, args.text)
         for name, attention in attentions.items():  # every choice checked before anything is written
             layers, heads = attention.weights.shape[:2]
             if not -layers <= args.layer < layers or (args.head is not None and not -heads <= args.head < heads):
                 raise ValueError(f"{name} has {layers} layers of {heads} heads; got --layer {args.layer} --head {args.head}.")
+        out.mkdir(parents=True, exist_ok=True)
         for name, attention in attentions.items():
             layers, heads = attention.weights.shape[:2]
             layer = attention.weights[args.layer]  # [N, T, S]
             weights = layer.mean(0) if args.head is None else layer[args.head]
-            path = out / f"{name.replace('/', '_')}.png"
+            which = "mean" if args.head is None else f"head{args.head % heads}"  # one file per choice
+            path = out / f"{name.replace('/', '_')}_layer{args.layer % layers}_{which}.png"
             head = "mean of heads" if args.head is None else f"head {args.head % heads}"
             title = f"{name}, layer {args.layer % layers}, {head}"
             plot_attention(weights, path, query_labels=attention.queries, key_labels=attention.keys, title=title)

@@ -76,6 +76,14 @@ class SpecialTokens:
 SPECIAL_KINDS = tuple(field.name for field in dataclasses.fields(SpecialTokens))
 
 
+class TrainingFailed(ValueError):
+    """sentencepiece could not train the vocabulary asked for; `reason` is what it said."""
+
+    def __init__(self, message: str, *, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 class Tokenizer(abc.ABC):
     """Text <-> token ids. `Tokenizer.load` reads any tokenizer below; `Tokenizer.train` makes one."""
 
@@ -136,9 +144,10 @@ class Tokenizer(abc.ABC):
                 minloglevel=2,
             )
         except RuntimeError as error:
-            raise ValueError(
+            raise TrainingFailed(
                 f"sentencepiece could not train a {vocab_size}-token vocabulary on {len(files)} file(s) "
-                f"({files[0]}, ...): {error}. If the vocabulary is too large for the corpus, lower vocab_size."
+                f"({files[0]}, ...): {error}. If the vocabulary is too large for the corpus, lower vocab_size.",
+                reason=str(error).rpartition("] ")[2].rstrip("."),  # without its source line
             ) from None
         return _load_sentencepiece([pathlib.Path(f"{model_prefix}.model")], _Configs())
 
