@@ -399,17 +399,22 @@ def test_a_full_disk_is_one_clear_line(corpus, tmp_path, capsys, monkeypatch):
     assert "run the same command again to resume" in error
 
 
+def flip_a_bit(run_dir: pathlib.Path, step: int) -> None:
+    """Damages a checkpoint step as a failing disk would: one bit of its largest file (same size)."""
+    params = run_dir / "checkpoints" / str(step) / "params"
+    largest = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    data[len(data) // 2] ^= 1
+    largest.write_bytes(bytes(data))
+
+
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(corpus, reference, tmp_path):
     """A flipped bit in the newest step (same size: only its checksum tells) sends the resume to the
     step before, which `resume_step` also picks on purpose: both runs end bitwise equal."""
     damaged, chosen = tmp_path / "damaged", tmp_path / "chosen"
     for copy in (damaged, chosen):
         shutil.copytree(reference, copy)
-    params = damaged / "checkpoints" / "12" / "params"
-    largest = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    data = bytearray(largest.read_bytes())
-    data[len(data) // 2] ^= 1
-    largest.write_bytes(bytes(data))
+    flip_a_bit(damaged, 12)
     outputs = {
         run_dir: finish(train_process(tiny_args(corpus, run_dir, "steps=16", *extra)))
         for run_dir, extra in ((damaged, ()), (chosen, ("resume_step=8",)))
@@ -430,11 +435,7 @@ def test_resume_step_reads_its_step_before_moving_any_and_goes_back_once(corpus,
     damaged, run_dir = tmp_path / "damaged", tmp_path / "run"
     for copy in (damaged, run_dir):
         shutil.copytree(reference, copy)
-    params = damaged / "checkpoints" / "8" / "params"
-    largest = max((p for p in params.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    data = bytearray(largest.read_bytes())
-    data[len(data) // 2] ^= 1
-    largest.write_bytes(bytes(data))
+    flip_a_bit(damaged, 8)
     with pytest.raises(loop.CheckpointUnreadable, match="checkpoints/8 cannot be read"):
         loop.run(config_lib.parse_args(tiny_args(corpus, damaged, "steps=16", "resume_step=8")), progress=False)
     assert sorted(int(p.name) for p in (damaged / "checkpoints").iterdir()) == [4, 8, 12]
