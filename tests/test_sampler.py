@@ -134,7 +134,9 @@ def test_a_config_and_options_by_name_give_the_same_text(lm_run):
     text = sampler("Ka", config, seed=2)
     assert text == sampler("Ka", seed=2, max_new_tokens=8, strategy="sample", top_k=20)
     assert "".join(sampler.stream("Ka", config, seed=2)) == text
-    assert sampler("Ka", config, seed=2, strategy="greedy") == sampler("Ka", max_new_tokens=8)
+    assert sampler("Ka", config, seed=2, strategy="greedy", top_k=None) == sampler("Ka", max_new_tokens=8)
+    with pytest.raises(ValueError, match="top_k=20 applies to strategy='sample' only"):  # never ignored
+        sampler("Ka", config, strategy="greedy")
     with pytest.raises(TypeError, match="Unknown generation option beams"):
         sampler("Ka", beams=2)
 

@@ -433,6 +433,7 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     initialize_distributed(config)
     use_compilation_cache(config.compilation_cache)
     run_dir = config.run_path
+    config = resolve_init_from(config, resuming=_has_checkpoints(run_dir))  # before anything is written
     say = tqdm.write if jax.process_index() == 0 else (lambda *_: None)
     lock = rundir.RunLock(run_dir)
     if jax.process_index() == 0:
@@ -449,9 +450,6 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
 def _train(config: TrainConfig, run_dir: pathlib.Path, checkpointer: Checkpointer, say, progress: bool) -> RunResult:
     saved_steps = checkpointer.all_steps()
     resuming = bool(saved_steps)
-    if resuming:
-        _check_is_run(run_dir)
-    config = resolve_init_from(config, resuming)
     if resuming:
         start = _resume_step(config, run_dir, saved_steps)
         if start == config.steps and not _goes_back(config, run_dir, saved_steps):
@@ -486,6 +484,8 @@ def _introduce(job: Job, log: metrics_lib.MetricsLog, say) -> None:
 
 def _resume_step(config: TrainConfig, run_dir: pathlib.Path, saved_steps: list[int]) -> int:
     """The checkpoint a run directory resumes from, after checking the config may resume it."""
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} has checkpoints but no config.yaml; it is not a run directory.")
     _check_resumable(config, run_dir)
     start = config.resume_step if _goes_back(config, run_dir, saved_steps) else saved_steps[-1]
     if start not in saved_steps:
@@ -527,9 +527,11 @@ def _resume(config: TrainConfig, checkpointer: Checkpointer, state, run_dir: pat
     return restored
 
 
-def _check_is_run(run_dir: pathlib.Path) -> None:
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} has checkpoints but no config.yaml; it is not a run directory.")
+def _has_checkpoints(run_dir: pathlib.Path) -> bool:
+    """Whether a run directory holds a started run: its config and a saved step."""
+    checkpoints = run_dir / "checkpoints"
+    return (run_dir / "config.yaml").is_file() and checkpoints.is_dir() and any(
+        path.name.isdigit() for path in checkpoints.iterdir())
 
 
 def _flat(config: TrainConfig) -> dict[str, Any]:
