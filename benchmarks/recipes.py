@@ -32,6 +32,7 @@ from train import rundir
 
 # (name, experiment, overrides); {runs} is the folder of run directories
 RECIPES = [
+    ("gpt-quick", "gpt-quick", []),
     ("gpt-tiny", "gpt-tiny", []),
     ("bert-tiny-mlm", "bert-tiny-mlm", []),
     ("bert-tiny-sentiment", "bert-tiny-sentiment", ["init_from={runs}/bert-tiny-mlm"]),

@@ -1,8 +1,10 @@
 """The environment of tests that start `python -m ...` processes.
 
 The processes share a persistent JAX compilation cache for the test session (with the test
-process itself, conftest.py), so a program compiled by one run (a train step, an evaluation)
-is loaded, not recompiled, by the next.
+processes themselves, conftest.py: pytest-xdist's workers inherit the folder from the process
+that starts them), so a program compiled by one run (a train step, an evaluation) is loaded,
+not recompiled, by the next. A size limit turns on JAX's file lock around every read and
+write of the cache, which the processes share.
 """
 
 import atexit
@@ -13,14 +15,16 @@ import socket
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_CACHE_DIR = tempfile.mkdtemp(prefix="transformer-tests-jax-cache-")
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+_SHARED = "TRANSFORMER_TESTS_JAX_CACHE"  # set by the first test process for those it starts
+if _SHARED not in os.environ:
+    os.environ[_SHARED] = tempfile.mkdtemp(prefix="transformer-tests-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ[_SHARED], ignore_errors=True)
 
 
 # Every program is cached, however quickly it compiled or small it is.
 CACHE_SETTINGS = {
-    "jax_compilation_cache_dir": _CACHE_DIR, "jax_persistent_cache_min_compile_time_secs": 0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
+    "jax_compilation_cache_dir": os.environ[_SHARED], "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0, "jax_compilation_cache_max_size": 2**32,
 }
 
 

@@ -479,23 +479,29 @@ def test_tiny_dropout_rate_is_nearly_deterministic(implementation):
 
 
 @pytest.mark.parametrize("implementation", DROPOUT_IMPLEMENTATIONS)
-def test_dropout_is_unbiased(implementation):
-    """Kept weights are rescaled by 1 / (1 - rate): the mean over many keys is the no-dropout output."""
-    q, k, v = random_qkv(3, 1, 6, 6, 2, 2)
-    mask = ones_mask(1, 6, causal=True)
-    expected = attend(q, k, v, mask, implementation=implementation)
-    samples = 1000
+def test_dropout_drops_weights_at_the_rate_and_rescales_the_rest(implementation):
+    """With one-hot values the output is the attention weights themselves: each is either
+    dropped (0) or kept and scaled by 1 / (1 - rate), and about `rate` of them are dropped,
+    so the expected output is the output without dropout."""
+    rate, length, samples = 0.25, 8, 64
+    q, k, _ = random_qkv(3, 1, length, length, 2, 2, head_dim=length)
+    v = jnp.broadcast_to(jnp.eye(length)[None, :, None, :], (1, length, 2, length))  # value s = one-hot s
+    mask = ones_mask(1, length, causal=True)
+    weights = np.asarray(attend(q, k, v, mask, implementation=implementation))  # [1, T, N, S]
 
     @jax.jit
-    def mean_and_std(keys):
-        outs = jax.vmap(
-            lambda key: attend(q, k, v, mask, implementation=implementation, dropout_rate=0.5, dropout_rng=key)
+    def dropped(keys):
+        return jax.vmap(
+            lambda key: attend(q, k, v, mask, implementation=implementation, dropout_rate=rate, dropout_rng=key)
         )(keys)
-        return outs.mean(axis=0), outs.std(axis=0)
 
-    mean, std = mean_and_std(jax.random.split(jax.random.key(0), samples))
-    # Within 5 standard errors of the mean, element by element.
-    assert np.all(np.abs(mean - expected) <= 5 * std / np.sqrt(samples) + 1e-6)
+    outs = np.asarray(dropped(jax.random.split(jax.random.key(0), samples)))
+    kept = outs != 0
+    np.testing.assert_allclose(np.where(kept, outs, 0), np.where(kept, weights / (1 - rate), 0), rtol=1e-5, atol=1e-6)
+    visible = np.broadcast_to(np.tril(np.ones((length, length), bool))[None, :, None, :], weights.shape)
+    assert not kept[:, ~visible].any()  # future keys stay at 0
+    dropped_fraction = 1 - kept[:, visible].mean()  # 64 * 72 draws: one standard error is ~0.006
+    assert abs(dropped_fraction - rate) < 0.03, dropped_fraction
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the error raised off GPU")

@@ -1,5 +1,6 @@
 """Checkpoints: bitwise round trips, keep-N, resume, restore onto another mesh, checksums, clear errors that keep good steps."""
 
+import asyncio
 import dataclasses
 import errno
 import json
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import tensorstore as ts
 from flax import struct
 
 from processes import free_port, subprocess_env
@@ -226,11 +228,13 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_damaged_latest_step_raises_naming_it_and_the_older_steps(checkpoints, damage, checked):
     saved(checkpoints, [1, 2, 3]).close()
-    if not checked:
-        (checkpoints / "3" / "checksums.json").unlink()
+    if not checked:  # as saved by older code
+        for step in (1, 2, 3):
+            (checkpoints / str(step) / "checksums.json").unlink()
     DAMAGE[damage](checkpoints / "3")
-    checkpointer = Checkpointer(checkpoints)  # as after a crash and restart
-    with pytest.raises(CheckpointUnreadable, match=rf"Checkpoint {checkpoints / '3'} cannot be read .*\[1, 2\]; restore one of them with restore\(step=N\), or with resume_step=N") as error:
+    checkpointer = Checkpointer(checkpoints, step_option="resume_step=N")  # as after a crash and restart
+    unreadable = rf"Checkpoint {checkpoints / '3'} cannot be read .*\[1, 2\]; choose one with resume_step=N\.$"
+    with pytest.raises(CheckpointUnreadable, match=unreadable) as error:
         checkpointer.restore(ABSTRACT)
     assert error.value.step == 3
     assert checkpointer.all_steps() == [1, 2, 3] and (checkpoints / "3").is_dir()  # nothing deleted
@@ -330,6 +334,47 @@ def test_a_step_without_checksums_restores_with_a_warning(checkpoints):
     checkpointer.close()
 
 
+def test_a_step_cut_off_before_its_checksums_gives_way_to_the_checked_step_before(checkpoints):
+    """A process stopped between Orbax's commit and checksums.json leaves a step that cannot be
+    checked: it is unreadable (so a resume falls back), not restored unchecked for ever."""
+    saved(checkpoints, [1, 2]).close()
+    (checkpoints / "2" / "checksums.json").unlink()  # what the stop leaves
+    checkpointer = Checkpointer(checkpoints)
+    for restore in (lambda: checkpointer.restore(ABSTRACT), lambda: checkpointer.restore_params(ABSTRACT.params)):
+        with pytest.raises(CheckpointUnreadable, match=r"checkpoints/2 cannot be read \(it has no checksums.json, which "
+                                                       r"the process did not write after saving it") as error:
+            restore()
+        assert error.value.step == 2
+    assert_bitwise_equal(checkpointer.restore(ABSTRACT, step=1)[0], make_state(1))
+    checkpointer.close()
+
+
+KILLED_WHILE_DELETING = """
+import os, sys
+import numpy as np
+from transformer.checkpoint import Checkpointer
+checkpointer = Checkpointer(sys.argv[1], keep=1, async_save=False)
+checkpointer.save(1, {"params": {"w": np.zeros(4, np.float32)}})
+os.unlink = lambda *args, **kwargs: os._exit(9)  # killed at the first file keep-N deletes (of step 1)
+checkpointer.save(2, {"params": {"w": np.ones(4, np.float32)}})
+"""
+
+
+def test_a_process_killed_while_keep_n_deletes_a_step_leaves_no_half_step(checkpoints):
+    """Retention moves a step out of the steps before deleting its files: a half-deleted step was
+    counted as a step (and restored, or resumed from). What is left is deleted by the next save."""
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_DELETING, str(checkpoints)], env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr[-3000:]
+    checkpointer = Checkpointer(checkpoints, keep=1)
+    assert checkpointer.all_steps() == [2] and not (checkpoints / "1").exists()
+    abstract = {"params": {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}}
+    np.testing.assert_array_equal(checkpointer.restore(abstract)[0]["params"]["w"], np.ones(4))
+    checkpointer.save(3, {"params": {"w": np.full(4, 3, np.float32)}})
+    checkpointer.close()
+    assert sorted(os.listdir(checkpoints)) == ["3"]
+
+
 def test_set_aside_moves_a_step_out_and_its_number_can_be_saved_again(checkpoints, tmp_path):
     checkpointer = saved(checkpoints, [1, 2, 3])
     destination = tmp_path / "run" / "set_aside" / "step-3-damaged"
@@ -385,6 +430,24 @@ def test_a_disk_too_full_for_the_state_fails_before_writing(checkpoints, monkeyp
     checkpointer.save(2, make_state(2))  # once there is room
     assert_bitwise_equal(checkpointer.restore(ABSTRACT)[0], make_state(2))
     checkpointer.close()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_read_that_ends_after_orbax_gave_up_on_it_prints_nothing(checkpoints):
+    """Once a read or write of an Orbax operation fails, Orbax closes the operation's event loop
+    with tensorstore's others still pending, and each of those printed "Event loop is closed" with
+    a traceback as it ended (restoring a damaged step without checksums did, in these tests).
+    Here a tensorstore read ends after the loop waiting for it was closed."""
+    Checkpointer(checkpoints)
+    done, read = ts.Promise.new()
+
+    async def start_reading():
+        next(read.__await__())  # tensorstore will report the result to this event loop
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(start_reading())
+    loop.close()  # as Orbax closes it, the operation having failed
+    done.set_result(b"")  # reported to the closed loop: RuntimeError("Event loop is closed"), not raised here
 
 
 SET_ASIDE_BY_TWO_PROCESSES = """

@@ -7,6 +7,7 @@ import yaml
 
 from transformer.config import (
     PRESETS,
+    SIZES,
     Activation,
     AttentionImplementation,
     ModelConfig,
@@ -19,15 +20,6 @@ TINY = dict(vocab_size=32, d_model=16, num_heads=4, d_ff=32, num_decoder_layers=
 
 def tiny(**changes):
     return ModelConfig(**{**TINY, **changes})
-
-
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_builds(name):
-    """Every named preset is a valid config, reachable through ModelConfig.preset."""
-    config = ModelConfig.preset(name)
-    assert config == PRESETS[name]
-    assert config.num_encoder_layers + config.num_decoder_layers > 0
-    assert config.num_kv_heads * (config.num_heads // config.num_kv_heads) == config.num_heads
 
 
 def test_preset_applies_changes():
@@ -128,6 +120,34 @@ def test_config_needs_layers():
     """A config with neither encoder nor decoder layers is rejected."""
     with pytest.raises(ValueError, match="num_encoder_layers"):
         tiny(num_decoder_layers=0)
+
+
+def test_every_size_has_bounds():
+    """Every whole-number field but num_kv_heads (a divisor of num_heads) has a finite range."""
+    whole = {f.name for f in dataclasses.fields(ModelConfig) if f.type in ("int", "int | None")}
+    assert set(SIZES) == whole - {"num_kv_heads"}
+
+
+@pytest.mark.parametrize(
+    "field, value, bounds",
+    [
+        ("d_model", 1_000_000, "[1, 65536]"),
+        ("vocab_size", 2_000_000_000, "[1, 16777216]"),
+        ("num_decoder_layers", 100_000, "[0, 4096]"),
+        ("num_encoder_layers", -1, "[0, 4096]"),
+        ("d_ff", 0, "[1, 262144]"),
+        ("num_heads", 2**17, "[1, 65536]"),
+        ("head_dim", 2**17, "[1, 65536]"),
+        ("max_length", 2**25, "[1, 16777216]"),
+        ("sliding_window", 0, "[1, 16777216]"),
+        ("type_vocab_size", 2**20, "[0, 65536]"),
+    ],
+)
+def test_a_size_out_of_range_names_the_field_and_its_bounds(field, value, bounds):
+    """A size with zeros too many is refused when the config is built, before anything is traced."""
+    with pytest.raises(ValueError) as error:
+        tiny(**{field: value})
+    assert str(error.value) == f"ModelConfig.{field}={value} is out of range: it must be in {bounds}."
 
 
 @pytest.mark.parametrize("field", ["dropout_rate", "attention_dropout_rate"])

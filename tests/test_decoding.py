@@ -32,11 +32,17 @@ PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [20]]
 forward = jax.jit(lambda model, variables, tokens: model.apply(variables, tokens), static_argnums=0)
 
 
+def next_logits(model, variables, sequence, width=32):
+    """[V] logits after `sequence` from a full forward pass, the prefix padded to one width (one
+    compiled program for every prefix: the decoder is causal, so what follows it is unread)."""
+    return forward(model, variables, jnp.array([sequence + [0] * (width - len(sequence))]))[0, len(sequence) - 1]
+
+
 def stepwise_argmax(model, variables, prompt, steps):
     """Greedy decoding the slow way: a full forward pass over the whole prefix for every token."""
     sequence = list(prompt)
     for _ in range(steps):
-        sequence.append(int(jnp.argmax(forward(model, variables, jnp.array([sequence]))[0, -1])))
+        sequence.append(int(jnp.argmax(next_logits(model, variables, sequence))))
     return sequence[len(prompt) :]
 
 
@@ -56,8 +62,9 @@ def test_seq2seq_greedy_equals_stepwise_argmax():
     decode = jax.jit(lambda s, t: model.apply(variables, s, t))
     for row, source in enumerate(PROMPTS):
         target = [2]
-        for _ in range(6):
-            target.append(int(jnp.argmax(decode(jnp.array([source]), jnp.array([target]))[0, -1])))
+        for _ in range(6):  # one target length (the decoder is causal: what follows a position is unread)
+            logits = decode(jnp.array([source]), jnp.array([target + [0] * (7 - len(target))]))
+            target.append(int(jnp.argmax(logits[0, len(target) - 1])))
         assert out.tokens[row].tolist() == target[1:]
 
 
@@ -105,11 +112,18 @@ def test_one_beam_equals_greedy():
     np.testing.assert_allclose(beam.scores, greedy.scores, rtol=1e-5)
 
 
-def test_same_rng_same_text_and_different_rng_different_text():
+def test_a_rows_sample_is_fixed_by_the_rng_and_its_place_in_the_batch():
+    """What generate promises of sampling: the same rng gives the same tokens, call after call; a
+    row's tokens depend on the rng and its place, not on the other rows (row 1 changed, rows 0 and 2
+    keep theirs), so the same prompt in two places draws two samples; another rng, other tokens."""
     model, variables = decoder()
-    sample = functools.partial(tfm.generate, model, variables, PROMPTS, max_new_tokens=8, strategy="sample")
-    np.testing.assert_array_equal(sample(rng=RNG).tokens, sample(rng=RNG).tokens)
-    assert not np.array_equal(sample(rng=RNG).tokens, sample(rng=jax.random.PRNGKey(1)).tokens)
+    sample = functools.partial(tfm.generate, model, variables, max_new_tokens=8, strategy="sample")
+    tokens = np.asarray(sample(PROMPTS, rng=RNG).tokens)
+    np.testing.assert_array_equal(sample(PROMPTS, rng=RNG).tokens, tokens)
+    twice = np.asarray(sample([PROMPTS[0], PROMPTS[0], PROMPTS[2]], rng=RNG).tokens)
+    np.testing.assert_array_equal(twice[[0, 2]], tokens[[0, 2]])
+    assert (twice[0] != twice[1]).any()
+    assert (np.asarray(sample(PROMPTS, rng=jax.random.PRNGKey(1)).tokens) != tokens).any(axis=1).all()
 
 
 @pytest.mark.parametrize("several", [False, True])
@@ -180,8 +194,13 @@ def test_beam_search_beats_myopic_greedy_on_a_known_model():
 CHAIN_EOS = 3
 
 
-@functools.partial(jax.jit, static_argnames=("num_beams", "max_new_tokens", "eos_id", "no_repeat_ngram_size"))
-def chain_beam_search(chains, length_penalty, *, num_beams, max_new_tokens, eos_id=CHAIN_EOS, no_repeat_ngram_size=0):
+@functools.partial(
+    jax.jit, static_argnames=("num_beams", "max_new_tokens", "eos_id", "no_repeat_ngram_size", "early_stopping")
+)
+def chain_beam_search(
+    chains, length_penalty, *, num_beams, max_new_tokens, eos_id=CHAIN_EOS, no_repeat_ngram_size=0,
+    early_stopping="never",
+):
     """Beam search on chains [B, V, V]; the cache is each row's chain index [B]."""
 
     def step(token, chain):
@@ -190,8 +209,8 @@ def chain_beam_search(chains, length_penalty, *, num_beams, max_new_tokens, eos_
     chain = jnp.arange(chains.shape[0])
     logits, cache = step(jnp.zeros_like(chain), chain)
     return tfm.beam_search(
-        step, logits, cache, num_beams=num_beams, max_new_tokens=max_new_tokens,
-        length_penalty=length_penalty, eos_id=eos_id, select_rows=take_rows, no_repeat_ngram_size=no_repeat_ngram_size,
+        step, logits, cache, num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+        early_stopping=early_stopping, eos_id=eos_id, select_rows=take_rows, no_repeat_ngram_size=no_repeat_ngram_size,
     )
 
 
@@ -271,6 +290,55 @@ def test_exhaustive_beam_search_finds_the_brute_force_best(length_penalty):
     assert {1, max_new_tokens} < set(out.lengths.tolist())  # short and cut hypotheses both win somewhere
 
 
+def reference_beam_search(chain, num_beams, max_new_tokens, length_penalty, early_stopping):
+    """The best hypothesis of a plain beam search on one chain [V, V] from token 0, in float64.
+
+    Each step keeps the 2W best extensions of the live beams, finishes those ending in EOS (all
+    of them at the last step; the W best finished are kept) and continues the W best others.
+    Once W have finished, it stops (transformers' BeamHypotheses.is_done): True, at once; False,
+    when the best live sum over the current length**length_penalty cannot beat the W-th; "never",
+    when it cannot over the length that favours it most (the limit if length_penalty > 0).
+    """
+    chain = np.asarray(chain, np.float64)
+    live, finished = [((), 0.0)], []  # (tokens, sum of log p) best first; (score, tokens) best first
+    for length in range(1, max_new_tokens + 1):
+        extensions = [(t + (k,), s + chain[t[-1] if t else 0, k]) for t, s in live for k in range(len(chain))]
+        extensions = sorted(extensions, key=lambda e: -e[1])[: 2 * num_beams]
+        last = length == max_new_tokens
+        ends = [(s / length**length_penalty, t) for t, s in extensions if t[-1] == CHAIN_EOS or last]
+        finished = sorted(finished + ends, reverse=True)[:num_beams]
+        live = [(t, s) for t, s in extensions if t[-1] != CHAIN_EOS][:num_beams]
+        if len(finished) == num_beams:
+            best_length = max_new_tokens if early_stopping == "never" and length_penalty > 0 else length
+            if early_stopping is True or live[0][1] / best_length**length_penalty <= finished[-1][0]:
+                break
+    return finished[0][1]
+
+
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+def test_beam_search_stops_as_a_plain_reference_by_early_stopping(early_stopping):
+    """Each row equals a plain beam search with the same stop rule, though a row that stops takes
+    no more finished hypotheses while others go on. Two rows tell the modes apart (one beam, length
+    penalty 1: the mean log p): start -> EOS or A, A -> A (0.99), A A A cut at the limit.
+
+    - EOS 0.4, A 0.6: True stops at EOS; False and "never" go on, as A's log 0.6 beats log 0.4.
+    - EOS 0.6, A 0.3: True and False stop at EOS, as log 0.3 < log 0.6; "never" sees that A can
+      still reach (log 0.3 + 2 log 0.99) / 3 > log 0.6 at the limit, and goes on to A A A.
+    """
+    chains = jnp.concatenate([
+        two_step_chain(first=[0.0, 0.6, 0.0, 0.4], after_a=[0.0, 0.99, 0.0, 0.01]),
+        two_step_chain(first=[0.05, 0.3, 0.05, 0.6], after_a=[0.0, 0.99, 0.0, 0.01]),
+        jax.nn.log_softmax(2.0 * jax.random.normal(RNG, (14, 4, 4)), axis=-1),
+    ])
+    out = chain_beam_search(chains, 1.0, num_beams=1, max_new_tokens=3, early_stopping=early_stopping)
+    stop, a_a_a = [CHAIN_EOS, 0, 0], [1, 1, 1]
+    expected = {True: [stop, stop], False: [a_a_a, stop], "never": [a_a_a, a_a_a]}[early_stopping]
+    assert out.tokens[:2].tolist() == expected
+    for row, chain in enumerate(chains):
+        tokens = tuple(out.tokens[row, : int(out.lengths[row])].tolist())
+        assert tokens == reference_beam_search(chain, 1, 3, 1.0, early_stopping), f"row {row}"
+
+
 def repeated_ngram_bans(history, length, n, vocab):
     """The tokens each row may not take next: those completing an n-gram already in its first
     `length` tokens (plain Python)."""
@@ -308,7 +376,7 @@ def test_greedy_without_repeated_ngrams_equals_the_stepwise_argmax_over_allowed_
     assert has_repeated_ngram(stepwise_argmax(model, variables, prompt, steps), n)
     sequence = list(prompt)
     for step in range(steps):
-        logits = np.array(forward(model, variables, jnp.array([sequence]))[0, -1])
+        logits = np.array(next_logits(model, variables, sequence))
         generated = np.array([sequence[len(prompt) :] + [0]])
         logits[repeated_ngram_bans(generated, step, n, len(logits))[0]] = -np.inf
         sequence.append(int(np.argmax(logits)))
@@ -381,6 +449,63 @@ def test_top_p_never_emits_outside_the_nucleus():
     assert bool(jnp.isfinite(tfm.top_p_filter(sharp, 1.0)).all())
 
 
+def sampling_distribution(logits, temperature, top_k, top_p):
+    """The distribution sampling draws from, in float64 and in transformers' order: softmax of
+    logits / temperature over its top_k largest, then over the nucleus, the fewest most likely of
+    those whose probability reaches top_p."""
+    z = np.asarray(logits, np.float64) / temperature
+    z[np.argsort(-z)[top_k:]] = -np.inf
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    before = np.cumsum(probs[order]) - probs[order]  # the probability of the more likely tokens
+    probs[order[before >= top_p]] = 0.0
+    return probs / probs.sum()
+
+
+FIRST_LOGITS = [3.0, 2.0, 1.0, 0.5, -0.5, -1.0]  # of ids 0..5 after PROMPTS[0], by designed_decoder()
+
+
+def designed_decoder():
+    """decoder() whose logits of ids 0..5 after PROMPTS[0] are FIRST_LOGITS: their columns of the
+    output projection are the column of its largest logit, scaled to those values (logits are
+    linear in the columns)."""
+    model, variables = decoder()
+    logits = forward(model, variables, jnp.array([PROMPTS[0]]))[0, -1]  # [V]
+    largest = int(jnp.argmax(jnp.abs(logits)))
+    boxed = variables["params"]["lm_head"]["kernel"]  # [D, V], with its logical axes
+    unit = boxed.value[:, largest] / logits[largest]  # [D]: the last hidden state . unit = 1
+    kernel = boxed.value.at[:, : len(FIRST_LOGITS)].set(unit[:, None] * jnp.array(FIRST_LOGITS))
+    return model, {"params": {**variables["params"], "lm_head": {"kernel": boxed.replace_boxed(kernel)}}}
+
+
+def test_sampled_tokens_follow_the_temperature_then_top_k_then_top_p():
+    """1000 rows of one prompt draw 1000 independent first tokens, whose counts match the
+    distribution computed by hand (a chi-square bound; exactly its support appears), from the
+    logits of a full forward pass: [3, 2, 1, 0.5, -0.5, -1] (ids past 5 never generated), top_k=4.
+
+    - temperature 3, top_p 0.75: the top 4 of logits / 3 have probabilities [.38, .27, .19, .16],
+      a nucleus of 3 tokens (.64 < .75 <= .84). Filtering before the temperature, or ignoring it,
+      keeps 2 (the nucleus of the logits' top 4 [.63, .23, .09, .05], or of all 6 [.61, .23, ...]);
+      top-p before top-k keeps 4 (the nucleus of all 6 logits / 3 [.31, .22, .16, .13, .10, .08]).
+    - temperature 0.7, top_p 1: [.75, .18, .04, .02], against [.63, .23, .09, .05] at temperature 1.
+    """
+    model, variables = designed_decoder()
+    logits = np.asarray(forward(model, variables, jnp.array([PROMPTS[0]]))[0, -1, : len(FIRST_LOGITS)])
+    np.testing.assert_allclose(logits, FIRST_LOGITS, atol=1e-4)
+    rows = 1000
+    config = tfm.GenerationConfig(max_new_tokens=1, strategy="sample", top_k=4, vocab_size=len(FIRST_LOGITS))
+    for seed, (temperature, top_p) in enumerate([(3.0, 0.75), (0.7, 1.0)]):
+        expected = sampling_distribution(logits, temperature, 4, top_p)
+        out = tfm.generate(model, variables, [PROMPTS[0]] * rows, config, rng=jax.random.PRNGKey(seed),
+                           temperature=temperature, top_p=top_p)
+        counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=len(FIRST_LOGITS))
+        support = expected > 0
+        assert (counts > 0).tolist() == support.tolist(), (temperature, top_p, counts)
+        chi_square = np.sum((counts[support] - rows * expected[support]) ** 2 / (rows * expected[support]))
+        assert chi_square < 25, (temperature, top_p, counts, rows * expected)  # P < 2e-5 by chance (<= 3 degrees)
+
+
 def test_a_new_prompt_length_in_the_same_bucket_does_not_recompile():
     model, variables = decoder()
     tfm.generate(model, variables, [[1, 2, 3]], max_new_tokens=4)
@@ -404,7 +529,9 @@ def test_changing_traced_options_does_not_recompile():
 
 def test_a_config_and_options_by_name_generate_the_same():
     model, variables = decoder()
-    config = tfm.GenerationConfig(max_new_tokens=5, strategy="beam", num_beams=3, length_penalty=0.6)
+    config = tfm.GenerationConfig(
+        max_new_tokens=5, strategy="beam", num_beams=3, length_penalty=0.6, early_stopping="never"  # the default
+    )
     by_name = tfm.generate(model, variables, PROMPTS, max_new_tokens=5, strategy="beam", num_beams=3, length_penalty=0.6)
     for out in (tfm.generate(model, variables, PROMPTS, config),
                 tfm.generate(model, variables, PROMPTS, tfm.GenerationConfig(max_new_tokens=9), **vars(config))):
@@ -417,13 +544,22 @@ def test_a_config_and_options_by_name_generate_the_same():
     [
         (dict(strategy="nucleus"), "Unknown strategy 'nucleus'; use one of greedy, sample, beam"),
         (dict(max_new_tokens=0), "max_new_tokens must be >= 1, got 0"),
-        (dict(strategy="sample", temperature=-1.0), "temperature must be > 0 when sampling"),
+        (dict(strategy="sample", temperature=-1.0), "temperature must be a finite number > 0 when sampling"),
+        (dict(strategy="sample", temperature=float("inf")), "temperature must be a finite number > 0 .*got inf"),
+        (dict(strategy="sample", temperature=float("nan")), "temperature must be a finite number > 0 .*got nan"),
         (dict(strategy="sample", top_k=0), "top_k must be >= 1, got 0"),
         (dict(strategy="sample", top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(strategy="beam", num_beams=0), "num_beams must be >= 1"),
         (dict(strategy="beam", length_penalty=float("inf")), "length_penalty must be a finite number"),
-        # an option of another strategy would be ignored: it is an error naming the strategy it needs
+        # an option of another strategy would be ignored: it is an error naming the strategy it needs,
+        # given at its default too
         (dict(temperature=3.0), "temperature=3.0 applies to strategy='sample' only, and this strategy is 'greedy'"),
+        (dict(temperature=1.0), "temperature=1.0 applies to strategy='sample' only"),
+        (dict(strategy="greedy", num_beams=4), "num_beams=4 applies to strategy='beam' only"),
+        (dict(strategy="sample", length_penalty=1.0), "length_penalty=1.0 applies to strategy='beam' only"),
+        (dict(early_stopping="never"), "early_stopping='never' applies to strategy='beam' only"),
+        (dict(strategy="beam", early_stopping="always"), "early_stopping must be True, False or 'never', got 'always'"),
+        (dict(strategy="beam", early_stopping=1), "early_stopping must be True, False or 'never', got 1"),
         (dict(strategy="greedy", top_k=40), "top_k=40 applies to strategy='sample' only"),
         (dict(strategy="beam", top_p=0.9), "top_p=0.9 applies to strategy='sample' only, and this strategy is 'beam'"),
         (dict(strategy="sample", num_beams=8), "num_beams=8 applies to strategy='beam' only"),
@@ -455,7 +591,7 @@ def test_an_unknown_option_is_a_type_error_naming_the_options():
         (dict(prompts=[[5.7, 6]]), "Prompts must hold integer token ids, got float64 values"),
         (dict(prompts=np.array([[5.0, 6.0]])), "Prompts must hold integer token ids"),
         (dict(prompts=np.array([[5, 17, 42]]), prompt_lengths=[-1]), r"each from 0 to the array's 3; got \[-1\]"),
-        (dict(strategy="sample", temperature=0.0, rng=RNG), "temperature must be > 0"),
+        (dict(strategy="sample", temperature=0.0, rng=RNG), "temperature must be a finite number > 0"),
         (dict(strategy="sample", top_p=1.5, rng=RNG), r"top_p must be in \(0, 1\]"),
         (dict(strategy="sample", top_p=0.0, rng=RNG), r"top_p must be in \(0, 1\]"),
         (dict(strategy="beam", num_beams=0), "num_beams must be >= 1"),
@@ -588,8 +724,8 @@ def test_a_decode_step_reads_every_layer_cache_in_place(make):
     cache = tfm.init_cache(model.config, batch_size=2, max_length=256)
     token = jnp.ones((2, 1), jnp.int32)
     if isinstance(model, tfm.Seq2SeqLM):  # fill the cross-attention cache from a source
-        encoded = model.apply(variables, jnp.ones((2, 256), jnp.int32), method="encode")
-        _, cache = model.apply(variables, token, encoded, cache=cache, method="decode")
+        encoded = jax.jit(functools.partial(model.apply, method="encode"))(variables, jnp.ones((2, 256), jnp.int32))
+        _, cache = jax.jit(functools.partial(model.apply, method="decode"))(variables, token, encoded, cache=cache)
         apply = functools.partial(model.apply, encoded=None, method="decode")  # cross keys, values cached
     else:
         apply = model.apply

@@ -13,8 +13,8 @@ from processes import ROOT
 
 import flax.linen as nn
 from train import config as config_lib
-from train import datasets, loop
-from transformer.pretrained import from_pretrained
+from train import loop
+from transformer.pretrained import from_pretrained, pretrained_checkpoint
 from transformer.runs import load_run
 from transformer.tokenizer import Tokenizer
 
@@ -114,19 +114,19 @@ def test_an_unknown_named_checkpoint_is_a_clear_error(tmp_path, data):
     with pytest.raises(ValueError, match="'no-such-model' is neither a directory nor a named checkpoint.*all-minilm-l6-v2"):
         loop.run(config, progress=False)
     with pytest.raises(ValueError, match="Unknown pretrained checkpoint 'no-such-model'; available: all-minilm-l6-v2"):
-        datasets.pretrained_checkpoint("no-such-model")
+        pretrained_checkpoint("no-such-model")
 
 
 @pytest.mark.network
 def test_a_damaged_extracted_checkpoint_is_extracted_again(tmp_path, monkeypatch, capsys):
     """A flipped byte in the extracted weights is caught by the digests written at extraction."""
-    downloads = datasets.pretrained_checkpoint("all-minilm-l6-v2").parents[1] / "downloads"  # fetched once
+    downloads = pretrained_checkpoint("all-minilm-l6-v2").parents[1] / "downloads"  # fetched once
     monkeypatch.setenv("TRANSFORMER_CACHE", str(tmp_path))
     (tmp_path / "downloads").symlink_to(downloads)
-    weights = datasets.pretrained_checkpoint("all-minilm-l6-v2") / "model.safetensors"
+    weights = pretrained_checkpoint("all-minilm-l6-v2") / "model.safetensors"
     original = weights.read_bytes()
     weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-    assert (datasets.pretrained_checkpoint("all-minilm-l6-v2") / "model.safetensors").read_bytes() == original
+    assert (pretrained_checkpoint("all-minilm-l6-v2") / "model.safetensors").read_bytes() == original
     assert "does not match its digests" in capsys.readouterr().err
 
 
@@ -134,8 +134,8 @@ def test_a_damaged_extracted_checkpoint_is_extracted_again(tmp_path, monkeypatch
 def test_all_minilm_l6_v2_is_fetched_and_loads_as_a_bert_body():
     """The named checkpoint of `minilm-sentiment`: fetched once, a BERT body whose shape the
     experiment declares, with BERT's uncased WordPiece tokenizer."""
-    path = datasets.pretrained_checkpoint("all-minilm-l6-v2")
-    assert datasets.pretrained_checkpoint("all-minilm-l6-v2") == path  # cached
+    path = pretrained_checkpoint("all-minilm-l6-v2")
+    assert pretrained_checkpoint("all-minilm-l6-v2") == path  # cached
     body = from_pretrained(path, head="encoder")
     config = body.model.config
     assert (config.d_model, config.num_encoder_layers, config.num_heads, config.vocab_size, config.max_length) == (

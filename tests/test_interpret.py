@@ -24,8 +24,23 @@ def test_attention_maps_show_causality_padding_and_every_layer():
     assert np.all(cross[..., 3:] == 0) and np.all(cross[..., :3] > 0)  # source padding gets nothing
 
 
-def test_plot_attention_writes_a_png(tmp_path):
-    weights = np.tril(np.ones((4, 4))) / np.arange(1, 5)[:, None]
+def test_plot_attention_draws_each_weight_in_its_cell(tmp_path):
+    """The PNG shows the weights in viridis, queries down and keys across: a lower-triangular
+    map has its zeros above the diagonal and its one weight of 1 in the top-left cell."""
+    import matplotlib
+    import matplotlib.image
+
+    weights = np.tril(np.ones((4, 4))) / np.arange(1, 5)[:, None]  # rows: 1; 1/2 1/2; 1/3 x3; 1/4 x4
     path = tmp_path / "attention.png"
     tfm.plot_attention(weights, path, query_labels=list("abcd"), key_labels=list("abcd"), title="layer 0 head 0")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = matplotlib.image.imread(path)[..., :3]  # [height, width, RGB] in [0, 1]
+
+    def where(weight):
+        colour = np.asarray(matplotlib.colormaps["viridis"](weight)[:3])
+        return np.argwhere(np.abs(pixels - colour).max(-1) < 0.01)  # [pixels, (y, x)]
+
+    zero, one, quarter = where(0.0), where(1.0), where(0.25)
+    # Pixel areas in proportion to the cells: 6 zeros, 1 one, 4 quarters (the colour bar adds a few).
+    assert 4.5 < len(zero) / len(one) < 7.5 and 3 < len(quarter) / len(one) < 5, (len(zero), len(one), len(quarter))
+    (_, one_x), (zero_y, zero_x), (quarter_y, _) = one.mean(0), np.median(zero, 0), quarter.mean(0)
+    assert zero_x > one_x and zero_y < quarter_y  # above the diagonal; the last query at the bottom

@@ -1,5 +1,6 @@
 """Training metrics read one step late: what a log interval reports, and what its clock counts."""
 
+import socket
 import time
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import preset
-from train.metrics import IntervalMetrics, head_weights, published_peak_flops, summarize, training_flops
+from train.metrics import IntervalMetrics, MetricsLog, head_weights, published_peak_flops, summarize, training_flops
 from transformer.tasks import Task
 
 
@@ -35,6 +36,25 @@ def test_time_spent_paused_is_left_out_of_the_interval():
     interval.end_interval(1, {})
     *_, seconds = interval.read()
     assert seconds < 0.2
+
+
+def test_a_full_disk_fails_the_log_write_that_meets_it_naming_the_file(tmp_path, monkeypatch):
+    """TensorBoard events were written by tensorboardX's thread, which a full disk killed: the run
+    then hung on its queue. Lines and events are written by the caller, and the error names the
+    file (a failed write names none: "[Errno 28] No space left on device")."""
+    monkeypatch.setattr(time, "time", lambda: 1.0)  # the events file's name
+    events = tmp_path / "tensorboard" / f"events.out.tfevents.1.000000.{socket.gethostname()}"
+    events.parent.mkdir()
+    events.symlink_to("/dev/full")  # every write fails with ENOSPC
+    log = MetricsLog(tmp_path, resume_step=-1)
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    with pytest.raises(OSError, match=rf"\[Errno 28\] No space left on device: '{tmp_path / 'metrics.jsonl'}'"):
+        log.write(1, "train", {"loss": 1.0})
+    (tmp_path / "metrics.jsonl").unlink()
+    log.write(1, "train", {"loss": 1.0})  # the events are buffered: they meet the disk when flushed
+    with pytest.raises(OSError, match=rf"\[Errno 28\] No space left on device: '{events}'"):
+        log.close()
+    log.close()  # closed all the same
 
 
 def _matmul_flops(jaxpr) -> float:

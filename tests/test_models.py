@@ -505,10 +505,10 @@ def test_a_new_encoder_output_replaces_the_cached_cross_attention_in_both_stacks
     start = jnp.full((2, 1), 2, jnp.int32)
     caches = {}
     for name, (model, params) in models.items():
-        encode = lambda source: model.apply(params, source, method="encode")  # noqa: E731
-        _, cache = model.apply(params, start, encode(source_a), cache=tfm.init_cache(cfg, 2, 4), method="decode")
-        _, cache = model.apply(params, start, encode(source_b), cache=cache, method="decode")
-        _, fresh = model.apply(params, start, encode(source_b), cache=tfm.init_cache(cfg, 2, 4), method="decode")
+        encode = lambda source: apply(model, params, source, method="encode")  # noqa: E731
+        _, cache = apply(model, params, start, encode(source_a), cache=tfm.init_cache(cfg, 2, 4), method="decode")
+        _, cache = apply(model, params, start, encode(source_b), cache=cache, method="decode")
+        _, fresh = apply(model, params, start, encode(source_b), cache=tfm.init_cache(cfg, 2, 4), method="decode")
         keys = np.stack([layer.k for layer in cache.cross_attention])
         np.testing.assert_allclose(keys, np.stack([layer.k for layer in fresh.cross_attention]), atol=ATOL)
         caches[name] = keys

@@ -39,14 +39,21 @@ def rotary_inputs(seed=0, shape=(2, 5, 3, 8)):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
-def test_rotary_preserves_norm():
-    """Rotation leaves the length of every head vector unchanged."""
+def test_rotary_matches_the_rotation_formula():
+    """Each pair (x[i], x[i + H/2]) turns by the angle p / theta^(2i/H), computed in numpy:
+    the halves layout of GPT-NeoX and Llama checkpoints, so lengths are kept."""
     x = rotary_inputs()
-    positions = jnp.array([[0, 1, 2, 3, 4], [7, 100, 3, 1000, 12]])
-    rotated = apply_rotary(x, positions)
-    assert rotated.shape == x.shape and rotated.dtype == x.dtype
+    positions = np.array([[0, 1, 2, 3, 4], [7, 100, 3, 1000, 12]])
+    half = x.shape[-1] // 2
+    angles = positions[:, :, None, None] / 500.0 ** (2 * np.arange(half) / x.shape[-1])  # [B, T, 1, H/2]
+    first, second = np.asarray(x[..., :half], np.float64), np.asarray(x[..., half:], np.float64)
+    expected = np.concatenate(
+        [first * np.cos(angles) - second * np.sin(angles), second * np.cos(angles) + first * np.sin(angles)], -1
+    )
+    rotated = apply_rotary(x, jnp.asarray(positions), theta=500.0)
+    assert rotated.dtype == jnp.float32
+    np.testing.assert_allclose(rotated, expected, atol=2e-4)  # float32 sin of angles up to 1000 rad
     np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
-    assert not np.allclose(rotated, x)
 
 
 def test_rotary_position_zero_is_identity():
@@ -74,10 +81,15 @@ def test_rotary_dot_product_depends_only_on_relative_position(offset):
     assert not np.allclose(unshifted, scores(0), atol=1e-2)
 
 
-def test_rotary_keeps_dtype():
-    """bfloat16 inputs come back in bfloat16 (computed in float32 internally)."""
+def test_rotary_in_bfloat16_rounds_the_float32_rotation():
+    """bfloat16 inputs are rotated in float32 and come back in bfloat16: the float32 result
+    rounded once, not a rotation computed in bfloat16 (which loses the angle at large positions)."""
     x = rotary_inputs().astype(jnp.bfloat16)
-    assert apply_rotary(x, jnp.ones((2, 5), jnp.int32)).dtype == jnp.bfloat16
+    positions = jnp.array([[0, 1, 2, 3, 4], [7, 100, 3, 1000, 12]])
+    rotated = apply_rotary(x, positions)
+    assert rotated.dtype == jnp.bfloat16
+    expected = apply_rotary(x.astype(jnp.float32), positions).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(rotated, np.float32), np.asarray(expected, np.float32))
 
 
 # relative = key_position - query_position; num_buckets=32, max_distance=128 (T5 defaults).

@@ -6,7 +6,9 @@ transformers, run by hand); these tests need neither.
 """
 
 import json
+import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,8 @@ import pytest
 import transformer as tfm
 from transformer.architectures import UnsupportedCheckpoint
 from transformer.config import Activation
-from transformer.pretrained import checkpoint_config
+from transformer.files import file_digests, sha256_file
+from transformer.pretrained import DIGESTS, checkpoint_config
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pretrained"
 NAMES = ("bert", "bert-body", "gpt2", "llama", "t5", "t5-v1_1")
@@ -114,9 +117,9 @@ def test_tokenizer_matches_the_reference(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_save_then_load_is_exact(name, tmp_path):
     loaded = load(name)
-    tfm.save_pretrained(loaded.model, loaded.params, tmp_path, tokenizer=loaded.tokenizer)
+    tfm.save_pretrained(loaded.model, loaded.params, tmp_path, tokenizer=loaded.tokenizer, generation=loaded.generation)
     again = tfm.from_pretrained(tmp_path)
-    assert again.config == loaded.config and again.head == loaded.head
+    assert (again.config, again.head, again.generation) == (loaded.config, loaded.head, loaded.generation)
     jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
     texts = json.loads((FIXTURES / name / "tokenizer_reference.json").read_text())["texts"]
     assert [again.tokenizer.encode(t) for t in texts] == [loaded.tokenizer.encode(t) for t in texts]
@@ -215,6 +218,26 @@ def test_several_eos_ids_come_from_generation_config_json(tmp_path):
         tfm.from_pretrained(llama)
 
 
+def test_save_records_the_ids_to_generate_with(tmp_path):
+    """generation_config.json's EOS ids survive a save; without a tokenizer the ids come from
+    `generation`, and an id nothing knows is written as null, never left to transformers' family
+    default (GPT-2's 50256, outside a small vocabulary)."""
+    llama = _copy("llama", tmp_path)
+    (llama / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "pad_token_id": 0}))
+    loaded = tfm.from_pretrained(llama)
+    tfm.save_pretrained(loaded.model, loaded.params, tmp_path / "saved", tokenizer=loaded.tokenizer,
+                        generation=loaded.generation)
+    assert tfm.from_pretrained(tmp_path / "saved").generation == {"eos_id": (2, 7), "pad_id": 0}
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["eos_token_id"] == [2, 7]
+    gpt2, keys = load("gpt2"), ("bos_token_id", "eos_token_id", "pad_token_id")
+    tfm.save_pretrained(gpt2.model, gpt2.params, tmp_path / "known", generation=gpt2.generation)
+    tfm.save_pretrained(gpt2.model, gpt2.params, tmp_path / "unknown")
+    for name in ("config.json", "generation_config.json"):
+        known, unknown = (json.loads((tmp_path / saved / name).read_text()) for saved in ("known", "unknown"))
+        assert {key: known[key] for key in keys} == {"bos_token_id": None, "eos_token_id": 0, "pad_token_id": None}
+        assert {key: unknown[key] for key in keys} == dict.fromkeys(keys)
+
+
 def _copy(name: str, tmp_path: pathlib.Path) -> pathlib.Path:
     target = tmp_path / name
     shutil.copytree(FIXTURES / name, target)
@@ -273,6 +296,40 @@ def test_unsupported_options_and_unknown_tensors(tmp_path):
     save_file(tensors, t5 / "model.safetensors")
     with pytest.raises(ValueError, match="lacks tensor.*decoder.final_layer_norm.weight"):
         tfm.from_pretrained(t5)
+
+
+@pytest.mark.parametrize(
+    "name, changes, message",
+    [
+        ("gpt2", {"n_layer": 1000}, "describes 1000 decoder layer(s), but its weights hold the tensors of 2:"),
+        ("bert", {"num_hidden_layers": 1}, "describes 1 encoder layer(s), but its weights hold the tensors of 2:"),
+        ("t5", {"num_decoder_layers": 3}, "describes 3 decoder layer(s), but its weights hold the tensors of 2:"),
+        ("llama", {"vocab_size": 1_000_000}, "a vocabulary of 1000000 and a width of 32 (embedding [1000000, 32]), "
+                                             "but its weights' model.embed_tokens.weight is [210, 32]"),
+        ("gpt2", {"n_embd": 64}, "a vocabulary of 300 and a width of 64 (embedding [300, 64]), but its "
+                                 "weights' transformer.wte.weight is [300, 32]"),
+        ("gpt2", {"n_layer": 100_000}, "num_decoder_layers=100000 is out of range: it must be in [0, 4096]"),
+        ("llama", {"vocab_size": 2_000_000_000}, "ModelConfig.vocab_size=2000000000 is out of range"),
+    ],
+)
+def test_a_config_json_that_is_not_its_weights_is_refused_before_anything_is_read(
+    name, changes, message, tmp_path, monkeypatch,
+):
+    """config.json's layer counts, vocabulary and width are compared with the tensor names and
+    shapes of the files' headers before a tensor is read or a layer traced (100,000 layers over
+    2 layers' tensors took minutes and gigabytes to be refused)."""
+    from transformer import pretrained
+
+    def never(*args):
+        raise AssertionError("tensors were read")
+
+    path = _copy(name, tmp_path)
+    _edit_config(path, **changes)
+    monkeypatch.setattr(pretrained, "_read_tensors", never)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        tfm.from_pretrained(path)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        checkpoint_config(path)  # what a fine-tuning run reads first
 
 
 def test_a_tensor_of_the_wrong_shape_is_refused_even_with_the_right_size(tmp_path):
@@ -355,6 +412,21 @@ def test_checkpoint_variants_real_files_have(tmp_path):
         tfm.from_pretrained(mistral)
 
 
+def test_a_mistral_model_is_saved_as_mistral(tmp_path):
+    """Its window is kept (saved as Llama, transformers would attend past it to everything), and it
+    loads back as the same config."""
+    mistral = _copy("llama", tmp_path)
+    _edit_config(mistral, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16)
+    loaded = tfm.from_pretrained(mistral)
+    assert (loaded.config.max_length, loaded.config.sliding_window) == (16, 16)
+    tfm.save_pretrained(loaded.model, loaded.params, tmp_path / "saved", tokenizer=loaded.tokenizer)
+    hf = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert (hf["model_type"], hf["architectures"], hf["sliding_window"]) == ("mistral", ["MistralForCausalLM"], 16)
+    assert tfm.from_pretrained(tmp_path / "saved").config == loaded.config
+    with pytest.raises(ValueError, match="max_length=32 exceeds sliding_window=16"):
+        loaded.config.replace(max_length=32)
+
+
 def test_sharded_checkpoints_load_like_one_file(tmp_path):
     from safetensors.numpy import load_file, save_file
 
@@ -376,6 +448,90 @@ def test_sharded_checkpoints_load_like_one_file(tmp_path):
         tfm.from_pretrained(path)
 
 
+def test_an_index_naming_shards_outside_its_directory_is_refused(tmp_path):
+    """A shard is a file in the checkpoint's directory: `../other/model.safetensors` or an absolute
+    path is never opened."""
+    from safetensors.numpy import load_file
+
+    llama = _copy("llama", tmp_path)
+    (tmp_path / "other").mkdir()
+    (llama / "model.safetensors").rename(tmp_path / "other" / "model.safetensors")
+    names = list(load_file(tmp_path / "other" / "model.safetensors"))
+    for outside in ("../other/model.safetensors", str(tmp_path / "other" / "model.safetensors")):
+        (llama / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, outside)}))
+        with pytest.raises(ValueError, match=f"lists the shard '{re.escape(outside)}', which is not a file in"):
+            tfm.from_pretrained(llama)
+
+
+def test_weights_that_are_not_finite_floats_are_refused(tmp_path):
+    """An integer tensor is not cast to float unseen, and a NaN or inf is not loaded (a sampler
+    would print nothing): each is an error naming the tensor. An integer buffer no rule reads
+    (old BERT files' position_ids) still loads."""
+    from safetensors.numpy import load_file, save_file
+
+    llama = _copy("llama", tmp_path)
+    tensors, name = load_file(llama / "model.safetensors"), "model.norm.weight"
+    save_file(tensors | {name: tensors[name].astype(np.int64)}, llama / "model.safetensors")
+    with pytest.raises(UnsupportedCheckpoint, match=f"safetensors: {name} holds I64 values, but weights are float"):
+        tfm.from_pretrained(llama)
+    for bad in (np.nan, -np.inf):
+        broken = np.where(np.arange(32) == 3, bad, tensors[name]).astype(np.float32)
+        save_file(tensors | {name: broken}, llama / "model.safetensors")
+        with pytest.raises(ValueError, match=f"model.safetensors: {name} has NaN or infinite values"):
+            tfm.from_pretrained(llama)
+    save_file(tensors | {name: np.full(32, 1e5, np.float32)}, llama / "model.safetensors")
+    with pytest.raises(ValueError, match=f"{name} has values outside float16's range; load it with dtype='float32'"):
+        tfm.from_pretrained(llama, dtype="float16")
+    bert = _copy("bert", tmp_path)
+    tensors = load_file(bert / "model.safetensors")
+    positions = {"bert.embeddings.position_ids": np.arange(64, dtype=np.int64)[None]}
+    save_file(tensors | positions, bert / "model.safetensors")
+    jax.tree.map(np.testing.assert_array_equal, tfm.from_pretrained(bert).params, load("bert").params)
+
+
+def test_a_hub_id_opens_from_the_hub_cache(tmp_path, monkeypatch):
+    """"org/name" is read from huggingface_hub's cache (blobs, a snapshot of links to them,
+    refs/main), without the network; an id not cached fails at once, naming it."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo, commit = tmp_path / "models--org--tiny-gpt2", "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    for directory in (repo / "blobs", repo / "refs", snapshot):
+        directory.mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for file in (FIXTURES / "gpt2").iterdir():
+        blob = repo / "blobs" / sha256_file(file)
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    assert huggingface_hub.try_to_load_from_cache("org/tiny-gpt2", "config.json") == str(snapshot / "config.json")
+    loaded = tfm.from_pretrained("org/tiny-gpt2")
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, load("gpt2").params)
+    assert loaded.tokenizer.path == snapshot / "tokenizer.json"
+    with pytest.raises(FileNotFoundError, match="Hugging Face Hub model org/missing is not in the hub's cache"):
+        tfm.from_pretrained("org/missing")
+
+
+def test_a_named_checkpoint_opens_by_its_name(tmp_path, monkeypatch):
+    """The names init_from= takes (all-minilm-l6-v2) open here too, from the extraction in the cache."""
+    monkeypatch.setenv("TRANSFORMER_CACHE", str(tmp_path))
+    extracted = tmp_path / "pretrained" / "all-minilm-l6-v2.v1"
+    shutil.copytree(FIXTURES / "bert-body", extracted)  # standing in for the real checkpoint
+    (extracted / DIGESTS).write_text(json.dumps(file_digests(extracted, DIGESTS)))
+    jax.tree.map(np.testing.assert_array_equal, tfm.from_pretrained("all-minilm-l6-v2").params,
+                 load("bert-body").params)
+
+
+def test_a_pretrained_model_prints_its_architecture_not_its_weights():
+    assert repr(load("llama")) == (
+        "Pretrained(CausalLM, head='lm', 2 decoder layers, d_model=32, 4 heads (2 key/value), d_ff=64, "
+        "vocab_size=210, max_length=64, 32,032 parameters, "
+        f"tokenizer=HuggingFaceTokenizer({FIXTURES / 'llama' / 'tokenizer.json'}, vocab_size=210))"
+    )
+
+
 # all-MiniLM-L6-v2 through transformers 4.57.6 (BertModel, mean pooling over the attention mask, L2
 # normalisation, as sentence-transformers does), once, on these sentences: the first four dimensions of
 # each embedding and the cosine similarity of each pair.
@@ -392,9 +548,7 @@ MINILM_SIMILARITY = [[1.0, 0.801948, -0.054027, 0.150034, 0.034563], [0.801948, 
 
 @pytest.mark.network
 def test_real_minilm_sentence_embeddings():
-    from train.datasets import pretrained_checkpoint
-
-    minilm = tfm.from_pretrained(pretrained_checkpoint("all-minilm-l6-v2"))
+    minilm = tfm.from_pretrained("all-minilm-l6-v2")
     embeddings = minilm.embed(MINILM_SENTENCES)
     np.testing.assert_allclose(embeddings[:, :4], MINILM_EMBEDDINGS, atol=2e-6)
     similarity = embeddings @ embeddings.T

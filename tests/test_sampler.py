@@ -1,7 +1,9 @@
 """Sampler over a run directory: batches, streaming, the command line and clear errors."""
 
 import dataclasses
+import io
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -111,11 +113,17 @@ def test_token_ids_are_the_ids_of_the_text_a_call_returns(lm_run):
     assert sampler.tokenizer.decode(prompt + new) == "Ka to" + sampler("Ka to", **options)
 
 
-def test_same_seed_same_text_and_seeds_differ(lm_run):
+def test_a_seed_fixes_each_texts_sample_by_its_place_in_the_batch(lm_run):
+    """The same seed gives the same texts, call after call; a text's continuation depends on the
+    seed and its place, not on the other texts (the middle one changed, the others keep theirs),
+    so the same text in two places gets two samples; another seed, other texts."""
     sampler = Sampler.load(lm_run)
     options = dict(max_new_tokens=16, strategy="sample", temperature=2.0)
-    assert sampler("Ka", seed=1, **options) == sampler("Ka", seed=1, **options)
-    assert len({sampler("Ka", seed=s, **options) for s in range(4)}) > 1
+    texts = sampler(["Ka", "Mu sen", "Ka"], seed=1, **options)
+    assert sampler(["Ka", "Mu sen", "Ka"], seed=1, **options) == texts
+    assert sampler(["Ka", "Quin dor ash", "Ka"], seed=1, **options)[::2] == texts[::2]
+    assert texts[0] != texts[2]
+    assert all(a != b for a, b in zip(sampler(["Ka", "Mu sen", "Ka"], seed=2, **options), texts))
 
 
 def test_translation_run_translates_batches_and_beams(translation_run):
@@ -159,13 +167,51 @@ def test_command_line_prints_prompt_and_continuation(lm_run, tmp_path):
     assert list(cache.glob("jit__generate-*-cache")), sorted(cache.iterdir())
     missing = subprocess.run([sys.executable, "-m", "transformer.sample", str(lm_run.parent / "nothing")],
                              env=env, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 1 and "is not a run directory" in missing.stderr
+    assert missing.returncode == 1 and "nothing is not a directory (a training run's" in missing.stderr
+
+
+def command_error(arguments: list[str], capsys) -> str:
+    """The error of a sampling command that fails: exit status 1, one `error:` line, nothing shown."""
+    assert sample_command(arguments) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: ") and err.count("\n") == 1, (out, err)
+    return err
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("task: [causal_lm\n", r"config.yaml is not valid YAML: expected ',' or '\]', but got .*\(line 2, column 1\)"),
+        ("task: causal_lm\nmodel: {d_model: 32}\n", r"config.yaml has no valid model: .* missing 3 required .*; restore"),
+        (b"task: causal_lm\nmodel: {}\n# \xff\n", "config.yaml holds bytes that are not UTF-8 text; restore"),
+    ],
+)
+def test_a_broken_run_config_is_one_error_line(tmp_path, capsys, config, message):
+    (tmp_path / "config.yaml").write_bytes(config if isinstance(config, bytes) else config.encode())
+    assert re.search(message, command_error([str(tmp_path), "--prompt", "Ka"], capsys))
+
+
+def test_the_command_line_checks_a_prompt_before_showing_it(lm_run, capsys, monkeypatch):
+    """A prompt too long for the context, streamed or not, is an error before the prompt is shown;
+    so is input that is not UTF-8 (as Python reads it in a C locale), not a tokenizer's traceback."""
+    for whole in ([], ["--no-stream"]):
+        err = command_error([str(lm_run), "--prompt", "Ka " * 100, "--strategy", "greedy", *whole], capsys)
+        assert "exceeds the model's context of 64 tokens" in err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"Ka \xff to\n"), "utf-8", "surrogateescape"))
+    err = command_error([str(lm_run), "--strategy", "greedy"], capsys)
+    assert "The prompt 'Ka \\udcff to' is not text: character 3 is '\\udcff', a lone surrogate" in err
 
 
 def test_bad_input_is_a_clear_error(lm_run, tmp_path, capsys):
     ignored = ["--strategy", "greedy", "--temperature", "3"]  # an error, not ignored
     assert sample_command([str(lm_run), "--prompt", "Ka", *ignored]) == 1
     assert "temperature=3.0 applies to strategy='sample' only" in capsys.readouterr().err
+    for flags, message in [
+        (["--strategy", "greedy", "--num-beams", "4"], "num_beams=4 applies to strategy='beam' only"),  # its default
+        (["--temperature", "inf"], "temperature must be a finite number > 0 when sampling, got inf"),
+        (["--seed", str(2**63)], r"seed must be from -2\*\*63 to 2\*\*63 - 1, got 9223372036854775808"),
+    ]:
+        assert re.search(message, command_error([str(lm_run), "--prompt", "Ka", *flags], capsys))
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         Sampler.load(tmp_path)
     (tmp_path / "config.yaml").write_text("task: classification\nmodel: {}\n")
@@ -176,6 +222,14 @@ def test_bad_input_is_a_clear_error(lm_run, tmp_path, capsys):
         sampler("Ka " * 100, max_new_tokens=8)
     with pytest.raises(ValueError, match="Streaming .* needs strategy 'greedy' or 'sample'"):
         list(sampler.stream("Ka", strategy="beam", max_new_tokens=8))
+    with pytest.raises(ValueError, match="exceeds the model's context"):  # when called, before any piece is asked for
+        sampler.stream("Ka " * 100, max_new_tokens=8)
+    with pytest.raises(TypeError, match="seed must be a whole number, got float 1.5"):
+        sampler("Ka", seed=1.5)
+    with pytest.raises(ValueError, match=r"seed must be from -2\*\*63 to 2\*\*63 - 1"):
+        sampler.stream("Ka", seed=-(2**63) - 1)
+    with pytest.raises(ValueError, match="The prompt 'Ka\\\\udcff' is not text"):
+        sampler(["Ka", "Ka\udcff"])
     with pytest.raises(FileNotFoundError, match="No checkpoint for step 7"):
         Sampler.load(lm_run, step=7)
     assert np.isfinite(np.asarray(sampler.variables["params"]["embed"]["token"]["embedding"])).all()

@@ -410,7 +410,7 @@ def test_run_directory_tokenizer_model_comes_first(tmp_path, small_trained, t5_m
 
 def test_t5_extra_ids_follow_the_pieces_in_reverse(tmp_path, t5_model):
     """As T5Tokenizer numbers them, <extra_id_0> is the last id; they count in vocab_size, are
-    special, and decode drops them."""
+    special, and decode writes them as text where it drops the other special ids."""
     t5 = Tokenizer.load(t5_dir(tmp_path, t5_model, extra_ids=3))
     assert t5.vocab_size == T5_PIECES + 3
     assert [t5.token_to_id(f"<extra_id_{k}>") for k in range(4)] == [62, 61, 60, None]
@@ -418,7 +418,44 @@ def test_t5_extra_ids_follow_the_pieces_in_reverse(tmp_path, t5_model):
     assert [t5.id_to_token(i) for i in (60, 62)] == ["<extra_id_2>", "<extra_id_0>"]
     assert t5.special_ids == frozenset({0, 1, 2, 60, 61, 62})
     text = held_out(1)[0]
-    assert t5.decode([62, *t5.encode(text), 60, 1, 0]) == text
+    assert t5.decode([62, *t5.encode(text), 60, 1, 0]) == f"<extra_id_0> {text} <extra_id_2>"
+
+
+# transformers 4.57.6's AutoTokenizer (T5TokenizerFast; T5Tokenizer gives the same ids) over the t5
+# fixture's spiece.model and config.json alone: each text's ids, and T5Tokenizer's decoding of them.
+T5_SENTINEL_TEXTS = {
+    "Hello <extra_id_0> world": ([3, 137, 21, 22, 69, 249, 3, 92, 17, 65], "Hello <extra_id_0> world"),
+    "The <extra_id_0> river<extra_id_1>is quiet.": (
+        [3, 145, 23, 249, 121, 60, 72, 248, 3, 26, 3, 96, 21, 10, 7], "The <extra_id_0> river <extra_id_1> is quiet."),
+    "x<extra_id_0>y <extra_id_99> b": ([3, 131, 249, 3, 11, 150, 33], "x <extra_id_0> y <extra_id_99> b"),
+}
+# "<extra_id_100> <extra_id_07>": not sentinels (past the 100, and misspelt), ordinary text.
+NOT_SENTINEL_IDS = [3, 2, 43, 10, 17, 18, 2, 60, 8, 2, 3, 2, 43, 10, 17, 18, 2, 60, 8, 2]
+
+
+def test_t5_sentinels_in_text_encode_to_their_ids(tmp_path):
+    """A T5 directory with spiece.model alone has transformers' 100 sentinels: `<extra_id_k>` in a
+    text is its id (the spaces around it dropped), and decoding writes it back."""
+    for name in ("spiece.model", "config.json"):
+        shutil.copyfile(FIXTURES / "t5" / name, tmp_path / name)
+    t5 = Tokenizer.load(tmp_path)
+    assert t5.vocab_size == 150 + 100
+    for text, (ids, decoded) in T5_SENTINEL_TEXTS.items():
+        assert t5.encode(text) == ids, text
+        assert t5.decode(ids) == decoded, text
+    assert t5.encode_batch(T5_SENTINEL_TEXTS) == [ids for ids, _ in T5_SENTINEL_TEXTS.values()]
+    assert t5.encode("<extra_id_100> <extra_id_07>") == NOT_SENTINEL_IDS
+
+
+def test_t5_sentinels_of_a_tokenizer_json_are_decoded_too(tmp_path):
+    """T5's tokenizer.json holds the sentinels as special added tokens: decode writes them, as for spiece.model."""
+    tokenizer_json_dir(tmp_path)
+    built = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    built.add_special_tokens([tokenizers.AddedToken("<extra_id_0>", lstrip=True, rstrip=True)])
+    built.save(str(tmp_path / "tokenizer.json"))
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.encode("the cat <extra_id_0> sat") == [5, 6, 13, 7]
+    assert loaded.decode([5, 6, 13, 7, 0]) == "the cat <extra_id_0> sat"
 
 
 @pytest.mark.parametrize(

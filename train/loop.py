@@ -11,7 +11,8 @@ evaluation, logging and checkpoints, all in one run directory.
       tensorboard/      the same metrics as TensorBoard events
       loss.png          the loss curves, written at the end
       artefacts.json    what made the tokenizer and the checkpoints (see train.rundir)
-      .lock             held by the process that trains
+      .lock             names the process that trains (which holds a lock on the run directory)
+      diverged.json     the step where training diverged, until a start resumes (see TrainingDiverged)
       set_aside/        checkpoint steps moved out of the way (damaged, or after resume_step)
 
 A run directory that already holds checkpoints is resumed from its latest step that restores
@@ -22,11 +23,13 @@ them, so a run killed and restarted ends with the same parameters as one that ne
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
 import pathlib
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -45,7 +48,7 @@ from train import rundir
 from train.config import TrainConfig, load_yaml, save_yaml, to_dict
 from train.optim import learning_rate_schedule, make_optimizer, nonfinite_counts, updates_applied
 from train.step import check_batch_axes, compile_steps, create_state, global_batch, make_mesh
-from train.tasks import TASKS, TaskData, init_source, load_splits, prepare_tokenizer, sync, task_data
+from train.tasks import TASKS, Split, TaskData, init_source, load_splits, prepare_tokenizer, sync, task_data
 from transformer import runs
 from transformer.architectures import ENCODER, LM, MLM, PRETRAINING
 from transformer.checkpoint import CheckpointUnreadable, Checkpointer
@@ -57,6 +60,8 @@ from transformer.tasks import Task
 from transformer.tokenizer import Tokenizer
 
 WENT_BACK = "went_back.json"  # the resume_step a start went back to (see `_goes_back`)
+DIVERGED = "diverged.json"  # the step where training diverged (see TrainingDiverged)
+LOG_INTERVAL = "log_interval"  # in a checkpoint's data state: the metric sums of the open log interval
 # Keys that may change when a run directory is resumed; any other difference is an error.
 RESUMABLE_KEYS = frozenset({
     "steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "sample_prompt",
@@ -65,12 +70,16 @@ RESUMABLE_KEYS = frozenset({
     # how a step is computed, not what: runs saved before remat became the default resume
     "model.remat_policy", "model.attention_implementation",
 })
+# Keys that may also change when resuming a run that diverged (the advice of TrainingDiverged).
+AFTER_DIVERGENCE_KEYS = frozenset({"learning_rate", "warmup_steps"})
 # Model fields a fine-tuning run chooses itself; the rest of the architecture comes from `init_from`.
 FINE_TUNING_MODEL_KEYS = ("dropout_rate", "attention_dropout_rate", "dtype", "remat_policy", "attention_implementation")
 
 
 class TrainingDiverged(RuntimeError):
-    """Raised when too many steps in a row had non-finite gradients."""
+    """Raised when too many steps in a row had non-finite gradients. The run directory records it
+    (diverged.json), so that the next start may resume with a lower learning_rate or more
+    warmup_steps (AFTER_DIVERGENCE_KEYS)."""
 
 
 @dataclasses.dataclass
@@ -160,10 +169,11 @@ def prepare_data(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> 
     train, validation, label_names = load_splits(config)
     training_data = rundir.sha256_json(train)
     tokenizer = prepare_tokenizer(config, run_dir, train, training_data, artefacts, resuming)
-    if resuming:  # the checkpoints continue training on the same data
-        artefacts.check("checkpoints", {"training_data": training_data})
+    data = {"training_data": training_data, "validation_data": rundir.sha256_json(validation)}
+    if resuming:  # the checkpoints continue training, and the log evaluating, on the same data
+        artefacts.check("checkpoints", data)
     else:
-        artefacts.record("checkpoints", {"training_data": training_data})
+        artefacts.record("checkpoints", data)
     if is_main:  # after the checks: a start they refuse changes nothing
         save_yaml(config, run_dir / "config.yaml")
         if label_names:
@@ -189,7 +199,8 @@ def set_up(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> Job:
         grad_clip=config.grad_clip or None,
     )
     inputs = config.task.example_inputs(config.seq_length, config.source_length)
-    state, shardings = create_state(model, optimizer, inputs, jax.random.PRNGKey(config.seed), mesh)
+    state, shardings = create_state(model, optimizer, inputs, jax.random.PRNGKey(config.seed), mesh,
+                                    microbatch=config.batch_size // config.accumulation)
     sampling = optax.linear_schedule(0.0, config.scheduled_sampling, config.steps) if config.scheduled_sampling else None
     train_step, eval_step = compile_steps(
         model, TASKS[config.task].objective, optimizer, mesh, shardings, accumulation=config.accumulation,
@@ -229,21 +240,32 @@ def load_pretrained(job: Job, say) -> Any:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def validation_batches(split: Split, config: TrainConfig):
+    """This process's part of the batches an evaluation reads: `eval_batches` of them (0: all) of
+    one seeded shuffle of the split, the same at every evaluation. A few batches are then a sample
+    of the whole split, not its first examples (rt-polarity's are all of one label)."""
+    batches = data_lib.batches(
+        split.dataset, global_batch_size=config.batch_size, seed=config.seed + 1, num_epochs=1,
+        random_map=split.random_map, process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    return itertools.islice(batches, config.eval_batches or None)
+
+
+def validation_coverage(split: Split, config: TrainConfig) -> str:
+    """How much of the split `validation_batches` reads, e.g. "320 of 1,057 examples"."""
+    total = len(split.dataset)
+    read = min(total, config.eval_batches * config.batch_size) if config.eval_batches else total
+    return f"all {total:,} examples" if read == total else f"{read:,} of {total:,} examples"
+
+
 def evaluate(job: Job, params) -> tuple[dict[str, float], str]:
-    """Validation metrics (`eval_batches` batches, or all), plus what the task generates
-    (a sample, translations and their BLEU) on one process's devices."""
+    """Validation metrics (over `validation_batches`), plus what the task generates (a sample,
+    translations and their BLEU) on one process's devices."""
     config, task = job.config, TASKS[job.config.task]
     if job.data.validation is None:
         return {}, ""
-    batches = data_lib.batches(
-        job.data.validation.dataset, global_batch_size=config.batch_size, seed=config.seed + 1, shuffle=False,
-        num_epochs=1, random_map=job.data.validation.random_map, process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
     sums = None
-    for index, batch in enumerate(batches):
-        if config.eval_batches and index >= config.eval_batches:
-            break
+    for batch in validation_batches(job.data.validation, config):
         sums = metrics_lib.add(sums, job.eval_step(params, global_batch(batch, job.mesh)))
     result = metrics_lib.summarize(metrics_lib.to_host(sums), token_level=task.token_level)
     if job.data.validation.rows is not None:  # a language model: also per character of text
@@ -255,11 +277,12 @@ def evaluate(job: Job, params) -> tuple[dict[str, float], str]:
     return result, text
 
 
-def report(say, log: metrics_lib.MetricsLog, step: int, validation: dict, sample: str) -> None:
+def report(job: Job, say, log: metrics_lib.MetricsLog, step: int, validation: dict, sample: str) -> None:
     if not validation:
         return
     log.write(step, "validation", {**validation, **({"sample": sample} if sample else {})})
-    say(f"step {step} validation: " + ", ".join(f"{k} {v:.4g}" for k, v in validation.items()))
+    say(f"step {step} validation ({validation_coverage(job.data.validation, job.config)}): "
+        + ", ".join(f"{k} {v:.4g}" for k, v in validation.items()))
     if sample:
         say(f"generated: {sample}")
 
@@ -268,8 +291,9 @@ def report(say, log: metrics_lib.MetricsLog, step: int, validation: dict, sample
 
 
 class StopSignals:
-    """Turns SIGTERM and SIGINT into a flag the loop checks after each step (a second SIGINT
-    interrupts at once). Handlers are only installed from the main thread."""
+    """Turns SIGTERM and SIGINT into a flag the loop checks after each step; a second SIGINT ends
+    the process at once, with one line (a SIGKILL's outcome: the run resumes from its last
+    checkpoint). Handlers are only installed from the main thread."""
 
     def __init__(self):
         self.received: int | None = None
@@ -283,7 +307,9 @@ class StopSignals:
 
     def _handle(self, signum, frame):
         if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            print("Interrupted twice: stopped at once, without saving. Run the same command again to resume from "
+                  "the last checkpoint.", file=sys.stderr, flush=True)
+            os._exit(128 + signal.SIGINT)
         self.received = signum
 
     def __exit__(self, *exc):
@@ -319,10 +345,13 @@ class Logger:
         step, sums, counts, steps, elapsed = closed
         config = self.job.config
         if counts["consecutive"] >= config.max_nonfinite_steps:
+            if jax.process_index() == 0:
+                write_atomically(self.job.run_dir / DIVERGED, json.dumps({"step": step}))
             raise TrainingDiverged(
                 f"Step {step}: the last {counts['consecutive']} steps had non-finite gradients ({counts['total']} "
                 f"in all) and were skipped; stopping. The checkpoints in {self.job.run_dir / 'checkpoints'} hold the "
-                "last good state: lower learning_rate, raise warmup_steps or check the data, then resume."
+                "last good state: run again with a lower learning_rate or more warmup_steps to resume from it (after "
+                "a divergence those two may change), or, if the data is at fault, fix it and start a new run_dir."
             )
         values = self._averages(sums)
         values["learning_rate"] = float(self.job.schedule(counts["applied"] - 1))  # of the last update applied
@@ -348,6 +377,17 @@ class Logger:
         values = metrics_lib.summarize(sums, token_level=TASKS[self.job.config.task].token_level)
         return values | {"grad_norm": sums["grad_norm"] / sums["finite_steps"]}
 
+    def open_interval(self) -> dict[str, float] | None:
+        """The metric sums of the steps since the last log step, saved with a checkpoint so that a
+        run resumed from it logs that interval whole (None when it is empty)."""
+        sums = self.interval.open_sums()
+        return None if sums is None else metrics_lib.to_host(sums)
+
+    def resume_interval(self, sums: dict[str, float] | None) -> None:
+        """Starts with the steps of a saved open interval (`open_interval`) before the steps to come."""
+        if sums is not None:
+            self.interval.add({name: np.float32(value) for name, value in sums.items()})
+
     def after_step(self, step: int, metrics, state, *, first: bool) -> None:
         """Adds a step's metrics; at a log step, closes the interval (read at the next step)."""
         self.interval.add(metrics)
@@ -361,9 +401,12 @@ class Logger:
             self.interval.end_interval(step, jax.tree.map(lambda x: jnp.array(x, copy=True), counts))
 
 
-def train_loop(job: Job, checkpointer: Checkpointer, log: metrics_lib.MetricsLog, say, progress: bool) -> RunResult:
+def train_loop(job: Job, checkpointer: Checkpointer, log: metrics_lib.MetricsLog, say, progress: bool,
+               open_interval: dict[str, float] | None = None) -> RunResult:
     """Steps until `config.steps`, each followed by its periodic actions: write the last log
-    interval, evaluate, save a checkpoint, stop on a signal. Then a last evaluation and save."""
+    interval, evaluate, save a checkpoint, stop on a signal. Then a last evaluation and save,
+    which a signal does not interrupt. `open_interval`: the log interval a resumed checkpoint
+    saved open (`Logger.open_interval`)."""
     config, state = job.config, job.state
     step = first_step = int(state.step)
     base_key = jax.random.PRNGKey(config.seed)  # step s trains with fold_in(base_key, s)
@@ -371,9 +414,10 @@ def train_loop(job: Job, checkpointer: Checkpointer, log: metrics_lib.MetricsLog
     bar = tqdm(total=config.steps, initial=step, disable=not (progress and jax.process_index() == 0),
                dynamic_ncols=True, desc="train")
     logger = Logger(job, log, bar)
+    logger.resume_interval(open_interval)
 
     def save(step: int) -> None:
-        checkpointer.save(step, state, job.batches.get_state(), force=True)
+        checkpointer.save(step, state, {**job.batches.get_state(), LOG_INTERVAL: logger.open_interval()}, force=True)
 
     validation, sample = {}, ""
     try:
@@ -392,7 +436,7 @@ def train_loop(job: Job, checkpointer: Checkpointer, log: metrics_lib.MetricsLog
                 if evaluating:
                     with logger.interval.paused(state):
                         validation, sample = evaluate(job, state.params)
-                        report(say, log, step, validation, sample)
+                        report(job, say, log, step, validation, sample)
                 if saving:
                     save(step)
                 stopped = signals.agreed() if jax.process_count() == 1 or step % config.log_every == 0 else None
@@ -404,15 +448,15 @@ def train_loop(job: Job, checkpointer: Checkpointer, log: metrics_lib.MetricsLog
                     say(f"Stopped by {signal.Signals(stopped).name} at step {step}; saved {job.run_dir / 'checkpoints'}. "
                         "Run the same command again to resume.")
                     return RunResult(job.run_dir, step, validation, sample, stopped, job.data.baselines)
-        logger.write_ready()
-        bar.close()
-        validation, sample = evaluate(job, state.params)
-        report(say, log, step, validation, sample)
-        if checkpointer.latest_step() != step:
-            save(step)
-        checkpointer.wait()
-        if jax.process_index() == 0 and log.path.exists():
-            metrics_lib.plot_losses(log.path, job.run_dir / "loss.png")
+            logger.write_ready()  # the last steps are trained: a signal from here on waits for the files
+            bar.close()
+            validation, sample = evaluate(job, state.params)
+            report(job, say, log, step, validation, sample)
+            if checkpointer.latest_step() != step:
+                save(step)
+            checkpointer.wait()
+            if jax.process_index() == 0 and log.path.exists():
+                metrics_lib.plot_losses(log.path, job.run_dir / "loss.png")
         say(f"Done: {step} steps in {time.time() - start_time:.0f} s; run directory {job.run_dir}.")
         return RunResult(job.run_dir, step, validation, sample, baselines=job.data.baselines)
     finally:
@@ -426,7 +470,8 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     """Trains (or resumes) the run described by `config`; returns the last evaluation.
 
     The run directory is locked while the run trains: a second process on it is refused
-    (RunDirectoryBusy). A finished run is not trained again. Unless JAX already has one, this
+    (RunDirectoryBusy). A start refused before it writes anything leaves no run directory
+    behind, and a finished run is not trained again. Unless JAX already has one, this
     process's persistent compilation cache becomes `config.compilation_cache` (a `jax.config`
     setting, which stays after the call).
     """
@@ -439,12 +484,14 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     if jax.process_index() == 0:
         _open_run_dir(run_dir, lock, say)
     sync("run_dir")
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints, step_option="resume_step=N")
     try:
         return _train(config, run_dir, checkpointer, say, progress)
     finally:
-        checkpointer.close()
-        lock.release()
+        try:
+            checkpointer.close()  # raises a failed save (again, if a save raised it)
+        finally:
+            lock.release()  # removes the run directory if this start made it and wrote nothing
 
 
 def _train(config: TrainConfig, run_dir: pathlib.Path, checkpointer: Checkpointer, say, progress: bool) -> RunResult:
@@ -457,8 +504,12 @@ def _train(config: TrainConfig, run_dir: pathlib.Path, checkpointer: Checkpointe
     elif config.resume_step:
         raise ValueError(f"resume_step={config.resume_step}, but {run_dir} has no checkpoint yet.")
     job = set_up(config, run_dir, resuming)
+    if jax.process_index() == 0:  # a divergence allows changes to the next start only (its checks are done)
+        (run_dir / DIVERGED).unlink(missing_ok=True)
+    open_interval = None
     if resuming:
         job.state, data_state = _resume(config, checkpointer, job.state, run_dir, say)
+        open_interval = data_state.pop(LOG_INTERVAL, None)  # none in checkpoints of older code
         job.batches.set_state(data_state)
         say(f"Resumed {run_dir} at step {int(job.state.step)}.")
     elif config.init_from:
@@ -467,7 +518,7 @@ def _train(config: TrainConfig, run_dir: pathlib.Path, checkpointer: Checkpointe
     try:
         if not resuming:
             _introduce(job, log, say)
-        return train_loop(job, checkpointer, log, say, progress)
+        return train_loop(job, checkpointer, log, say, progress, open_interval)
     finally:
         log.close()
 
@@ -542,10 +593,12 @@ def _flat(config: TrainConfig) -> dict[str, Any]:
 
 
 def _check_resumable(config: TrainConfig, run_dir: pathlib.Path) -> None:
-    """Raises naming the fields (model fields one by one) that differ from the saved run's and may not."""
+    """Raises naming the fields (model fields one by one) that differ from the saved run's and may
+    not: RESUMABLE_KEYS may, and AFTER_DIVERGENCE_KEYS too when the run diverged."""
     saved = _flat(load_yaml(run_dir / "config.yaml"))
     wanted = _flat(config)
-    changed = [key for key in wanted if key not in RESUMABLE_KEYS and saved.get(key) != wanted[key]]
+    resumable = RESUMABLE_KEYS | (AFTER_DIVERGENCE_KEYS if (run_dir / DIVERGED).is_file() else frozenset())
+    changed = [key for key in wanted if key not in resumable and saved.get(key) != wanted[key]]
     if changed:
         details = "; ".join(f"{key}: saved {saved.get(key)!r}, now {wanted[key]!r}" for key in changed[:5])
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
@@ -560,8 +613,7 @@ def _open_run_dir(run_dir: pathlib.Path, lock: rundir.RunLock, say) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run_dir={run_dir} is a file, not a directory; choose another run_dir.")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        previous = lock.acquire()
+        previous = lock.acquire()  # creates the run directory
     except OSError as error:  # read-only, no permission, a file on the way
         raise ValueError(
             f"run_dir={run_dir} is not writable ({error.strerror}: {error.filename}); choose a directory you can write to."
@@ -600,7 +652,7 @@ def _restore(checkpointer: Checkpointer, state, run_dir: pathlib.Path, *, fall_b
             if not fall_back or len(checkpointer.all_steps()) < 2:
                 raise
             destination = _set_aside(checkpointer, run_dir, error.step, "damaged")
-            say(f"Checkpoint step {error.step} cannot be read; moved it to {destination} and falling back to "
-                f"step {checkpointer.latest_step()}. ({error})")
+            say(f"Checkpoint step {error.step} cannot be read ({error.reason}); moved it to {destination} and "
+                f"falling back to step {checkpointer.latest_step()}.")
 
 

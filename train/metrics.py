@@ -11,6 +11,7 @@ import contextlib
 import math
 import pathlib
 import re
+import socket
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from train.config import TrainConfig
 from transformer.config import ModelConfig
 from transformer.tasks import Task
 
+EVENTS_FLUSH_SECONDS = 30  # how often the TensorBoard events are flushed to disk (and at the end)
 # Dense bfloat16 peak FLOP/s per device, by a name that `jax.Device.device_kind` holds as whole
 # words ("L4" is not an L40S); the first match counts, so a variant comes before its family.
 PEAK_FLOPS = {
@@ -159,6 +161,10 @@ class IntervalMetrics:
         self._sums = add(self._sums, metrics)
         self._timed += 1
 
+    def open_sums(self) -> dict[str, jax.Array] | None:
+        """The sums of the interval's steps so far (None before its first step)."""
+        return self._sums
+
     def end_interval(self, step: int, extra: dict[str, jax.Array]) -> None:
         """Closes the interval at `step`; `extra` (device values) is read with it."""
         self._pending = (step, self._sums, self._timed, extra)
@@ -182,12 +188,16 @@ class MetricsLog:
 
     Opening it keeps the records up to `resume_step` (what a killed run logged after its last
     checkpoint goes, so the log reads as if the run never stopped) and drops lines a crash tore.
+    Events are written in the calling thread, like the lines, so a full disk fails the write that
+    meets it, naming the file (tensorboardX's SummaryWriter writes in a thread, which dies of it,
+    and then blocks the run once its queue is full).
     """
 
     def __init__(self, run_dir: pathlib.Path, resume_step: int, say=print):
         self.enabled = jax.process_index() == 0
         self.path = run_dir / "metrics.jsonl"
-        self.writer = None
+        self.events_path = run_dir / "tensorboard" / f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}"
+        self.events = None
         if not self.enabled:
             return
         if self.path.exists():
@@ -196,25 +206,57 @@ class MetricsLog:
                 say(f"{self.path}: dropped line(s) {', '.join(map(str, damaged))}, which a crash or a full disk "
                     "cut off.")
             rundir.rewrite(self.path, [r for r in records if r["step"] <= resume_step])
-        from tensorboardX import SummaryWriter
+        from tensorboardX.record_writer import RecordWriter  # imported on use (0.2 s), as below
 
-        # flushed in the background; events after resume_step (a killed run's) are purged, as above
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), flush_secs=30,
-                                    purge_step=resume_step + 1 if resume_step >= 0 else None)
+        with _naming(self.events_path):
+            self.events_path.parent.mkdir(exist_ok=True)
+            self.events = RecordWriter(str(self.events_path))
+            self._add(file_version="brain.Event:2")
+            if resume_step >= 0:  # TensorBoard drops the events after resume_step (a killed run's), as above
+                from tensorboardX.proto.event_pb2 import SessionLog
+
+                self._add(step=resume_step + 1, session_log=SessionLog(status=SessionLog.START))
+        self._flushed = time.monotonic()
 
     def write(self, step: int, split: str, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        rundir.append_line(self.path, {"step": step, "split": split, **values})
-        for key, value in values.items():
-            if isinstance(value, str):
-                self.writer.add_text(f"{split}/{key}", value, step)
-            else:
-                self.writer.add_scalar(f"{split}/{key}", value, step)
+        from tensorboardX.summary import scalar, text
+
+        with _naming(self.path):
+            rundir.append_line(self.path, {"step": step, "split": split, **values})
+        with _naming(self.events_path):
+            for key, value in values.items():
+                self._add(step=step, summary=(text if isinstance(value, str) else scalar)(f"{split}/{key}", value))
+            if time.monotonic() - self._flushed > EVENTS_FLUSH_SECONDS:
+                self.events.flush()
+                self._flushed = time.monotonic()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        """Writes the last events to disk and closes their file (even when the writing fails)."""
+        events, self.events = self.events, None
+        if events is not None:
+            with _naming(self.events_path):
+                try:
+                    events.flush()
+                finally:
+                    events.close()
+
+    def _add(self, **fields) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+
+        self.events.write(Event(wall_time=time.time(), **fields).SerializeToString())
+
+
+@contextlib.contextmanager
+def _naming(path: pathlib.Path):
+    """Names `path` in the error of a failed write, which names no file (e.g. "[Errno 28] No space left on device")."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is None:
+            error.filename = str(path)
+        raise
 
 
 def plot_losses(metrics_path: pathlib.Path, output: pathlib.Path) -> None:

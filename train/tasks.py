@@ -28,8 +28,10 @@ from jax.experimental import multihost_utils
 from train import data as data_lib
 from train import datasets, objectives, rundir
 from train.config import FileFormat, TrainConfig
+from transformer import runs
 from transformer.decoding import GenerationConfig, generate
 from transformer.files import sha256_file
+from transformer.pretrained import CHECKPOINTS, pretrained_checkpoint
 from transformer.sampler import Sampler
 from transformer.tasks import Task
 from transformer.tokenizer import DIRECTORY_FILES, Tokenizer, TrainingFailed
@@ -258,13 +260,13 @@ def task_data(config: TrainConfig, tokenizer: Tokenizer, train: list[dict], vali
 def init_source(init_from: str) -> pathlib.Path:
     """The directory `init_from` names: a run directory of this project (config.yaml), a Hugging
     Face checkpoint directory (config.json), or a named published checkpoint
-    (`train.datasets.CHECKPOINTS`), fetched on first use."""
+    (`transformer.pretrained.CHECKPOINTS`), fetched on first use."""
     path = pathlib.Path(init_from)
     if (path / "config.yaml").is_file() or (path / "config.json").is_file():
         return path
-    if init_from in datasets.CHECKPOINTS:
-        return datasets.pretrained_checkpoint(init_from)
-    named = ", ".join(sorted(datasets.CHECKPOINTS))
+    if init_from in CHECKPOINTS:
+        return pretrained_checkpoint(init_from)
+    named = ", ".join(sorted(CHECKPOINTS))
     if len(path.parts) == 1 and not path.exists():  # a bare name, not a folder
         raise ValueError(
             f"init_from={init_from!r} is neither a directory nor a named checkpoint; the named ones are: {named}. "
@@ -328,12 +330,13 @@ def prepare_tokenizer(
     `Tokenizer.save` (tokenizer.json or spiece.model, and tokenizer_config.json). Either way
     `Tokenizer.load(run_dir)` opens it.
 
-    Process 0 makes it in a temporary folder and records its origin before moving it into
-    place, so a run killed half-way leaves no tokenizer, and one made from other data or
-    settings is refused rather than reused. A run resumed keeps the tokenizer it copied from
-    `init_from` (which is not read again, and may be gone).
+    Process 0 makes it in a temporary folder and records its origin and sha256 before moving
+    it into place, so a run killed half-way leaves no tokenizer, and one made from other data or
+    settings, or edited since, is refused rather than reused. A run resumed keeps the tokenizer
+    it copied from `init_from` (which is not read again, and may be gone).
     """
     if resuming and config.init_from and any((run_dir / n).exists() and n in artefacts.records for n in TOKENIZER_MODELS):
+        runs.check_unchanged(run_dir, artefacts.records)
         return Tokenizer.load(run_dir)
     source = _tokenizer_source(config)
     origin = _tokenizer_origin(config, source, training_data)
@@ -380,7 +383,7 @@ def _make_sentencepiece(config, source, run_dir, train, origin, artefacts) -> No
                     f"{error.reason}. Lower model.vocab_size, or give tokenizer=FILE."
                 ) from None
             made.with_suffix(".vocab").replace(path.with_suffix(".vocab"))
-        artefacts.record(path.name, origin)
+        artefacts.record(path.name, origin, made)
         made.replace(path)
 
 
@@ -393,7 +396,7 @@ def _save_tokenizer(tokenizer: Tokenizer, run_dir: pathlib.Path, origin: dict, a
         if all(present) or jax.process_index() != 0:
             return
         for name in names:
-            artefacts.record(name, origin)
+            artefacts.record(name, origin, made / name)
         for name in names:
             (made / name).replace(run_dir / name)
 

@@ -3,7 +3,8 @@
     Bert    BERT and its bodies (BertModel, MiniLM sentence encoders), heads: MLM, NSP, classifiers
     GPT2    GPT-2 (fused c_attn, Conv1D weights stored [in, out])
     T5      T5 v1.0 (ReLU, tied head) and v1.1 / Flan-T5 (gated tanh-GELU, untied head)
-    Llama   Llama, Mistral: rotary positions, RMSNorm, SwiGLU, grouped-query attention
+    Llama   Llama, and Mistral (Llama's with a sliding window): rotary positions, RMSNorm, SwiGLU,
+            grouped-query attention
 
 A `Rule` says which checkpoint tensor fills which parameter (unscanned layout, '/'-joined)
 and how its layout differs. `transformer.pretrained` applies the rules in both directions.
@@ -126,6 +127,9 @@ class Architecture:
     heads: ClassVar[dict[str, str]]  # head -> the transformers class that holds it
     ignored: ClassVar[tuple[str, ...]] = ()  # regexes of buffers that are not parameters
     defaults: ClassVar[dict[str, Any]] = {}  # what transformers' config class assumes where config.json is silent
+    # Tensor names after the body's prefix, to check config.json's sizes against the files' index:
+    embedding: ClassVar[str]  # the token embedding [V, D]
+    layers: ClassVar[dict[str, str]]  # per stack (its layer count's field), a regex capturing a layer's index
 
     @classmethod
     def model_config(cls, hf: dict[str, Any]) -> dict[str, Any]:
@@ -207,6 +211,8 @@ class Bert(Architecture):
     heads = {MLM: "BertForMaskedLM", PRETRAINING: "BertForPreTraining", ENCODER: "BertModel",
              CLASSIFY: "BertForSequenceClassification", TOKEN_CLASSIFY: "BertForTokenClassification"}
     ignored = (r"(.*\.)?embeddings\.position_ids",)
+    embedding = "embeddings.word_embeddings.weight"
+    layers = {"num_encoder_layers": r"encoder\.layer\.(\d+)\."}
 
     @classmethod
     def model_config(cls, hf):
@@ -317,6 +323,8 @@ class GPT2(Architecture):
     model_type = "gpt2"
     heads = {LM: "GPT2LMHeadModel"}
     ignored = (r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)",)
+    embedding = "wte.weight"
+    layers = {"num_decoder_layers": r"h\.(\d+)\."}
     _ROLES = ("query", "key", "value")
 
     @classmethod
@@ -408,6 +416,8 @@ class T5(Architecture):
     heads = {LM: "T5ForConditionalGeneration"}
     # transformers ignores it too: cross-attention has no position bias
     ignored = (r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",)
+    embedding = "shared.weight"
+    layers = {"num_encoder_layers": r"encoder\.block\.(\d+)\.", "num_decoder_layers": r"decoder\.block\.(\d+)\."}
     _FEED_FORWARD = {"relu": Activation.RELU, "gelu": Activation.GELU, "gated-gelu": Activation.GEGLU_TANH,
                      "gated-silu": Activation.SWIGLU}
 
@@ -490,6 +500,8 @@ class Llama(Architecture):
     model_type = "llama"
     heads = {LM: "LlamaForCausalLM"}
     ignored = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+    embedding = "model.embed_tokens.weight"
+    layers = {"num_decoder_layers": r"model\.layers\.(\d+)\."}
 
     @classmethod
     def model_config(cls, hf):
@@ -502,14 +514,13 @@ class Llama(Architecture):
         _require(hf, "attention_bias", False, False, "no biases in the attention projections")
         _require(hf, "mlp_bias", False, False, "no biases in the feed-forward")
         heads = _get(hf, "num_attention_heads")
-        max_length = _get(hf, "max_position_embeddings")
-        if hf.get("sliding_window"):  # Mistral: exact within the window, so the window is the context
-            max_length = min(max_length, hf["sliding_window"])
+        max_length, window = _get(hf, "max_position_embeddings"), hf.get("sliding_window")
         return dict(
             vocab_size=_get(hf, "vocab_size"), d_model=_get(hf, "hidden_size"), num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
             d_ff=_get(hf, "intermediate_size"), num_decoder_layers=_get(hf, "num_hidden_layers"),
-            max_length=max_length, position=PositionEncoding.ROPE, rope_theta=hf.get("rope_theta", 10_000.0),
+            max_length=min(max_length, window) if window else max_length,  # Mistral: exact within its window
+            sliding_window=window or None, position=PositionEncoding.ROPE, rope_theta=hf.get("rope_theta", 10_000.0),
             norm=Norm.RMSNORM, norm_position=NormPosition.PRE, norm_epsilon=hf.get("rms_norm_eps", 1e-6),
             activation=Activation.SWIGLU, dropout_rate=0.0, attention_dropout_rate=hf.get("attention_dropout", 0.0),
             use_bias=False, tie_embeddings=hf.get("tie_word_embeddings", False),
@@ -519,7 +530,7 @@ class Llama(Architecture):
     def hf_config(cls, config):
         expected = dict(position=PositionEncoding.ROPE, norm=Norm.RMSNORM, norm_position=NormPosition.PRE,
                         activation=Activation.SWIGLU, use_bias=False, num_encoder_layers=0, embedding_norm=False,
-                        type_vocab_size=0, **_STANDARD_ATTENTION)
+                        type_vocab_size=0, sliding_window=None, **_STANDARD_ATTENTION)
         _check_expressible(config, "Llama", expected)
         return dict(
             model_type="llama", vocab_size=config.vocab_size, hidden_size=config.d_model,
@@ -557,15 +568,23 @@ class Mistral(Llama):
     heads = {LM: "MistralForCausalLM"}
     defaults = {"sliding_window": 4096}  # MistralConfig's; only an explicit null means no window
 
+    @classmethod
+    def hf_config(cls, config):
+        """Llama's fields and the window (a model without one is written as Llama)."""
+        if config.sliding_window is None:
+            raise UnsupportedCheckpoint("A Mistral checkpoint has a sliding_window; without one, Llama's is written.")
+        llama = super().hf_config(config.replace(sliding_window=None))
+        return llama | dict(model_type="mistral", sliding_window=config.sliding_window)
+
 
 ARCHITECTURES: dict[str, type[Architecture]] = {a.model_type: a for a in (Bert, GPT2, T5, Llama, Mistral)}
-WRITTEN = (Bert, GPT2, T5, Llama)
+WRITTEN = (Bert, GPT2, T5, Llama, Mistral)
 # Families close to one above, and what keeps them out.
 NOT_SUPPORTED = {
     "qwen2": "Qwen2 puts biases on the query, key and value projections only, which ModelConfig.use_bias "
              "(all projections or none) cannot express",
     "roberta": "RoBERTa offsets its positions by padding_idx + 1, which the learned position table does not",
-}  # save_pretrained writes Llama-architecture models as Llama
+}
 
 
 def _check_expressible(config: ModelConfig, family: str, expected: dict[str, Any], activation=None) -> None:

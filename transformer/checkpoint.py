@@ -8,8 +8,10 @@ Every step directory holds three Orbax items:
 
 and `checksums.json`, the sha256 of each of its files, written by process 0 once the step is
 complete on disk (on Orbax's finalize thread when saving asynchronously). Restoring checks the
-files it reads against it first, so a flipped bit is reported instead of read; a step without
-it (saved by older code, or the process stopped just after the save) restores with a warning.
+files it reads against it first, so a flipped bit is reported instead of read. A step without
+it that is newer than one with it was cut off between Orbax's commit and the checksums (the
+process stopped): it is unreadable, so that the older, checked step is restored instead. Steps
+saved by older code, none of which has checksums, restore with a warning.
 
 Splitting the parameters out lets `restore_params` read them without touching the
 optimizer state. Arrays are restored onto the shardings of the abstract state passed in,
@@ -17,9 +19,16 @@ whatever mesh they were saved from, so a checkpoint written on 8 devices restore
 and the other way round.
 
 Nothing here ever deletes or overwrites a checkpoint except keep-N retention after a
-successful save: saving a step that exists is skipped, and a checkpoint that cannot be read
-raises `CheckpointUnreadable` (naming the other steps to fall back to) and is left in place
-until `set_aside` moves it out of the folder.
+successful save, which first moves the step out of the steps (into `deleting/`, which Orbax
+does not count), so a process stopped while deleting leaves no half-deleted step behind. Saving
+a step that exists is skipped, and a checkpoint that cannot be read raises
+`CheckpointUnreadable` (naming the other steps to fall back to) and is left in place until
+`set_aside` moves it out of the folder.
+
+A write that fails (a full disk, a folder turned read-only), in `save` or in Orbax's threads,
+is raised by the next `save`, `wait` or `close` as an OSError naming the folder and the fix.
+What Orbax prints of it besides is left out: absl's records of it, a traceback each, and
+tensorstore's "Event loop is closed" for each read or write still pending when Orbax gave up.
 """
 
 from __future__ import annotations
@@ -29,9 +38,12 @@ import dataclasses
 import errno
 import itertools
 import json
+import logging
 import os
 import pathlib
+import re
 import shutil
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 
@@ -42,19 +54,24 @@ from etils import epath
 from transformer.files import file_digests, sha256_file, write_atomically
 
 CHECKSUMS = "checksums.json"  # in each step directory: {path relative to it: sha256 hex digest}
+DELETING = "deleting"  # in the checkpoints folder: steps that keep-N retention is deleting
 _SET_ASIDE_CALLS = itertools.count()  # numbers set_aside's barriers (every process calls it in the same order)
+_OS_ERROR_CODE = re.compile(r"\[os_error_code='(\d+)'\]")  # the errno in tensorstore's message of a failed write
 
 
 class CheckpointUnreadable(ValueError):
-    """A checkpoint step that is missing files, damaged or incomplete; `step` is that step."""
+    """A checkpoint step that is missing files, damaged or incomplete; `step` is that step,
+    `reason` what is wrong with it."""
 
-    def __init__(self, message: str, step: int):
+    def __init__(self, message: str, step: int, reason: str):
         super().__init__(message)
         self.step = step
+        self.reason = reason
 
 
 class _CheckpointManager(ocp.CheckpointManager):
-    """Orbax's CheckpointManager, writing each saved step's checksums once the step is on disk."""
+    """Orbax's CheckpointManager, writing each saved step's checksums once the step is on disk,
+    and emptying `deleting/` once retention has moved the steps it removes there."""
 
     def _finalize_checkpoint(self, step: int) -> None:
         # Orbax calls this after committing the step directory (on its finalize thread when saving
@@ -64,11 +81,21 @@ class _CheckpointManager(ocp.CheckpointManager):
         if jax.process_index() == 0 and step_dir.is_dir():  # not there if the commit failed
             try:
                 _write_checksums(step_dir)
-            except OSError as error:  # the step itself is saved: keep it, restorable unchecked
+            except OSError as error:  # the step itself is saved: keep it (a resume prefers an older checked one)
                 warnings.warn(
-                    f"Could not write {CHECKSUMS} for checkpoint {step_dir} ({error}); the step is saved "
-                    f"but will restore without being checked for damage."
+                    f"Could not write {CHECKSUMS} for checkpoint {step_dir} ({error}); the step is saved, but "
+                    f"cannot be checked for damage, so a resume will prefer the checked step before it."
                 )
+
+    def _finalize(self, step: int, steps_to_remove: list[int]) -> None:
+        # Orbax moves the steps it removes into DELETING/ (todelete_subdir), after the checksums are
+        # written; emptied before too, of what a process stopped while deleting left there.
+        deleting = pathlib.Path(self.directory) / DELETING
+        if jax.process_index() == 0:
+            shutil.rmtree(deleting, ignore_errors=True)
+        super()._finalize(step, steps_to_remove)
+        if jax.process_index() == 0:
+            shutil.rmtree(deleting, ignore_errors=True)
 
 
 class Checkpointer:
@@ -81,12 +108,17 @@ class Checkpointer:
         Checkpointer opened the folder (or last set a step aside).
     async_save: write in a background thread. `save` returns once the arrays are copied off
         the devices, so the state may be donated to the next train step straight away.
+    step_option: how the user of this checkpointer names a step, for the message of an
+        unreadable one (e.g. "resume_step=N" for the training job).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
+                 step_option: str = "restore(step=N)"):
         if keep < 1:
             raise ValueError(f"keep={keep}: a checkpointer must keep at least the newest checkpoint (keep >= 1).")
         self._directory = epath.Path(os.path.abspath(directory))  # Orbax needs absolute paths
+        self._step_option = step_option
+        _quiet_failed_writes()
         self._metadata_reader = ocp.StandardCheckpointHandler()
         self._manager = _CheckpointManager(
             self._directory,
@@ -98,6 +130,7 @@ class Checkpointer:
                 # which holds up the process's exit.
                 async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
                 preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+                todelete_subdir=DELETING,  # moved out of the steps before it is deleted
             ),
             handler_registry=ocp.handlers.create_default_handler_registry(
                 params=ocp.StandardCheckpointHandler(),
@@ -221,9 +254,12 @@ class Checkpointer:
             self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases Orbax's threads."""
-        self._manager.close()
-        self._metadata_reader.close()
+        """Waits for pending saves and releases Orbax's threads; raises if one of the saves failed."""
+        try:
+            with self._writing():
+                self._manager.close()
+        finally:
+            self._metadata_reader.close()
 
     def _step_dir(self, step: int) -> epath.Path:
         return self._directory / str(step)
@@ -246,9 +282,15 @@ class Checkpointer:
         return step
 
     def _verify(self, step: int, items: Iterable[str]) -> None:
-        """Raises CheckpointUnreadable unless the step's files that `items` read match its checksums."""
+        """Raises CheckpointUnreadable unless the step's files that `items` read match its checksums,
+        or the step has none and neither has any older step (all saved by older code)."""
         step_dir = pathlib.Path(self._step_dir(step))
         if not (step_dir / CHECKSUMS).exists():
+            if any((pathlib.Path(self._step_dir(s)) / CHECKSUMS).exists() for s in self.all_steps() if s < step):
+                raise self._unreadable(
+                    step, f"it has no {CHECKSUMS}, which the process did not write after saving it, so its files "
+                    f"cannot be checked"
+                )
             warnings.warn(
                 f"Checkpoint {step_dir} has no {CHECKSUMS} (saved by older code, or the process stopped "
                 f"just after saving it), so its files cannot be checked for damage; restoring it unchecked.",
@@ -303,31 +345,82 @@ class Checkpointer:
             cause = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
         others = [s for s in self.all_steps() if s != step]
         fallback = (
-            f"other steps in {self._directory}: {others}; restore one of them with restore(step=N), "
-            f"or with resume_step=N on the command line"
+            f"Other steps in {self._directory}: {others}; choose one with {self._step_option}"
             if others
-            else f"there is no other step in {self._directory} to fall back to"
+            else f"There is no other step in {self._directory} to fall back to"
         )
         return CheckpointUnreadable(
             f"Checkpoint {self._step_dir(step)} cannot be read ({cause}); it may be damaged or "
             f"incomplete and was left in place. {fallback}.",
             step,
+            cause,
         )
 
     @contextlib.contextmanager
     def _writing(self):
-        """Re-raises a failure to write a file (same type) with a message naming the folder and the fix."""
+        """Re-raises a failure to write a file, in the calling thread or in Orbax's, as an OSError
+        of its errno (a PermissionError for EACCES...) naming the folder and the fix."""
         try:
             yield
-        except OSError as error:
-            if error.errno is None:  # not a failed system call, e.g. Orbax's TimeoutError of a barrier
+        except Exception as error:
+            failed = _failed_write(error)
+            if failed is None:
                 raise
-            where = f": {error.filename}" if error.filename else ""
-            raise type(error)(
-                error.errno,
-                f"Cannot write checkpoints in {self._directory} ({error.strerror}{where}). Make "
+            _quiet_abandoned_operations()
+            where = f": {failed.filename}" if failed.filename else ""
+            raise OSError(
+                failed.errno,
+                f"Cannot write checkpoints in {self._directory} ({failed.strerror}{where}). Make "
                 f"the folder writable and check its free space; the steps already saved are untouched.",
             ) from error
+
+
+def _failed_write(error: BaseException) -> OSError | None:
+    """The failed system call behind an error: the error itself when it is an OSError, or the one a
+    tensorstore ValueError names (a full disk: "RESOURCE_EXHAUSTED: ... No space left on device
+    [os_error_code='28']"); None for any other error (e.g. Orbax's TimeoutError of a barrier)."""
+    if isinstance(error, OSError):
+        return error if error.errno is not None else None
+    code = _OS_ERROR_CODE.search(str(error)) if isinstance(error, ValueError) else None
+    return OSError(int(code[1]), os.strerror(int(code[1]))) if code else None
+
+
+class _FailedWriteRecords(logging.Filter):
+    """Leaves out the records Orbax logs, each with its traceback and several per failure, of a
+    failed write: the Checkpointer raises that failure once (`_writing`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or _failed_write(error) is None or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _quiet_failed_writes() -> None:
+    """Leaves out, for the life of the process, what Orbax prints of a failed write besides the
+    error it raises: absl's records of it (`_FailedWriteRecords`), and the RuntimeError("Event
+    loop is closed") that tensorstore reports for each read or write ending after Orbax closed the
+    event loop waiting for it (which it does once one of them has failed). Installed once."""
+    absl = logging.getLogger("absl")  # Orbax logs through absl
+    if not any(isinstance(f, _FailedWriteRecords) for f in absl.filters):
+        absl.addFilter(_FailedWriteRecords())
+    hook = sys.unraisablehook
+    if getattr(hook, "_drops_closed_loop_callbacks", False):
+        return
+
+    def unraisable(info) -> None:
+        closed_loop = isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"
+        if not (closed_loop and info.object is None):  # tensorstore's callback names no object
+            hook(info)
+
+    unraisable._drops_closed_loop_callbacks = True
+    sys.unraisablehook = unraisable
+
+
+def _quiet_abandoned_operations() -> None:
+    """Leaves out, from a failed write on, what asyncio and Python report of the operations Orbax
+    abandoned when it failed (a task of the event loop it closed, a coroutine it never awaited) as
+    they are collected, mostly at exit: the failure has been raised, they say nothing more."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
 
 
 def _write_checksums(step_dir: pathlib.Path) -> None:

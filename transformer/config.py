@@ -87,6 +87,9 @@ class ModelConfig:
     num_kv_heads: int | None = None  # fewer than num_heads = grouped/multi-query; None -> num_heads
     head_dim: int | None = None  # H; None -> d_model // num_heads
     max_length: int = 512  # longest sequence (learned table size, generation limit)
+    # Mistral's window: a position attends to the last `sliding_window` ones. Computed exactly within
+    # it only (full attention), so max_length <= sliding_window; None: no window.
+    sliding_window: int | None = None
     position: PositionEncoding = PositionEncoding.LEARNED
     rope_theta: float = 10_000.0
     relative_num_buckets: int = 32
@@ -138,14 +141,16 @@ class ModelConfig:
                     "use 'float32', 'bfloat16' or 'float16'."
                 )
             object.__setattr__(self, name, dtype.name)  # a plain string, e.g. for JSON
-        self._check_positive("vocab_size", "d_model", "num_heads", "d_ff", "max_length")
+        self._check_sizes("vocab_size", "d_model", "num_heads", "d_ff", "max_length")
         self._resolve_sizes()
         self._check()
 
-    def _check_positive(self, *names: str):
+    def _check_sizes(self, *names: str):
+        """Each size within `SIZES` (a None sliding_window is no window)."""
         for name in names:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {getattr(self, name)!r}.")
+            value, (low, high) = getattr(self, name), SIZES[name]
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"ModelConfig.{name}={value!r} is out of range: it must be in [{low}, {high}].")
 
     def _resolve_sizes(self):
         """None head sizes -> ints: num_kv_heads = num_heads, head_dim = d_model // num_heads.
@@ -166,15 +171,12 @@ class ModelConfig:
             object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
 
     def _check(self):
-        for name in ("num_encoder_layers", "num_decoder_layers", "type_vocab_size"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        self._check_sizes(*SIZES)
         if self.num_encoder_layers == 0 and self.num_decoder_layers == 0:
             raise ValueError(
                 "ModelConfig has no layers: set num_encoder_layers (encoder-only), "
                 "num_decoder_layers (decoder-only) or both (encoder-decoder)."
             )
-        self._check_positive("head_dim")
         if self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
@@ -203,6 +205,11 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {rate}.")
         if self.norm_epsilon <= 0:
             raise ValueError(f"ModelConfig.norm_epsilon must be positive, got {self.norm_epsilon}.")
+        if self.sliding_window is not None and self.max_length > self.sliding_window:
+            raise ValueError(
+                f"ModelConfig.max_length={self.max_length} exceeds sliding_window={self.sliding_window}: past it the "
+                "model attends to a window, which the library does not compute. Use max_length <= the window."
+            )
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (and validated); unknown fields are an error.
@@ -234,6 +241,27 @@ class ModelConfig:
             raise ValueError(f"Unknown model preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}.")
         return PRESETS[name].replace(**changes)
 
+
+# The valid sizes, [low, high]. The upper bounds are far past any published model, so that a
+# typo (zeros too many) is an error here, not a failed allocation or a trace of 100,000 layers:
+# tokens (vocabulary, context) 2**24, 64 times Gemma's 256k vocabulary and past Llama 4's 10M
+# context; widths 2**16, 3.5 times PaLM's d_model of 18,432; d_ff 2**18, 3.5 times PaLM's 73,728;
+# layers 2**12, 4 times DeepNet's 1,000.
+MAX_TOKENS, MAX_WIDTH, MAX_D_FF, MAX_LAYERS = 2**24, 2**16, 2**18, 2**12
+SIZES = {
+    "vocab_size": (1, MAX_TOKENS),
+    "d_model": (1, MAX_WIDTH),
+    "num_heads": (1, MAX_WIDTH),
+    "head_dim": (1, MAX_WIDTH),
+    "d_ff": (1, MAX_D_FF),
+    "num_encoder_layers": (0, MAX_LAYERS),
+    "num_decoder_layers": (0, MAX_LAYERS),
+    "max_length": (1, MAX_TOKENS),
+    "sliding_window": (1, MAX_TOKENS),
+    "relative_num_buckets": (1, MAX_WIDTH),
+    "relative_max_distance": (1, MAX_TOKENS),
+    "type_vocab_size": (0, MAX_WIDTH),
+}
 
 # The int, float and bool fields (and `int | None`), whose values are type-checked.
 _SCALAR_FIELDS = {

@@ -8,7 +8,7 @@ caches the cross-attention keys and values. The options travel as one `Generatio
 Prompt lengths are rounded up to a bucket (a power of two, at least 16) and prompts are
 right-padded to it, so a new prompt of a length already seen reuses the compiled program.
 Each distinct (batch size, bucket, `GenerationConfig.static()`) compiles once: temperature,
-top_p and length_penalty are traced values, and options the strategy ignores do not count.
+top_p and length_penalty are traced values.
 """
 
 from __future__ import annotations
@@ -41,16 +41,18 @@ class GenerationConfig:
     """How to generate: one value from the command line (or a caller) to the decode loop.
 
     Checks what it can alone when built; what needs the model (vocabulary, context length)
-    is checked by `generate` before anything compiles.
+    is checked by `generate` before anything compiles. The options of one strategy are None
+    unless given (their defaults in brackets); given with another strategy, one is an error.
     """
 
     max_new_tokens: int = 64  # the loop stops after this many tokens (or when every row has produced eos_id)
     strategy: str = "greedy"  # "greedy" (argmax), "sample" or "beam"
-    temperature: float = 1.0  # sample: < 1 sharpens the distribution, > 1 flattens it
-    top_k: int | None = None  # sample: only the k most likely tokens
-    top_p: float | None = None  # sample: only the nucleus of probability p
-    num_beams: int = 4  # beam: W live beams per row
-    length_penalty: float = 1.0  # beam: a hypothesis scores sum(log p) / length**length_penalty
+    temperature: float | None = None  # sample [1.0]: < 1 sharpens the distribution, > 1 flattens it
+    top_k: int | None = None  # sample [all]: only the k most likely tokens
+    top_p: float | None = None  # sample [all]: only the nucleus of probability p
+    num_beams: int | None = None  # beam [4]: W live beams per row
+    length_penalty: float | None = None  # beam [1.0]: a hypothesis scores sum(log p) / length**length_penalty
+    early_stopping: bool | str | None = None  # beam ["never"]: True, False or "never": transformers' rules to stop
     no_repeat_ngram_size: int = 0  # n > 0: no n-gram occurs twice in the generated tokens (all strategies)
     eos_id: int | tuple[int, ...] | None = None  # a row stops at this token or any of these (kept); None: never
     pad_id: int | None = None  # pads the prompts and the output after EOS; None: 0
@@ -71,27 +73,30 @@ class GenerationConfig:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
         for name, strategy in _USED_BY.items():
-            if self.strategy != strategy and getattr(self, name) != _DEFAULTS[name]:
+            if self.strategy != strategy and getattr(self, name) is not None:
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} applies to strategy={strategy!r} only, and this strategy is "
                     f"{self.strategy!r}: set strategy={strategy!r}, or leave {name} out."
                 )
         if self.strategy == "sample":
-            if not self.temperature > 0:
+            if self.temperature is not None and not 0 < self.temperature < math.inf:  # inf would void top_k and top_p
                 raise ValueError(
-                    f"temperature must be > 0 when sampling, got {self.temperature}; use strategy='greedy'."
+                    f"temperature must be a finite number > 0 when sampling, got {self.temperature}; for the most "
+                    "likely token use strategy='greedy'."
                 )
             if self.top_k is not None and self.top_k < 1:
                 raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
             if self.top_p is not None and not 0 < self.top_p <= 1:
                 raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.strategy == "beam" and self.num_beams < 1:
+        if self.num_beams is not None and self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}.")
+        if not (self.early_stopping is None or isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}.")
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be >= 0 (0: off), got {self.no_repeat_ngram_size}.")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1 or None, got {self.vocab_size}.")
-        if self.strategy == "beam" and not math.isfinite(self.length_penalty):
+        if self.length_penalty is not None and not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}.")
 
     @property
@@ -107,22 +112,29 @@ class GenerationConfig:
             raise TypeError(f"Unknown generation option {', '.join(unknown)}; the options are {', '.join(names)}.")
         return dataclasses.replace(self, **options)
 
+    def value(self, name: str) -> Any:
+        """An option's value, or its strategy's default where it was not given."""
+        value = getattr(self, name)
+        return _STRATEGY_DEFAULTS.get(name) if value is None else value
+
     def static(self) -> GenerationConfig:
-        """The options that shape the compiled program: the traced ones (temperature, top_p's
-        value, length_penalty) and those the strategy ignores set to fixed values."""
-        sample, beam = self.strategy == "sample", self.strategy == "beam"
+        """The options that shape the compiled program: without the traced ones (temperature,
+        top_p's value, length_penalty), with the beam options' defaults filled in."""
+        beam = self.strategy == "beam"
         return self.replace(
-            temperature=1.0,
-            top_k=self.top_k if sample else None,
-            top_p=1.0 if sample and self.top_p is not None else None,
-            num_beams=self.num_beams if beam else _DEFAULTS["num_beams"],
-            length_penalty=1.0,
+            temperature=None,
+            top_p=None if self.top_p is None else 1.0,
+            num_beams=self.value("num_beams") if beam else None,
+            length_penalty=None,
+            early_stopping=self.value("early_stopping") if beam else None,
         )
 
 
-# The options one strategy alone uses; set away from its default for another strategy, an option is an error.
-_USED_BY = dict(temperature="sample", top_k="sample", top_p="sample", num_beams="beam", length_penalty="beam")
-_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerationConfig)}
+# The options one strategy alone uses (given for another strategy, an error), and the defaults of those not given.
+_USED_BY = dict(
+    temperature="sample", top_k="sample", top_p="sample", num_beams="beam", length_penalty="beam", early_stopping="beam"
+)
+_STRATEGY_DEFAULTS = dict(temperature=1.0, num_beams=4, length_penalty=1.0, early_stopping="never")
 
 
 def with_options(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
@@ -470,6 +482,7 @@ class BeamState:
     finished: jax.Array  # [B, W, max_new_tokens] finished hypotheses (pad_id after their end)
     finished_scores: jax.Array  # [B, W] their length-normalised scores, best first; _NEG_INF: none yet
     finished_lengths: jax.Array  # [B, W] their lengths, EOS included
+    done: jax.Array  # [B] rows that take no more finished hypotheses (see _is_done)
     logits: jax.Array  # [B * W, V] next-token logits of the live beams
     cache: DecoderCache  # B * W rows: row b * W + k holds beam k of row b
 
@@ -485,25 +498,37 @@ class BeamState:
             finished=jnp.full((batch, width, steps), pad_id, jnp.int32),
             finished_scores=jnp.full((batch, width), _NEG_INF),
             finished_lengths=jnp.zeros((batch, width), jnp.int32),
+            done=jnp.zeros((batch,), bool),
             logits=jnp.repeat(logits, width, axis=0),  # [B * W, V]
             cache=cache,
         )
 
 
-def _can_improve(state: BeamState, steps: int, length_penalty) -> jax.Array:
-    """[B] whether a row's best live beam can still beat its W-th best finished hypothesis.
+def _is_done(step, alive_scores, finished_scores, steps: int, length_penalty, early_stopping: bool | str) -> jax.Array:
+    """[B] whether a row, after `step` tokens, takes no more finished hypotheses, by transformers'
+    `early_stopping`; once it has W of them (alive_scores and finished_scores [B, W], best first):
 
-    Log-probabilities are <= 0, so a live beam's final score is at most its current sum divided
-    by the largest length**length_penalty over the lengths it can still reach, step + 1 .. steps
-    (monotonic in the length: at one end, whatever the sign of length_penalty).
+    - True: at once;
+    - "never": when its best live beam cannot beat the W-th. Log-probabilities are <= 0, so a live
+      beam's final score is at most its current sum divided by the largest length**length_penalty
+      over the lengths it can still reach, step + 1 .. steps (monotonic in the length: at one end,
+      whatever the sign of length_penalty);
+    - False: when it cannot by transformers' heuristic, its current sum over step**length_penalty
+      (with length_penalty > 0, it may stop before a longer hypothesis that would have won).
     """
-    largest_penalty = jnp.maximum(_length_penalty(state.step + 1, length_penalty), _length_penalty(steps, length_penalty))
-    return state.alive_scores[:, 0] / largest_penalty > state.finished_scores[:, -1]
+    full = finished_scores[:, -1] > _NEG_INF
+    if early_stopping is True:
+        return full
+    if early_stopping is False:
+        penalty = _length_penalty(step, length_penalty)
+    else:
+        penalty = jnp.maximum(_length_penalty(step + 1, length_penalty), _length_penalty(steps, length_penalty))
+    return full & (alive_scores[:, 0] / penalty <= finished_scores[:, -1])
 
 
 def _best_finished(state: BeamState, candidates, scores, length) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The W best of the finished hypotheses and the candidates [B, 2W, steps] of `length`
-    tokens that end now (`scores` [B, 2W]: their normalised scores, _NEG_INF for the others)."""
+    """The W best of the finished hypotheses and the candidates [B, (1 + E)W, steps] of `length`
+    tokens that end now (`scores` [B, (1 + E)W]: their normalised scores, _NEG_INF for the others)."""
     width = state.finished_scores.shape[1]
     sequences = jnp.concatenate([state.finished, candidates], axis=1)
     all_scores = jnp.concatenate([state.finished_scores, scores], axis=1)
@@ -521,6 +546,7 @@ def beam_search(
     num_beams: int,
     max_new_tokens: int,
     length_penalty: float | jax.Array = 1.0,
+    early_stopping: bool | str = "never",
     eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
     no_repeat_ngram_size: int = 0,
@@ -532,7 +558,7 @@ def beam_search(
     rows. A hypothesis scores sum(log p) / length**length_penalty and repeats no n-gram of size
     `no_repeat_ngram_size` (0: off). Each step extends every live beam by every token, keeps the
     (1 + E)W best (E EOS ids: W of them do not end), finishes those ending in EOS (all, at the last
-    step) and continues the W best others, until no live beam can beat the W-th best finished one.
+    step) and continues the W best others, until each row is done by `early_stopping` (_is_done).
     """
     (batch, vocab), width, steps, eos_ids = logits.shape, num_beams, max_new_tokens, _as_ids(eos_id)
     rows = jnp.arange(batch)[:, None]
@@ -545,10 +571,9 @@ def beam_search(
         scores, index = jax.lax.top_k(candidates, (1 + len(eos_ids)) * width)  # at most E x W of them end in EOS
         parent, token = index // vocab, (index % vocab).astype(jnp.int32)
         sequences = state.alive[rows, parent].at[:, :, i].set(token)  # [B, (1 + E)W, steps]
-        at_limit = jnp.full(token.shape, i + 1 == steps)  # at the length limit live beams finish too
-        ends = at_limit | _is_eos(token, eos_ids)
+        ends = (i + 1 == steps) | _is_eos(token, eos_ids)  # at the length limit live beams finish too
 
-        normalised = jnp.where(ends, scores / _length_penalty(i + 1, length_penalty), _NEG_INF)
+        normalised = jnp.where(ends & ~state.done[:, None], scores / _length_penalty(i + 1, length_penalty), _NEG_INF)
         finished, finished_scores, finished_lengths = _best_finished(state, sequences, normalised, i + 1)
 
         alive_scores, alive_keep = jax.lax.top_k(jnp.where(ends, _NEG_INF, scores), width)  # [B, W]
@@ -561,16 +586,16 @@ def beam_search(
             finished=finished,
             finished_scores=finished_scores,
             finished_lengths=finished_lengths,
+            done=state.done | _is_done(i + 1, alive_scores, finished_scores, steps, length_penalty, early_stopping),
             logits=logits,
             cache=cache,
         )
 
     def cond(state):
-        return (state.step < steps) & jnp.any(_can_improve(state, steps, length_penalty))
+        return (state.step < steps) & ~jnp.all(state.done)
 
     cache = select_rows(cache, jnp.repeat(jnp.arange(batch), width))  # row b -> rows b*W .. b*W+W-1
-    start = BeamState.start(logits, cache, width=width, steps=steps, pad_id=pad_id)
-    state = jax.lax.while_loop(cond, body, start)
+    state = jax.lax.while_loop(cond, body, BeamState.start(logits, cache, width=width, steps=steps, pad_id=pad_id))
     # Every row has a finished hypothesis: the loop ends early only when each row has W of them.
     return GenerateOutput(state.finished[:, 0], state.finished_lengths[:, 0], state.finished_scores[:, 0])
 
@@ -592,8 +617,8 @@ def _generate(
     if config.strategy == "beam":
         return beam_search(
             step, logits, cache, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens,
-            length_penalty=length_penalty, eos_id=config.eos_id, pad_id=config.pad_id,
-            no_repeat_ngram_size=config.no_repeat_ngram_size,
+            length_penalty=length_penalty, early_stopping=config.early_stopping, eos_id=config.eos_id,
+            pad_id=config.pad_id, no_repeat_ngram_size=config.no_repeat_ngram_size,
         )
     on_tokens = (lambda token: jax.debug.callback(_emit, stream_id, token, ordered=True)) if stream else None
     return sample_loop(
@@ -672,8 +697,8 @@ def generate(
         output = _generate(
             model, variables, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32),
             jax.random.PRNGKey(0) if rng is None else rng,
-            jnp.float32(config.temperature), jnp.float32(1.0 if config.top_p is None else config.top_p),
-            jnp.float32(config.length_penalty), jnp.int32(stream_id),
+            jnp.float32(config.value("temperature")), jnp.float32(1.0 if config.top_p is None else config.top_p),
+            jnp.float32(config.value("length_penalty")), jnp.int32(stream_id),
             config=config.static(), cache_length=cache_length, stream=on_tokens is not None,
         )
         if on_tokens is not None:
@@ -682,6 +707,12 @@ def generate(
         return output
     finally:
         _LISTENERS.pop(stream_id, None)
+
+
+def check_arguments(model, prompts, config: GenerationConfig, *, rng: jax.Array | None = None, streaming=False):
+    """Raises what `generate` would raise for these arguments before compiling: for a caller that
+    must know before it starts, as a stream that shows its prompt first."""
+    _check_arguments(model, *_as_rows(prompts, None), config, rng=rng, streaming=streaming)
 
 
 def _as_rows(prompts, prompt_lengths) -> tuple[list[np.ndarray], list[int]]:

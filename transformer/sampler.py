@@ -20,8 +20,10 @@ from typing import Any, Iterator, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+import yaml
 
-from transformer.decoding import GenerationConfig, for_decoding, generate, with_options
+from transformer.config import ModelConfig
+from transformer.decoding import GenerationConfig, check_arguments, for_decoding, generate, with_options
 from transformer.models import CausalLM, Seq2SeqLM
 from transformer.pretrained import from_pretrained
 from transformer.runs import load_run, read_config
@@ -62,12 +64,7 @@ class Sampler:
             if step is not None:
                 raise ValueError(f"step={step} names a checkpoint of a training run; {run_dir} is not one.")
             return cls._load_pretrained(run_dir)
-        task = Task(read_config(run_dir)["task"])  # refused before any checkpoint is read
-        if not task.generates:
-            raise ValueError(
-                f"{run_dir} trained a {task} model, which does not generate text; a Sampler needs a causal_lm "
-                "(decoder-only) or seq2seq (encoder-decoder) run."
-            )
+        _check_run_config(run_dir)
         run = load_run(run_dir, step=step)
         return cls(run.model, run.params, run.tokenizer)
 
@@ -103,7 +100,7 @@ class Sampler:
     def _generate(self, texts: Sequence[str], config: GenerationConfig, seed: int, on_tokens=None):
         prompts = [self.prompt_ids(text) for text in texts]
         output = generate(
-            self.model, self.variables, prompts, config, rng=jax.random.PRNGKey(seed), on_tokens=on_tokens
+            self.model, self.variables, prompts, config, rng=jax.random.PRNGKey(check_seed(seed)), on_tokens=on_tokens
         )
         tokens, lengths = np.asarray(output.tokens), np.asarray(output.lengths)
         return prompts, [list(row[:n]) for row, n in zip(tokens, lengths)]
@@ -144,9 +141,16 @@ class Sampler:
         self, text: str, config: GenerationConfig | None = None, *, seed: int = 0, **options: Any
     ) -> Iterator[str]:
         """Yields the continuation of one text piece by piece while the compiled loop runs;
-        the pieces join to what `sampler(text, ...)` returns with the same options (not beam)."""
+        the pieces join to what `sampler(text, ...)` returns with the same options (not beam).
+        Bad arguments (a prompt too long for the context, ...) are an error here, before any piece."""
         _texts(text, batch=False)
         config = self._config(config, options)
+        prompt = self.prompt_ids(text)
+        check_arguments(self.model, [prompt], config, rng=jax.random.PRNGKey(check_seed(seed)), streaming=True)
+        return self._pieces(text, prompt, config, seed)
+
+    def _pieces(self, text: str, prompt: list[int], config: GenerationConfig, seed: int) -> Iterator[str]:
+        """`stream`'s pieces, of arguments it has checked."""
         pieces: queue.Queue = queue.Queue()
         done = object()
 
@@ -160,7 +164,6 @@ class Sampler:
             except BaseException as error:  # re-raised in the consuming thread
                 pieces.put(error)
 
-        prompt = self.prompt_ids(text)
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
         new: list[int] = []
@@ -210,10 +213,57 @@ def _tokenizer_ids(tokenizer: Tokenizer, encoder_decoder: bool) -> dict[str, int
 
 
 def _texts(text, *, batch: bool = True) -> list[str]:
-    """The prompts of a call: a str (or, with `batch`, a list or tuple of str); else a TypeError."""
+    """The prompts of a call: a str (or, with `batch`, a list or tuple of str), else a TypeError;
+    a str that is not Unicode text (one a tokenizer cannot encode) is a ValueError."""
     if isinstance(text, str):
-        return [text]
-    if batch and isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
-        return list(text)
-    expected = "a str or a list of str" if batch else "a str"
-    raise TypeError(f"The prompt must be {expected}, got {type(text).__name__} {text!r:.60}.")
+        texts = [text]
+    elif batch and isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+        texts = list(text)
+    else:
+        expected = "a str or a list of str" if batch else "a str"
+        raise TypeError(f"The prompt must be {expected}, got {type(text).__name__} {text!r:.60}.")
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"The prompt {t!r:.60} is not text: character {error.start} is {t[error.start]!r}, a lone surrogate "
+                "(as Python reads a byte that is not UTF-8); give the prompt as UTF-8 text."
+            ) from None
+    return texts
+
+
+def check_seed(seed) -> int:
+    """`seed` as an int, if it is a whole number that jax.random.PRNGKey takes (-2**63 <= seed < 2**63);
+    else a TypeError or ValueError naming it."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be a whole number, got {type(seed).__name__} {seed!r}.")
+    if not -(2**63) <= int(seed) < 2**63:
+        raise ValueError(f"seed must be from -2**63 to 2**63 - 1, got {seed}.")
+    return int(seed)
+
+
+def _check_run_config(run_dir: str | os.PathLike) -> None:
+    """Refuses, before any checkpoint is read, a run whose config.yaml cannot be read, whose task
+    does not generate text, or whose model fields make no model: a ValueError naming the problem."""
+    path = pathlib.Path(run_dir) / "config.yaml"
+    try:
+        values = read_config(run_dir)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} holds bytes that are not UTF-8 text; restore the run's config.yaml.") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"{path} is not valid YAML: {getattr(error, 'problem', error)}{where}; restore the "
+                         "run's config.yaml.") from None
+    task = Task(values["task"])
+    if not task.generates:
+        raise ValueError(
+            f"{run_dir} trained a {task} model, which does not generate text; a Sampler needs a causal_lm "
+            "(decoder-only) or seq2seq (encoder-decoder) run."
+        )
+    try:
+        ModelConfig.from_dict(values["model"])
+    except (TypeError, ValueError) as error:  # e.g. fields missing
+        message = str(error).rstrip(".")
+        raise ValueError(f"{path} has no valid model: {message}; restore the run's config.yaml.") from None

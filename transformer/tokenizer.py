@@ -41,7 +41,7 @@ ENCODER_SYMBOLS = (CLS, SEP, MASK)
 T5_CLASSES = ("T5Tokenizer", "T5TokenizerFast")
 LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
 T5_DEFAULT_EXTRA_IDS = 100
-EXTRA_ID = re.compile(r"<extra_id_(\d+)>")
+EXTRA_ID = re.compile(r"<extra_id_(0|[1-9]\d*)>")  # T5's sentinels (no leading zeros: those are not tokens)
 
 # Tokens taken for a kind when no file beside a Hugging Face tokenizer names one.
 WELL_KNOWN_TOKENS = {
@@ -90,10 +90,13 @@ class Tokenizer(abc.ABC):
     def __init__(
         self, specials: SpecialTokens, path: str | os.PathLike | None = None,
         other_special_ids: frozenset[int] = frozenset(), *, adds_bos: bool = False,
+        sentinel_ids: frozenset[int] = frozenset(),
     ):
         self.specials = specials
         self.path = None if path is None else pathlib.Path(path)
-        self._special_ids = specials.ids() | other_special_ids
+        self._special_ids = specials.ids() | other_special_ids | sentinel_ids
+        # T5's <extra_id_k> ids: special (never ordinary text), but written in text as their token.
+        self.sentinel_ids = sentinel_ids
         # Whether the checkpoint's own pipeline starts every text with BOS (Llama): a prompt then does too.
         self.adds_bos = adds_bos
 
@@ -269,8 +272,9 @@ class Tokenizer(abc.ABC):
         return out, mask
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Token ids -> text; padding and every other special id (unk and T5's extra ids too) are dropped."""
-        return self._decode([i for i in map(int, ids) if i not in self.special_ids])
+        """Token ids -> text. Padding and the other special ids (unk too) are dropped; T5's sentinels
+        are written as their `<extra_id_k>`."""
+        return self._decode([i for i in map(int, ids) if i not in self.special_ids or i in self.sentinel_ids])
 
     def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
         return [self.decode(ids) for ids in batch]
@@ -295,8 +299,8 @@ class Tokenizer(abc.ABC):
 
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model. T5's `extra_ids` sentinels follow its pieces in reverse order, as
-    Hugging Face's T5Tokenizer numbers them: `<extra_id_0>` is the last id, vocab_size - 1. They are
-    ids only: `encode` does not find them in text (place them by `token_to_id`)."""
+    Hugging Face's T5Tokenizer numbers them: `<extra_id_0>` is the last id, vocab_size - 1. As in
+    T5Tokenizer, `encode` finds them in text and `decode` writes them back."""
 
     def __init__(
         self, processor: spm.SentencePieceProcessor, specials: SpecialTokens,
@@ -305,21 +309,39 @@ class SentencePieceTokenizer(Tokenizer):
         self._sp = processor
         self.extra_ids = extra_ids
         pieces = processor.get_piece_size()
-        super().__init__(specials, path, frozenset(range(pieces, pieces + extra_ids)), adds_bos=adds_bos)
+        super().__init__(specials, path, adds_bos=adds_bos, sentinel_ids=frozenset(range(pieces, pieces + extra_ids)))
 
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size() + self.extra_ids
 
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+        """One string -> its ids; a sentinel's `<extra_id_k>` is its id, the whitespace around it
+        dropped and the text on each side encoded apart (T5Tokenizer's legacy encoding)."""
+        ids, start = [], 0
+        for match in EXTRA_ID.finditer(text):
+            if int(match[1]) < self.extra_ids:
+                ids += [*self._sp.encode(text[start : match.start()].rstrip()), self.token_to_id(match[0])]
+                start = len(text) - len(text[match.end() :].lstrip())
+        return ids + self._sp.encode(text[start:])
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         """Many strings -> their token ids (sentencepiece's multithreaded batch encoding)."""
-        return self._sp.encode(list(texts))
+        texts = list(texts)
+        if self.extra_ids and any("<extra_id_" in text for text in texts):
+            return [self.encode(text) for text in texts]
+        return self._sp.encode(texts)
 
     def _decode(self, ids: list[int]) -> str:
-        return self._sp.decode(ids)
+        """The pieces' text, a sentinel set apart by spaces (as T5Tokenizer decodes it)."""
+        parts, run = [], []
+        for token_id in ids:
+            if token_id in self.sentinel_ids:
+                parts += [self._sp.decode(run), self.id_to_token(token_id)]
+                run = []
+            else:
+                run.append(token_id)
+        return " ".join(part for part in [*parts, self._sp.decode(run)] if part)
 
     def token_to_id(self, token: str) -> int | None:
         return _sentencepiece_token_id(self._sp, self.extra_ids, token)
@@ -438,8 +460,9 @@ class HuggingFaceTokenizer(Tokenizer):
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self._tokenizer = tokenizer
-        added = tokenizer.get_added_tokens_decoder()
-        super().__init__(specials, path, frozenset(i for i, token in added.items() if token.special), adds_bos=adds_bos)
+        added = {i: token for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+        sentinels = frozenset(i for i, token in added.items() if EXTRA_ID.fullmatch(token.content))
+        super().__init__(specials, path, frozenset(added), adds_bos=adds_bos, sentinel_ids=sentinels)
 
     @property
     def vocab_size(self) -> int:
@@ -452,7 +475,7 @@ class HuggingFaceTokenizer(Tokenizer):
         return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids)
+        return self._tokenizer.decode(ids, skip_special_tokens=False)  # the sentinels are the only ones left
 
     def token_to_id(self, token: str) -> int | None:
         return self._tokenizer.token_to_id(token)
@@ -511,9 +534,11 @@ class _Configs:
         return token_id
 
     def extra_ids(self) -> int:
-        """T5's sentinel count: tokenizer_config.json's extra_ids, by default 100 for T5 and 0 otherwise."""
-        default = T5_DEFAULT_EXTRA_IDS if self.tokenizer.get("tokenizer_class") in T5_CLASSES else 0
-        return self.tokenizer.get("extra_ids", default)
+        """T5's sentinel count: tokenizer_config.json's extra_ids, by default 100 for T5 (its
+        tokenizer_class, else config.json's model_type, says so) and 0 otherwise."""
+        tokenizer_class = self.tokenizer.get("tokenizer_class")
+        is_t5 = tokenizer_class in T5_CLASSES or (tokenizer_class is None and self.model.get("model_type") == "t5")
+        return self.tokenizer.get("extra_ids", T5_DEFAULT_EXTRA_IDS if is_t5 else 0)
 
 
 def _special_tokens(
