@@ -1,8 +1,8 @@
-"""Our training step and decoding loop against PyTorch and Hugging Face, side by side in one process.
+"""Our training step and decoding loop against PyTorch and Hugging Face, each side in a process of its own.
 
     pip install torch==2.13.0 transformers==4.57.6      # the peers (a CPU build of torch)
-    python benchmarks/compare.py [--only train|decode] [--steps 5] [--repeats 3] [--compile]
-        [--train-layers 4] [--batch-sizes 1 8] [--prompt-length 32] [--new-tokens 64] [--full-size]
+    python benchmarks/compare.py [--only train|decode] [--calls 5] [--repeats 3] [--compile]
+        [--train-layers 4 [12]] [--batch-sizes 1 8] [--prompt-length 32] [--new-tokens 64] [--full-size]
         [--torch-threads N] [--out benchmarks/results/compare.json]
 
 Every model is float32 with dropout 0 and random weights, and has the same shape and parameter
@@ -31,17 +31,19 @@ t5-small, 60M).
   hf-flax   FlaxGPT2LMHeadModel / FlaxT5ForConditionalGeneration .generate under one jax.jit
             (a peer that does not build or run with the installed jax is reported unavailable)
 
-Each side is called once first (compiling, warming caches): that call's wall time, and its CPU
-time in this process (steadier on a busy machine; torch.compile's compile workers are other
-processes, not counted). Then `--repeats` rounds run every side in turn, the order reversed
-each round so that drift on a shared machine favours no side; a training round times `--steps`
-steps and takes their median, a decoding round one call. A side's figure is the median over
-rounds (the JSON keeps every round's). Ratios are ours / side: tokens/s (> 1: ours is faster)
-and first call (> 1: ours takes longer).
-
-torch uses `--torch-threads` threads (default os.cpu_count()) and, unless OMP_WAIT_POLICY is
-set, OMP_WAIT_POLICY=PASSIVE: its spinning OpenMP threads otherwise run many times slower while
-other processes hold the cores (XLA's threads block). The load average is printed and recorded
+How it measures. Every side runs in a fresh process of its own, with the settings its users
+would have: our training step with the huge pages `python -m train` turns on
+(train/hugepages.py), our decoding as `generate` runs anywhere; PyTorch with its own thread
+count and OpenMP wait policy (--torch-threads sets the count), HF Flax as JAX starts. In one
+process the two runtimes' threads fight over the cores: with OpenMP's threads sleeping
+(OMP_WAIT_POLICY=PASSIVE) torch's eager step ran about 20% slower than alone, with them
+spinning ours did. A process builds its side, times its first call (wall time, and CPU time in
+that process; torch.compile's compile workers are other processes, not counted), then --calls
+calls (a training call is one step, a decoding call one `generate`) and keeps their median.
+The sides take turns: --repeats rounds of one process per side, the order reversed every round
+so that drift on the machine favours no side. A side's figure is the median over its rounds
+(the table shows the range, the JSON every round). Ratios are ours / side: tokens/s (> 1: ours
+is faster) and first call (> 1: ours takes longer). The load average is printed and recorded
 before and after; figures from a busy machine are noisy.
 """
 
@@ -49,10 +51,15 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
+import importlib.util
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -68,6 +75,7 @@ from transformer.architectures import ARCHITECTURES
 
 INSTALL = "pip install torch==2.13.0 transformers==4.57.6"
 OURS = "ours"
+TORCH_SIDES = ("torch", "torch.compile", "hf-torch")
 TRAIN_BATCH, TRAIN_LENGTH = 8, 256
 LEARNING_RATE = 1e-4  # workload.training_step's; the rest of AdamW is make_optimizer's defaults
 ADAMW = dict(lr=LEARNING_RATE, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
@@ -286,7 +294,7 @@ def decoding_sides(config: tfm.ModelConfig, prompts: np.ndarray, new_tokens: int
     }
 
 
-# ----------------------------------------------------------------------------- measuring
+# ----------------------------------------------------------------------------- one side, in its own process
 
 
 def seconds(run: Run) -> float:
@@ -295,63 +303,105 @@ def seconds(run: Run) -> float:
     return time.perf_counter() - start
 
 
-class Started(NamedTuple):
-    parameters: int
-    run: Run
-    first_s: float  # the first call's wall time
-    first_cpu_s: float  # and its CPU time in this process (steadier than wall time on a busy machine)
+def case_sides(case: dict) -> tuple[tfm.ModelConfig, dict[str, Side]]:
+    """The model and the sides of one comparison (`case`: what the parent passes to each process)."""
+    if case["section"] == "train":
+        return training_sides(case["compile"], case["layers"])
+    config = (t5_config if case["family"] == "t5" else gpt_config)(case["full_size"])
+    prompts = np.random.default_rng(case["batch"]).integers(7, config.vocab_size, (case["batch"], case["prompt_length"]))
+    return config, decoding_sides(config, prompts.astype(np.int32), case["new_tokens"])
 
 
-def start(sides: dict[str, Side], unavailable: dict[str, str]) -> dict[str, Started]:
-    """Builds each side and times its first call.
+def settings(name: str) -> dict:
+    """What a side ran with that its users could set otherwise."""
+    if name in TORCH_SIDES:
+        import torch
 
-    A peer that fails to build or run is left out, its error noted in `unavailable`; all
-    others must have our parameter count.
-    """
-    started = {}
-    for name, build in sides.items():
-        try:
-            parameters, run = build()
-            cpu = time.process_time()
-            started[name] = Started(parameters, run, seconds(run), time.process_time() - cpu)
-        except Exception as error:  # an optional peer that the installed versions cannot run
-            if name == OURS:
-                raise
-            unavailable[name] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
-            print(f"  {name}: unavailable ({unavailable[name]})")
-    counts = {name: side.parameters for name, side in started.items()}
-    if len(set(counts.values())) > 1:
-        raise SystemExit(f"Parameter counts differ, the sides are not the same model: {counts}")
-    return started
+        return {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+    return {"glibc_tunables": os.environ.get("GLIBC_TUNABLES", "default")}
 
 
-def rounds(started: dict[str, Started], calls: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each side in each of `repeats` rounds (the median of `calls` calls),
-    the sides' order reversed every other round."""
-    names = list(started)
-    medians = {name: [] for name in names}
+def run_side(name: str, case: dict) -> None:
+    """The child process: builds one side, times its first call and `case["calls"]` more, and
+    prints them as the last line of its output (JSON); a peer that cannot build or run prints
+    why instead."""
+    if name == OURS and case["section"] == "train":
+        reexec_with_huge_pages()  # as `python -m train` does
+    if case.get("torch_threads") and name in TORCH_SIDES:
+        import torch
+
+        torch.set_num_threads(case["torch_threads"])
+    try:
+        parameters, run = case_sides(case)[1][name]()
+        cpu = time.process_time()
+        first_s = seconds(run)
+        first_cpu_s = time.process_time() - cpu
+    except Exception as error:  # an optional peer that the installed versions cannot run
+        if name == OURS:
+            raise
+        print(json.dumps({"unavailable": f"{type(error).__name__}: {error}".splitlines()[0][:200]}))
+        return
+    calls_s = [seconds(run) for _ in range(case["calls"])]
+    print(json.dumps({"parameters": parameters, "first_s": first_s, "first_cpu_s": first_cpu_s,
+                      "call_s": statistics.median(calls_s), "calls_s": calls_s, "settings": settings(name)}))
+
+
+# ----------------------------------------------------------------------------- the sides taking turns
+
+
+def in_own_process(name: str, case: dict) -> dict:
+    """Runs one side in a fresh Python process; its result (see run_side)."""
+    command = [sys.executable, __file__, "--side", name, "--case", json.dumps(case)]
+    process = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    lines = process.stdout.strip().splitlines()
+    if process.returncode or not lines:
+        raise SystemExit(f"{name} failed (exit status {process.returncode}): {' '.join(command)}")
+    return json.loads(lines[-1])
+
+
+def take_turns(names: list[str], case: dict, repeats: int, unavailable: dict[str, str]) -> dict[str, list[dict]]:
+    """Every side's result in each of `repeats` rounds, one process per side and round, the
+    order reversed every other round. A peer that cannot run is left out, its error noted in
+    `unavailable`; all others must have our parameter count."""
+    names = [name for name in names if name not in unavailable]
+    results = {name: [] for name in names}
     for index in range(repeats):
         for name in names if index % 2 == 0 else names[::-1]:
-            medians[name].append(statistics.median(seconds(started[name].run) for _ in range(calls)))
-    return medians
+            if name in unavailable:
+                continue
+            result = in_own_process(name, case)
+            if "unavailable" in result:
+                unavailable[name] = result["unavailable"]
+                print(f"  {name}: unavailable ({result['unavailable']})")
+                del results[name]
+                continue
+            results[name].append(result)
+    counts = {name: {result["parameters"] for result in rounds} for name, rounds in results.items()}
+    if len(set().union(*counts.values())) > 1:
+        raise SystemExit(f"Parameter counts differ, the sides are not the same model: {counts}")
+    return results
 
 
-def side_rows(started: dict[str, Started], per_round: dict[str, list[float]], tokens_per_call: int,
-              **fields) -> list[dict]:
-    """One row per side: its figures (the median over rounds) and ours / side."""
-    per_call = {name: statistics.median(values) for name, values in per_round.items()}
-    ours = started[OURS]
-    return [
-        {
-            **fields, "side": name, "parameters": side.parameters, "first_call_s": side.first_s,
-            "first_call_cpu_s": side.first_cpu_s, "call_ms": 1000 * per_call[name],
-            "round_ms": [1000 * value for value in per_round[name]],
-            "tokens_per_second": tokens_per_call / per_call[name],
-            "speed_ours_over_side": per_call[name] / per_call[OURS],
-            "first_call_ours_over_side": ours.first_s / side.first_s,
-        }
-        for name, side in started.items()
-    ]
+def side_rows(results: dict[str, list[dict]], tokens_per_call: int, **fields) -> list[dict]:
+    """One row per side: its figures (the median over rounds, the range of tokens/s) and ours / side."""
+    median = lambda name, key: statistics.median(result[key] for result in results[name])  # noqa: E731
+    ours_call, ours_first = median(OURS, "call_s"), median(OURS, "first_s")
+    rows = []
+    for name, rounds in results.items():
+        call_s = median(name, "call_s")
+        rows.append({
+            **fields, "side": name, "parameters": rounds[0]["parameters"], "settings": rounds[0]["settings"],
+            "first_call_s": median(name, "first_s"), "first_call_cpu_s": median(name, "first_cpu_s"),
+            "call_ms": 1000 * call_s, "round_ms": [1000 * result["call_s"] for result in rounds],
+            "tokens_per_second": tokens_per_call / call_s,
+            "tokens_per_second_range": [tokens_per_call / max(r["call_s"] for r in rounds),
+                                        tokens_per_call / min(r["call_s"] for r in rounds)],
+            "speed_ours_over_side": call_s / ours_call, "first_call_ours_over_side": ours_first / median(name, "first_s"),
+        })
+    for row in rows:
+        low, high = row["tokens_per_second_range"]
+        row["tokens_per_second_text"] = f"{row['tokens_per_second']:,.0f} ({low:,.0f}-{high:,.0f})"
+    return rows
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
@@ -363,40 +413,44 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(f"{cell:>{width}}" for cell, width in zip(line, widths)))
 
 
+COMMON_COLUMNS = [("side", "side", ""), ("parameters", "parameters", ","), ("first call s", "first_call_s", ".2f"),
+                  ("first cpu s", "first_call_cpu_s", ".2f"), ("call ms", "call_ms", ".1f"),
+                  ("tokens/s (rounds' range)", "tokens_per_second_text", ""),
+                  ("tok/s ours/side", "speed_ours_over_side", ".2f"), ("first ours/side", "first_call_ours_over_side", ".2f")]
+
+
 def train_section(args, unavailable: dict[str, str]) -> list[dict]:
-    config, sides = training_sides(args.compile, args.train_layers)
-    print(f"\ntraining: gpt2-small cut to {config.num_decoder_layers} layers x {config.d_model}, vocabulary "
-          f"{config.vocab_size}, batch {TRAIN_BATCH} x {TRAIN_LENGTH}, float32; median of {args.repeats} rounds "
-          f"of {args.steps} steps")
-    started = start(sides, unavailable)
-    rows = side_rows(started, rounds(started, args.steps, args.repeats), TRAIN_BATCH * TRAIN_LENGTH,
-                     section="train", batch=TRAIN_BATCH, length=TRAIN_LENGTH)
-    print_table(rows, [("side", "side", ""), ("parameters", "parameters", ","), ("first step s", "first_call_s", ".2f"),
-                       ("first cpu s", "first_call_cpu_s", ".2f"), ("step ms", "call_ms", ".1f"),
-                       ("tokens/s", "tokens_per_second", ",.0f"), ("tok/s ours/side", "speed_ours_over_side", ".2f"),
-                       ("first ours/side", "first_call_ours_over_side", ".2f")])
+    rows = []
+    for layers in args.train_layers:
+        case = {"section": "train", "layers": layers, "compile": args.compile, "calls": args.calls,
+                "torch_threads": args.torch_threads}
+        config, sides = case_sides(case)
+        print(f"\ntraining: gpt2-small cut to {layers} layers x {config.d_model}, vocabulary {config.vocab_size}, "
+              f"batch {TRAIN_BATCH} x {TRAIN_LENGTH}, float32; {args.repeats} rounds of {args.calls} steps")
+        results = take_turns(list(sides), case, args.repeats, unavailable.setdefault(f"{layers} layers", {}))
+        section = side_rows(results, TRAIN_BATCH * TRAIN_LENGTH, section="train", layers=layers,
+                            batch=TRAIN_BATCH, length=TRAIN_LENGTH)
+        print_table(section, COMMON_COLUMNS)
+        rows += section
     return rows
 
 
 def decode_section(args, unavailable: dict[str, dict[str, str]]) -> list[dict]:
     print(f"\ndecoding: greedy, KV cache, prompt {args.prompt_length}, {args.new_tokens} new tokens (no EOS), "
-          f"float32; median of {args.repeats} rounds")
+          f"float32; {args.repeats} rounds of {args.calls} calls")
     rows = []
-    for family, config in (("gpt2", gpt_config(args.full_size)), ("t5", t5_config(args.full_size))):
+    for family in ("gpt2", "t5"):
         for batch in args.batch_sizes:
+            case = {"section": "decode", "family": family, "batch": batch, "prompt_length": args.prompt_length,
+                    "new_tokens": args.new_tokens, "full_size": args.full_size, "calls": args.calls,
+                    "torch_threads": args.torch_threads}
+            config, sides = case_sides(case)
             print(f"{family} {config.num_encoder_layers}+{config.num_decoder_layers} layers x {config.d_model}, "
                   f"batch {batch}")
-            prompts = np.random.default_rng(batch).integers(7, config.vocab_size, (batch, args.prompt_length))
-            started = start(decoding_sides(config, prompts.astype(np.int32), args.new_tokens),
-                            unavailable.setdefault(family, {}))
-            rows += side_rows(started, rounds(started, 1, args.repeats), batch * args.new_tokens,
-                              section="decode", model=family, batch=batch)
+            results = take_turns(list(sides), case, args.repeats, unavailable.setdefault(family, {}))
+            rows += side_rows(results, batch * args.new_tokens, section="decode", model=family, batch=batch)
     print()
-    print_table(rows, [("model", "model", ""), ("batch", "batch", "d"), ("side", "side", ""),
-                       ("parameters", "parameters", ","), ("first call s", "first_call_s", ".2f"),
-                       ("first cpu s", "first_call_cpu_s", ".2f"), ("call ms", "call_ms", ".1f"),
-                       ("new tok/s", "tokens_per_second", ",.1f"), ("tok/s ours/side", "speed_ours_over_side", ".2f"),
-                       ("first ours/side", "first_call_ours_over_side", ".2f")])
+    print_table(rows, [("model", "model", ""), ("batch", "batch", "d"), *COMMON_COLUMNS])
     return rows
 
 
@@ -407,39 +461,37 @@ def load_line() -> str:
 
 
 def main():
-    reexec_with_huge_pages()  # as `python -m train` does; GLIBC_TUNABLES=glibc.malloc.hugetlb=0: without
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["train", "decode"], default=None, help="one section (default: both)")
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps per side per round")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds per section, the sides' order alternating")
+    parser.add_argument("--calls", type=int, default=5, help="timed calls per process (training steps, or generate calls)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds: processes per side, the order alternating")
     parser.add_argument("--compile", action="store_true", help="training: add torch.compile (compiles for minutes)")
-    parser.add_argument("--train-layers", type=int, default=4, help="training: the GPT-2 shape's depth")
+    parser.add_argument("--train-layers", type=int, nargs="+", default=[4], help="training: the GPT-2 shape's depths")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="decoding batch sizes")
     parser.add_argument("--prompt-length", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--full-size", action="store_true", help="decoding: gpt2-small (124M) and t5-small (60M)")
-    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch's threads (default: its own choice)")
     parser.add_argument("--out", default="benchmarks/results/compare.json")
+    parser.add_argument("--side", help=argparse.SUPPRESS)  # a child process: run this side of --case
+    parser.add_argument("--case", type=json.loads, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP
-    try:
-        import torch
-        import transformers
-    except ImportError as error:
-        raise SystemExit(f"compare.py needs PyTorch and transformers ({error}); install a CPU build of torch:\n"
-                         f"    {INSTALL}")
-
-    torch.set_num_threads(args.torch_threads)
-    print(f"device: {workload.device_line()}; torch {torch.__version__} ({args.torch_threads} threads, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}), transformers {transformers.__version__}; {load_line()}")
+    if args.side:
+        return run_side(args.side, args.case)
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SystemExit(f"compare.py needs PyTorch and transformers ({', '.join(missing)} not installed); install a "
+                         f"CPU build of torch:\n    {INSTALL}")
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers")}
+    print(f"device: {workload.device_line()}; torch {versions['torch']}, transformers {versions['transformers']}; "
+          f"each side in its own process; {load_line()}")
     load_start, unavailable, rows = os.getloadavg()[0], {}, []
     if args.only in (None, "train"):
         rows += train_section(args, unavailable.setdefault("train", {}))
     if args.only in (None, "decode"):
         rows += decode_section(args, unavailable.setdefault("decode", {}))
     print(load_line())
-    write_results(args.out, rows, torch=torch.__version__, transformers=transformers.__version__,
-                  torch_threads=args.torch_threads, omp_wait_policy=os.environ["OMP_WAIT_POLICY"], steps=args.steps,
+    write_results(args.out, rows, **versions, torch_threads=args.torch_threads, calls=args.calls,
                   repeats=args.repeats, prompt_length=args.prompt_length, new_tokens=args.new_tokens,
                   full_size=args.full_size, train_layers=args.train_layers, unavailable=unavailable,
                   load_average=[load_start, os.getloadavg()[0]])

@@ -41,14 +41,20 @@ When torch and transformers are importable (pip install torch transformers, a CP
 torch; --no-hf skips it), Hugging Face's PyTorch `generate` is timed the same way (its
 prefill with max_new_tokens=1, its step from the difference; min_new_tokens forces the
 length) on the same shapes, on the CPU, or on CUDA when JAX runs on a GPU (otherwise left
-out there). benchmarks/compare.py puts more peers side by side.
+out there), in a process of its own after ours, with torch's own thread settings: in one
+process the two runtimes' threads fight over the cores (benchmarks/compare.py, which puts
+more peers side by side, says how).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import importlib.util
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -114,24 +120,13 @@ def ours(config: tfm.ModelConfig, prompts: np.ndarray) -> Run:
     return run
 
 
-def hugging_face(config: tfm.ModelConfig, prompts: np.ndarray) -> Run | str:
-    """transformers' PyTorch model of the same shape and its generate, or why it is left out."""
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-    except ImportError as error:
-        return f"not installed ({error.name})"
+def hugging_face(config: tfm.ModelConfig, prompts: np.ndarray, device: str) -> Run:
+    """transformers' PyTorch model of the same shape and its generate, on `device`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
     from transformer.architectures import ARCHITECTURES
 
-    if jax.default_backend() == "gpu":
-        if not torch.cuda.is_available():
-            return "torch has no CUDA here, and a CPU figure beside a GPU one compares nothing"
-        device = "cuda"
-    elif jax.default_backend() == "cpu":
-        device = "cpu"
-        torch.set_num_threads(os.cpu_count() or 1)
-    else:
-        return f"no torch device for JAX's {jax.default_backend()}"
     encoder_decoder = bool(config.num_encoder_layers)
     family = "t5" if encoder_decoder else "gpt2"
     hf_config = AutoConfig.for_model(**ARCHITECTURES[family].hf_config(config))
@@ -151,6 +146,38 @@ def hugging_face(config: tfm.ModelConfig, prompts: np.ndarray) -> Run | str:
             torch.cuda.synchronize()
 
     return run
+
+
+def hf_device() -> str:
+    """Where Hugging Face runs beside JAX's backend ("cuda" or "cpu"), or why it is left out."""
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+        return "not installed: pip install torch transformers"
+    if jax.default_backend() == "cpu":
+        return "cpu"
+    if jax.default_backend() != "gpu":
+        return f"no torch device for JAX's {jax.default_backend()}"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "torch has no CUDA here, and a CPU figure beside a GPU one compares nothing"
+    return "cuda"
+
+
+def hf_in_own_process(case: dict) -> tuple[float, float | None]:
+    """Hugging Face's prefill and step seconds for `case`, measured by a fresh process running
+    this script with --hf-case (so that its threads never share a process with XLA's)."""
+    command = [sys.executable, __file__, "--hf-case", json.dumps(case)]
+    process = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if process.returncode:
+        raise SystemExit(f"Hugging Face's process failed (exit status {process.returncode}): {' '.join(command)}")
+    return tuple(json.loads(process.stdout.strip().splitlines()[-1]))
+
+
+def run_hf_case(case: dict) -> None:
+    """The child process: prints [prefill seconds, step seconds or null] as JSON."""
+    config = model_config(case["model"], case["set"], dtype=case["dtype"], dropout_rate=0.0, attention_dropout_rate=0.0)
+    run = hugging_face(config, np.asarray(case["prompts"], np.int32), case["device"])
+    print(json.dumps(prefill_and_step(run, case["new_tokens"], case["repeats"])))
 
 
 def prefill_and_step(run: Run, new_tokens: int, repeats: int) -> tuple[float, float | None]:
@@ -222,13 +249,12 @@ def main():
                         help="memory read bandwidth for the bound instead of measuring it")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face's PyTorch generate")
     parser.add_argument("--out", default="benchmarks/results/decode.json")
+    parser.add_argument("--hf-case", type=json.loads, help=argparse.SUPPRESS)  # a child process timing HF
     args = parser.parse_args()
+    if args.hf_case:
+        return run_hf_case(args.hf_case)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first comes from the prefill)")
-    # as compare.py: torch's OpenMP threads sleep between its calls instead of spinning on the
-    # cores XLA's threads then need (read when torch loads OpenMP)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else measured_read_bandwidth()
     peaks = {dtype: measured_matmul_peak(dtype) for dtype in args.dtype}
     print(f"device: {device_line()}; {load_line()}")
@@ -236,9 +262,11 @@ def main():
     print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s ({source}); matmul peak "
           + ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items())
           + f"; prompt {args.prompt_length}, {args.new_tokens} new tokens, greedy, median of {args.repeats}")
-    columns = COLUMNS + ([] if args.no_hf else HF_COLUMNS)
+    device = None if args.no_hf else hf_device()
+    hf_missing = device if device not in (None, "cpu", "cuda") else None
+    columns = COLUMNS + (HF_COLUMNS if device in ("cpu", "cuda") else [])
     print(header(columns))
-    rows, hf_missing = [], None
+    rows = []
     for name in args.models:
         for dtype in args.dtype:
             config = model_config(name, args.set, dtype=dtype, dropout_rate=0.0, attention_dropout_rate=0.0)
@@ -257,25 +285,19 @@ def main():
                     "flop_ms_per_step": reads["flops_per_step"] / peaks[dtype] * 1e3,
                     **reads,
                 }
-                if not args.no_hf:
-                    hf = hugging_face(config, prompts)
-                    if isinstance(hf, str):
-                        hf_missing = hf
-                    else:
-                        hf_prefill, hf_step = prefill_and_step(hf, args.new_tokens, args.repeats)
-                        row.update(hf_prefill_ms=hf_prefill * 1e3, hf_decode_ms_per_step=hf_step and hf_step * 1e3,
-                                   hf_over_ours_step=hf_step / step if step and hf_step else None)
+                if device in ("cpu", "cuda"):
+                    hf_prefill, hf_step = hf_in_own_process({
+                        "model": name, "set": args.set, "dtype": dtype, "prompts": prompts.tolist(), "device": device,
+                        "new_tokens": args.new_tokens, "repeats": args.repeats,
+                    })
+                    row.update(hf_prefill_ms=hf_prefill * 1e3, hf_decode_ms_per_step=hf_step and hf_step * 1e3,
+                               hf_over_ours_step=hf_step / step if step and hf_step else None)
                 rows.append(row)
                 print(line(row, columns))
     if hf_missing:
         print(f"Hugging Face left out: {hf_missing}")
     print(load_line())
-    versions = {}
-    if not args.no_hf and not hf_missing:
-        import torch
-        import transformers
-
-        versions = dict(torch=torch.__version__, transformers=transformers.__version__)
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers")} if columns != COLUMNS else {}
     write_results(
         args.out, rows, read_bandwidth_bytes_per_second=bandwidth, read_bandwidth_given=bool(args.bandwidth),
         matmul_peak_flops={dtype: peak for dtype, peak in peaks.items()},

@@ -5,7 +5,9 @@ the special tokens their files name, and save to a layout that loads back the sa
 Every tokenizer here is trained or written under pytest's tmp_path; nothing is downloaded.
 """
 
+import builtins
 import dataclasses
+import errno
 import io
 import json
 import pathlib
@@ -52,6 +54,14 @@ def test_train_fixes_special_ids(tokenizer):
     assert tokenizer.vocab_size == VOCAB_SIZE
     assert tokenizer.path.is_file() and tokenizer.path.suffix == ".model"
     assert tokenizer.path.with_suffix(".vocab").is_file()
+
+
+def test_vocab_file_lists_every_piece_with_its_score(tokenizer):
+    """The .vocab is sentencepiece's: a "piece<TAB>score" line per id, in id order, the score as
+    sentencepiece writes it (C++'s default float format, %g)."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer.path))
+    expected = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+    assert tokenizer.path.with_suffix(".vocab").read_bytes() == expected.encode("utf-8")
 
 
 def test_load_gives_same_ids_and_encodings(tokenizer):
@@ -224,6 +234,55 @@ def test_train_with_too_large_vocab_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match=re.escape(str(small))) as info:
         Tokenizer.train([small], 5_000, model_prefix=tmp_path / "spm")
     assert "vocab_size" in str(info.value)
+
+
+class FillsTheDisk:
+    """A file being written when the disk fills: a write stores half its data, then fails."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.file.close()
+
+    def write(self, data):
+        self.file.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+@pytest.mark.parametrize("suffix", [".model", ".vocab"])
+def test_train_on_a_full_disk_names_the_file_and_leaves_no_part_of_it(tmp_path, monkeypatch, suffix):
+    """A disk that fills while a trained file is written is an OSError naming the file, that no
+    space is left and the fix; no part of the file is left behind (the model is written first: a
+    full disk at the .vocab leaves a whole model)."""
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("\n".join(sentences(300, seed=0)) + "\n")
+    folder = tmp_path / "out"
+    target = folder / f"spm{suffix}"
+    real_open = open
+
+    def open_on_a_full_disk(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        writes_target = isinstance(file, (str, pathlib.Path)) and str(file).startswith(str(target))
+        return FillsTheDisk(opened) if writes_target and mode[0] in "wxa" else opened
+
+    monkeypatch.setattr(builtins, "open", open_on_a_full_disk)
+    with pytest.raises(OSError) as info:
+        Tokenizer.train([corpus], 100, model_prefix=folder / "spm")
+    monkeypatch.undo()
+    message = str(info.value)
+    assert info.value.errno == errno.ENOSPC
+    assert f"{target} (No space left on device)" in message
+    assert "free some space" in message
+    assert sorted(path.name for path in folder.iterdir()) == ([] if suffix == ".model" else ["spm.model"])
+    if suffix == ".vocab":
+        assert Tokenizer.load(folder / "spm.model").vocab_size == 100
 
 
 def test_load_missing_path_names_it(tmp_path):

