@@ -56,8 +56,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Callable
 
@@ -68,7 +66,7 @@ import optax
 
 import transformer as tfm
 import workload
-from report import write_results
+from report import in_own_process, write_results
 from train.hugepages import reexec_with_huge_pages
 from train.optim import make_optimizer
 from transformer.architectures import ARCHITECTURES
@@ -349,16 +347,6 @@ def run_side(name: str, case: dict) -> None:
 # ----------------------------------------------------------------------------- the sides taking turns
 
 
-def in_own_process(name: str, case: dict) -> dict:
-    """Runs one side in a fresh Python process; its result (see run_side)."""
-    command = [sys.executable, __file__, "--side", name, "--case", json.dumps(case)]
-    process = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    lines = process.stdout.strip().splitlines()
-    if process.returncode or not lines:
-        raise SystemExit(f"{name} failed (exit status {process.returncode}): {' '.join(command)}")
-    return json.loads(lines[-1])
-
-
 def take_turns(names: list[str], case: dict, repeats: int, unavailable: dict[str, str]) -> dict[str, list[dict]]:
     """Every side's result in each of `repeats` rounds, one process per side and round, the
     order reversed every other round. A peer that cannot run is left out, its error noted in
@@ -369,7 +357,7 @@ def take_turns(names: list[str], case: dict, repeats: int, unavailable: dict[str
         for name in names if index % 2 == 0 else names[::-1]:
             if name in unavailable:
                 continue
-            result = in_own_process(name, case)
+            result = in_own_process(__file__, "--side", name, "--case", json.dumps(case))
             if "unavailable" in result:
                 unavailable[name] = result["unavailable"]
                 print(f"  {name}: unavailable ({result['unavailable']})")

@@ -54,7 +54,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable
@@ -64,7 +63,7 @@ import jax
 import numpy as np
 
 import transformer as tfm
-from report import write_results
+from report import in_own_process, write_results
 from train.metrics import matmul_weights
 from transformer.decoding import for_decoding
 from workload import device_line, measured_matmul_peak, measured_read_bandwidth, model_config
@@ -148,29 +147,19 @@ def hugging_face(config: tfm.ModelConfig, prompts: np.ndarray, device: str) -> R
     return run
 
 
-def hf_device() -> str:
-    """Where Hugging Face runs beside JAX's backend ("cuda" or "cpu"), or why it is left out."""
+def hf_device() -> tuple[str | None, str | None]:
+    """(where Hugging Face runs beside JAX's backend, "cuda" or "cpu"; None) or (None, why it is left out)."""
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
-        return "not installed: pip install torch transformers"
+        return None, "not installed: pip install torch transformers"
     if jax.default_backend() == "cpu":
-        return "cpu"
+        return "cpu", None
     if jax.default_backend() != "gpu":
-        return f"no torch device for JAX's {jax.default_backend()}"
+        return None, f"no torch device for JAX's {jax.default_backend()}"
     import torch
 
     if not torch.cuda.is_available():
-        return "torch has no CUDA here, and a CPU figure beside a GPU one compares nothing"
-    return "cuda"
-
-
-def hf_in_own_process(case: dict) -> tuple[float, float | None]:
-    """Hugging Face's prefill and step seconds for `case`, measured by a fresh process running
-    this script with --hf-case (so that its threads never share a process with XLA's)."""
-    command = [sys.executable, __file__, "--hf-case", json.dumps(case)]
-    process = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    if process.returncode:
-        raise SystemExit(f"Hugging Face's process failed (exit status {process.returncode}): {' '.join(command)}")
-    return tuple(json.loads(process.stdout.strip().splitlines()[-1]))
+        return None, "torch has no CUDA here, and a CPU figure beside a GPU one compares nothing"
+    return "cuda", None
 
 
 def run_hf_case(case: dict) -> None:
@@ -262,9 +251,8 @@ def main():
     print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s ({source}); matmul peak "
           + ", ".join(f"{dtype} {peak / 1e9:.0f} GFLOP/s" for dtype, peak in peaks.items())
           + f"; prompt {args.prompt_length}, {args.new_tokens} new tokens, greedy, median of {args.repeats}")
-    device = None if args.no_hf else hf_device()
-    hf_missing = device if device not in (None, "cpu", "cuda") else None
-    columns = COLUMNS + (HF_COLUMNS if device in ("cpu", "cuda") else [])
+    device, hf_missing = (None, None) if args.no_hf else hf_device()
+    columns = COLUMNS + (HF_COLUMNS if device else [])
     print(header(columns))
     rows = []
     for name in args.models:
@@ -285,11 +273,12 @@ def main():
                     "flop_ms_per_step": reads["flops_per_step"] / peaks[dtype] * 1e3,
                     **reads,
                 }
-                if device in ("cpu", "cuda"):
-                    hf_prefill, hf_step = hf_in_own_process({
+                if device:
+                    # Hugging Face in a process of its own, so that its threads never share one with XLA's
+                    hf_prefill, hf_step = in_own_process(__file__, "--hf-case", json.dumps({
                         "model": name, "set": args.set, "dtype": dtype, "prompts": prompts.tolist(), "device": device,
                         "new_tokens": args.new_tokens, "repeats": args.repeats,
-                    })
+                    }))
                     row.update(hf_prefill_ms=hf_prefill * 1e3, hf_decode_ms_per_step=hf_step and hf_step * 1e3,
                                hf_over_ours_step=hf_step / step if step and hf_step else None)
                 rows.append(row)
@@ -297,7 +286,7 @@ def main():
     if hf_missing:
         print(f"Hugging Face left out: {hf_missing}")
     print(load_line())
-    versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers")} if columns != COLUMNS else {}
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "transformers")} if device else {}
     write_results(
         args.out, rows, read_bandwidth_bytes_per_second=bandwidth, read_bandwidth_given=bool(args.bandwidth),
         matmul_peak_flops={dtype: peak for dtype, peak in peaks.items()},
