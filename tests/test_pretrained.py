@@ -22,6 +22,7 @@ import transformer as tfm
 from transformer.architectures import UnsupportedCheckpoint
 from transformer.config import Activation
 from transformer.files import file_digests, sha256_file
+from transformer import pretrained as pretrained_module
 from transformer.pretrained import DIGESTS, checkpoint_config
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pretrained"
@@ -512,6 +513,16 @@ def test_a_hub_id_opens_from_the_hub_cache(tmp_path, monkeypatch):
     assert loaded.tokenizer.path == snapshot / "tokenizer.json"
     with pytest.raises(FileNotFoundError, match="Hugging Face Hub model org/missing is not in the hub's cache"):
         tfm.from_pretrained("org/missing")
+
+
+def test_a_mistyped_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    """runs/gpt-qick looks like a Hub id (org/name), but runs/ is a folder here: it is a missing
+    local directory, said at once, not a download attempted from the network."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setattr(pretrained_module, "_hub_snapshot", lambda repo_id: pytest.fail(f"looked up {repo_id} on the Hub"))
+    with pytest.raises(FileNotFoundError, match="runs/gpt-qick is not a directory"):
+        tfm.from_pretrained("runs/gpt-qick")
 
 
 def test_a_named_checkpoint_opens_by_its_name(tmp_path, monkeypatch):

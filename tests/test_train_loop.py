@@ -351,6 +351,25 @@ def test_the_lock_holds_when_its_file_is_deleted(tmp_path):
     assert rundir.RunLock(tmp_path).acquire() == ""  # free once its holder releases it
 
 
+def test_a_lock_that_could_not_be_written_is_not_held(tmp_path, monkeypatch):
+    """A full disk while .lock is written fails the start; the lock it took is let go, so that the
+    next start in the same process (once space is freed) is not refused as busy."""
+    write_text = pathlib.Path.write_text
+
+    def full_disk(path, *args, **kwargs):
+        if path.name == ".lock":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        rundir.RunLock(tmp_path).acquire()
+    monkeypatch.undo()
+    lock = rundir.RunLock(tmp_path)
+    assert lock.acquire() == ""
+    lock.release()
+
+
 def test_a_damaged_artefacts_record_is_an_error_naming_it_and_the_fix(tmp_path):
     (tmp_path / "artefacts.json").write_text('{"tokenizer.model": {"trained_on": ')  # cut off by a full disk
     with pytest.raises(ValueError, match=rf"{tmp_path / 'artefacts.json'} is damaged \(Expecting value: .*\); it "

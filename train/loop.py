@@ -483,15 +483,15 @@ def run(config: TrainConfig, *, progress: bool = True) -> RunResult:
     lock = rundir.RunLock(run_dir)
     if jax.process_index() == 0:
         _open_run_dir(run_dir, lock, say)
-    sync("run_dir")
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints, step_option="resume_step=N")
     try:
-        return _train(config, run_dir, checkpointer, say, progress)
-    finally:
+        sync("run_dir")
+        checkpointer = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints, step_option="resume_step=N")
         try:
-            checkpointer.close()  # raises a failed save (again, if a save raised it)
+            return _train(config, run_dir, checkpointer, say, progress)
         finally:
-            lock.release()  # removes the run directory if this start made it and wrote nothing
+            checkpointer.close()  # raises a failed save (again, if a save raised it)
+    finally:
+        lock.release()  # removes the run directory if this start made it and wrote nothing
 
 
 def _train(config: TrainConfig, run_dir: pathlib.Path, checkpointer: Checkpointer, say, progress: bool) -> RunResult:

@@ -62,12 +62,16 @@ class RunLock:
                 f"{self.run_dir} is in use by {self._holder() or 'another process'}. Wait for that run to finish (or "
                 "stop it with SIGTERM: it saves and exits), or choose another run_dir."
             ) from None
+        try:
+            previous = self._holder()
+            self.path.write_text(
+                f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n",
+                encoding="utf-8",
+            )
+        except BaseException:  # not held after all: a later acquire in this process must not find it taken
+            os.close(descriptor)
+            raise
         self._descriptor, self._created = descriptor, created
-        previous = self._holder()
-        self.path.write_text(
-            f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n",
-            encoding="utf-8",
-        )
         return previous
 
     def release(self) -> None:

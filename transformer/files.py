@@ -103,7 +103,7 @@ def fetch(package: Package) -> pathlib.Path:
                     f"and place it in {downloads}."
                 )
             fetched.replace(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     if digest != package.sha256:
         raise RuntimeError(
             f"{path} has sha256 {digest}, expected {package.sha256}: the file is corrupt or not the pinned "

@@ -184,7 +184,7 @@ def checkpoint_directory(source: str | os.PathLike) -> pathlib.Path:
         return path
     if str(source) in CHECKPOINTS:
         return pretrained_checkpoint(str(source))
-    if HUB_ID.fullmatch(str(source)):
+    if HUB_ID.fullmatch(str(source)) and not path.parent.is_dir():  # runs/gpt-qick: a mistyped run, not a Hub id
         return _hub_snapshot(str(source))
     raise FileNotFoundError(
         f"{source} is not a directory (a training run's or a Hugging Face checkpoint's), a named checkpoint "
@@ -420,8 +420,9 @@ def _read_tensors(files: list[pathlib.Path], dtype: str, ignored: Sequence[str])
     for file in files:
         with _opened(file) as opened:
             for key in opened.keys():
-                if not any(re.fullmatch(pattern, _modern_name(key)) for pattern in ignored):
-                    tensors[_modern_name(key)] = _weight(opened, key, dtype, file)
+                name = _modern_name(key)
+                if not any(re.fullmatch(pattern, name) for pattern in ignored):
+                    tensors[name] = _weight(opened, key, dtype, file)
     return tensors
 
 
@@ -481,12 +482,12 @@ def _fill(rules, tensors, abstract, path, *, may_be_new: bool) -> tuple[dict[str
 
 
 def _check_all_read(family, config, tensors, path) -> None:
-    """Every tensor is one some head of the family reads, a tied copy, or a buffer; else an error."""
+    """Every tensor is one some head of the family reads or a tied copy; else an error."""
     prefix = family.prefix_in(set(tensors))
     aliases = family.aliases(config, prefix)
     _check_aliases(aliases, tensors, path)
     known = {rule.tensor for head in family.heads for rule in family.rules(config, head, prefix)} | set(aliases)
-    unexpected = sorted(name for name in set(tensors) - known if not any(re.fullmatch(p, name) for p in family.ignored))
+    unexpected = sorted(set(tensors) - known)  # the family's ignored buffers were never read
     if unexpected:
         raise UnsupportedCheckpoint(
             f"{path} has tensor(s) the {family.model_type} mapping does not read: {_names(unexpected)}. "
