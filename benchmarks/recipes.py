@@ -35,6 +35,8 @@ RECIPES = [
     ("gpt-quick", "gpt-quick", []),
     ("gpt-tiny", "gpt-tiny", []),
     ("bert-tiny-mlm", "bert-tiny-mlm", []),
+    ("roberta-tiny-mlm", "roberta-tiny-mlm", []),
+    ("albert-tiny-sop", "albert-tiny-sop", []),
     ("bert-tiny-sentiment", "bert-tiny-sentiment", ["init_from={runs}/bert-tiny-mlm"]),
     ("sentiment-from-scratch", "bert-tiny-sentiment", ["init_from="]),
     ("transformer-tiny-en-fr", "transformer-tiny-en-fr", []),

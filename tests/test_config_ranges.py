@@ -106,6 +106,21 @@ def test_direct_construction_is_checked_too():
     assert config.learning_rate == 1.0 and config.train_files == ("a.txt",)
 
 
+def test_masked_lm_row_options_are_checked():
+    """Pairs (NSP, SOP) and packing across documents: masked LM only, one at a time, and pairs need
+    two token types."""
+    bert = ["bert-tiny-mlm"]
+    with pytest.raises(ValueError, match="^sentence_order_prediction applies to task=masked_lm only"):
+        config_lib.parse_args(["sentence_order_prediction=true"])
+    with pytest.raises(ValueError, match="^next_sentence_prediction and full_sentences exclude each other"):
+        config_lib.parse_args([*bert, "full_sentences=true"])
+    with pytest.raises(ValueError, match="^sentence_order_prediction needs two token types"):
+        config_lib.parse_args([*bert, "next_sentence_prediction=false", "sentence_order_prediction=true",
+                               "model.type_vocab_size=1"])
+    config = config_lib.parse_args([*bert, "next_sentence_prediction=false", "sentence_order_prediction=true"])
+    assert config.pair_head and not config.next_sentence_prediction
+
+
 def test_yaml_nan_names_field(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("learning_rate: .nan\n")

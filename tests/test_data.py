@@ -310,7 +310,8 @@ def test_unigram_loss_scores_only_the_tokens_a_model_predicts():
     # targets 1, 2, 0 (not 3 or the first 1): counts + 1 = [2, 2, 2, 1] / 7
     validation = types.SimpleNamespace(stream=np.array([2, 0, 1, 3, 0]), document=np.array([0, 0, 1, 1, 1]))
     expected = -(np.log(2 / 7) + np.log(1 / 7) + np.log(2 / 7)) / 3  # targets 0, 3, 0 (not 2 or 1)
-    assert tasks.unigram_loss(train_rows, validation, vocab_size=4) == pytest.approx(expected)
+    predicted = tasks.predicted_tokens(train_rows), tasks.predicted_tokens(validation)
+    assert tasks.unigram_loss(*predicted, vocab_size=4) == pytest.approx(expected)
 
 
 def test_packed_lm_too_little_text(tok):
@@ -384,7 +385,7 @@ def mlm_docs():
 
 @pytest.fixture(scope="module")
 def nsp_examples(mlm_docs, tok):
-    return data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, next_sentence=True)
+    return data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, pairs=data.Pairs.NEXT_SENTENCE)
 
 
 def chunk_ids(docs, tok, chunk) -> list[int]:
@@ -457,16 +458,16 @@ def test_masked_lm_next_sentence_labels(nsp_examples, mlm_docs, tok):
 def test_masked_lm_needs_a_document_with_two_chunks(tok):
     docs = [{"text": line} for line in sentences(6, seed=3)]  # one short sentence per document
     with pytest.raises(ValueError, match="at least two chunks"):
-        data.MaskedLMExamples(docs, tok, MLM_LENGTH, next_sentence=True)
-    assert len(data.MaskedLMExamples(docs, tok, MLM_LENGTH, next_sentence=False)) == 6
+        data.MaskedLMExamples(docs, tok, MLM_LENGTH, pairs=data.Pairs.NEXT_SENTENCE)
+    assert len(data.MaskedLMExamples(docs, tok, MLM_LENGTH, pairs=data.Pairs.NONE)) == 6
 
 
 def test_masked_lm_rows_too_short_for_text_are_clear_errors(mlm_docs, tok):
     with pytest.raises(ValueError, match=r"\[CLS\] A \[SEP\] B \[SEP\] needs seq_length >= 5"):
-        data.MaskedLMExamples(mlm_docs, tok, 4, next_sentence=True)
+        data.MaskedLMExamples(mlm_docs, tok, 4, pairs=data.Pairs.NEXT_SENTENCE)
     with pytest.raises(ValueError, match=r"\[CLS\] A \[SEP\] needs seq_length >= 3"):
-        data.MaskedLMExamples(mlm_docs, tok, 2, next_sentence=False)
-    assert len(data.MaskedLMExamples(mlm_docs, tok, 5, next_sentence=True)) > 0
+        data.MaskedLMExamples(mlm_docs, tok, 2, pairs=data.Pairs.NONE)
+    assert len(data.MaskedLMExamples(mlm_docs, tok, 5, pairs=data.Pairs.NEXT_SENTENCE)) > 0
 
 
 def test_masked_lm_random_pair_is_not_the_next_chunk_in_a_small_corpus(tok):
@@ -474,9 +475,9 @@ def test_masked_lm_random_pair_is_not_the_next_chunk_in_a_small_corpus(tok):
     a corpus too small to draw random pairs from is a clear error."""
     docs = [{"text": "\n".join(sentences(3, seed=7))}]
     with pytest.raises(ValueError, match="at least 3 chunks"):
-        data.MaskedLMExamples(docs, tok, MLM_LENGTH, next_sentence=True)
+        data.MaskedLMExamples(docs, tok, MLM_LENGTH, pairs=data.Pairs.NEXT_SENTENCE)
     docs = [{"text": "\n".join(sentences(12, seed=7))}]
-    examples = data.MaskedLMExamples(docs, tok, MLM_LENGTH, next_sentence=True)
+    examples = data.MaskedLMExamples(docs, tok, MLM_LENGTH, pairs=data.Pairs.NEXT_SENTENCE)
     assert len(examples) >= 2 and examples.rows[0] == 0 and has_follower(examples, 0)
     following = chunk_ids(docs, tok, examples.chunks[1])
     for seed in range(50):
@@ -501,7 +502,7 @@ def test_masked_lm_is_deterministic_per_rng_seed(nsp_examples):
 def test_masked_lm_single_segment(mlm_docs, tok):
     """Without next_sentence: [CLS] text [SEP] PAD..., token types all 0, no nsp_labels; the text is
     the start of its chunk; special tokens are never masked."""
-    examples = data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, next_sentence=False)
+    examples = data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, pairs=data.Pairs.NONE)
     for index in range(len(examples)):
         example = examples.example(index, np.random.default_rng(index))
         assert "nsp_labels" not in example
@@ -690,3 +691,45 @@ def test_batches_global_batch_must_divide_over_processes():
     """A global batch size not divisible by process_count is a ValueError naming both."""
     with pytest.raises(ValueError, match=r"global_batch_size=7.*2 processes"):
         data.batches(indexed(10), global_batch_size=7, process_count=2)
+
+
+def test_sentence_order_pairs_are_two_consecutive_chunks_swapped_half_the_time(mlm_docs, tok):
+    """ALBERT's pairs: label 0 is A and the chunk after it, label 1 the same two chunks in the
+    other order (never a chunk of another document); labels are 50/50."""
+    examples = data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, pairs=data.Pairs.SENTENCE_ORDER)
+    chunks = examples.chunks
+    assert examples.rows == [i for i in range(len(chunks)) if has_follower(examples, i)]
+    labels = []
+    for seed in range(8):
+        for index in range(len(examples)):
+            example = examples.example(index, np.random.default_rng([seed, index]))
+            first, second, _ = split_pair(example, tok)
+            this, following = (chunk_ids(mlm_docs, tok, chunks[examples.rows[index] + k]) for k in (0, 1))
+            label = int(example["nsp_labels"])
+            before, after = (following, this) if label else (this, following)
+            assert before[: len(first)] == first and after[: len(second)] == second  # only cut at the end
+            labels.append(label)
+    assert len(labels) > 1000
+    assert abs(np.mean(labels) - 0.5) < 3 * 0.5 / np.sqrt(len(labels))
+
+
+def test_full_sentences_pack_across_documents(mlm_docs, tok):
+    """RoBERTa's rows: whole sentences in order, a row running on into the next document after a
+    [SEP]; together the rows hold the whole text once, and [SEP] is never masked."""
+    examples = data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, across_documents=True)
+    per_document = data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH)
+    assert len(examples) < len(per_document)  # fuller rows
+    text = [t for d in mlm_docs for line in d["text"].splitlines() if line.strip() for t in tok.encode(line)]
+    rows, crossing = [], 0
+    for index in range(len(examples)):
+        example = examples.example(index, np.random.default_rng(index))
+        real = example["segment_ids"].sum()
+        inner = example["targets"][1 : real - 1]
+        assert example["targets"][0] == tok.cls_id and example["targets"][real - 1] == tok.sep_id
+        assert not example["weights"][example["targets"] == tok.sep_id].any()
+        crossing += (inner == tok.sep_id).any()
+        rows += [t for t in inner.tolist() if t != tok.sep_id]
+    assert rows == text and crossing > 0
+    np.testing.assert_array_equal(examples.text_tokens(), text)
+    with pytest.raises(ValueError, match="cannot be paired"):
+        data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, pairs=data.Pairs.NEXT_SENTENCE, across_documents=True)

@@ -46,10 +46,11 @@ def pretrained_bert(tmp_path_factory) -> loop.RunResult:
 # gpt-tiny and the default (the same task and data) are the README test's; bert-tiny-sentiment and
 # transformer-tiny-en-fr have tests of their own below; bert-tiny-mlm is the pretrained body they share.
 TRAINED_HERE = [n for n in config_lib.EXPERIMENTS if "tiny" not in n and n != config_lib.DEFAULT_EXPERIMENT]
+FAMILY = ["roberta-tiny-mlm", "albert-tiny-sop"]  # the variants' own rows, packing and pairs
 
 
 @pytest.mark.network
-@pytest.mark.parametrize("name", TRAINED_HERE + ["bert-tiny-mlm"])
+@pytest.mark.parametrize("name", TRAINED_HERE + ["bert-tiny-mlm"] + FAMILY)
 def test_experiment_runs_end_to_end_on_its_data(name, tmp_path, request):
     """Each recipe runs end to end on its real data set (shrunk): fetched, tokenized, trained,
     evaluated with its task's metrics. That the recipes learn is the business of the tests
@@ -109,6 +110,24 @@ def test_pretraining_learns_next_sentence_prediction(tmp_path):
         "model.dropout_rate=0", "model.attention_dropout_rate=0",
     )
     assert result.validation["nsp_accuracy"] > 0.75, result.validation
+
+
+def test_pretraining_learns_sentence_order_where_order_shows(tmp_path):
+    """Where the order of two segments shows in their words (each document's first line opens
+    with "alpha", its second with "omega"), sentence-order pretraining learns it on held-out
+    documents: the swapped pairs reach the pair head with their labels."""
+    words = synthetic.sentences(400, seed=3)
+    paths = {}
+    for split, (count, offset) in {"train": (150, 0), "validation": (40, 300)}.items():
+        paths[split] = tmp_path / f"{split}.jsonl"
+        documents = [{"text": f"alpha {words[offset + 2 * i]}\nomega {words[offset + 2 * i + 1]}"} for i in range(count)]
+        paths[split].write_text("".join(json.dumps(d) + "\n" for d in documents))
+    result = run_experiment(  # rows of 20 tokens: each line (5+ tokens) a segment of its own
+        "albert-tiny-sop", tmp_path / "run", f"train_files=[{paths['train']}]", f"validation_files=[{paths['validation']}]",
+        "file_format=jsonl", "steps=200", "log_every=50", "batch_size=32", "seq_length=20", "learning_rate=2e-3",
+        "eval_batches=4",
+    )
+    assert result.validation["nsp_accuracy"] > 0.9, result.validation
 
 
 @pytest.mark.network

@@ -24,6 +24,19 @@ def test_attention_maps_show_causality_padding_and_every_layer():
     assert np.all(cross[..., 3:] == 0) and np.all(cross[..., :3] > 0)  # source padding gets nothing
 
 
+def test_attention_maps_of_a_shared_layer_are_one_per_call():
+    """ALBERT's one layer, called once per layer: a map per call, in order, scanned or not; the
+    layers differ (each reads the previous one's output)."""
+    cfg = preset("albert-tiny")
+    tokens = jnp.array([[5, 6, 7, 8, 9]])
+    variables = jax.jit(tfm.EncoderModel(cfg).init)(jax.random.PRNGKey(0), tokens)
+    scanned = tfm.attention_maps(tfm.EncoderModel(cfg), variables, tokens)["encoder/self_attention"]
+    looped = tfm.attention_maps(tfm.EncoderModel(cfg.replace(scan_layers=False)), variables, tokens)
+    assert scanned.shape == (cfg.num_encoder_layers, 1, cfg.num_heads, 5, 5)
+    np.testing.assert_allclose(looped["encoder/self_attention"], scanned, atol=1e-6)
+    assert np.abs(np.asarray(scanned[0] - scanned[1])).max() > 1e-4
+
+
 def test_plot_attention_draws_each_weight_in_its_cell(tmp_path):
     """The PNG shows the weights in viridis, queries down and keys across: a lower-triangular
     map has its zeros above the diagonal and its one weight of 1 in the top-left cell."""

@@ -194,12 +194,14 @@ def test_decoder_block_without_cross_attention_is_the_decoder_only_block(base):
     )
 
 
-@pytest.mark.parametrize("name", ["gpt2-tiny", "t5-tiny", "bert-tiny"])
+@pytest.mark.parametrize("name", ["gpt2-tiny", "t5-tiny", "bert-tiny", "albert-tiny"])
 def test_scanned_stack_equals_python_loop(name):
-    """nn.scan over layers computes exactly what a loop over separately named layers does."""
+    """nn.scan over layers computes exactly what a loop over separately named layers does (ALBERT:
+    over one shared layer, called once per layer)."""
     cfg = preset(name)
     model, args = {
-        "gpt2-tiny": (tfm.CausalLM, 1), "t5-tiny": (tfm.Seq2SeqLM, 2), "bert-tiny": (tfm.MaskedLM, 1)
+        "gpt2-tiny": (tfm.CausalLM, 1), "t5-tiny": (tfm.Seq2SeqLM, 2), "bert-tiny": (tfm.MaskedLM, 1),
+        "albert-tiny": (tfm.MaskedLM, 1),
     }[name]
     tokens = random_tokens((2, 9), cfg.vocab_size)
     variables = init(model(cfg))
@@ -340,6 +342,7 @@ def test_every_parameter_has_logical_axis_names():
         tfm.Seq2SeqLM(tfm.ModelConfig.preset("t5-tiny")),
         tfm.MaskedLM(tfm.ModelConfig.preset("bert-tiny"), next_sentence_prediction=True),
         tfm.CausalLM(tfm.ModelConfig.preset("llama-tiny")),
+        tfm.MaskedLM(tfm.ModelConfig.preset("albert-tiny"), next_sentence_prediction=True),
     ]:
         params = abstract_params(model)
         boxes = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -513,3 +516,24 @@ def test_a_new_encoder_output_replaces_the_cached_cross_attention_in_both_stacks
         np.testing.assert_allclose(keys, np.stack([layer.k for layer in fresh.cross_attention]), atol=ATOL)
         caches[name] = keys
     np.testing.assert_allclose(caches["scanned"], caches["loop"], atol=ATOL)
+
+
+def test_best_spans_equal_a_brute_force_search():
+    """The span picker against every (start, end) pair tried in Python: valid spans only (start <=
+    end, at most max_length tokens, both in the context), the highest summed logit."""
+    rng = np.random.default_rng(0)
+    batch, length, longest = 64, 12, 4
+    start, end = rng.normal(size=(2, batch, length)).astype(np.float32)
+    context = rng.random((batch, length)) < 0.6
+    context[0] = False  # a row with no context: no span
+    got_start, got_end, got_score = map(np.asarray, tfm.best_spans(start, end, context, max_length=longest))
+    for row in range(batch):
+        spans = [(start[row, i] + end[row, j], i, j) for i in range(length) for j in range(i, min(i + longest, length))
+                 if context[row, i] and context[row, j]]
+        if not spans:
+            assert got_score[row] == -np.inf
+            continue
+        score, i, j = max(spans)
+        assert (got_start[row], got_end[row]) == (i, j) and got_score[row] == pytest.approx(score)
+    with pytest.raises(ValueError, match="at least one token"):
+        tfm.best_spans(start, end, context, max_length=0)

@@ -17,16 +17,20 @@ def count(tree) -> int:
 
 
 # Hugging Face `transformers` models built from their default configs: BertModel (with pooler),
-# GPT2LMHeadModel and T5ForConditionalGeneration (tied heads). The 2017 paper (Table 3) reports
+# GPT2LMHeadModel and T5ForConditionalGeneration (tied heads); RobertaModel and AlbertModel (with
+# pooler) and DistilBertModel (none) from roberta-base's, albert-base-v2's and albert-large-v2's,
+# distilbert-base-uncased's config.json. The ALBERT paper (Table 1) rounds to 12M and 18M. The 2017 paper (Table 3) reports
 # 65M and 213M with a shared vocabulary of about 37k tokens and rounds; with exactly 37,000
 # tokens we count 63,082,496 and 214,245,376.
 PUBLISHED = {
     "bert-base": 109_482_240, "bert-large": 335_141_888,
     "gpt2-small": 124_439_808, "gpt2-medium": 354_823_168,
     "t5-small": 60_506_624, "t5-base": 222_903_552,
+    "roberta-base": 124_645_632, "roberta-large": 355_359_744,
+    "albert-base": 11_683_584, "albert-large": 17_683_968, "distilbert-base": 66_362_880,
     "transformer-base": 63_082_496, "transformer-big": 214_245_376,
 }
-PAPER = {"transformer-base": 65e6, "transformer-big": 213e6}
+PAPER = {"transformer-base": 65e6, "transformer-big": 213e6, "albert-base": 12e6, "albert-large": 18e6}
 
 
 def body_parameters(cfg) -> int:
@@ -35,7 +39,10 @@ def body_parameters(cfg) -> int:
         return count(abstract_params(tfm.Seq2SeqLM(cfg)))
     if cfg.num_decoder_layers:
         return count(abstract_params(tfm.CausalLM(cfg)))
-    return count(abstract_params(tfm.EncoderModel(cfg)))
+    params = abstract_params(tfm.EncoderModel(cfg))
+    if cfg.pooler == tfm.Pooler.RELU:  # DistilBERT's pre_classifier is its classification head's
+        del params["pooler"]
+    return count(params)
 
 
 def test_every_full_preset_has_a_published_count():
@@ -82,3 +89,17 @@ def test_task_heads_read_the_body():
             mlm, nsp = outputs
             np.testing.assert_allclose(nsp, dense(params["nsp_head"], pooled), atol=1e-5)
             assert np.abs(np.diff(np.asarray(mlm), axis=1)).max() > 1e-3  # positions differ
+
+
+def test_shared_layers_do_not_grow_with_depth():
+    """ALBERT's one set of layer parameters: 4 or 48 layers, the same count (BERT's grows by a
+    layer's worth each time), and the scanned and unscanned stacks hold the same tree."""
+    albert = tfm.ModelConfig.preset("albert-tiny")
+    shallow, deep = (count(abstract_params(tfm.EncoderModel(albert.replace(num_encoder_layers=n)))) for n in (4, 48))
+    assert shallow == deep
+    unscanned = abstract_params(tfm.EncoderModel(albert.replace(scan_layers=False)))
+    scanned = abstract_params(tfm.EncoderModel(albert))
+    assert jax.tree.map(lambda x: x.shape, nn.unbox(unscanned)) == jax.tree.map(lambda x: x.shape, nn.unbox(scanned))
+    bert = tfm.ModelConfig.preset("bert-tiny")
+    assert count(abstract_params(tfm.EncoderModel(bert.replace(num_encoder_layers=3)))) > count(
+        abstract_params(tfm.EncoderModel(bert.replace(num_encoder_layers=2))))

@@ -27,6 +27,9 @@ from transformer.pretrained import DIGESTS, checkpoint_config
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "pretrained"
 NAMES = ("bert", "bert-body", "gpt2", "llama", "t5", "t5-v1_1")
+# The family's variants and heads: RoBERTa, DistilBERT, ALBERT, question answering, decoder classifiers.
+FAMILY = ("roberta", "roberta-classify", "roberta-tokens", "roberta-qa", "bert-qa", "distilbert",
+          "distilbert-classify", "albert", "albert-classify", "gpt2-classify", "llama-classify")
 _loaded: dict[tuple, tfm.Pretrained] = {}
 
 
@@ -57,22 +60,34 @@ def outputs(loaded: tfm.Pretrained, ref: dict[str, np.ndarray]) -> dict[str, tup
         logits = model.apply(variables, tokens, ref["decoder_input_ids"], source_segment_ids=segments,
                              target_segment_ids=target_mask.astype(np.int32))
         return {"encoder_hidden_states": (encoded, mask), "logits": (logits, target_mask)}
-    if isinstance(model, tfm.CausalLM):
-        return {"logits": (model.apply(variables, tokens, segment_ids=segments), mask)}
-    types = ref["token_type_ids"]
+    if isinstance(model, (tfm.CausalLM, tfm.DecoderClassifier)):
+        logits = model.apply(variables, tokens, segment_ids=segments)
+        return {"logits": (logits, mask if isinstance(model, tfm.CausalLM) else None)}
+    types = ref.get("token_type_ids")  # DistilBERT has none
     hidden = model.apply(variables, tokens, token_types=types, segment_ids=segments, method="encode")
     found = {"hidden_states": (hidden, mask)}
-    if isinstance(model, tfm.MaskedLM):
-        logits, nsp = model.apply(variables, tokens, token_types=types, segment_ids=segments)
-        return found | {"logits": (logits, mask), "nsp_logits": (nsp, None)}
+    output = model.apply(variables, tokens, token_types=types, segment_ids=segments)
+    if isinstance(model, tfm.MaskedLM) and model.next_sentence_prediction:
+        logits, pair_logits = output  # BERT's next-sentence or ALBERT's sentence-order logits
+        return found | {"logits": (logits, mask), "nsp_logits" if "nsp_logits" in ref else "sop_logits": (pair_logits, None)}
+    if isinstance(model, (tfm.MaskedLM, tfm.TokenClassifier)):
+        return found | {"logits": (output, mask)}
+    if isinstance(model, tfm.SequenceClassifier):
+        return found | {"logits": (output, None)}
+    if isinstance(model, tfm.QuestionAnswering):
+        return found | {"start_logits": (output[0], mask), "end_logits": (output[1], mask)}
     pooled = model.apply(variables, hidden, method="pool")
     return found | {"sentence_embedding": (tfm.sentence_embedding(hidden, mask), None), "pooler_output": (pooled, None)}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + FAMILY)
 def test_outputs_match_the_reference_implementation(name):
     ref = reference(name)
-    for key, (value, mask) in outputs(load(name), ref).items():
+    found = outputs(load(name), ref)
+    assert set(ref) - set(found) <= {"input_ids", "attention_mask", "token_type_ids", "greedy_prompt",
+                                     "greedy_source", "greedy_tokens", "decoder_input_ids",
+                                     "decoder_attention_mask", "decoder_hidden_states", "hidden_states"}, "an output left unchecked"
+    for key, (value, mask) in found.items():
         difference = np.abs(np.asarray(value) - ref[key])
         assert (difference if mask is None else difference[mask]).max() < 1e-4, key
 
@@ -104,7 +119,7 @@ def test_greedy_generation_matches_the_reference(name):
     np.testing.assert_array_equal(np.asarray(output.tokens), ref["greedy_tokens"])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + FAMILY)
 def test_tokenizer_matches_the_reference(name):
     expected = json.loads((FIXTURES / name / "tokenizer_reference.json").read_text())
     tokenizer = load(name).tokenizer
@@ -115,7 +130,7 @@ def test_tokenizer_matches_the_reference(name):
             assert getattr(tokenizer, f"{token}_id") == token_id, token
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + FAMILY)
 def test_save_then_load_is_exact(name, tmp_path):
     loaded = load(name)
     tfm.save_pretrained(loaded.model, loaded.params, tmp_path, tokenizer=loaded.tokenizer, generation=loaded.generation)
@@ -124,7 +139,7 @@ def test_save_then_load_is_exact(name, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, again.params, loaded.params)
     texts = json.loads((FIXTURES / name / "tokenizer_reference.json").read_text())["texts"]
     assert [again.tokenizer.encode(t) for t in texts] == [loaded.tokenizer.encode(t) for t in texts]
-    assert (again.tokenizer.specials, again.tokenizer.adds_bos) == (loaded.tokenizer.specials, name == "llama")
+    assert (again.tokenizer.specials, again.tokenizer.adds_bos) == (loaded.tokenizer.specials, name.startswith("llama"))
 
 
 def test_a_bert_without_token_types_saves_one_zero_type_as_transformers_needs(tmp_path):
@@ -176,6 +191,52 @@ def test_a_body_under_a_new_head():
     assert np.abs(np.asarray(hidden) - ref["hidden_states"])[mask].max() < 1e-4
     with pytest.raises(ValueError, match="head='lm' does not fit a bert checkpoint"):
         tfm.from_pretrained(FIXTURES / "bert", head="lm")
+
+
+def test_heads_a_family_has_and_has_not():
+    """A family's heads are those transformers has for it: a GPT-2 classifier yes, a GPT-2 MLM no;
+    a DistilBERT body has no pooler (a new one is initialised and listed as fresh)."""
+    classifier = load("gpt2", head="classify", num_labels=4)
+    assert isinstance(classifier.model, tfm.DecoderClassifier) and classifier.fresh == ("classifier/kernel",)
+    with pytest.raises(ValueError, match=r"head='mlm' does not fit a gpt2 checkpoint; choose one of \('lm', 'classify'\)"):
+        tfm.from_pretrained(FIXTURES / "gpt2", head="mlm")
+    body = load("distilbert", head="encoder")
+    assert body.fresh == ("pooler/bias", "pooler/kernel")
+    qa = load("roberta", head="question_answering")
+    assert qa.fresh == ("qa_head/bias", "qa_head/kernel")
+    ref = reference("roberta")
+    hidden = qa.model.apply({"params": qa.params}, ref["input_ids"], segment_ids=ref["attention_mask"].astype(np.int32),
+                            method="encode")
+    assert np.abs(np.asarray(hidden) - ref["hidden_states"])[ref["attention_mask"].astype(bool)].max() < 1e-4
+
+
+def test_a_decoder_classifier_reads_the_last_real_token_on_either_side():
+    """GPT2ForSequenceClassification's rule (the rightmost non-padding token): a left-padded row
+    gives the logits of the same text right-padded, and of the text alone."""
+    loaded, ref = load("gpt2-classify"), reference("gpt2-classify")
+    variables, length = {"params": loaded.params}, int(ref["attention_mask"][1].sum())
+    text = ref["input_ids"][1, :length]
+    pad = np.zeros(3, text.dtype)
+    rows = np.stack([np.concatenate([text, pad]), np.concatenate([pad, text])])
+    segments = np.stack([np.r_[np.ones(length), pad], np.r_[pad, np.ones(length)]]).astype(np.int32)
+    logits = np.asarray(loaded.model.apply(variables, rows, segment_ids=segments))
+    alone = np.asarray(loaded.model.apply(variables, text[None]))
+    np.testing.assert_allclose(logits, np.repeat(alone, 2, axis=0), atol=1e-5)
+    np.testing.assert_allclose(logits[0], ref["logits"][1], atol=1e-4)
+
+
+def test_roberta_positions_follow_its_padding_id(tmp_path):
+    """RoBERTa counts positions from pad_token_id + 1: config.json's pad id is the offset's, and a
+    tokenizer with another pad id cannot be saved with the model (transformers would shift every
+    position)."""
+    loaded = load("roberta")
+    assert (loaded.config.position_offset, loaded.config.max_length) == (2, 64)
+    tfm.save_pretrained(loaded.model, loaded.params, tmp_path / "saved", tokenizer=loaded.tokenizer)
+    hf = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert (hf["pad_token_id"], hf["max_position_embeddings"]) == (1, 66)
+    with pytest.raises(UnsupportedCheckpoint, match=r"cannot record pad_token_id=0 \(the model needs 1\)"):
+        tfm.save_pretrained(loaded.model, loaded.params, tmp_path / "bad", generation={"pad_id": 0})
+    assert not (tmp_path / "bad").exists()
 
 
 def test_sampler_over_checkpoint_directories(tmp_path):
@@ -256,7 +317,7 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(UnsupportedCheckpoint, match="scale_attn_by_inverse_layer_idx=True"):
         tfm.from_pretrained(path)
     _edit_config(path, scale_attn_by_inverse_layer_idx=False, model_type="gptj")
-    with pytest.raises(UnsupportedCheckpoint, match="model_type='gptj'.*loads bert, gpt2, t5"):
+    with pytest.raises(UnsupportedCheckpoint, match="model_type='gptj'.*loads bert, roberta, distilbert, albert, gpt2, t5"):
         tfm.from_pretrained(path)
     _edit_config(path, model_type="qwen2")
     with pytest.raises(UnsupportedCheckpoint, match="biases on the query, key and value projections only"):
@@ -408,8 +469,8 @@ def test_checkpoint_variants_real_files_have(tmp_path):
     _edit_config(mistral, sliding_window=16)
     with pytest.raises(UnsupportedCheckpoint, match="exceeds the checkpoint's sliding_window=16"):
         tfm.from_pretrained(mistral, max_length=64)
-    _edit_config(mistral, architectures=["MistralForSequenceClassification"])
-    with pytest.raises(UnsupportedCheckpoint, match="MistralForSequenceClassification.*not supported"):
+    _edit_config(mistral, architectures=["MistralForTokenClassification"])
+    with pytest.raises(UnsupportedCheckpoint, match="MistralForTokenClassification.*not supported"):
         tfm.from_pretrained(mistral)
 
 

@@ -665,3 +665,92 @@ def test_a_sentencepiece_tokenizer_that_adds_bos_keeps_it_when_saved(tmp_path, t
         llama = Tokenizer.load(tmp_path / "llama")
         assert llama.adds_bos and not trained.adds_bos, name
     assert Tokenizer.load(llama.save(tmp_path / "saved")).adds_bos
+
+
+# ----------------------------------------------------------------------------- ALBERT's preprocessing
+# AlbertTokenizer changes text before sentencepiece sees it (the options its tokenizer_config.json
+# names) and splits the pieces that end in a digit and a comma. A unigram model written by hand
+# shows each step: its pieces' scores decide every encoding below.
+
+ALBERT_TEXT = "  Déjà\t VU  ``ok''  "
+
+
+def albert_model() -> bytes:
+    """ALBERT's ids (<pad> 0, <unk> 1, control [CLS] 2, [SEP] 3, [MASK] 4), no normalisation rule,
+    words and digit-comma pieces that score above their characters."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto, kinds = model_pb2.ModelProto(), model_pb2.ModelProto.SentencePiece
+    proto.trainer_spec.MergeFrom(model_pb2.TrainerSpec(model_type="UNIGRAM", pad_id=0, unk_id=1, bos_id=-1, eos_id=-1))
+    proto.normalizer_spec.name = "identity"
+    for piece in ("<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"):
+        proto.pieces.add(piece=piece, score=0, type=kinds.UNKNOWN if piece == "<unk>" else kinds.CONTROL)
+    for piece in ["▁deja", "▁vu", '▁"', "ok", "▁9,", "9,", "▁9", "▁1"]:
+        proto.pieces.add(piece=piece, score=-1)
+    for piece in '▁9,1"dejavuokDVUéà':
+        proto.pieces.add(piece=piece, score=-5)
+    return proto.SerializeToString()
+
+
+def albert_dir(directory: pathlib.Path, **tokenizer_config) -> pathlib.Path:
+    """spiece.model and a tokenizer_config.json for AlbertTokenizer, [CLS] its bos_token as in ALBERT's."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "spiece.model").write_bytes(albert_model())
+    config = {"tokenizer_class": "AlbertTokenizer", "bos_token": "[CLS]", "eos_token": "[SEP]", **tokenizer_config}
+    write_json(directory, "tokenizer_config.json", config)
+    return directory
+
+
+def pieces(tok: Tokenizer, text: str) -> list[str]:
+    return [tok.id_to_token(i) for i in tok.encode(text)]
+
+
+@pytest.mark.parametrize(
+    "config, prepared",
+    [({}, 'deja vu "ok"'),  # AlbertTokenizer's defaults: lowercased, accents dropped, whitespace folded
+     ({"tokenizer_class": "AlbertTokenizerFast"}, 'deja vu "ok"'),
+     ({"do_lower_case": False}, 'Deja VU "ok"'),
+     ({"keep_accents": True}, 'déjà vu "ok"'),
+     ({"remove_space": False}, '  deja\t vu  "ok"  ')],  # sentencepiece still folds the spaces, not the tab
+    ids=["defaults", "fast-class", "cased", "accents", "spaces"],
+)
+def test_an_albert_tokenizer_encodes_the_text_as_albert_prepares_it(tmp_path, config, prepared):
+    """The text's ids are those of the text AlbertTokenizer gives sentencepiece; `` and '' are
+    always a "."""
+    albert = Tokenizer.load(albert_dir(tmp_path / "albert", **config))
+    (tmp_path / "plain.model").write_bytes(albert_model())
+    plain = Tokenizer.load(tmp_path / "plain.model")  # no tokenizer_config.json beside it: no preprocessing
+    assert albert.encode(ALBERT_TEXT) == plain.encode(prepared)
+    assert albert.encode_batch([ALBERT_TEXT, prepared]) == [albert.encode(ALBERT_TEXT), albert.encode(prepared)]
+    if not config:
+        assert pieces(albert, ALBERT_TEXT) == ["▁deja", "▁vu", '▁"', "ok", '"']
+
+
+def test_an_albert_tokenizer_splits_a_piece_that_ends_in_a_digit_and_a_comma(tmp_path):
+    """As AlbertTokenizer: the digits encoded again apart, then the comma, and no "▁" inside a word."""
+    albert = Tokenizer.load(albert_dir(tmp_path))
+    assert pieces(albert, "9,9") == ["▁9", ",", "9"]  # sentencepiece alone: "▁9,", "9"
+    assert pieces(albert, "19,9") == ["▁1", "9", ",", "9"]  # sentencepiece alone: "▁1", "9,", "9"
+    assert albert.encode_batch(["9,9", "19,9"]) == [albert.encode("9,9"), albert.encode("19,9")]
+
+
+@pytest.mark.parametrize("config", [{}, {"do_lower_case": False, "keep_accents": True, "remove_space": False}],
+                         ids=["defaults", "least"])
+def test_an_albert_tokenizer_saves_its_preprocessing(tmp_path, config):
+    """Saved as AlbertTokenizer (the only class it saves as, and its default), the settings are in
+    tokenizer_config.json and come back; the tokenizer.json beside them (what the directory
+    loads) encodes as the tokenizer, [CLS] first and not taken for a BOS though it is the bos_token."""
+    albert = Tokenizer.load(albert_dir(tmp_path / "albert", **config))
+    saved = albert.save(tmp_path / "saved", tokenizer_class="AlbertTokenizer")
+    settings = json.loads((saved / "tokenizer_config.json").read_text())
+    expected = {"do_lower_case": True, "remove_space": True, "keep_accents": False} | config
+    assert {name: settings[name] for name in expected} == expected
+    assert Tokenizer.load(saved / "spiece.model").preprocessing == albert.preprocessing
+    again = Tokenizer.load(saved)
+    texts = [ALBERT_TEXT, "9,9 and 19,9", 'deja vu "ok"', "", "   "]
+    assert again.encode_batch(texts) == albert.encode_batch(texts)
+    assert (again.specials, again.adds_bos, albert.adds_bos) == (albert.specials, False, False)
+    default = albert.save(tmp_path / "default") / "tokenizer_config.json"
+    assert json.loads(default.read_text())["tokenizer_class"] == "AlbertTokenizer"
+    with pytest.raises(ValueError, match="save it as tokenizer_class='AlbertTokenizer'"):
+        albert.save(tmp_path / "t5", tokenizer_class="T5Tokenizer")

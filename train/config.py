@@ -145,6 +145,10 @@ class TrainConfig:
     seq_length: int = _field(128, "tokens per example (the target side for seq2seq)")
     source_length: int = _field(128, "seq2seq source tokens")
     next_sentence_prediction: bool = _field(False, "masked LM: pairs of segments with an NSP head")
+    sentence_order_prediction: bool = _field(
+        False, "masked LM: ALBERT's pairs, two consecutive segments swapped half the time, with the pair head"
+    )
+    full_sentences: bool = _field(False, "masked LM: RoBERTa's rows, sentences packed across documents")
     tokenizer: str = _field(
         "", 'a sentencepiece .model file, a tokenizer.json or a checkpoint directory; "" trains one '
         "(model.vocab_size pieces)",
@@ -215,8 +219,13 @@ class TrainConfig:
             raise ValueError(f"tokenizer_model_type must be 'bpe' or 'unigram', got {self.tokenizer_model_type!r}.")
         if self.scheduled_sampling and not self.task.generates:
             raise ValueError(f"scheduled_sampling applies to causal_lm and seq2seq, not {self.task}.")
-        if self.next_sentence_prediction and self.task != Task.MASKED_LM:
-            raise ValueError("next_sentence_prediction applies to task=masked_lm only.")
+        masked_lm_options = ("next_sentence_prediction", "sentence_order_prediction", "full_sentences")
+        given = [name for name in masked_lm_options if getattr(self, name)]
+        if given and self.task != Task.MASKED_LM:
+            raise ValueError(f"{given[0]} applies to task=masked_lm only.")
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} exclude each other: a row holds one kind of pair, or one "
+                             "segment packed across documents.")
         stacks = (self.model.num_encoder_layers > 0, self.model.num_decoder_layers > 0)
         if stacks != self.task.layers:
             needed = {
@@ -234,8 +243,13 @@ class TrainConfig:
                     f"{name}={length} exceeds the model's max_length={self.model.max_length}; "
                     f"lower {name} or raise model.max_length."
                 )
-        if self.task == Task.MASKED_LM and self.next_sentence_prediction and not self.model.type_vocab_size:
-            raise ValueError("next_sentence_prediction needs token-type embeddings: set model.type_vocab_size=2.")
+        if self.pair_head and self.model.type_vocab_size < 2:
+            raise ValueError(f"{given[0]} needs two token types (segments A and B): set model.type_vocab_size=2.")
+
+    @property
+    def pair_head(self) -> bool:
+        """Whether the masked-LM model has the head that classifies a pair of segments (NSP, SOP)."""
+        return self.next_sentence_prediction or self.sentence_order_prediction
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed (and validated)."""
@@ -405,6 +419,13 @@ _BERT_TINY = ModelConfig.preset(
     "bert-tiny", vocab_size=2048, d_model=128, num_heads=4, d_ff=512, num_encoder_layers=2, max_length=128,
     position="rope",
 )
+# The same width with RoBERTa's one token type; rotary positions, as bert-tiny-mlm's.
+_ROBERTA_TINY = _BERT_TINY.replace(type_vocab_size=1, norm_epsilon=1e-5)
+# ALBERT's factorised embeddings (E = 64) and one layer shared by 4: a third of the parameters.
+_ALBERT_TINY = ModelConfig.preset(
+    "albert-tiny", vocab_size=2048, embedding_size=64, d_model=128, num_heads=4, d_ff=512, num_encoder_layers=4,
+    max_length=128, position="rope",
+)
 _TRANSFORMER_SMALL = ModelConfig.preset(
     "transformer-tiny", vocab_size=4096, d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3,
     num_decoder_layers=3, max_length=128,
@@ -433,6 +454,19 @@ EXPERIMENTS: dict[str, TrainConfig] = {
         task=Task.MASKED_LM, model=_BERT_TINY, dataset="opinions", next_sentence_prediction=True,
         seq_length=128, batch_size=32, steps=3000, learning_rate=1e-3, warmup_steps=50, eval_every=500,
         checkpoint_every=1000, run_dir="runs/bert-tiny-mlm",
+    ),
+    # RoBERTa's recipe: no pair objective, rows of whole sentences packed across documents,
+    # masks drawn anew each time a row is read; a larger batch.
+    "roberta-tiny-mlm": TrainConfig(
+        task=Task.MASKED_LM, model=_ROBERTA_TINY, dataset="opinions", full_sentences=True, seq_length=128,
+        batch_size=64, steps=1500, learning_rate=1e-3, warmup_steps=50, eval_every=500, checkpoint_every=500,
+        run_dir="runs/roberta-tiny-mlm",
+    ),
+    # ALBERT's: one shared layer, factorised embeddings, sentence-order prediction.
+    "albert-tiny-sop": TrainConfig(
+        task=Task.MASKED_LM, model=_ALBERT_TINY, dataset="opinions", sentence_order_prediction=True,
+        seq_length=128, batch_size=32, steps=3000, learning_rate=1e-3, warmup_steps=50, eval_every=500,
+        checkpoint_every=1000, run_dir="runs/albert-tiny-sop",
     ),
     "bert-tiny-sentiment": TrainConfig(
         task=Task.CLASSIFICATION, model=_BERT_TINY, init_from="runs/bert-tiny-mlm", dataset="rt-polarity",

@@ -19,6 +19,7 @@ returns a grain iterator whose `get_state()` / `set_state()` resume exactly.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import pathlib
@@ -228,58 +229,59 @@ class _Chunk:
     end: int  # one past the last sentence
 
 
+class Pairs(enum.StrEnum):
+    """What a masked-LM row holds: one segment, or two and a label for the pair head."""
+
+    NONE = "none"  # [CLS] A [SEP]
+    NEXT_SENTENCE = "next_sentence"  # B follows A, or (label 1) comes from another document (BERT)
+    SENTENCE_ORDER = "sentence_order"  # A and the chunk after it, swapped (label 1) half the time (ALBERT)
+
+
 class MaskedLMExamples:
-    """BERT pretraining examples: [CLS] A [SEP] (B [SEP]), masked when indexed with an rng.
+    """Masked-LM pretraining examples: [CLS] A [SEP] (B [SEP]), masked when indexed with an rng
+    (so each row is masked anew every time it is read: RoBERTa's dynamic masking).
 
     Documents are split into sentences (non-empty lines), and sentences are grouped into
-    chunks that fill the budget of segment A. Without `next_sentence` every chunk is a row.
-    With it, the rows are the chunks that have a following chunk in their document: B is that
-    following chunk (label 0) or, with probability 1/2, a chunk of another document (label 1),
-    so both labels are equally likely in every row.
+    chunks that fill the budget of segment A. Without `pairs` every chunk is a row;
+    `across_documents` (RoBERTa's full sentences) packs sentences across document boundaries,
+    with a [SEP] between documents. With pairs, the rows are the chunks that have a following
+    chunk in their document; B is that chunk, and the label (1 half of the time, so both labels
+    are equally likely in every row) replaces it by a chunk of another document (next sentence)
+    or swaps A and B (sentence order).
     """
 
-    def __init__(self, documents: Sequence[dict], tokenizer: Tokenizer, length: int, *, next_sentence: bool):
-        self.tokenizer, self.length, self.next_sentence = tokenizer, length, next_sentence
-        shortest = 5 if next_sentence else 3  # a token of text in each segment
+    def __init__(self, documents: Sequence[dict], tokenizer: Tokenizer, length: int, *, pairs: Pairs = Pairs.NONE,
+                 across_documents: bool = False):
+        self.tokenizer, self.length, self.pairs = tokenizer, length, Pairs(pairs)
+        self.paired = self.pairs != Pairs.NONE
+        if across_documents and self.paired:
+            raise ValueError("Rows packed across documents hold one segment: they cannot be paired "
+                             f"({self.pairs.value}).")
+        shortest = 5 if self.paired else 3  # a token of text in each segment
         if length < shortest:
-            layout = "[CLS] A [SEP] B [SEP]" if next_sentence else "[CLS] A [SEP]"
+            layout = "[CLS] A [SEP] B [SEP]" if self.paired else "[CLS] A [SEP]"
             raise ValueError(f"A masked-LM row of {length} tokens holds no text: {layout} needs seq_length >= "
                              f"{shortest}.")
-        sentences = [[line for line in d["text"].splitlines() if line.strip()] for d in documents]
-        flat = tokenizer.encode_batch([s for doc in sentences for s in doc])
-        self.sentences, offset = [], 0
-        for doc in sentences:
-            self.sentences.append(flat[offset : offset + len(doc)])
-            offset += len(doc)
-        budget = (length - 3) // 2 if next_sentence else length - 2
-        self.chunks = []
-        for d, doc in enumerate(self.sentences):
-            start, size = 0, 0
-            for i, ids in enumerate(doc):
-                if size and size + len(ids) > budget:
-                    self.chunks.append(_Chunk(d, start, i))
-                    start, size = i, 0
-                size += len(ids)
-            if size:
-                self.chunks.append(_Chunk(d, start, len(doc)))
+        self.sentences = _sentences(documents, tokenizer, across_documents)
+        self.chunks = _chunks(self.sentences, (length - 3) // 2 if self.paired else length - 2)
         if not self.chunks:
             raise ValueError("No sentences to build masked-LM examples from.")
-        if next_sentence and len(self.chunks) < 3:
+        if self.pairs == Pairs.NEXT_SENTENCE and len(self.chunks) < 3:
             raise ValueError(
                 f"Next-sentence prediction needs at least 3 chunks of text to draw random pairs from, "
-                f"got {len(self.chunks)}; use more text or next_sentence=False."
+                f"got {len(self.chunks)}; use more text or next_sentence_prediction=False."
             )
         self._document_chunks = {}  # document -> (first chunk, one past its last chunk)
         for i, c in enumerate(self.chunks):
             first, _ = self._document_chunks.get(c.document, (i, i))
             self._document_chunks[c.document] = (first, i + 1)
         self.rows = [  # the chunk each row starts with (its segment A)
-            i for i in range(len(self.chunks)) if not next_sentence or self._has_follower(i)
+            i for i in range(len(self.chunks)) if not self.paired or self._has_follower(i)
         ]
         if not self.rows:
             raise ValueError(
-                "Next-sentence prediction needs a document of at least two chunks (a following chunk to pair "
-                "with); every document here fits in one. Use longer documents or next_sentence=False."
+                f"Sentence pairs ({self.pairs.value}) need a document of at least two chunks (a following chunk to "
+                "pair with); every document here fits in one. Use longer documents, or no pairs."
             )
         special = np.zeros(tokenizer.vocab_size, bool)
         special[list(tokenizer.special_ids)] = True
@@ -287,6 +289,12 @@ class MaskedLMExamples:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def text_tokens(self) -> np.ndarray:
+        """Every token of the text (no separators): what the masked positions are drawn from."""
+        special = list(self.tokenizer.special_ids)
+        tokens = np.asarray([t for doc in self.sentences for ids in doc for t in ids], np.int32)
+        return tokens[~np.isin(tokens, special)]
 
     def _has_follower(self, index: int) -> bool:
         return index + 1 < len(self.chunks) and self.chunks[index + 1].document == self.chunks[index].document
@@ -307,23 +315,29 @@ class MaskedLMExamples:
     def _ids(self, chunk: _Chunk) -> list[int]:
         return [t for ids in self.sentences[chunk.document][chunk.start : chunk.end] for t in ids]
 
+    def _segments(self, chunk: int, rng: np.random.Generator) -> tuple[list[int], list[int], int]:
+        """(A, B, label) of a paired row, the longer segment truncated until both fit."""
+        label = int(rng.random() < 0.5)
+        first, second = self._ids(self.chunks[chunk]), self._ids(self.chunks[chunk + 1])
+        if label and self.pairs == Pairs.NEXT_SENTENCE:
+            second = self._ids(self.chunks[self._random_chunk(chunk, rng)])
+        elif label:
+            first, second = second, first
+        while len(first) + len(second) > self.length - 3:
+            (first if len(first) >= len(second) else second).pop()
+        return first, second, label
+
     def example(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         tok = self.tokenizer
         chunk = self.rows[index]
-        first = self._ids(self.chunks[chunk])
         features = {}
-        if self.next_sentence:
-            is_random = rng.random() < 0.5
-            other = self._random_chunk(chunk, rng) if is_random else chunk + 1
-            second = self._ids(self.chunks[other])
-            while len(first) + len(second) > self.length - 3:  # truncate the longer segment
-                (first if len(first) >= len(second) else second).pop()
+        if self.paired:
+            first, second, label = self._segments(chunk, rng)
             ids = [tok.cls_id, *first, tok.sep_id, *second, tok.sep_id]
             token_types = [0] * (len(first) + 2) + [1] * (len(second) + 1)
-            features["nsp_labels"] = np.int32(is_random)
+            features["nsp_labels"] = np.int32(label)
         else:
-            first = first[: self.length - 2]
-            ids = [tok.cls_id, *first, tok.sep_id]
+            ids = [tok.cls_id, *self._ids(self.chunks[chunk])[: self.length - 2], tok.sep_id]
             token_types = [0] * len(ids)
         tokens = _pad(ids, self.length, tok.pad_id)
         maskable = ~np.isin(tokens, list(tok.special_ids))
@@ -336,6 +350,36 @@ class MaskedLMExamples:
             weights=weights,
         )
         return features
+
+
+def _sentences(documents: Sequence[dict], tokenizer: Tokenizer, across_documents: bool) -> list[list[list[int]]]:
+    """Each document's sentences (non-empty lines) as token ids; `across_documents`: one document
+    of them all, a [SEP] between two documents."""
+    lines = [[line for line in d["text"].splitlines() if line.strip()] for d in documents]
+    flat = tokenizer.encode_batch([s for doc in lines for s in doc])
+    sentences, offset = [], 0
+    for doc in lines:
+        sentences.append(flat[offset : offset + len(doc)])
+        offset += len(doc)
+    if not across_documents:
+        return sentences
+    joined = [ids for doc in sentences for ids in [*doc, [tokenizer.sep_id]] if doc]
+    return [joined[:-1]]
+
+
+def _chunks(sentences: list[list[list[int]]], budget: int) -> list[_Chunk]:
+    """Runs of whole sentences of a document, each within `budget` tokens (a longer sentence alone)."""
+    chunks = []
+    for d, doc in enumerate(sentences):
+        start, size = 0, 0
+        for i, ids in enumerate(doc):
+            if size and size + len(ids) > budget:
+                chunks.append(_Chunk(d, start, i))
+                start, size = i, 0
+            size += len(ids)
+        if size:
+            chunks.append(_Chunk(d, start, len(doc)))
+    return chunks
 
 
 def seq2seq_features(

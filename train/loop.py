@@ -192,7 +192,7 @@ def set_up(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> Job:
         )
     check_batch_axes(mesh)
     data, tokenizer, num_labels = prepare_data(config, run_dir, resuming)
-    model = config.task.model(config.model, num_labels=num_labels, next_sentence_prediction=config.next_sentence_prediction)
+    model = config.task.model(config.model, num_labels=num_labels, next_sentence_prediction=config.pair_head)
     schedule = learning_rate_schedule(config.schedule, config.learning_rate, config.warmup_steps, config.steps)
     optimizer = make_optimizer(
         schedule, weight_decay=config.weight_decay, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
@@ -222,7 +222,7 @@ def load_pretrained(job: Job, say) -> Any:
     if (source / "config.yaml").is_file():
         pretrained = runs.load_run(source).params
     else:
-        head = PRETRAINING if config.next_sentence_prediction else _CHECKPOINT_HEADS[config.task]
+        head = PRETRAINING if config.pair_head else _CHECKPOINT_HEADS[config.task]
         opened = from_pretrained(
             source, head, scan_layers=config.model.scan_layers, max_length=config.model.max_length, seed=config.seed,
         )

@@ -40,11 +40,13 @@ from transformer.tokenizer import DIRECTORY_FILES, Tokenizer, TrainingFailed
 @dataclasses.dataclass(frozen=True)
 class Split:
     """The features of one split: a grain dataset, and for masked LM a per-example random map
-    (masking drawn per example and epoch); `rows` is the packed stream of a causal LM split."""
+    (masking drawn per example and epoch) and the text's tokens (what masked positions are drawn
+    from); `rows` is the packed stream of a causal LM split."""
 
     dataset: grain.MapDataset
     random_map: Callable[[int, np.random.Generator], dict] | None = None
     rows: Any = None
+    text_tokens: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +69,13 @@ def _packed_lm(examples, tokenizer, config) -> Split:
 
 
 def _masked_lm(examples, tokenizer, config) -> Split:
-    mlm = data_lib.MaskedLMExamples(examples, tokenizer, config.seq_length, next_sentence=config.next_sentence_prediction)
-    return Split(grain.MapDataset.range(len(mlm)), random_map=lambda index, rng: mlm.example(int(index), rng))
+    pairs = data_lib.Pairs.NONE
+    if config.next_sentence_prediction or config.sentence_order_prediction:
+        pairs = data_lib.Pairs.NEXT_SENTENCE if config.next_sentence_prediction else data_lib.Pairs.SENTENCE_ORDER
+    mlm = data_lib.MaskedLMExamples(examples, tokenizer, config.seq_length, pairs=pairs,
+                                    across_documents=config.full_sentences)
+    return Split(grain.MapDataset.range(len(mlm)), random_map=lambda index, rng: mlm.example(int(index), rng),
+                 text_tokens=mlm.text_tokens())
 
 
 def _seq2seq(examples, tokenizer, config) -> Split:
@@ -86,14 +93,14 @@ def _classification(examples, tokenizer, config) -> Split:
 # ----------------------------------------------------------------------------- baselines
 
 
-def unigram_loss(train: data_lib.PackedLM, validation: data_lib.PackedLM, vocab_size: int) -> float:
+def unigram_loss(train: np.ndarray, validation: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy of the validation tokens under the training tokens' frequencies (add-one
     smoothed): the loss of a model that ignores context, the bar a language model must clear."""
-    counts = np.bincount(_predicted(train), minlength=vocab_size) + 1.0
-    return float(-np.log(counts / counts.sum())[_predicted(validation)].mean())
+    counts = np.bincount(train, minlength=vocab_size) + 1.0
+    return float(-np.log(counts / counts.sum())[validation].mean())
 
 
-def _predicted(rows: data_lib.PackedLM) -> np.ndarray:
+def predicted_tokens(rows: data_lib.PackedLM) -> np.ndarray:
     """The tokens of a packed stream that are targets of weight 1: all but each document's first."""
     return rows.stream[1:][rows.document[1:] == rows.document[:-1]]
 
@@ -111,12 +118,13 @@ def copy_bleu(examples: list[dict]) -> float:
 
 
 def _lm_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
-    loss = unigram_loss(train.rows, validation.rows, config.model.vocab_size)
+    loss = unigram_loss(predicted_tokens(train.rows), predicted_tokens(validation.rows), config.model.vocab_size)
     return {"unigram_loss": loss, "unigram_nats_per_char": loss * validation.rows.tokens_per_character}
 
 
-def _no_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
-    return {}
+def _masked_lm_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
+    """The masked tokens are drawn uniformly from the text: the unigram loss of all its tokens."""
+    return {"unigram_loss": unigram_loss(train.text_tokens, validation.text_tokens, config.model.vocab_size)}
 
 
 def _translation_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
@@ -178,7 +186,8 @@ TASKS: dict[Task, TrainingTask] = {
         generation=sample_text,
     ),
     Task.MASKED_LM: TrainingTask(
-        data="lm", fields=("text",), objective=objectives.masked_lm, features=_masked_lm, baselines=_no_baselines,
+        data="lm", fields=("text",), objective=objectives.masked_lm, features=_masked_lm,
+        baselines=_masked_lm_baselines,
     ),
     Task.SEQ2SEQ: TrainingTask(
         data="translation", fields=("source", "target"), objective=objectives.seq2seq, features=_seq2seq,

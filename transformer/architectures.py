@@ -1,10 +1,14 @@
 """Hugging Face architectures as this library's models: config fields and one rule per tensor.
 
-    Bert    BERT and its bodies (BertModel, MiniLM sentence encoders), heads: MLM, NSP, classifiers
-    GPT2    GPT-2 (fused c_attn, Conv1D weights stored [in, out])
-    T5      T5 v1.0 (ReLU, tied head) and v1.1 / Flan-T5 (gated tanh-GELU, untied head)
-    Llama   Llama, and Mistral (Llama's with a sliding window): rotary positions, RMSNorm, SwiGLU,
-            grouped-query attention
+    Bert        BERT and its bodies (BertModel, MiniLM sentence encoders), heads: MLM, NSP,
+                classifiers, question answering
+    Roberta     BERT's body, positions counted from padding_idx + 1; its own MLM and classifier names
+    DistilBert  BERT without token types or pooler; a ReLU layer before its classifier
+    Albert      factorised embeddings (V -> E -> D), one layer shared by all, sentence-order head
+    GPT2        GPT-2 (fused c_attn, Conv1D weights stored [in, out]); LM or classifier (`score`)
+    T5          T5 v1.0 (ReLU, tied head) and v1.1 / Flan-T5 (gated tanh-GELU, untied head)
+    Llama       Llama, and Mistral (Llama's with a sliding window): rotary positions, RMSNorm,
+                SwiGLU, grouped-query attention; LM or classifier (`score`)
 
 A `Rule` says which checkpoint tensor fills which parameter (unscanned layout, '/'-joined)
 and how its layout differs. `transformer.pretrained` applies the rules in both directions.
@@ -22,11 +26,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from transformer.config import Activation, ModelConfig, Norm, NormPosition, PositionEncoding
+from transformer.config import Activation, ModelConfig, Norm, NormPosition, Pooler, PositionEncoding
 
 # Heads a checkpoint can be loaded with (from_pretrained's `head`).
-ENCODER, MLM, PRETRAINING, CLASSIFY, TOKEN_CLASSIFY, LM = (
-    "encoder", "mlm", "pretraining", "classify", "token_classify", "lm"
+ENCODER, MLM, PRETRAINING, CLASSIFY, TOKEN_CLASSIFY, QA, LM = (
+    "encoder", "mlm", "pretraining", "classify", "token_classify", "question_answering", "lm"
 )
 
 
@@ -195,6 +199,8 @@ class Architecture:
 # What BERT, GPT-2 and Llama share and T5 does not: logits scaled by 1/sqrt(head_dim), plain tied
 # logits, unscaled token embeddings.
 _STANDARD_ATTENTION = dict(attention_logit_scaling=True, rescale_tied_logits=False, scale_embeddings=False)
+# What only RoBERTa (an offset) and ALBERT (factorised embeddings, shared layers) write.
+_PLAIN = dict(position_offset=0, embedding_size=None, share_layers=False)
 
 
 def _plain_heads(config: ModelConfig) -> dict[str, int]:
@@ -202,17 +208,35 @@ def _plain_heads(config: ModelConfig) -> dict[str, int]:
     return dict(num_kv_heads=config.num_heads, head_dim=config.d_model // config.num_heads)
 
 
+def _decoder_head_rules(config: ModelConfig, head: str) -> list[Rule]:
+    """A decoder-only model's head: the untied output projection, or the classifier's `score`."""
+    if head == CLASSIFY:
+        return [Rule("score.weight", "classifier/kernel", Layout.LINEAR)]
+    return [] if config.tie_embeddings else [Rule("lm_head.weight", "lm_head/kernel", Layout.LINEAR)]
+
+
 def _layer_indices(config: ModelConfig, encoder: bool) -> range:
     return range(config.num_encoder_layers if encoder else config.num_decoder_layers)
 
 
 class Bert(Architecture):
+    """BERT, and the tensor names RoBERTa and ALBERT share with it."""
+
     model_type = "bert"
     heads = {MLM: "BertForMaskedLM", PRETRAINING: "BertForPreTraining", ENCODER: "BertModel",
-             CLASSIFY: "BertForSequenceClassification", TOKEN_CLASSIFY: "BertForTokenClassification"}
+             CLASSIFY: "BertForSequenceClassification", TOKEN_CLASSIFY: "BertForTokenClassification",
+             QA: "BertForQuestionAnswering"}
     ignored = (r"(.*\.)?embeddings\.position_ids",)
     embedding = "embeddings.word_embeddings.weight"
     layers = {"num_encoder_layers": r"encoder\.layer\.(\d+)\."}
+    body = "bert"  # the body's tensor name prefix in a checkpoint with a head
+    pooler_tensor: ClassVar[str | None] = "pooler.dense"  # None: the family has no pooler
+    pair_head: ClassVar[str] = "cls.seq_relationship"  # next-sentence (ALBERT: sentence-order) classifier
+    # The masked-LM head: its transform's dense layer and norm, the output decoder and its bias.
+    mlm_names: ClassVar[tuple[str, str, str, str]] = (
+        "cls.predictions.transform.dense", "cls.predictions.transform.LayerNorm", "cls.predictions.decoder",
+        "cls.predictions.bias",
+    )
 
     @classmethod
     def model_config(cls, hf):
@@ -233,12 +257,9 @@ class Bert(Architecture):
 
     @classmethod
     def hf_config(cls, config):
-        expected = dict(position=PositionEncoding.LEARNED, norm=Norm.LAYERNORM, norm_position=NormPosition.POST,
-                        embedding_norm=True, use_bias=True, num_decoder_layers=0, **_STANDARD_ATTENTION,
-                        **_plain_heads(config))
-        _check_expressible(config, "BERT", expected, activation=_hf_activation)
+        _check_expressible(config, cls.__name__, cls._expected(config), activation=_hf_activation)
         return dict(
-            model_type="bert", vocab_size=config.vocab_size, hidden_size=config.d_model,
+            model_type=cls.model_type, vocab_size=config.vocab_size, hidden_size=config.d_model,
             num_attention_heads=config.num_heads, intermediate_size=config.d_ff,
             num_hidden_layers=config.num_encoder_layers, max_position_embeddings=config.max_length,
             type_vocab_size=config.type_vocab_size or 1, layer_norm_eps=config.norm_epsilon,
@@ -248,8 +269,15 @@ class Bert(Architecture):
         )
 
     @classmethod
+    def _expected(cls, config: ModelConfig) -> dict[str, Any]:
+        """The ModelConfig fields the family's config.json cannot change."""
+        return dict(position=PositionEncoding.LEARNED, norm=Norm.LAYERNORM, norm_position=NormPosition.POST,
+                    embedding_norm=True, use_bias=True, num_decoder_layers=0, pooler=Pooler.TANH,
+                    **_STANDARD_ATTENTION, **_plain_heads(config), **_PLAIN)
+
+    @classmethod
     def prefix_in(cls, names):
-        return "bert." if any(name.startswith("bert.") for name in names) else ""
+        return f"{cls.body}." if any(name.startswith(f"{cls.body}.") for name in names) else ""
 
     @classmethod
     def fuse(cls, tensors):
@@ -258,19 +286,19 @@ class Bert(Architecture):
         prefix = cls.prefix_in(tensors)
         if f"{prefix}embeddings.token_type_embeddings.weight" in tensors:
             return tensors
-        words = tensors[f"{prefix}embeddings.word_embeddings.weight"]  # [V, D]
+        words = tensors[f"{prefix}embeddings.word_embeddings.weight"]  # [V, E]
         zero_type = np.zeros((1, words.shape[1]), words.dtype)
         return tensors | {f"{prefix}embeddings.token_type_embeddings.weight": zero_type}
 
     @classmethod
     def prefix_for(cls, head):
-        return "" if head == ENCODER else "bert."
+        return "" if head == ENCODER else f"{cls.body}."
 
     @classmethod
     def _head_from_tensors(cls, names):
-        if "cls.seq_relationship.weight" in names:
+        if f"{cls.pair_head}.weight" in names:
             return PRETRAINING
-        return MLM if "cls.predictions.bias" in names else ENCODER
+        return MLM if cls.mlm_names[3] in names else ENCODER
 
     @classmethod
     def rules(cls, config, head, prefix):
@@ -279,10 +307,14 @@ class Bert(Architecture):
             Rule(f"{p}embeddings.word_embeddings.weight", "embed/token/embedding"),
             Rule(f"{p}embeddings.position_embeddings.weight", "embed/position/embedding"),
             *norm(f"{p}embeddings.LayerNorm", "embed/norm"),
-            *linear(f"{p}pooler.dense", "pooler"),
         ]
         if config.type_vocab_size:
             rules.append(Rule(f"{p}embeddings.token_type_embeddings.weight", "embed/token_type/embedding"))
+        return rules + cls._layer_rules(config, p) + cls._head_rules(config, head, p)
+
+    @classmethod
+    def _layer_rules(cls, config, p):
+        rules = []
         for i in _layer_indices(config, encoder=True):
             layer, ours = f"{p}encoder.layer.{i}", f"encoder/layers_{i}"
             names = dict(query=f"{layer}.attention.self.query", key=f"{layer}.attention.self.key",
@@ -292,36 +324,182 @@ class Bert(Architecture):
             rules += linear(f"{layer}.intermediate.dense", f"{ours}/feed_forward/wi")
             rules += linear(f"{layer}.output.dense", f"{ours}/feed_forward/wo")
             rules += norm(f"{layer}.output.LayerNorm", f"{ours}/feed_forward_norm")
-        return rules + cls._head_rules(config, head)
-
-    @classmethod
-    def _head_rules(cls, config, head):
-        if head in (CLASSIFY, TOKEN_CLASSIFY):
-            return linear("classifier", "classifier")
-        if head not in (MLM, PRETRAINING):
-            return []
-        rules = [*linear("cls.predictions.transform.dense", "mlm_transform"),
-                 *norm("cls.predictions.transform.LayerNorm", "mlm_norm")]
-        if config.tie_embeddings:
-            rules.append(Rule("cls.predictions.bias", "mlm_bias"))
-        else:
-            rules += [Rule("cls.predictions.decoder.weight", "lm_head/kernel", Layout.LINEAR),
-                      Rule("cls.predictions.bias", "lm_head/bias")]
-        if head == PRETRAINING:
-            rules += linear("cls.seq_relationship", "nsp_head")
         return rules
 
     @classmethod
-    def aliases(cls, config, prefix):
-        aliases = {"cls.predictions.decoder.bias": "cls.predictions.bias"}
+    def _head_rules(cls, config, head, p):
+        """The head's rules, and the pooler's where the head's class has one."""
+        pooler = linear(f"{p}{cls.pooler_tensor}", "pooler") if cls.pooler_tensor else []
+        if head == QA:
+            return linear("qa_outputs", "qa_head")
+        if head == TOKEN_CLASSIFY:
+            return linear("classifier", "classifier")
+        if head in (CLASSIFY, ENCODER):
+            return pooler + (linear("classifier", "classifier") if head == CLASSIFY else [])
+        dense, layer_norm, decoder, bias = cls.mlm_names
+        rules = [*linear(dense, "mlm_transform"), *norm(layer_norm, "mlm_norm")]
         if config.tie_embeddings:
-            aliases["cls.predictions.decoder.weight"] = f"{prefix}embeddings.word_embeddings.weight"
+            rules.append(Rule(bias, "mlm_bias"))
+        else:
+            rules += [Rule(f"{decoder}.weight", "lm_head/kernel", Layout.LINEAR), Rule(bias, "lm_head/bias")]
+        return rules + (pooler + linear(cls.pair_head, "nsp_head") if head == PRETRAINING else [])
+
+    @classmethod
+    def aliases(cls, config, prefix):
+        """The decoder's bias is the head's bias; tied, its weight is the word embeddings."""
+        _, _, decoder, bias = cls.mlm_names
+        aliases = {f"{decoder}.bias": bias} if f"{decoder}.bias" != bias else {}
+        if config.tie_embeddings:
+            aliases[f"{decoder}.weight"] = f"{prefix}embeddings.word_embeddings.weight"
         return aliases
+
+
+class Roberta(Bert):
+    """RoBERTa: BERT's body with positions counted from padding_idx + 1, and heads of its own."""
+
+    model_type = "roberta"
+    heads = {MLM: "RobertaForMaskedLM", ENCODER: "RobertaModel", CLASSIFY: "RobertaForSequenceClassification",
+             TOKEN_CLASSIFY: "RobertaForTokenClassification", QA: "RobertaForQuestionAnswering"}
+    body = "roberta"
+    mlm_names = ("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias")
+
+    @classmethod
+    def model_config(cls, hf):
+        """Positions start at padding_idx + 1 (transformers' create_position_ids_from_input_ids),
+        so the table holds that many rows more than the context."""
+        offset = _get(hf, "pad_token_id") + 1
+        fields = super().model_config(hf)
+        return fields | dict(position_offset=offset, max_length=fields["max_length"] - offset)
+
+    @classmethod
+    def hf_config(cls, config):
+        if config.position_offset < 1:
+            raise UnsupportedCheckpoint("A RoBERTa checkpoint counts positions from pad_token_id + 1 >= 1; "
+                                        f"position_offset={config.position_offset} cannot be written as one.")
+        fields = super().hf_config(config.replace(position_offset=0))
+        return fields | dict(max_position_embeddings=config.max_length + config.position_offset,
+                             pad_token_id=config.position_offset - 1)
+
+    @classmethod
+    def _head_rules(cls, config, head, p):
+        """RobertaClassificationHead reads the first token through dense + tanh (BERT's pooler) and
+        out_proj; the other heads are BERT's."""
+        if head == CLASSIFY:
+            return linear("classifier.dense", "pooler") + linear("classifier.out_proj", "classifier")
+        return super()._head_rules(config, head, p)
+
+
+class DistilBert(Bert):
+    """DistilBERT: BERT without token types or pooler; its classifier reads [CLS] through a ReLU layer."""
+
+    model_type = "distilbert"
+    heads = {MLM: "DistilBertForMaskedLM", ENCODER: "DistilBertModel",
+             CLASSIFY: "DistilBertForSequenceClassification", TOKEN_CLASSIFY: "DistilBertForTokenClassification",
+             QA: "DistilBertForQuestionAnswering"}
+    layers = {"num_encoder_layers": r"transformer\.layer\.(\d+)\."}
+    body = "distilbert"
+    pooler_tensor = None
+    mlm_names = ("vocab_transform", "vocab_layer_norm", "vocab_projector", "vocab_projector.bias")
+    _NORM_EPSILON = 1e-12  # fixed in transformers' DistilBERT
+
+    @classmethod
+    def model_config(cls, hf):
+        """A sinusoidal table (sinusoidal_pos_embds) is stored in the weights like a learned one."""
+        d_model = _get(hf, "dim")
+        return dict(
+            vocab_size=_get(hf, "vocab_size"), d_model=d_model, num_heads=_get(hf, "n_heads"),
+            d_ff=hf.get("hidden_dim", 4 * d_model), num_encoder_layers=_get(hf, "n_layers"),
+            max_length=_get(hf, "max_position_embeddings"), type_vocab_size=0, position=PositionEncoding.LEARNED,
+            norm=Norm.LAYERNORM, norm_position=NormPosition.POST, norm_epsilon=cls._NORM_EPSILON,
+            embedding_norm=True, activation=_activation(hf.get("activation", "gelu"), "activation"),
+            dropout_rate=hf.get("dropout", 0.1), attention_dropout_rate=hf.get("attention_dropout", 0.1),
+            use_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), pooler=Pooler.RELU,
+        )
+
+    @classmethod
+    def hf_config(cls, config):
+        expected = cls._expected(config) | dict(type_vocab_size=0, pooler=Pooler.RELU, norm_epsilon=cls._NORM_EPSILON)
+        _check_expressible(config, "DistilBERT", expected, activation=_hf_activation)
+        return dict(
+            model_type=cls.model_type, vocab_size=config.vocab_size, dim=config.d_model, n_heads=config.num_heads,
+            hidden_dim=config.d_ff, n_layers=config.num_encoder_layers, max_position_embeddings=config.max_length,
+            activation=_hf_activation(config.activation), dropout=config.dropout_rate,
+            attention_dropout=config.attention_dropout_rate, sinusoidal_pos_embds=False,
+            tie_word_embeddings=config.tie_embeddings,
+        )
+
+    @classmethod
+    def fuse(cls, tensors):
+        return tensors
+
+    @classmethod
+    def _layer_rules(cls, config, p):
+        rules = []
+        for i in _layer_indices(config, encoder=True):
+            layer, ours = f"{p}transformer.layer.{i}", f"encoder/layers_{i}"
+            names = {role: f"{layer}.attention.{name}_lin" for role, name in
+                     (("query", "q"), ("key", "k"), ("value", "v"), ("out", "out"))}
+            rules += attention(names, f"{ours}/self_attention")
+            rules += norm(f"{layer}.sa_layer_norm", f"{ours}/self_attention_norm")
+            rules += linear(f"{layer}.ffn.lin1", f"{ours}/feed_forward/wi")
+            rules += linear(f"{layer}.ffn.lin2", f"{ours}/feed_forward/wo")
+            rules += norm(f"{layer}.output_layer_norm", f"{ours}/feed_forward_norm")
+        return rules
+
+    @classmethod
+    def _head_rules(cls, config, head, p):
+        if head == CLASSIFY:
+            return linear("pre_classifier", "pooler") + linear("classifier", "classifier")
+        return super()._head_rules(config, head, p)
+
+
+class Albert(Bert):
+    """ALBERT: embeddings of width E projected to d_model, one layer's parameters shared by all
+    layers, sentence-order prediction in BERT's next-sentence head."""
+
+    model_type = "albert"
+    heads = {PRETRAINING: "AlbertForPreTraining", MLM: "AlbertForMaskedLM", ENCODER: "AlbertModel",
+             CLASSIFY: "AlbertForSequenceClassification", TOKEN_CLASSIFY: "AlbertForTokenClassification",
+             QA: "AlbertForQuestionAnswering"}
+    layers = {}  # one shared layer: the depth is config.json's alone
+    body = "albert"
+    pooler_tensor = "pooler"
+    pair_head = "sop_classifier.classifier"
+    mlm_names = ("predictions.dense", "predictions.LayerNorm", "predictions.decoder", "predictions.bias")
+    _LAYER = "encoder.albert_layer_groups.0.albert_layers.0"
+
+    @classmethod
+    def model_config(cls, hf):
+        _require(hf, "num_hidden_groups", 1, 1, "one group of layers, shared by all")
+        _require(hf, "inner_group_num", 1, 1, "one layer in the group")
+        fields = super().model_config(hf | {"hidden_act": hf.get("hidden_act", "gelu_new")})
+        return fields | dict(embedding_size=_get(hf, "embedding_size"), share_layers=True,
+                             dropout_rate=hf.get("hidden_dropout_prob", 0.0),
+                             attention_dropout_rate=hf.get("attention_probs_dropout_prob", 0.0))
+
+    @classmethod
+    def hf_config(cls, config):
+        if not (config.share_layers and config.embedding_size):
+            raise UnsupportedCheckpoint("An ALBERT checkpoint has factorised embeddings (embedding_size) and "
+                                        "shared layers (share_layers=True).")
+        fields = super().hf_config(config.replace(share_layers=False, embedding_size=None))
+        return fields | dict(embedding_size=config.embedding_size, num_hidden_groups=1, inner_group_num=1)
+
+    @classmethod
+    def _layer_rules(cls, config, p):
+        layer, ours = f"{p}{cls._LAYER}", "encoder/shared_layer"
+        names = {role: f"{layer}.attention.{role}" for role in ("query", "key", "value")}
+        rules = attention(names | {"out": f"{layer}.attention.dense"}, f"{ours}/self_attention")
+        rules += norm(f"{layer}.attention.LayerNorm", f"{ours}/self_attention_norm")
+        rules += linear(f"{layer}.ffn", f"{ours}/feed_forward/wi")
+        rules += linear(f"{layer}.ffn_output", f"{ours}/feed_forward/wo")
+        rules += norm(f"{layer}.full_layer_layer_norm", f"{ours}/feed_forward_norm")
+        return linear(f"{p}encoder.embedding_hidden_mapping_in", "embed/projection") + rules
 
 
 class GPT2(Architecture):
     model_type = "gpt2"
-    heads = {LM: "GPT2LMHeadModel"}
+    heads = {LM: "GPT2LMHeadModel", CLASSIFY: "GPT2ForSequenceClassification"}
     ignored = (r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)",)
     embedding = "wte.weight"
     layers = {"num_decoder_layers": r"h\.(\d+)\."}
@@ -347,7 +525,7 @@ class GPT2(Architecture):
     def hf_config(cls, config):
         expected = dict(position=PositionEncoding.LEARNED, norm=Norm.LAYERNORM, norm_position=NormPosition.PRE,
                         use_bias=True, num_encoder_layers=0, embedding_norm=False, type_vocab_size=0,
-                        **_STANDARD_ATTENTION, **_plain_heads(config))
+                        **_STANDARD_ATTENTION, **_plain_heads(config), **_PLAIN)
         _check_expressible(config, "GPT-2", expected, activation=_hf_activation)
         return dict(
             model_type="gpt2", vocab_size=config.vocab_size, n_embd=config.d_model, n_head=config.num_heads,
@@ -378,9 +556,7 @@ class GPT2(Architecture):
             rules += norm(f"{layer}.ln_2", f"{ours}/feed_forward_norm")
             rules += linear(f"{layer}.mlp.c_fc", f"{ours}/feed_forward/wi", layout=Layout.CONV1D)
             rules += linear(f"{layer}.mlp.c_proj", f"{ours}/feed_forward/wo", layout=Layout.CONV1D)
-        if not config.tie_embeddings:
-            rules.append(Rule("lm_head.weight", "lm_head/kernel", Layout.LINEAR))
-        return rules
+        return rules + _decoder_head_rules(config, head)
 
     @classmethod
     def aliases(cls, config, prefix):
@@ -449,7 +625,8 @@ class T5(Architecture):
         projections = {activation: name for name, activation in cls._FEED_FORWARD.items()}
         expected = dict(position=PositionEncoding.RELATIVE, norm=Norm.RMSNORM, norm_position=NormPosition.PRE,
                         use_bias=False, attention_logit_scaling=False, rescale_tied_logits=config.tie_embeddings,
-                        embedding_norm=False, scale_embeddings=False, type_vocab_size=0, num_kv_heads=config.num_heads)
+                        embedding_norm=False, scale_embeddings=False, type_vocab_size=0, num_kv_heads=config.num_heads,
+                        **_PLAIN)
         _check_expressible(config, "T5", expected, activation=projections.__getitem__)
         return dict(
             model_type="t5", vocab_size=config.vocab_size, d_model=config.d_model, num_heads=config.num_heads,
@@ -498,7 +675,7 @@ class T5(Architecture):
 
 class Llama(Architecture):
     model_type = "llama"
-    heads = {LM: "LlamaForCausalLM"}
+    heads = {LM: "LlamaForCausalLM", CLASSIFY: "LlamaForSequenceClassification"}
     ignored = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
     embedding = "model.embed_tokens.weight"
     layers = {"num_decoder_layers": r"model\.layers\.(\d+)\."}
@@ -530,7 +707,7 @@ class Llama(Architecture):
     def hf_config(cls, config):
         expected = dict(position=PositionEncoding.ROPE, norm=Norm.RMSNORM, norm_position=NormPosition.PRE,
                         activation=Activation.SWIGLU, use_bias=False, num_encoder_layers=0, embedding_norm=False,
-                        type_vocab_size=0, sliding_window=None, **_STANDARD_ATTENTION)
+                        type_vocab_size=0, sliding_window=None, **_STANDARD_ATTENTION, **_PLAIN)
         _check_expressible(config, "Llama", expected)
         return dict(
             model_type="llama", vocab_size=config.vocab_size, hidden_size=config.d_model,
@@ -554,9 +731,7 @@ class Llama(Architecture):
             rules += norm(f"{layer}.post_attention_layernorm", f"{ours}/feed_forward_norm", bias=False)
             for theirs, name in (("gate_proj", "wi_0"), ("up_proj", "wi_1"), ("down_proj", "wo")):
                 rules += linear(f"{layer}.mlp.{theirs}", f"{ours}/feed_forward/{name}", bias=False)
-        if not config.tie_embeddings:
-            rules.append(Rule("lm_head.weight", "lm_head/kernel", Layout.LINEAR))
-        return rules
+        return rules + _decoder_head_rules(config, head)
 
     @classmethod
     def aliases(cls, config, prefix):
@@ -565,7 +740,7 @@ class Llama(Architecture):
 
 class Mistral(Llama):
     model_type = "mistral"
-    heads = {LM: "MistralForCausalLM"}
+    heads = {LM: "MistralForCausalLM", CLASSIFY: "MistralForSequenceClassification"}
     defaults = {"sliding_window": 4096}  # MistralConfig's; only an explicit null means no window
 
     @classmethod
@@ -577,13 +752,12 @@ class Mistral(Llama):
         return llama | dict(model_type="mistral", sliding_window=config.sliding_window)
 
 
-ARCHITECTURES: dict[str, type[Architecture]] = {a.model_type: a for a in (Bert, GPT2, T5, Llama, Mistral)}
-WRITTEN = (Bert, GPT2, T5, Llama, Mistral)
+WRITTEN = (Bert, Roberta, DistilBert, Albert, GPT2, T5, Llama, Mistral)
+ARCHITECTURES: dict[str, type[Architecture]] = {a.model_type: a for a in WRITTEN}
 # Families close to one above, and what keeps them out.
 NOT_SUPPORTED = {
     "qwen2": "Qwen2 puts biases on the query, key and value projections only, which ModelConfig.use_bias "
              "(all projections or none) cannot express",
-    "roberta": "RoBERTa offsets its positions by padding_idx + 1, which the learned position table does not",
 }
 
 

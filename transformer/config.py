@@ -53,6 +53,13 @@ class AttentionImplementation(enum.StrEnum):
     CHUNKED = "chunked"  # online softmax over blocks: memory linear in length
 
 
+class Pooler(enum.StrEnum):
+    """How an encoder's classifier reads the first token's state h: act(h W + b)."""
+
+    TANH = "tanh"  # BERT's pooler, RoBERTa's and ALBERT's classification heads
+    RELU = "relu"  # DistilBERT's pre_classifier
+
+
 class RematPolicy(enum.StrEnum):
     NONE = "none"  # keep every activation
     FULL = "full"  # recompute the whole block in the backward pass
@@ -67,6 +74,7 @@ _ENUM_FIELDS = {
     "activation": Activation,
     "attention_implementation": AttentionImplementation,
     "remat_policy": RematPolicy,
+    "pooler": Pooler,
 }
 
 
@@ -107,6 +115,14 @@ class ModelConfig:
     rescale_tied_logits: bool = False  # multiply by d_model**-0.5 before tied logits (T5)
     attention_logit_scaling: bool = True  # divide logits by sqrt(head_dim); T5 does not (its init does)
     type_vocab_size: int = 0  # token-type (segment A/B) embeddings; 0 = none
+    # Learned positions are rows position + offset of a table of max_length + offset rows:
+    # RoBERTa's tables start after its padding id (padding_idx + 1 = 2).
+    position_offset: int = 0
+    # Factorised embeddings (ALBERT): tokens embedded in E dims, projected to d_model (and the
+    # masked-LM head back to E); None: embedded in d_model directly.
+    embedding_size: int | None = None
+    share_layers: bool = False  # one set of layer parameters used by every layer of a stack (ALBERT)
+    pooler: Pooler = Pooler.TANH
     dtype: str = "float32"  # compute dtype ("bfloat16" on accelerators)
     param_dtype: str = "float32"
     scan_layers: bool = True  # nn.scan over layers: compile time independent of depth
@@ -190,6 +206,11 @@ class ModelConfig:
                 f"Rotary position encoding needs an even head dimension, got {self.head_dim}; "
                 "change head_dim (or d_model / num_heads)."
             )
+        if self.position_offset and self.position != PositionEncoding.LEARNED:
+            raise ValueError(
+                f"ModelConfig.position_offset={self.position_offset} shifts a learned position table; with "
+                f"position={self.position.value!r} there is none. Set position_offset=0."
+            )
         if self.position == PositionEncoding.SINUSOIDAL and self.d_model % 2:
             raise ValueError(f"Sinusoidal positions need an even d_model, got {self.d_model}.")
         if self.position == PositionEncoding.RELATIVE and self.relative_num_buckets < 4:
@@ -261,6 +282,8 @@ SIZES = {
     "relative_num_buckets": (1, MAX_WIDTH),
     "relative_max_distance": (1, MAX_TOKENS),
     "type_vocab_size": (0, MAX_WIDTH),
+    "position_offset": (0, MAX_TOKENS),
+    "embedding_size": (1, MAX_WIDTH),
 }
 
 # The int, float and bool fields (and `int | None`), whose values are type-checked.
@@ -323,6 +346,14 @@ _BERT = dict(
     dropout_rate=0.1,
     attention_dropout_rate=0.1,
 )
+# RoBERTa: BERT's architecture with a byte-level BPE vocabulary, one token type and positions
+# counted from its padding id + 1 (roberta-base's config.json).
+_ROBERTA = {**_BERT, "vocab_size": 50_265, "type_vocab_size": 1, "norm_epsilon": 1e-5, "position_offset": 2}
+# ALBERT v2: 128-wide embeddings, one layer's parameters shared by all, no dropout.
+_ALBERT = {**_BERT, "vocab_size": 30_000, "activation": Activation.GELU_TANH, "embedding_size": 128,
+           "share_layers": True, "dropout_rate": 0.0, "attention_dropout_rate": 0.0}
+# DistilBERT: BERT's vocabulary, no token types; its classifier reads [CLS] through a ReLU layer.
+_DISTILBERT = {**_BERT, "type_vocab_size": 0, "pooler": Pooler.RELU}
 _GPT2 = dict(
     vocab_size=50_257,
     max_length=1024,
@@ -371,6 +402,14 @@ PRESETS: dict[str, ModelConfig] = {
     "bert-base": ModelConfig(**_BERT, d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=12),
     "bert-large": ModelConfig(**_BERT, d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=24),
     "bert-tiny": _tiny(_BERT, num_encoder_layers=2),
+    "roberta-base": ModelConfig(**_ROBERTA, d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=12),
+    "roberta-large": ModelConfig(**_ROBERTA, d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=24),
+    "roberta-tiny": _tiny(_ROBERTA, num_encoder_layers=2),
+    "albert-base": ModelConfig(**_ALBERT, d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=12),
+    "albert-large": ModelConfig(**_ALBERT, d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=24),
+    "albert-tiny": _tiny({**_ALBERT, "embedding_size": 32}, num_encoder_layers=4),
+    "distilbert-base": ModelConfig(**_DISTILBERT, d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=6),
+    "distilbert-tiny": _tiny(_DISTILBERT, num_encoder_layers=2),
     "gpt2-small": ModelConfig(**_GPT2, d_model=768, num_heads=12, d_ff=3072, num_decoder_layers=12),
     "gpt2-medium": ModelConfig(**_GPT2, d_model=1024, num_heads=16, d_ff=4096, num_decoder_layers=24),
     "gpt2-tiny": _tiny(_GPT2, max_length=256, num_decoder_layers=2),

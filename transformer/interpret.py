@@ -27,13 +27,16 @@ def attention_maps(model: nn.Module, variables, *args, **kwargs) -> dict[str, ja
     _, state = model.apply(variables, *args, mutable=["intermediates"], **kwargs)
     flat = traverse_util.flatten_dict(state.get("intermediates", {}), sep="/")
     layers: dict[str, dict[int, jax.Array]] = {}  # attention -> layer -> [B, N, T, S]
-    for path, (weights,) in flat.items():
+    for path, recorded in flat.items():
         name = path.removesuffix("/attention_weights")
         unscanned = re.fullmatch(r"(.*)/layers_(\d+)/(.*)", name)  # one module per layer
         if unscanned:
-            layers.setdefault(f"{unscanned[1]}/{unscanned[3]}", {})[int(unscanned[2])] = weights
-        else:  # a scanned stack records [L, B, N, T, S] under ".../layers/..."
-            layers[name.replace("/layers/", "/")] = dict(enumerate(weights))
+            layers.setdefault(f"{unscanned[1]}/{unscanned[3]}", {})[int(unscanned[2])] = recorded[0]
+            continue
+        # A scanned stack records [L, B, N, T, S] under ".../layers/..."; one shared layer (ALBERT)
+        # under ".../shared_layer/...", scanned so, or unscanned [B, N, T, S] once per call.
+        per_layer = recorded[0] if recorded[0].ndim == 5 else recorded
+        layers[re.sub(r"/(layers|shared_layer)/", "/", name)] = dict(enumerate(per_layer))
     if not layers:
         raise ValueError(f"{type(model).__name__} recorded no attention weights.")
     return {name: jnp.stack([by_layer[i] for i in sorted(by_layer)]) for name, by_layer in layers.items()}

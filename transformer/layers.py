@@ -122,15 +122,19 @@ def norm(config: ModelConfig, *, name: str) -> nn.Module:
 
 
 def _embed(config: ModelConfig, num: int, axis: str, *, name: str, stddev: float = 0.02) -> nn.Embed:
+    """A table of `num` rows of the embedding width (E with factorised embeddings, else D)."""
     return nn.Embed(
-        num, config.d_model, dtype=config.dtype, param_dtype=config.param_dtype,
+        num, config.embedding_size or config.d_model, dtype=config.dtype, param_dtype=config.param_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev), (axis, ax.EMBED)),
         name=name,
     )
 
 
 class Embedder(nn.Module):
-    """Token embeddings + position encoding (+ token types, + norm) in; tied logits out."""
+    """Token embeddings + position encoding (+ token types, + norm) in; tied logits out.
+
+    With factorised embeddings (ALBERT) the tables are E wide and the sum is projected to D.
+    """
 
     config: ModelConfig
 
@@ -139,12 +143,14 @@ class Embedder(nn.Module):
         token_stddev = cfg.d_model**-0.5 if cfg.scale_embeddings else 0.02
         self.token = _embed(cfg, cfg.vocab_size, ax.VOCAB, name="token", stddev=token_stddev)
         if cfg.position == PositionEncoding.LEARNED:
-            self.position = _embed(cfg, cfg.max_length, ax.POSITIONS, name="position")
+            self.position = _embed(cfg, cfg.max_length + cfg.position_offset, ax.POSITIONS, name="position")
         if cfg.type_vocab_size:
             self.token_type = _embed(cfg, cfg.type_vocab_size, ax.TOKEN_TYPES, name="token_type")
         if cfg.embedding_norm:
             self.norm = norm(cfg, name="norm")
         self.dropout = nn.Dropout(cfg.dropout_rate)
+        if cfg.embedding_size:
+            self.projection = Dense(cfg, cfg.d_model, (ax.EMBED, ax.MLP), use_bias=True, name="projection")
 
     def __call__(self, tokens, positions, token_types=None, *, deterministic: bool = True) -> jax.Array:
         """tokens, positions, token_types: [B, T] int -> [B, T, D]."""
@@ -153,21 +159,22 @@ class Embedder(nn.Module):
         if cfg.scale_embeddings:
             x *= jnp.sqrt(cfg.d_model).astype(x.dtype)
         if cfg.position == PositionEncoding.LEARNED:
-            x += self.position(positions)
+            x += self.position(positions + cfg.position_offset)
         elif cfg.position == PositionEncoding.SINUSOIDAL:
-            x += sinusoidal_embedding(positions, cfg.d_model).astype(x.dtype)
+            x += sinusoidal_embedding(positions, x.shape[-1]).astype(x.dtype)
         if cfg.type_vocab_size:
             x += self.token_type(jnp.zeros_like(tokens) if token_types is None else token_types)
         if cfg.embedding_norm:
             x = self.norm(x)
-        return self.dropout(x, deterministic=deterministic)
+        x = self.dropout(x, deterministic=deterministic)
+        return self.projection(x) if cfg.embedding_size else x
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Logits against the token embedding matrix: [B, T, D] -> [B, T, V] float32."""
+        """Logits against the token embedding matrix: [B, T, E] -> [B, T, V] float32."""
         cfg = self.config
         if cfg.rescale_tied_logits:
             x *= cfg.d_model**-0.5
-        embedding = self.token.embedding.astype(cfg.dtype)  # [V, D]
+        embedding = self.token.embedding.astype(cfg.dtype)  # [V, E]
         return float32_dot(x.astype(cfg.dtype), embedding, (((x.ndim - 1,), (1,)), ((), ())))
 
 

@@ -5,6 +5,9 @@
     MaskedLM            encoder + masked-LM head (+ next-sentence head) (BERT pretraining)
     SequenceClassifier  encoder + pooled [CLS] classifier
     TokenClassifier     encoder + per-token classifier
+    QuestionAnswering   encoder + start and end logits of an answer span (extractive QA;
+                        `best_spans` reads the answers)
+    DecoderClassifier   decoder-only + classifier on the last real token (GPT's classification)
     Seq2SeqLM           encoder-decoder (2017 Transformer, T5), with `encode` and `decode`
 
 Encoder models share the parameter names "embed", "encoder" and "pooler", so a pretrained
@@ -20,7 +23,7 @@ from flax import traverse_util
 
 from transformer import sharding as ax
 from transformer.cache import DecoderCache
-from transformer.config import ModelConfig, PositionEncoding
+from transformer.config import ModelConfig, PositionEncoding, Pooler
 from transformer.layers import Dense, Embedder, activation_fn, norm
 from transformer.positions import segment_positions
 from transformer.stacks import Stack
@@ -169,8 +172,10 @@ class _EncoderModel(nn.Module):
         return x
 
     def pool(self, hidden: jax.Array) -> jax.Array:
-        """BERT's pooled representation: tanh(W h_[CLS] + b) of the first token. -> [B, D]."""
-        return jnp.tanh(self.pooler(hidden[:, 0]))
+        """The pooled representation act(W h_[CLS] + b) of the first token: BERT's tanh,
+        DistilBERT's ReLU (`ModelConfig.pooler`). -> [B, D]."""
+        activation = jnp.tanh if self.config.pooler == Pooler.TANH else nn.relu
+        return activation(self.pooler(hidden[:, 0]))
 
 
 class EncoderModel(_EncoderModel):
@@ -210,7 +215,8 @@ class MaskedLM(_EncoderModel):
     def setup(self):
         super().setup()
         cfg = self.config
-        self.mlm_transform = Dense(cfg, cfg.d_model, (ax.EMBED, ax.MLP), use_bias=True, name="mlm_transform")
+        width = cfg.embedding_size or cfg.d_model  # back to the embeddings' width (ALBERT's E)
+        self.mlm_transform = Dense(cfg, width, (ax.EMBED, ax.MLP), use_bias=True, name="mlm_transform")
         self.mlm_norm = norm(cfg, name="mlm_norm")
         if cfg.tie_embeddings:
             self.mlm_bias = self.param(
@@ -263,6 +269,72 @@ class TokenClassifier(_Classifier):
             tokens, token_types=token_types, segment_ids=segment_ids, positions=positions, deterministic=deterministic
         )
         return self.classifier(self.dropout(hidden, deterministic=deterministic))
+
+
+class QuestionAnswering(_EncoderModel):
+    """Encoder + a linear layer giving each token a start and an end logit (BERT on SQuAD).
+
+    Returns (start logits, end logits), each [B, T] float32; `best_spans` reads answers from them.
+    """
+
+    def setup(self):
+        super().setup()
+        self.qa_head = _classifier(self.config, 2, name="qa_head")
+
+    def __call__(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
+        hidden = self.encode(
+            tokens, token_types=token_types, segment_ids=segment_ids, positions=positions, deterministic=deterministic
+        )
+        logits = self.qa_head(hidden)  # [B, T, 2]
+        return logits[..., 0], logits[..., 1]
+
+
+def best_spans(start_logits: jax.Array, end_logits: jax.Array, context: jax.Array, *, max_length: int = 30):
+    """Each row's best answer span: start <= end < start + max_length, both tokens in the context,
+    scored start logit + end logit (BERT on SQuAD).
+
+    start_logits, end_logits [B, T] float, context [B, T] bool (the tokens an answer may be) ->
+    start [B], end [B] int32 and score [B] float32 (-inf for a row with no context token).
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length={max_length}: an answer span holds at least one token.")
+    batch, length = start_logits.shape
+    index = jnp.arange(length)
+    span = index[None, :] - index[:, None]  # [T start, T end]: end - start
+    valid = (span >= 0) & (span < max_length) & context[:, :, None] & context[:, None, :]  # [B, T, T]
+    scores = start_logits[:, :, None].astype(jnp.float32) + end_logits[:, None, :].astype(jnp.float32)
+    scores = jnp.where(valid, scores, -jnp.inf).reshape(batch, -1)
+    best = jnp.argmax(scores, axis=1)
+    return (best // length).astype(jnp.int32), (best % length).astype(jnp.int32), jnp.max(scores, axis=1)
+
+
+class DecoderClassifier(nn.Module):
+    """Decoder-only body + a linear classifier (no bias) on the state of each row's last real
+    token, the only one that has read the whole text: GPT's classification head, Hugging Face's
+    GPT2ForSequenceClassification and LlamaForSequenceClassification. Logits [B, num_labels] float32.
+    """
+
+    config: ModelConfig
+    num_labels: int = 2
+
+    def setup(self):
+        cfg = self.config
+        _require(cfg, decoder=True, model="DecoderClassifier")
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {self.num_labels}.")
+        self.embed = Embedder(cfg)
+        self.decoder = Stack(cfg, cfg.num_decoder_layers, causal=True, name="decoder")
+        self.classifier = Dense(cfg, self.num_labels, (ax.EMBED, ax.LABELS), use_bias=False, float32_output=True,
+                                name="classifier")
+
+    def __call__(self, tokens, *, segment_ids=None, positions=None, deterministic=True):
+        """tokens [B, T], segment_ids [B, T] (0 = padding, left or right) -> logits [B, num_labels]."""
+        segment_ids, positions = _inputs(self.config, tokens, segment_ids, positions)
+        x = self.embed(tokens, positions, deterministic=deterministic)
+        x, _ = self.decoder(x, segment_ids, positions, deterministic=deterministic)
+        index = jnp.arange(tokens.shape[1])
+        last = jnp.argmax(jnp.where(segment_ids != 0, index, -1), axis=1)  # [B] the rightmost real token
+        return self.classifier(jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0])
 
 
 class Seq2SeqLM(nn.Module):

@@ -36,19 +36,21 @@ import numpy as np
 from flax import traverse_util
 
 from transformer.architectures import (
-    ARCHITECTURES, CLASSIFY, ENCODER, LM, MLM, NOT_SUPPORTED, PRETRAINING, TOKEN_CLASSIFY, WRITTEN, Architecture,
+    ARCHITECTURES, CLASSIFY, ENCODER, LM, MLM, NOT_SUPPORTED, PRETRAINING, QA, TOKEN_CLASSIFY, WRITTEN, Architecture,
     UnsupportedCheckpoint,
 )
 from transformer.config import ModelConfig
 from transformer.decoding import unscanned
 from transformer.files import Package, cache_dir, fetch, file_digests, read_json_object, write_atomically
 from transformer.models import (
-    CausalLM, EncoderModel, MaskedLM, Seq2SeqLM, SequenceClassifier, TokenClassifier, sentence_embedding,
+    CausalLM, DecoderClassifier, EncoderModel, MaskedLM, QuestionAnswering, Seq2SeqLM, SequenceClassifier,
+    TokenClassifier, sentence_embedding,
 )
 from transformer.tokenizer import DIRECTORY_FILES, Tokenizer
 
 # The transformers class a sentencepiece tokenizer is saved for, by family (see SentencePieceTokenizer.save).
-SENTENCEPIECE_CLASS = {"bert": "AlbertTokenizer", "gpt2": "LlamaTokenizer", "llama": "LlamaTokenizer",
+SENTENCEPIECE_CLASS = {"bert": "AlbertTokenizer", "roberta": "AlbertTokenizer", "distilbert": "AlbertTokenizer",
+                       "albert": "AlbertTokenizer", "gpt2": "LlamaTokenizer", "llama": "LlamaTokenizer",
                        "mistral": "LlamaTokenizer", "t5": "T5Tokenizer"}
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 FLOAT_TENSORS = ("F32", "BF16", "F16", "F64")  # safetensors' names of the dtypes weights are read from
@@ -124,8 +126,9 @@ def from_pretrained(
     directory, a named checkpoint (`CHECKPOINTS`) or a Hub id (see `checkpoint_directory`).
 
     head: None keeps the checkpoint's own head (config.json `architectures`); "lm", "mlm",
-    "pretraining" (MLM + next sentence), "encoder" (the body alone), "classify" or
-    "token_classify" put the body under another head; a head the checkpoint lacks is
+    "pretraining" (MLM + next sentence or sentence order), "encoder" (the body alone), "classify",
+    "token_classify" or "question_answering" put the body under another head (of those the
+    family has in transformers: `Architecture.heads`); a head the checkpoint lacks is
     initialised from `seed` and listed in `fresh`. num_labels: for a new classifier (default:
     the checkpoint's labels, else 2). dtype: of the parameters and the computation.
     max_length: the context, for models without a position table (T5; default 512).
@@ -297,22 +300,25 @@ def _fields(family: type[Architecture], hf: dict[str, Any], max_length: int | No
 
 
 def _check_head(head: str, family: type[Architecture]) -> str:
-    """`head`, or an error when the family's body cannot carry it (an encoder head on GPT-2)."""
-    allowed = (MLM, PRETRAINING, ENCODER, CLASSIFY, TOKEN_CLASSIFY) if family.model_type == "bert" else (LM,)
+    """`head`, or an error when the family has no such head (an encoder head on GPT-2)."""
+    allowed = tuple(family.heads)
     if head not in allowed:
         raise ValueError(f"head={head!r} does not fit a {family.model_type} checkpoint; choose one of {allowed}.")
     return head
 
 
 def _model(config: ModelConfig, head: str, num_labels: int) -> nn.Module:
+    encoder = bool(config.num_encoder_layers)
     if head == LM:
-        return Seq2SeqLM(config) if config.num_encoder_layers else CausalLM(config)
+        return Seq2SeqLM(config) if encoder else CausalLM(config)
+    if head == CLASSIFY:
+        return (SequenceClassifier if encoder else DecoderClassifier)(config, num_labels=num_labels)
     return {
         MLM: lambda: MaskedLM(config),
         PRETRAINING: lambda: MaskedLM(config, next_sentence_prediction=True),
         ENCODER: lambda: EncoderModel(config),
-        CLASSIFY: lambda: SequenceClassifier(config, num_labels=num_labels),
         TOKEN_CLASSIFY: lambda: TokenClassifier(config, num_labels=num_labels),
+        QA: lambda: QuestionAnswering(config),
     }[head]()
 
 
@@ -325,7 +331,7 @@ def _head_of_model(model: nn.Module) -> str:
     if isinstance(model, MaskedLM):
         return PRETRAINING if model.next_sentence_prediction else MLM
     kinds = {CausalLM: LM, Seq2SeqLM: LM, EncoderModel: ENCODER, SequenceClassifier: CLASSIFY,
-             TokenClassifier: TOKEN_CLASSIFY}
+             DecoderClassifier: CLASSIFY, TokenClassifier: TOKEN_CLASSIFY, QuestionAnswering: QA}
     return kinds[type(model)]
 
 
@@ -400,7 +406,7 @@ def _check_sizes(family: type[Architecture], config: ModelConfig, files: list[pa
                 "correct its config.json."
             )
     embedding = prefix + family.embedding
-    expected = (config.vocab_size, config.d_model)
+    expected = (config.vocab_size, config.embedding_size or config.d_model)
     if embedding in shapes and shapes[embedding] != expected:
         raise ValueError(
             f"{where}/config.json describes a vocabulary of {config.vocab_size} and a width of {config.d_model} "
@@ -467,15 +473,17 @@ def _modern_name(name: str) -> str:
 def _fill(rules, tensors, abstract, path, *, may_be_new: bool) -> tuple[dict[str, np.ndarray], list[str]]:
     """The parameters the rules fill from the tensors, and the ones left to initialise.
 
-    Only a head the checkpoint does not hold (`may_be_new`) and its pooler may be left: a missing
-    tensor of the embeddings or a stack is always an error, never a random initialisation.
+    Only a head the checkpoint does not hold (`may_be_new`) and the pooler (which DistilBERT and
+    the heads of RoBERTa's and BERT's token tasks lack) may be left: a missing tensor of the
+    embeddings or a stack is always an error, never a random initialisation.
     """
     rules = [rule for rule in rules if rule.param in abstract]  # a head may lack parts (MaskedLM: no pooler)
     params = {rule.param: rule.to_param(tensors[rule.tensor], abstract[rule.param].shape)
               for rule in rules if rule.tensor in tensors}
     unfilled = sorted(set(abstract) - set(params))
     in_body = [name for name in unfilled if name.split("/")[0] in ("embed", "encoder", "decoder")]
-    if in_body or (unfilled and not may_be_new):
+    in_head = [name for name in unfilled if name.split("/")[0] != "pooler"]
+    if in_body or (in_head and not may_be_new):
         missing = [rule.tensor for rule in rules if rule.param in unfilled] or unfilled
         raise ValueError(f"{path} lacks tensor(s) the model needs: {_names(missing)}.")
     return params, unfilled
@@ -603,7 +611,12 @@ def save_pretrained(
     hf |= {"architectures": [family.heads[head]], "torch_dtype": "float32"}
     if head in (CLASSIFY, TOKEN_CLASSIFY):
         hf |= _label_maps(label_names, flat["classifier/kernel"].shape[-1])
-    hf |= token_ids
+    clashing = [f"{key}={value} (the model needs {hf[key]})" for key, value in token_ids.items()
+                if value is not None and hf.get(key, value) != value]
+    if clashing:  # RoBERTa's positions count from pad_token_id + 1
+        raise UnsupportedCheckpoint(f"A {family.model_type} checkpoint of this model cannot record "
+                                    f"{', '.join(clashing)}: the tokenizer or generation ids do not fit it.")
+    hf |= {key: value for key, value in token_ids.items() if value is not None or key not in hf}
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     temporary = path / f"{WEIGHTS}.tmp"

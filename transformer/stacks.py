@@ -32,18 +32,23 @@ def block_class(config: ModelConfig) -> type[Block]:
 
 
 def scan_blocks(config: ModelConfig, num_layers: int, has_cross_attention: bool, *, name: str) -> nn.Module:
-    """`num_layers` Blocks as one nn.scan: parameters stacked on a leading "layers" axis.
+    """`num_layers` Blocks as one nn.scan: parameters stacked on a leading "layers" axis (with
+    shared layers, one Block's parameters, unstacked).
 
     The scanned stack computes exactly what a Python loop over `num_layers` Blocks does
     (tests/test_models.py checks it); compile time no longer grows with depth.
     """
+    if config.share_layers:  # one Block's parameters, given to every step (ALBERT)
+        layout = dict(variable_axes={"intermediates": 0}, variable_broadcast="params",
+                      split_rngs={"params": False, "dropout": True})
+    else:
+        layout = dict(variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
+                      metadata_params={nn.PARTITION_NAME: ax.LAYERS})
     scanned = nn.scan(
         block_class(config),
-        variable_axes={"params": 0, "intermediates": 0},
-        split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast, nn.broadcast),  # caches per layer; inputs, deterministic shared
         length=num_layers,
-        metadata_params={nn.PARTITION_NAME: ax.LAYERS},
+        **layout,
     )
     return scanned(config, has_cross_attention, name=name)
 
@@ -119,7 +124,8 @@ class Stack(nn.Module):
         caches = (None, None) if cache is None else (cache.self_attention, cache.cross_attention)
         inputs = BlockInputs(self_mask, positions, cache_index, self_bias, encoded, cross_mask)
         if cfg.scan_layers:
-            x, (self_kv, cross_kv) = scan_blocks(cfg, self.num_layers, self.has_cross_attention, name="layers")(
+            name = "shared_layer" if cfg.share_layers else "layers"
+            x, (self_kv, cross_kv) = scan_blocks(cfg, self.num_layers, self.has_cross_attention, name=name)(
                 x, _stacked(caches), inputs, deterministic
             )
             if cache is not None:
@@ -136,15 +142,16 @@ class Stack(nn.Module):
         return x, cache.replace(self_attention=self_kv)
 
     def _loop(self, x, caches, inputs, deterministic):
-        """The unscanned stack: layers_0 .. layers_{L-1}, each with its own parameters and cache."""
-        block = block_class(self.config)
+        """The unscanned stack: layers_0 .. layers_{L-1}, each with its own parameters and cache
+        (with shared layers, one `shared_layer` called L times, a cache per call)."""
+        block, cfg = block_class(self.config), self.config
+        shared = block(cfg, self.has_cross_attention, name="shared_layer") if cfg.share_layers else None
         self_kv, cross_kv = caches
         self_out, cross_out = [], []  # each block's caches (cross: new ones only when `encoded` is given)
         for i in range(self.num_layers):
             layer_caches = (None if self_kv is None else self_kv[i], None if cross_kv is None else cross_kv[i])
-            x, (layer_self, layer_cross) = block(self.config, self.has_cross_attention, name=f"layers_{i}")(
-                x, layer_caches, inputs, deterministic
-            )
+            layer = shared if shared is not None else block(cfg, self.has_cross_attention, name=f"layers_{i}")
+            x, (layer_self, layer_cross) = layer(x, layer_caches, inputs, deterministic)
             self_out.append(layer_self)
             cross_out.append(layer_cross)
         if self_kv is not None:

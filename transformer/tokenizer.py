@@ -2,9 +2,11 @@
 published checkpoints.
 
 `SentencePieceTokenizer` wraps a sentencepiece model: the ones `Tokenizer.train` makes, T5's
-spiece.model, Llama's tokenizer.model. `HuggingFaceTokenizer` wraps a `tokenizers.Tokenizer`: a
-checkpoint's tokenizer.json, or one built from vocab.json + merges.txt (byte-level BPE, GPT-2) or
-vocab.txt (WordPiece, BERT). `Tokenizer.load` picks the backend from the files it finds.
+spiece.model, Llama's tokenizer.model, ALBERT's spiece.model (with AlbertTokenizer's lowercasing
+and accent stripping, `AlbertPreprocessing`). `HuggingFaceTokenizer` wraps a
+`tokenizers.Tokenizer`: a checkpoint's tokenizer.json, or one built from vocab.json + merges.txt
+(byte-level BPE, GPT-2) or vocab.txt (WordPiece, BERT). `Tokenizer.load` picks the backend from
+the files it finds.
 
 The tokenizers this library trains have fixed special ids, read back from the model file (never
 assumed) when one is loaded:
@@ -26,6 +28,7 @@ import json
 import os
 import pathlib
 import re
+import unicodedata
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -41,6 +44,7 @@ CLS, SEP, MASK = "[CLS]", "[SEP]", "[MASK]"
 ENCODER_SYMBOLS = (CLS, SEP, MASK)
 T5_CLASSES = ("T5Tokenizer", "T5TokenizerFast")
 LLAMA_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
+ALBERT_CLASSES = ("AlbertTokenizer", "AlbertTokenizerFast")
 T5_DEFAULT_EXTRA_IDS = 100
 EXTRA_ID = re.compile(r"<extra_id_(0|[1-9]\d*)>")  # T5's sentinels (no leading zeros: those are not tokens)
 
@@ -56,6 +60,8 @@ WELL_KNOWN_TOKENS = {
 }
 
 TokenToId = Callable[[str], "int | None"]
+# What Python's str.split() splits on (no such character lies above U+3000), as a regex class.
+PYTHON_WHITESPACE = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x3001)) if c.isspace()) + "]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +81,31 @@ class SpecialTokens:
 
 
 SPECIAL_KINDS = tuple(field.name for field in dataclasses.fields(SpecialTokens))
+
+
+@dataclasses.dataclass(frozen=True)
+class AlbertPreprocessing:
+    """What AlbertTokenizer does to text around sentencepiece: its tokenizer_config.json settings
+    (AlbertTokenizer's defaults here), applied by `prepare` before encoding, and
+    `_split_digit_commas` on the pieces after, whatever the settings."""
+
+    do_lower_case: bool = True
+    remove_space: bool = True  # strip the text, and make each run of whitespace one space
+    keep_accents: bool = False  # else NFKD, combining characters dropped
+
+    def prepare(self, text: str) -> str:
+        """The text as AlbertTokenizer.preprocess_text gives it to sentencepiece."""
+        if self.remove_space:
+            text = " ".join(text.strip().split())
+        text = text.replace("``", '"').replace("''", '"')
+        if not self.keep_accents:
+            text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+        return text.lower() if self.do_lower_case else text
+
+
+# The settings that make AlbertTokenizer change text least (it still makes `` and '' a " and
+# splits digit-comma pieces).
+ALBERT_UNCHANGED = AlbertPreprocessing(do_lower_case=False, remove_space=False, keep_accents=True)
 
 
 class TrainingFailed(ValueError):
@@ -305,14 +336,18 @@ class Tokenizer(abc.ABC):
 class SentencePieceTokenizer(Tokenizer):
     """A sentencepiece model. T5's `extra_ids` sentinels follow its pieces in reverse order, as
     Hugging Face's T5Tokenizer numbers them: `<extra_id_0>` is the last id, vocab_size - 1. As in
-    T5Tokenizer, `encode` finds them in text and `decode` writes them back."""
+    T5Tokenizer, `encode` finds them in text and `decode` writes them back. `preprocessing`:
+    AlbertTokenizer's handling of the text, for an ALBERT checkpoint's spiece.model; None (the
+    tokenizers trained here, T5's, Llama's) encodes the text as given."""
 
     def __init__(
         self, processor: spm.SentencePieceProcessor, specials: SpecialTokens,
         path: str | os.PathLike | None = None, *, extra_ids: int = 0, adds_bos: bool = False,
+        preprocessing: AlbertPreprocessing | None = None,
     ):
         self._sp = processor
         self.extra_ids = extra_ids
+        self.preprocessing = preprocessing
         pieces = processor.get_piece_size()
         super().__init__(specials, path, adds_bos=adds_bos, sentinel_ids=frozenset(range(pieces, pieces + extra_ids)))
 
@@ -326,16 +361,23 @@ class SentencePieceTokenizer(Tokenizer):
         ids, start = [], 0
         for match in EXTRA_ID.finditer(text):
             if int(match[1]) < self.extra_ids:
-                ids += [*self._sp.encode(text[start : match.start()].rstrip()), self.token_to_id(match[0])]
+                ids += [*self._encode_texts([text[start : match.start()].rstrip()])[0], self.token_to_id(match[0])]
                 start = len(text) - len(text[match.end() :].lstrip())
-        return ids + self._sp.encode(text[start:])
+        return ids + self._encode_texts([text[start:]])[0]
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         """Many strings -> their token ids (sentencepiece's multithreaded batch encoding)."""
         texts = list(texts)
         if self.extra_ids and any("<extra_id_" in text for text in texts):
             return [self.encode(text) for text in texts]
-        return self._sp.encode(texts)
+        return self._encode_texts(texts)
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Texts without sentinels -> their ids, through `preprocessing` where there is one."""
+        if self.preprocessing is None:
+            return self._sp.encode(texts)
+        pieces = self._sp.encode([self.preprocessing.prepare(text) for text in texts], out_type=str)
+        return [[self._sp.piece_to_id(piece) for piece in _split_digit_commas(self._sp, row)] for row in pieces]
 
     def _decode(self, ids: list[int]) -> str:
         """The pieces' text, a sentinel set apart by spaces (as T5Tokenizer decodes it)."""
@@ -362,17 +404,22 @@ class SentencePieceTokenizer(Tokenizer):
         """Writes the model file and a tokenizer_config.json with the special tokens, for the
         `transformers` class that encodes as `encode` does: "T5Tokenizer" (spiece.model; it ends a
         text with EOS, as an encoder-decoder source here is), "LlamaTokenizer" (tokenizer.model;
-        BOS as `adds_bos` says, no EOS) or "AlbertTokenizer" (spiece.model; [CLS] text [SEP]); by
-        default the one that keeps `adds_bos` and the extra ids. A Llama- or Albert-class save of a
-        model that normalises text also writes tokenizer.json, which `transformers`' fast tokenizer
-        then reads (see `_normalizing_as_tokenizers`)."""
-        tokenizer_class = tokenizer_class or ("LlamaTokenizer" if self.adds_bos else "T5Tokenizer")
+        BOS as `adds_bos` says, no EOS) or "AlbertTokenizer" (spiece.model; [CLS] text [SEP]; the
+        only one for a tokenizer with `preprocessing`); by default the one that keeps these. A
+        Llama- or Albert-class save of a model that changes text also writes tokenizer.json, which
+        `transformers`' fast tokenizer then reads (see `_normalizing_as_tokenizers`)."""
+        albert = self.preprocessing is not None
+        tokenizer_class = tokenizer_class or (
+            "AlbertTokenizer" if albert else "LlamaTokenizer" if self.adds_bos else "T5Tokenizer")
+        if albert and tokenizer_class != "AlbertTokenizer":
+            raise ValueError(f"{self!r} preprocesses text as AlbertTokenizer does ({self.preprocessing}), which "
+                             f"{tokenizer_class} cannot; save it as tokenizer_class='AlbertTokenizer'.")
         settings = SENTENCEPIECE_CLASSES[tokenizer_class](self)
         directory = pathlib.Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         file = directory / ("tokenizer.model" if tokenizer_class == "LlamaTokenizer" else "spiece.model")
         file.write_bytes(self._sp.serialized_model_proto())
-        if tokenizer_class != "T5Tokenizer" and (fast := _normalizing_as_tokenizers(self._sp)):
+        if tokenizer_class != "T5Tokenizer" and (fast := _normalizing_as_tokenizers(self._sp, self.preprocessing)):
             if tokenizer_class == "AlbertTokenizer":
                 fast.post_processor = _cls_sep_template(self)
             write_atomically(directory / "tokenizer.json", fast.to_str())
@@ -380,17 +427,22 @@ class SentencePieceTokenizer(Tokenizer):
         return directory
 
 
-def _normalizing_as_tokenizers(sp: spm.SentencePieceProcessor) -> tokenizers.Tokenizer | None:
+def _normalizing_as_tokenizers(
+    sp: spm.SentencePieceProcessor, preprocessing: AlbertPreprocessing | None = None
+) -> tokenizers.Tokenizer | None:
     """A sentencepiece model that normalises text (the NFKC map and whitespace folding that
-    `Tokenizer.train` gives it) as a `tokenizers.Tokenizer` that encodes as it does; None for
-    one that does not normalise (Llama's own) or falls back to bytes.
+    `Tokenizer.train` gives it), after any AlbertTokenizer `preprocessing`, as a
+    `tokenizers.Tokenizer` that encodes as they do; None for one that changes no text (Llama's
+    own) or falls back to bytes.
 
     Saved as tokenizer.json beside a Llama-class tokenizer.model, it is what `transformers`'
     fast tokenizer loads; converting the model itself, that tokenizer skips the normalisation.
     The rules are `transformers`' for T5's models (the model's character map, trailing spaces
-    dropped, runs of spaces one "▁", a "▁" before the first word). Two differences remain: the
-    control tokens (<s>, </s>) are special there, so text naming them encodes as them, and a
-    text that starts with a user-defined symbol ([CLS], [SEP], [MASK]) gets no "▁" before it.
+    dropped, runs of spaces one "▁", a "▁" before the first word). Differences remain: the
+    control tokens (<s>, </s>) are special there, so text naming them encodes as them; a text
+    that starts with a user-defined symbol ([CLS], [SEP], [MASK]) gets no "▁" before it; and
+    AlbertTokenizer's split of digit-comma pieces has no counterpart in `tokenizers`, only an
+    approximation (see `_as_tokenizers_model`; transformers' own fast ALBERT tokenizer has no more).
     """
     try:  # sentencepiece's generated module needs a protobuf runtime as new as it was made with
         from sentencepiece import sentencepiece_model_pb2
@@ -399,22 +451,19 @@ def _normalizing_as_tokenizers(sp: spm.SentencePieceProcessor) -> tokenizers.Tok
                       "sentencepiece model's normalisation; load it with use_fast=False.", stacklevel=3)
         return None
     proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
-    spec, trainer = proto.normalizer_spec, proto.trainer_spec
-    if not (spec.precompiled_charsmap or spec.remove_extra_whitespaces) or trainer.byte_fallback:
+    spec = proto.normalizer_spec
+    steps = _albert_normalizers(preprocessing)
+    if not (steps or spec.precompiled_charsmap or spec.remove_extra_whitespaces) or proto.trainer_spec.byte_fallback:
         return None
-    pieces = [(piece.piece, piece.score) for piece in proto.pieces]
-    if trainer.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
-        model = tokenizers.models.Unigram(pieces, trainer.unk_id, False)
-    else:
-        ids = {piece: i for i, (piece, _) in enumerate(pieces)}
-        model = tokenizers.models.BPE(ids, _merges(ids), unk_token=pieces[trainer.unk_id][0], fuse_unk=True)
-    fast = tokenizers.Tokenizer(model)
-    steps = [tokenizers.normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    fast = tokenizers.Tokenizer(_as_tokenizers_model(proto, avoid_digit_commas=preprocessing is not None))
+    steps += [tokenizers.normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
     if spec.remove_extra_whitespaces:
         steps += [tokenizers.normalizers.Strip(left=False, right=True),
                   tokenizers.normalizers.Replace(tokenizers.Regex(" {2,}"), "▁")]
     fast.normalizer = tokenizers.normalizers.Sequence(steps)
-    prefix = "first" if spec.add_dummy_prefix else "never"
+    # "first" prepends only where the text's first character is still the original's first, which
+    # AlbertTokenizer's stripping and `` replacing change: its texts take "always", as in AlbertConverter
+    prefix = ("first" if preprocessing is None else "always") if spec.add_dummy_prefix else "never"
     fast.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prefix)
     fast.decoder = tokenizers.decoders.Metaspace(replacement="▁", prepend_scheme=prefix)
     kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
@@ -423,6 +472,63 @@ def _normalizing_as_tokenizers(sp: spm.SentencePieceProcessor) -> tokenizers.Tok
     fast.add_tokens([tokenizers.AddedToken(piece.piece, normalized=True) for piece in proto.pieces
                      if piece.type == kinds.USER_DEFINED])
     return fast
+
+
+def _albert_normalizers(preprocessing: AlbertPreprocessing | None) -> list[tokenizers.normalizers.Normalizer]:
+    """`preprocessing` as `tokenizers` normalizers: those of transformers' AlbertConverter, and
+    remove_space (which it leaves to sentencepiece's whitespace folding) as Python's split does it."""
+    if preprocessing is None:
+        return []
+    replace = tokenizers.normalizers.Replace
+    steps = [replace(tokenizers.Regex(rf"\A{PYTHON_WHITESPACE}+|{PYTHON_WHITESPACE}+\z"), ""),
+             replace(tokenizers.Regex(f"{PYTHON_WHITESPACE}+"), " ")] if preprocessing.remove_space else []
+    steps += [replace("``", '"'), replace("''", '"')]
+    if not preprocessing.keep_accents:
+        steps += [tokenizers.normalizers.NFKD(), tokenizers.normalizers.StripAccents()]
+    if preprocessing.do_lower_case:
+        steps.append(tokenizers.normalizers.Lowercase())
+    return steps
+
+
+def _is_digit_comma(piece: str) -> bool:
+    """Whether AlbertTokenizer splits the piece: it ends in a digit and a comma ("▁19,")."""
+    return len(piece) > 1 and piece[-1] == "," and piece[-2].isdigit()
+
+
+def _split_digit_commas(sp: spm.SentencePieceProcessor, pieces: list[str]) -> list[str]:
+    """AlbertTokenizer's fix-up of a piece that ends in a digit and a comma: its digits encoded
+    again on their own, then the comma ("9,9": "▁9,", "9" -> "▁9", ",", "9")."""
+    split = []
+    for piece in pieces:
+        if not _is_digit_comma(piece):
+            split.append(piece)
+            continue
+        again = sp.encode(piece[:-1].replace("▁", ""), out_type=str)
+        if piece[0] != "▁" and again[0][0] == "▁":  # no "▁" where the piece had none
+            again = again[1:] if len(again[0]) == 1 else [again[0][1:], *again[1:]]
+        split += [*again, ","]
+    return split
+
+
+def _as_tokenizers_model(proto: Any, *, avoid_digit_commas: bool) -> tokenizers.models.Model:
+    """A sentencepiece ModelProto's unigram or BPE pieces as a `tokenizers` model.
+
+    `avoid_digit_commas` stands in for AlbertTokenizer's `_split_digit_commas`, which `tokenizers`
+    cannot do: a unigram model's digit-comma pieces score 100 less (as in transformers'
+    AlbertConverter), and no BPE merge makes one. Encodings then use them only where nothing
+    else fits, which is close to AlbertTokenizer's split, but not the same ("9,9" can become
+    "▁9", ",9" where ",9" is a piece; AlbertTokenizer gives "▁9", ",", "9").
+    """
+    def avoided(piece: str) -> bool:
+        return avoid_digit_commas and _is_digit_comma(piece)
+
+    trainer = proto.trainer_spec
+    pieces = [(piece.piece, piece.score - 100 if avoided(piece.piece) else piece.score) for piece in proto.pieces]
+    if trainer.model_type == trainer.UNIGRAM:
+        return tokenizers.models.Unigram(pieces, trainer.unk_id, False)
+    ids = {piece: i for i, (piece, _) in enumerate(pieces)}
+    merges = [pair for pair in _merges(ids) if not avoided("".join(pair))]
+    return tokenizers.models.BPE(ids, merges, unk_token=pieces[trainer.unk_id][0], fuse_unk=True)
 
 
 def _cls_sep_template(tok: SentencePieceTokenizer) -> tokenizers.processors.TemplateProcessing:
@@ -451,7 +557,7 @@ def _merges(ids: dict[str, int]) -> list[tuple[str, str]]:
 SENTENCEPIECE_CLASSES: dict[str, Callable[[SentencePieceTokenizer], dict[str, Any]]] = {
     "T5Tokenizer": lambda tok: dict(extra_ids=tok.extra_ids),
     "LlamaTokenizer": lambda tok: dict(add_bos_token=tok.adds_bos, add_eos_token=False, legacy=True),
-    "AlbertTokenizer": lambda tok: dict(do_lower_case=False, keep_accents=True, remove_space=False),
+    "AlbertTokenizer": lambda tok: dataclasses.asdict(tok.preprocessing or ALBERT_UNCHANGED),
 }
 
 
@@ -562,6 +668,14 @@ class _Configs:
         is_t5 = tokenizer_class in T5_CLASSES or (tokenizer_class is None and self.model.get("model_type") == "t5")
         return self.tokenizer.get("extra_ids", T5_DEFAULT_EXTRA_IDS if is_t5 else 0)
 
+    def albert_preprocessing(self) -> AlbertPreprocessing | None:
+        """tokenizer_config.json's settings for an AlbertTokenizer(Fast) (its defaults where absent);
+        None for any other class."""
+        if self.tokenizer.get("tokenizer_class") not in ALBERT_CLASSES:
+            return None
+        names = [field.name for field in dataclasses.fields(AlbertPreprocessing)]
+        return AlbertPreprocessing(**{name: bool(self.tokenizer[name]) for name in names if name in self.tokenizer})
+
 
 def _special_tokens(
     configs: _Configs, token_to_id: TokenToId, vocab_size: int, defaults: SpecialTokens
@@ -650,7 +764,8 @@ def _load_sentencepiece(files: list[pathlib.Path], configs: _Configs) -> Sentenc
     specials = _special_tokens(configs, token_to_id, vocab_size, _sentencepiece_specials(processor))
     # transformers' Llama tokenizers start a text with BOS unless told otherwise
     adds_bos = configs.tokenizer.get("add_bos_token", configs.tokenizer.get("tokenizer_class") in LLAMA_CLASSES)
-    return SentencePieceTokenizer(processor, specials, path, extra_ids=extra_ids, adds_bos=bool(adds_bos))
+    return SentencePieceTokenizer(processor, specials, path, extra_ids=extra_ids, adds_bos=bool(adds_bos),
+                                  preprocessing=configs.albert_preprocessing())
 
 
 def _parsed(files: list[pathlib.Path], parse: Callable[[], tokenizers.Tokenizer]) -> tokenizers.Tokenizer:
@@ -668,7 +783,9 @@ def _huggingface(tokenizer: tokenizers.Tokenizer, path: pathlib.Path, configs: _
     specials = _special_tokens(configs, tokenizer.token_to_id, vocab_size, _well_known_specials(tokenizer.token_to_id))
     tokenizer.add_special_tokens(sorted({tokenizer.id_to_token(i) for i in specials.ids()}))
     bos = None if specials.bos is None else tokenizer.id_to_token(specials.bos)
-    adds_bos = configs.tokenizer.get("add_bos_token", _template_starts_with(tokenizer, bos))
+    # a template that starts with [CLS] adds no BOS, even where [CLS] is also the bos_token (ALBERT)
+    starts_with_bos = specials.bos != specials.cls and _template_starts_with(tokenizer, bos)
+    adds_bos = configs.tokenizer.get("add_bos_token", starts_with_bos)
     return HuggingFaceTokenizer(tokenizer, specials, path, adds_bos=bool(adds_bos))
 
 
