@@ -158,3 +158,36 @@ def test_dense_contracts_trailing_axes_as_einsum_and_refuses_others():
     leading = layers.Dense(cfg, features=6, axes=("batch", "mlp"), axis=0, use_bias=False)
     with pytest.raises(ValueError, match="trailing axes"):
         leading.init(RNG, x)
+
+
+def test_gpt2_scaled_residual_init():
+    """scale_residual_init: the projections into the residual stream (attention out, feed-forward
+    out) start at 0.02 / sqrt(2L), every other matrix at 0.02 (GPT-2's initialisation)."""
+    cfg = preset("gpt2-tiny").replace(d_model=256, d_ff=1024, num_decoder_layers=8, scale_residual_init=True)
+    params = nn.unbox(jax.jit(tfm.CausalLM(cfg).init)(RNG, jnp.ones((1, 4), jnp.int32))["params"])
+    layers_ = params["decoder"]["layers"]
+    residual = 0.02 / np.sqrt(2 * 8)
+    for kernel, expected in [(layers_["self_attention"]["out"]["kernel"], residual),
+                             (layers_["feed_forward"]["wo"]["kernel"], residual),
+                             (layers_["self_attention"]["query"]["kernel"], 0.02),
+                             (layers_["feed_forward"]["wi"]["kernel"], 0.02)]:
+        assert np.std(np.asarray(kernel)) == pytest.approx(expected, rel=0.02)
+    plain = nn.unbox(jax.jit(tfm.CausalLM(cfg.replace(scale_residual_init=False)).init)(RNG, jnp.ones((1, 4), jnp.int32)))
+    assert np.std(np.asarray(plain["params"]["decoder"]["layers"]["feed_forward"]["wo"]["kernel"])) == pytest.approx(
+        0.02, rel=0.02)
+
+
+def test_feed_forward_dropout_is_unbiased_inside_the_layer():
+    """T5's dropout on the feed-forward's hidden activations: each draw differs, their mean is the
+    layer without dropout (inverted dropout before a linear map), and nothing changes when
+    deterministic or at rate 0."""
+    cfg = preset("t5-tiny").replace(d_model=16, d_ff=32, feed_forward_dropout_rate=0.5)
+    x = jax.random.normal(RNG, (1, 3, 16))
+    ff = layers.FeedForward(cfg)
+    variables = ff.init(RNG, x)
+    exact = ff.apply(variables, x)
+    draws = jax.vmap(lambda key: ff.apply(variables, x, False, rngs={"dropout": key}))(jax.random.split(RNG, 4000))
+    assert np.abs(np.asarray(draws[0] - draws[1])).max() > 1e-3
+    np.testing.assert_allclose(draws.mean(0), exact, atol=0.03 * float(np.abs(exact).max()))
+    no_dropout = layers.FeedForward(cfg.replace(feed_forward_dropout_rate=0.0))
+    np.testing.assert_array_equal(no_dropout.apply(variables, x, False, rngs={"dropout": RNG}), exact)

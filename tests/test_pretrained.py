@@ -106,6 +106,8 @@ def test_config_fields_read_from_config_json(name, activation, epsilon, tied):
     if name.startswith("t5"):
         assert config.head_dim == hf["d_kv"] and not config.attention_logit_scaling
         assert config.rescale_tied_logits == tied  # T5 scales tied logits by d_model**-0.5 only
+        # T5 drops out attention weights and feed-forward activations at its one rate (training only)
+        assert config.attention_dropout_rate == config.feed_forward_dropout_rate == hf["dropout_rate"]
     if name == "llama":
         assert (config.num_heads, config.num_kv_heads) == (hf["num_attention_heads"], hf["num_key_value_heads"])
 
@@ -237,6 +239,12 @@ def test_roberta_positions_follow_its_padding_id(tmp_path):
     with pytest.raises(UnsupportedCheckpoint, match=r"cannot record pad_token_id=0 \(the model needs 1\)"):
         tfm.save_pretrained(loaded.model, loaded.params, tmp_path / "bad", generation={"pad_id": 0})
     assert not (tmp_path / "bad").exists()
+    hf.pop("pad_token_id")  # absent: RobertaConfig's 1
+    (tmp_path / "saved" / "config.json").write_text(json.dumps(hf))
+    assert checkpoint_config(tmp_path / "saved").position_offset == 2
+    _edit_config(tmp_path / "saved", pad_token_id=None)
+    with pytest.raises(UnsupportedCheckpoint, match="pad_token_id=None; RoBERTa counts positions from it"):
+        checkpoint_config(tmp_path / "saved")
 
 
 def test_sampler_over_checkpoint_directories(tmp_path):

@@ -367,7 +367,11 @@ class Roberta(Bert):
     def model_config(cls, hf):
         """Positions start at padding_idx + 1 (transformers' create_position_ids_from_input_ids),
         so the table holds that many rows more than the context."""
-        offset = _get(hf, "pad_token_id") + 1
+        pad = hf.get("pad_token_id", 1)  # RobertaConfig's default
+        if not isinstance(pad, int) or pad < 0:
+            raise UnsupportedCheckpoint(f"config.json sets pad_token_id={pad!r}; RoBERTa counts positions from it + 1, "
+                                        "so it must be a token id (RobertaConfig's default: 1).")
+        offset = pad + 1
         fields = super().model_config(hf)
         return fields | dict(position_offset=offset, max_length=fields["max_length"] - offset)
 
@@ -616,7 +620,9 @@ class T5(Architecture):
             position=PositionEncoding.RELATIVE, relative_num_buckets=hf.get("relative_attention_num_buckets", 32),
             relative_max_distance=hf.get("relative_attention_max_distance", 128), norm=Norm.RMSNORM,
             norm_position=NormPosition.PRE, norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
-            activation=cls._FEED_FORWARD[projection], dropout_rate=hf.get("dropout_rate", 0.1), use_bias=False,
+            activation=cls._FEED_FORWARD[projection], dropout_rate=hf.get("dropout_rate", 0.1),
+            attention_dropout_rate=hf.get("dropout_rate", 0.1), feed_forward_dropout_rate=hf.get("dropout_rate", 0.1),
+            use_bias=False,
             tie_embeddings=tied, rescale_tied_logits=tied, attention_logit_scaling=False,
         )
 

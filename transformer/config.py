@@ -109,6 +109,8 @@ class ModelConfig:
     activation: Activation = Activation.GELU
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
+    feed_forward_dropout_rate: float = 0.0  # on the feed-forward's hidden activations (T5)
+    scale_residual_init: bool = False  # residual projections initialised at 0.02 / sqrt(2L) (GPT-2)
     use_bias: bool = True  # biases in attention and feed-forward projections
     tie_embeddings: bool = True  # output logits use the token embedding matrix
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (2017 paper)
@@ -220,7 +222,7 @@ class ModelConfig:
                 f"ModelConfig.relative_max_distance={self.relative_max_distance} must exceed "
                 f"relative_num_buckets // 2 = {self.relative_num_buckets // 2} (exact buckets end there)."
             )
-        for name in ("dropout_rate", "attention_dropout_rate"):
+        for name in ("dropout_rate", "attention_dropout_rate", "feed_forward_dropout_rate"):
             rate = getattr(self, name)
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {rate}.")
@@ -374,6 +376,8 @@ _T5 = dict(
     norm_epsilon=1e-6,
     activation=Activation.RELU,
     dropout_rate=0.1,
+    attention_dropout_rate=0.1,  # T5 drops out attention weights and feed-forward activations too
+    feed_forward_dropout_rate=0.1,
     use_bias=False,
     rescale_tied_logits=True,
     attention_logit_scaling=False,

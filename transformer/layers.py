@@ -270,17 +270,28 @@ class MultiHeadAttention(nn.Module):
         if self.is_mutable_collection("intermediates"):  # asked for by transformer.attention_maps
             scale = None if cfg.attention_logit_scaling else 1.0
             self.sow("intermediates", "attention_weights", attention_weights(q, k, mask, bias, scale=scale))
-        out = Dense(cfg, cfg.d_model, (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1), name="out")(out)
+        out = Dense(cfg, cfg.d_model, (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1),
+                    kernel_stddev=residual_stddev(cfg), name="out")(out)
         return out, cache
 
 
+def residual_stddev(config: ModelConfig) -> float:
+    """The initial scale of a projection into the residual stream (attention out, feed-forward
+    out): 0.02, or GPT-2's 0.02 / sqrt(2L) (`scale_residual_init`: the residual path sums 2L of
+    them; L the deeper stack's layers)."""
+    if not config.scale_residual_init:
+        return 0.02
+    return 0.02 / math.sqrt(2 * max(config.num_encoder_layers, config.num_decoder_layers))
+
+
 class FeedForward(nn.Module):
-    """Position-wise feed-forward: act(x W_i) W_o, or gated act(x W_0) * (x W_1) W_o."""
+    """Position-wise feed-forward: act(x W_i) W_o, or gated act(x W_0) * (x W_1) W_o; T5 drops
+    out act(...) inside it (`feed_forward_dropout_rate`)."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
         act = activation_fn(cfg.activation)
         axes = (ax.EMBED, ax.MLP)
@@ -288,7 +299,9 @@ class FeedForward(nn.Module):
             h = act(Dense(cfg, cfg.d_ff, axes, name="wi_0")(x)) * Dense(cfg, cfg.d_ff, axes, name="wi_1")(x)
         else:
             h = act(Dense(cfg, cfg.d_ff, axes, name="wi")(x))  # [B, T, F]
-        return Dense(cfg, cfg.d_model, (ax.MLP, ax.EMBED), name="wo")(h)  # [B, T, D]
+        h = nn.Dropout(cfg.feed_forward_dropout_rate)(h, deterministic=deterministic)
+        out = Dense(cfg, cfg.d_model, (ax.MLP, ax.EMBED), kernel_stddev=residual_stddev(cfg), name="wo")
+        return out(h)  # [B, T, D]
 
 
 @struct.dataclass
@@ -352,6 +365,6 @@ class Block(nn.Module):
                 cache=cross_cache, deterministic=deterministic,
             )
             x = residual(x, h, "cross_attention")
-        h = FeedForward(cfg, name="feed_forward")(sublayer_input(x, "feed_forward"))
+        h = FeedForward(cfg, name="feed_forward")(sublayer_input(x, "feed_forward"), deterministic)
         x = residual(x, h, "feed_forward")
         return x, (self_cache, cross_cache)
