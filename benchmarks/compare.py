@@ -78,7 +78,7 @@ TRAIN_BATCH, TRAIN_LENGTH = 8, 256
 LEARNING_RATE = 1e-4  # workload.training_step's; the rest of AdamW is make_optimizer's defaults
 ADAMW = dict(lr=LEARNING_RATE, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
 CLIP_NORM = 1.0
-NO_DROPOUT = dict(dropout_rate=0.0, attention_dropout_rate=0.0)
+NO_DROPOUT = dict(dropout_rate=0.0, attention_dropout_rate=0.0, feed_forward_dropout_rate=0.0)
 SMALL = dict(d_model=256, num_heads=4, d_ff=1024, vocab_size=8192, **NO_DROPOUT)
 
 Run = Callable[[], None]

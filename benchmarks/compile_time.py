@@ -115,7 +115,8 @@ def measure_generation(args, base, depth: int, scan: bool) -> dict:
     import transformer as tfm
 
     config = workload.model_config(args.preset, args.set, **layer_fields(base, depth, scan),
-                                   dropout_rate=0.0, attention_dropout_rate=0.0)
+                                   dropout_rate=0.0, attention_dropout_rate=0.0,
+                                   feed_forward_dropout_rate=0.0)
     model = tfm.CausalLM(config)
     prompt = np.full((1, 16), 7, np.int32)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), prompt)

@@ -7,7 +7,8 @@ memory and MFU for a preset and batch shape.
 
 The step is `train.step.compile_steps`'s (objective, AdamW with clipping and the decay mask,
 the non-finite guard, metrics) on a batch of random tokens already on the device; dropout
-follows the preset unless `--set dropout_rate=0 attention_dropout_rate=0`.
+follows the preset unless `--set dropout_rate=0 attention_dropout_rate=0
+feed_forward_dropout_rate=0`.
 
 The step time is the median over --rounds rounds of one round's time / --steps; a round
 dispatches --steps steps back to back and waits once, as the training loop does (it keeps

@@ -19,7 +19,9 @@ RNG = jax.random.PRNGKey(0)
 
 def preset(name: str, **changes) -> tfm.ModelConfig:
     """A preset without dropout, so that every forward pass is deterministic."""
-    return tfm.ModelConfig.preset(name, dropout_rate=0.0, attention_dropout_rate=0.0, **changes)
+    return tfm.ModelConfig.preset(
+        name, dropout_rate=0.0, attention_dropout_rate=0.0, feed_forward_dropout_rate=0.0, **changes
+    )
 
 
 def init_inputs(model, length: int = 4) -> tuple[jax.Array, ...]:

@@ -258,7 +258,6 @@ class MultiHeadAttention(nn.Module):
             if cache is not None:
                 cache = cache.write(k, v, cache_index)
                 k, v = cache.k, cache.v  # [B, S, K, H], S = cache slots
-
         dropout_rate = 0.0 if deterministic else cfg.attention_dropout_rate
         out = dot_product_attention(
             q, k, v, mask, bias,
@@ -270,8 +269,8 @@ class MultiHeadAttention(nn.Module):
         if self.is_mutable_collection("intermediates"):  # asked for by transformer.attention_maps
             scale = None if cfg.attention_logit_scaling else 1.0
             self.sow("intermediates", "attention_weights", attention_weights(q, k, mask, bias, scale=scale))
-        out = Dense(cfg, cfg.d_model, (ax.HEADS, ax.HEAD_DIM, ax.EMBED), axis=(-2, -1),
-                    kernel_stddev=residual_stddev(cfg), name="out")(out)
+        out_axes = (ax.HEADS, ax.HEAD_DIM, ax.EMBED)
+        out = Dense(cfg, cfg.d_model, out_axes, axis=(-2, -1), kernel_stddev=residual_stddev(cfg), name="out")(out)
         return out, cache
 
 
@@ -366,5 +365,4 @@ class Block(nn.Module):
             )
             x = residual(x, h, "cross_attention")
         h = FeedForward(cfg, name="feed_forward")(sublayer_input(x, "feed_forward"), deterministic)
-        x = residual(x, h, "feed_forward")
-        return x, (self_cache, cross_cache)
+        return residual(x, h, "feed_forward"), (self_cache, cross_cache)
