@@ -215,6 +215,14 @@ def _decoder_head_rules(config: ModelConfig, head: str) -> list[Rule]:
     return [] if config.tie_embeddings else [Rule("lm_head.weight", "lm_head/kernel", Layout.LINEAR)]
 
 
+def post_norm_layer(ours: str, attention_tensors: dict[str, str], attention_norm: str, wi: str, wo: str,
+                    feed_forward_norm: str) -> list[Rule]:
+    """A post-LN encoder layer's rules (BERT's, DistilBERT's, ALBERT's), given its tensor names."""
+    return [*attention(attention_tensors, f"{ours}/self_attention"),
+            *norm(attention_norm, f"{ours}/self_attention_norm"), *linear(wi, f"{ours}/feed_forward/wi"),
+            *linear(wo, f"{ours}/feed_forward/wo"), *norm(feed_forward_norm, f"{ours}/feed_forward_norm")]
+
+
 def _layer_indices(config: ModelConfig, encoder: bool) -> range:
     return range(config.num_encoder_layers if encoder else config.num_decoder_layers)
 
@@ -319,11 +327,8 @@ class Bert(Architecture):
             layer, ours = f"{p}encoder.layer.{i}", f"encoder/layers_{i}"
             names = dict(query=f"{layer}.attention.self.query", key=f"{layer}.attention.self.key",
                          value=f"{layer}.attention.self.value", out=f"{layer}.attention.output.dense")
-            rules += attention(names, f"{ours}/self_attention")
-            rules += norm(f"{layer}.attention.output.LayerNorm", f"{ours}/self_attention_norm")
-            rules += linear(f"{layer}.intermediate.dense", f"{ours}/feed_forward/wi")
-            rules += linear(f"{layer}.output.dense", f"{ours}/feed_forward/wo")
-            rules += norm(f"{layer}.output.LayerNorm", f"{ours}/feed_forward_norm")
+            rules += post_norm_layer(ours, names, f"{layer}.attention.output.LayerNorm", f"{layer}.intermediate.dense",
+                                     f"{layer}.output.dense", f"{layer}.output.LayerNorm")
         return rules
 
     @classmethod
@@ -443,11 +448,8 @@ class DistilBert(Bert):
             layer, ours = f"{p}transformer.layer.{i}", f"encoder/layers_{i}"
             names = {role: f"{layer}.attention.{name}_lin" for role, name in
                      (("query", "q"), ("key", "k"), ("value", "v"), ("out", "out"))}
-            rules += attention(names, f"{ours}/self_attention")
-            rules += norm(f"{layer}.sa_layer_norm", f"{ours}/self_attention_norm")
-            rules += linear(f"{layer}.ffn.lin1", f"{ours}/feed_forward/wi")
-            rules += linear(f"{layer}.ffn.lin2", f"{ours}/feed_forward/wo")
-            rules += norm(f"{layer}.output_layer_norm", f"{ours}/feed_forward_norm")
+            rules += post_norm_layer(ours, names, f"{layer}.sa_layer_norm", f"{layer}.ffn.lin1", f"{layer}.ffn.lin2",
+                                     f"{layer}.output_layer_norm")
         return rules
 
     @classmethod
@@ -493,11 +495,8 @@ class Albert(Bert):
     def _layer_rules(cls, config, p):
         layer, ours = f"{p}{cls._LAYER}", "encoder/shared_layer"
         names = {role: f"{layer}.attention.{role}" for role in ("query", "key", "value")}
-        rules = attention(names | {"out": f"{layer}.attention.dense"}, f"{ours}/self_attention")
-        rules += norm(f"{layer}.attention.LayerNorm", f"{ours}/self_attention_norm")
-        rules += linear(f"{layer}.ffn", f"{ours}/feed_forward/wi")
-        rules += linear(f"{layer}.ffn_output", f"{ours}/feed_forward/wo")
-        rules += norm(f"{layer}.full_layer_layer_norm", f"{ours}/feed_forward_norm")
+        rules = post_norm_layer(ours, names | {"out": f"{layer}.attention.dense"}, f"{layer}.attention.LayerNorm",
+                                f"{layer}.ffn", f"{layer}.ffn_output", f"{layer}.full_layer_layer_norm")
         return linear(f"{p}encoder.embedding_hidden_mapping_in", "embed/projection") + rules
 
 
