@@ -104,6 +104,23 @@ def test_top_k_1_sampling_equals_greedy():
     np.testing.assert_array_equal(sampled.tokens, greedy.tokens)
 
 
+def test_gnmt_length_penalty_reaches_the_beam_search_of_generate():
+    """Each row's beam score is its log-probability under full forward passes over GNMT's
+    ((5 + 5) / 6)**0.6 (5 tokens, no EOS), not 5**0.6."""
+    model, variables = decoder()
+    out = tfm.generate(
+        model, variables, PROMPTS, max_new_tokens=5, strategy="beam", num_beams=3, length_penalty=0.6,
+        length_penalty_form="gnmt",
+    )
+    for row, prompt in enumerate(PROMPTS):
+        sequence = prompt + out.tokens[row].tolist()
+        log_p = sum(
+            float(jax.nn.log_softmax(next_logits(model, variables, sequence[:n]))[sequence[n]])
+            for n in range(len(prompt), len(sequence))
+        )
+        np.testing.assert_allclose(out.scores[row], log_p / (10 / 6) ** 0.6, rtol=1e-5)
+
+
 def test_one_beam_equals_greedy():
     model, variables = decoder()
     greedy = tfm.generate(model, variables, PROMPTS, max_new_tokens=6)
@@ -195,11 +212,14 @@ CHAIN_EOS = 3
 
 
 @functools.partial(
-    jax.jit, static_argnames=("num_beams", "max_new_tokens", "eos_id", "no_repeat_ngram_size", "early_stopping")
+    jax.jit,
+    static_argnames=(
+        "num_beams", "max_new_tokens", "eos_id", "no_repeat_ngram_size", "early_stopping", "length_penalty_form"
+    ),
 )
 def chain_beam_search(
     chains, length_penalty, *, num_beams, max_new_tokens, eos_id=CHAIN_EOS, no_repeat_ngram_size=0,
-    early_stopping="never",
+    early_stopping="never", length_penalty_form="power",
 ):
     """Beam search on chains [B, V, V]; the cache is each row's chain index [B]."""
 
@@ -210,7 +230,8 @@ def chain_beam_search(
     logits, cache = step(jnp.zeros_like(chain), chain)
     return tfm.beam_search(
         step, logits, cache, num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
-        early_stopping=early_stopping, eos_id=eos_id, select_rows=take_rows, no_repeat_ngram_size=no_repeat_ngram_size,
+        length_penalty_form=length_penalty_form, early_stopping=early_stopping, eos_id=eos_id, select_rows=take_rows,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )
 
 
@@ -222,13 +243,18 @@ def hypotheses(vocab, max_new_tokens, eos=(CHAIN_EOS,)):
                 yield tokens
 
 
-def hypothesis_score(chain, tokens, length_penalty):
-    """sum(log p) / length**length_penalty of tokens following chain [V, V] from token 0, in float64."""
+def penalty(length, alpha, form="power"):
+    """What a beam hypothesis's sum(log p) is divided by: length**alpha, or GNMT's ((5 + length) / 6)**alpha."""
+    return (length if form == "power" else (5 + length) / 6) ** alpha
+
+
+def hypothesis_score(chain, tokens, length_penalty, form="power"):
+    """sum(log p) / penalty(length) of tokens following chain [V, V] from token 0, in float64."""
     chain = np.asarray(chain, np.float64)
-    return sum(chain[a, b] for a, b in zip((0,) + tokens, tokens)) / len(tokens) ** length_penalty
+    return sum(chain[a, b] for a, b in zip((0,) + tokens, tokens)) / penalty(len(tokens), length_penalty, form)
 
 
-def assert_brute_force_best(out, chains, max_new_tokens, length_penalty, eos=(CHAIN_EOS,)):
+def assert_brute_force_best(out, chains, max_new_tokens, length_penalty, eos=(CHAIN_EOS,), form="power"):
     """Each row's output is a finished hypothesis (padded with 0) that scores as high as the best of all.
 
     Scores are compared, not tokens: in a Markov chain, reorderings of a path can tie exactly."""
@@ -238,9 +264,9 @@ def assert_brute_force_best(out, chains, max_new_tokens, length_penalty, eos=(CH
         every = list(hypotheses(len(chain), max_new_tokens, eos))
         assert tokens in set(every), f"row {row}: {tokens}"
         assert not out.tokens[row, length:].any()
-        best = max(hypothesis_score(chain, other, length_penalty) for other in every)
+        best = max(hypothesis_score(chain, other, length_penalty, form) for other in every)
         np.testing.assert_allclose(out.scores[row], best, rtol=1e-5, err_msg=f"row {row}")
-        np.testing.assert_allclose(hypothesis_score(chain, tokens, length_penalty), best, rtol=1e-5)
+        np.testing.assert_allclose(hypothesis_score(chain, tokens, length_penalty, form), best, rtol=1e-5)
 
 
 def two_step_chain(first, after_a):
@@ -277,16 +303,32 @@ def test_a_negative_length_penalty_does_not_stop_too_early():
     assert_brute_force_best(out, chains, 3, -1.0)
 
 
-@pytest.mark.parametrize("length_penalty", [0.0, 0.6, 1.0, -0.5])
-def test_exhaustive_beam_search_finds_the_brute_force_best(length_penalty):
+def test_gnmt_length_penalty_scores_and_stops_by_its_own_form():
+    """GNMT's penalty ((5 + length) / 6)**-1 (score = sum log p * (5 + length) / 6): after EOS (0.4,
+    score log 0.4 = -0.92) the live A (0.5) can still end at length 2 with log(0.5 * 0.99) * 7/6 =
+    -0.82, and wins. The power form would score it 2 log(0.5 * 0.99) = -1.41 and stop at EOS: its
+    bound for A, over the largest of 2**-1 and 3**-1, is 2 log 0.5 = -1.39 (GNMT's, log 0.5 * 7/6)."""
+    chains = two_step_chain(first=[0.1, 0.5, 0.0, 0.4], after_a=[0.0, 0.01, 0.0, 0.99])
+    out = chain_beam_search(chains, -1.0, num_beams=1, max_new_tokens=3, length_penalty_form="gnmt")
+    assert out.tokens[0].tolist() == [1, CHAIN_EOS, 0]
+    np.testing.assert_allclose(out.scores[0], np.log(0.5 * 0.99) * 7 / 6, rtol=1e-5)
+    assert_brute_force_best(out, chains, 3, -1.0, form="gnmt")
+
+
+@pytest.mark.parametrize(
+    "length_penalty, form", [(0.0, "power"), (0.6, "power"), (1.0, "power"), (-0.5, "power"), (0.6, "gnmt"),
+                             (-0.5, "gnmt")]
+)
+def test_exhaustive_beam_search_finds_the_brute_force_best(length_penalty, form):
     """With (V - 1)**(max_new_tokens - 1) beams every live prefix stays in the beam, so beam search
     must return the best of all hypotheses (those ending in EOS and those cut at the limit)."""
     vocab, max_new_tokens = 4, 4
     chains = jax.nn.log_softmax(2.0 * jax.random.normal(RNG, (16, vocab, vocab)), axis=-1)
     out = chain_beam_search(
-        chains, length_penalty, num_beams=(vocab - 1) ** (max_new_tokens - 1), max_new_tokens=max_new_tokens
+        chains, length_penalty, num_beams=(vocab - 1) ** (max_new_tokens - 1), max_new_tokens=max_new_tokens,
+        length_penalty_form=form,
     )
-    assert_brute_force_best(out, chains, max_new_tokens, length_penalty)
+    assert_brute_force_best(out, chains, max_new_tokens, length_penalty, form=form)
     assert {1, max_new_tokens} < set(out.lengths.tolist())  # short and cut hypotheses both win somewhere
 
 
@@ -449,12 +491,14 @@ def test_top_p_never_emits_outside_the_nucleus():
     assert bool(jnp.isfinite(tfm.top_p_filter(sharp, 1.0)).all())
 
 
-def sampling_distribution(logits, temperature, top_k, top_p):
+def sampling_distribution(logits, top_k, temperature=1.0, top_p=1.0, top_k_uniform=False):
     """The distribution sampling draws from, in float64 and in transformers' order: softmax of
-    logits / temperature over its top_k largest, then over the nucleus, the fewest most likely of
-    those whose probability reaches top_p."""
+    logits / temperature over its top_k largest (with top_k_uniform, the same for each), then over
+    the nucleus, the fewest most likely of those whose probability reaches top_p."""
     z = np.asarray(logits, np.float64) / temperature
     z[np.argsort(-z)[top_k:]] = -np.inf
+    if top_k_uniform:
+        z[np.isfinite(z)] = 0.0
     probs = np.exp(z - z.max())
     probs /= probs.sum()
     order = np.argsort(-probs)
@@ -489,21 +533,33 @@ def test_sampled_tokens_follow_the_temperature_then_top_k_then_top_p():
       keeps 2 (the nucleus of the logits' top 4 [.63, .23, .09, .05], or of all 6 [.61, .23, ...]);
       top-p before top-k keeps 4 (the nucleus of all 6 logits / 3 [.31, .22, .16, .13, .10, .08]).
     - temperature 0.7, top_p 1: [.75, .18, .04, .02], against [.63, .23, .09, .05] at temperature 1.
+    - top_k_uniform: 1/4 each of the top 4, whatever their logits.
     """
     model, variables = designed_decoder()
     logits = np.asarray(forward(model, variables, jnp.array([PROMPTS[0]]))[0, -1, : len(FIRST_LOGITS)])
     np.testing.assert_allclose(logits, FIRST_LOGITS, atol=1e-4)
     rows = 1000
     config = tfm.GenerationConfig(max_new_tokens=1, strategy="sample", top_k=4, vocab_size=len(FIRST_LOGITS))
-    for seed, (temperature, top_p) in enumerate([(3.0, 0.75), (0.7, 1.0)]):
-        expected = sampling_distribution(logits, temperature, 4, top_p)
-        out = tfm.generate(model, variables, [PROMPTS[0]] * rows, config, rng=jax.random.PRNGKey(seed),
-                           temperature=temperature, top_p=top_p)
+    for seed, options in enumerate(
+        [dict(temperature=3.0, top_p=0.75), dict(temperature=0.7, top_p=1.0), dict(top_k_uniform=True)]
+    ):
+        expected = sampling_distribution(logits, 4, **options)
+        out = tfm.generate(model, variables, [PROMPTS[0]] * rows, config, rng=jax.random.PRNGKey(seed), **options)
         counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=len(FIRST_LOGITS))
         support = expected > 0
-        assert (counts > 0).tolist() == support.tolist(), (temperature, top_p, counts)
+        assert (counts > 0).tolist() == support.tolist(), (options, counts)
         chi_square = np.sum((counts[support] - rows * expected[support]) ** 2 / (rows * expected[support]))
-        assert chi_square < 25, (temperature, top_p, counts, rows * expected)  # P < 2e-5 by chance (<= 3 degrees)
+        assert chi_square < 25, (options, counts, rows * expected)  # P < 2e-5 by chance (<= 3 degrees)
+
+
+def test_uniform_top_k_leaves_out_eliminated_tokens():
+    """Where the top k hold eliminated tokens (an id past vocab_size at -inf, a banned n-gram's), the
+    uniform pick is among the others: here ids 0, 2 and 4 of the top 4 (id 3 banned), 1/3 each."""
+    logits = tfm.ban_repeated_ngrams(jnp.array([[2.0, -jnp.inf, 1.0, 5.0, -3.0]]), jnp.array([[3]]), 1, 1)
+    tokens = tfm.sample_logits(logits.repeat(3000, axis=0), RNG, top_k=4, top_k_uniform=True)
+    counts = np.bincount(np.asarray(tokens), minlength=5)
+    assert counts[[1, 3]].tolist() == [0, 0]
+    np.testing.assert_allclose(counts[[0, 2, 4]] / 3000, 1 / 3, atol=0.04)  # standard deviation 0.009
 
 
 def test_a_new_prompt_length_in_the_same_bucket_does_not_recompile():
@@ -515,7 +571,8 @@ def test_a_new_prompt_length_in_the_same_bucket_does_not_recompile():
 
 
 def test_changing_traced_options_does_not_recompile():
-    """temperature, top_p and length_penalty are traced."""
+    """temperature, top_p and length_penalty are traced; a static option given at its default
+    (top_k_uniform, length_penalty_form) compiles nothing new."""
     model, variables = decoder()
     sample = tfm.GenerationConfig(max_new_tokens=4, strategy="sample", top_p=0.9)
     tfm.generate(model, variables, [[1, 2, 3]], sample, rng=RNG)
@@ -524,6 +581,9 @@ def test_changing_traced_options_does_not_recompile():
     compiled = tfm.decoding._generate._cache_size()
     tfm.generate(model, variables, [[1, 2, 3]], sample, rng=RNG, temperature=0.5, top_p=0.7)
     tfm.generate(model, variables, [[1, 2, 3]], max_new_tokens=4, strategy="beam", num_beams=2, length_penalty=0.3)
+    tfm.generate(model, variables, [[1, 2, 3]], sample, rng=RNG, top_k_uniform=False)
+    beam = dict(max_new_tokens=4, strategy="beam", num_beams=2)
+    tfm.generate(model, variables, [[1, 2, 3]], **beam, length_penalty_form="power")
     assert tfm.decoding._generate._cache_size() == compiled
 
 
@@ -566,6 +626,15 @@ def test_a_config_and_options_by_name_generate_the_same():
         (dict(length_penalty=0.6), "length_penalty=0.6 applies to strategy='beam' only.*set strategy='beam'"),
         (dict(max_new_tokens=2.5), "max_new_tokens must be a whole number"),
         (dict(strategy="beam", num_beams=2.0), "num_beams must be a whole number"),
+        (dict(strategy="beam", length_penalty_form="wu"),
+         "length_penalty_form must be one of 'power', 'gnmt', got 'wu'"),
+        (dict(length_penalty_form="gnmt"), "length_penalty_form='gnmt' applies to strategy='beam' only"),
+        (dict(strategy="sample", top_k_uniform=True), "top_k_uniform=True picks uniformly among .*: give top_k"),
+        (dict(strategy="sample", top_k=5, top_k_uniform=True, temperature=0.7),
+         "temperature=0.7 would have no effect with top_k_uniform=True"),
+        (dict(strategy="sample", top_k=5, top_k_uniform=True, top_p=0.9), "top_p=0.9 would have no effect"),
+        (dict(strategy="sample", top_k=5, top_k_uniform=1), "top_k_uniform must be True or False, got 1"),
+        (dict(strategy="beam", top_k_uniform=False), "top_k_uniform=False applies to strategy='sample'"),
     ],
 )
 def test_a_generation_config_checks_itself(options, message):

@@ -30,6 +30,7 @@ from transformer.layers import is_weight_matrix
 from transformer.models import CausalLM, Seq2SeqLM
 
 STRATEGIES = ("greedy", "sample", "beam")
+LENGTH_PENALTY_FORMS = ("power", "gnmt")
 _NEG_INF = -1e30  # finite, so that arithmetic on eliminated scores stays well defined
 
 
@@ -49,9 +50,11 @@ class GenerationConfig:
     strategy: str = "greedy"  # "greedy" (argmax), "sample" or "beam"
     temperature: float | None = None  # sample [1.0]: < 1 sharpens the distribution, > 1 flattens it
     top_k: int | None = None  # sample [all]: only the k most likely tokens
+    top_k_uniform: bool | None = None  # sample [False]: pick uniformly among the top_k tokens, not by probability
     top_p: float | None = None  # sample [all]: only the nucleus of probability p
     num_beams: int | None = None  # beam [4]: W live beams per row
-    length_penalty: float | None = None  # beam [1.0]: a hypothesis scores sum(log p) / length**length_penalty
+    length_penalty: float | None = None  # beam [1.0] (a): a hypothesis scores sum(log p) / lp(length)
+    length_penalty_form: str | None = None  # beam ["power"]: lp = length**a, or "gnmt": ((5 + length) / 6)**a
     early_stopping: bool | str | None = None  # beam ["never"]: True, False or "never": transformers' rules to stop
     no_repeat_ngram_size: int = 0  # n > 0: no n-gram occurs twice in the generated tokens (all strategies)
     eos_id: int | tuple[int, ...] | None = None  # a row stops at this token or any of these (kept); None: never
@@ -88,6 +91,7 @@ class GenerationConfig:
                 raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
             if self.top_p is not None and not 0 < self.top_p <= 1:
                 raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+            self._check_top_k_uniform()
         if self.num_beams is not None and self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}.")
         if not (self.early_stopping is None or isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
@@ -98,6 +102,26 @@ class GenerationConfig:
             raise ValueError(f"vocab_size must be >= 1 or None, got {self.vocab_size}.")
         if self.length_penalty is not None and not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}.")
+        if self.length_penalty_form is not None and self.length_penalty_form not in LENGTH_PENALTY_FORMS:
+            raise ValueError(
+                f"length_penalty_form must be one of {', '.join(map(repr, LENGTH_PENALTY_FORMS))}, "
+                f"got {self.length_penalty_form!r}."
+            )
+
+    def _check_top_k_uniform(self):
+        """top_k_uniform=True needs top_k, and leaves no use for temperature and top_p."""
+        if self.top_k_uniform is not None and not isinstance(self.top_k_uniform, bool):
+            raise ValueError(f"top_k_uniform must be True or False, got {self.top_k_uniform!r}.")
+        if not self.top_k_uniform:
+            return
+        if self.top_k is None:
+            raise ValueError("top_k_uniform=True picks uniformly among the top_k tokens: give top_k too.")
+        for name in ("temperature", "top_p"):
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} would have no effect with top_k_uniform=True, which gives each "
+                    f"of the top_k tokens the same chance whatever their probabilities: leave {name} out."
+                )
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
@@ -119,22 +143,28 @@ class GenerationConfig:
 
     def static(self) -> GenerationConfig:
         """The options that shape the compiled program: without the traced ones (temperature,
-        top_p's value, length_penalty), with the beam options' defaults filled in."""
-        beam = self.strategy == "beam"
+        top_p's value, length_penalty), with the static options' defaults filled in."""
+        beam, sample = self.strategy == "beam", self.strategy == "sample"
         return self.replace(
             temperature=None,
+            top_k_uniform=self.value("top_k_uniform") if sample else None,
             top_p=None if self.top_p is None else 1.0,
             num_beams=self.value("num_beams") if beam else None,
             length_penalty=None,
+            length_penalty_form=self.value("length_penalty_form") if beam else None,
             early_stopping=self.value("early_stopping") if beam else None,
         )
 
 
 # The options one strategy alone uses (given for another strategy, an error), and the defaults of those not given.
 _USED_BY = dict(
-    temperature="sample", top_k="sample", top_p="sample", num_beams="beam", length_penalty="beam", early_stopping="beam"
+    temperature="sample", top_k="sample", top_k_uniform="sample", top_p="sample", num_beams="beam",
+    length_penalty="beam", length_penalty_form="beam", early_stopping="beam",
 )
-_STRATEGY_DEFAULTS = dict(temperature=1.0, num_beams=4, length_penalty=1.0, early_stopping="never")
+_STRATEGY_DEFAULTS = dict(
+    temperature=1.0, top_k_uniform=False, num_beams=4, length_penalty=1.0, length_penalty_form="power",
+    early_stopping="never",
+)
 
 
 def with_options(config: GenerationConfig | None, options: dict[str, Any]) -> GenerationConfig:
@@ -199,10 +229,18 @@ def sample_logits(
     *,
     temperature: float | jax.Array = 1.0,
     top_k: int | None = None,
+    top_k_uniform: bool = False,
     top_p: float | jax.Array | None = None,
 ) -> jax.Array:
-    """Draws one token per row from temperature-scaled, top-k and top-p filtered logits. [B, V] -> [B]."""
-    logits = apply_temperature(logits.astype(jnp.float32), temperature)
+    """Draws one token per row from temperature-scaled, top-k and top-p filtered logits. [B, V] -> [B].
+
+    top_k_uniform: each of the top_k tokens alike, whatever its logit (eliminated ones, -inf or banned,
+    stay out); temperature and top_p then change nothing."""
+    logits = logits.astype(jnp.float32)
+    if top_k_uniform:
+        kept = top_k_filter(logits, top_k)
+        return jax.random.categorical(rng, jnp.where(kept > _NEG_INF, 0.0, kept), axis=-1)
+    logits = apply_temperature(logits, temperature)
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None:
@@ -407,6 +445,7 @@ def sample_loop(
     greedy: bool,
     temperature: float | jax.Array = 1.0,
     top_k: int | None = None,
+    top_k_uniform: bool = False,
     top_p: float | jax.Array | None = None,
     eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
@@ -431,7 +470,9 @@ def sample_loop(
             rng, token = state.rng, argmax(allowed)
         else:
             rng, key = jax.random.split(state.rng)
-            token = sample_logits(allowed, key, temperature=temperature, top_k=top_k, top_p=top_p)
+            token = sample_logits(
+                allowed, key, temperature=temperature, top_k=top_k, top_k_uniform=top_k_uniform, top_p=top_p
+            )
         token_log_prob = token_log_probs(logits, token)  # [B]
         token = jnp.where(state.done, pad_id, token).astype(jnp.int32)
         if on_tokens is not None:
@@ -450,11 +491,8 @@ def sample_loop(
         logits, cache = decode_step(state.token, state.cache)
         return choose(state.replace(cache=cache), logits)
 
-    def cond(state: SamplingState) -> jax.Array:
-        return (state.step < max_new_tokens) & ~jnp.all(state.done)
-
     start = SamplingState.start(cache, rng, batch=logits.shape[0], max_new_tokens=max_new_tokens, pad_id=pad_id)
-    state = jax.lax.while_loop(cond, body, choose(start, logits))
+    state = jax.lax.while_loop(_unfinished(max_new_tokens), body, choose(start, logits))
     return GenerateOutput(state.tokens, state.lengths, state.scores)
 
 
@@ -468,8 +506,16 @@ def _is_eos(token: jax.Array, eos_id: int | Sequence[int] | None) -> jax.Array:
     return jnp.isin(token, jnp.asarray(ids, token.dtype)) if ids else jnp.zeros(token.shape, bool)
 
 
-def _length_penalty(length: jax.Array, alpha: float | jax.Array) -> jax.Array:
-    return jnp.asarray(length, jnp.float32) ** alpha
+def _unfinished(steps: int) -> Callable:
+    """The decode loops' condition: fewer than `steps` tokens so far, and a row not done."""
+    return lambda state: (state.step < steps) & ~jnp.all(state.done)
+
+
+def _length_penalty(alpha: float | jax.Array, form: str) -> Callable:
+    """lp(length), what a hypothesis's summed log-probability is divided by: length**alpha ("power"), or
+    GNMT's ((5 + length) / 6)**alpha ("gnmt", Wu et al. 2016); either is monotonic in the length."""
+    offset, scale = {"power": (0, 1), "gnmt": (5, 6)}[form]
+    return lambda length: ((offset + jnp.asarray(length, jnp.float32)) / scale) ** alpha
 
 
 @struct.dataclass
@@ -504,26 +550,25 @@ class BeamState:
         )
 
 
-def _is_done(step, alive_scores, finished_scores, steps: int, length_penalty, early_stopping: bool | str) -> jax.Array:
+def _is_done(
+    step, alive_scores, finished_scores, steps: int, penalty: Callable, early_stopping: bool | str
+) -> jax.Array:
     """[B] whether a row, after `step` tokens, takes no more finished hypotheses, by transformers'
     `early_stopping`; once it has W of them (alive_scores and finished_scores [B, W], best first):
 
     - True: at once;
     - "never": when its best live beam cannot beat the W-th. Log-probabilities are <= 0, so a live
-      beam's final score is at most its current sum divided by the largest length**length_penalty
-      over the lengths it can still reach, step + 1 .. steps (monotonic in the length: at one end,
-      whatever the sign of length_penalty);
-    - False: when it cannot by transformers' heuristic, its current sum over step**length_penalty
+      beam's final score is at most its current sum divided by the largest `penalty(length)` (> 0)
+      over the lengths it can still reach, step + 1 .. steps (either form is monotonic in the
+      length: at one end, whatever the sign of length_penalty);
+    - False: when it cannot by transformers' heuristic, its current sum over penalty(step)
       (with length_penalty > 0, it may stop before a longer hypothesis that would have won).
     """
     full = finished_scores[:, -1] > _NEG_INF
     if early_stopping is True:
         return full
-    if early_stopping is False:
-        penalty = _length_penalty(step, length_penalty)
-    else:
-        penalty = jnp.maximum(_length_penalty(step + 1, length_penalty), _length_penalty(steps, length_penalty))
-    return full & (alive_scores[:, 0] / penalty <= finished_scores[:, -1])
+    largest = penalty(step) if early_stopping is False else jnp.maximum(penalty(step + 1), penalty(steps))
+    return full & (alive_scores[:, 0] / largest <= finished_scores[:, -1])
 
 
 def _best_finished(state: BeamState, candidates, scores, length) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -546,6 +591,7 @@ def beam_search(
     num_beams: int,
     max_new_tokens: int,
     length_penalty: float | jax.Array = 1.0,
+    length_penalty_form: str = "power",
     early_stopping: bool | str = "never",
     eos_id: int | Sequence[int] | None = None,
     pad_id: int = 0,
@@ -555,13 +601,14 @@ def beam_search(
     """Beam search over the same decode step: W live beams and W best finished hypotheses per row.
 
     logits [B, V] and cache (B rows) come from the prefill; `select_rows(cache, rows)` gathers cache
-    rows. A hypothesis scores sum(log p) / length**length_penalty and repeats no n-gram of size
-    `no_repeat_ngram_size` (0: off). Each step extends every live beam by every token, keeps the
-    (1 + E)W best (E EOS ids: W of them do not end), finishes those ending in EOS (all, at the last
-    step) and continues the W best others, until each row is done by `early_stopping` (_is_done).
+    rows. A hypothesis scores sum(log p) / length**length_penalty, or with length_penalty_form="gnmt"
+    over ((5 + length) / 6)**length_penalty, and repeats no n-gram of size `no_repeat_ngram_size`
+    (0: off). Each step extends every live beam by every token, keeps the (1 + E)W best (E EOS ids:
+    W of them do not end), finishes those ending in EOS (all, at the last step) and continues the W
+    best others, until each row is done by `early_stopping` (_is_done).
     """
     (batch, vocab), width, steps, eos_ids = logits.shape, num_beams, max_new_tokens, _as_ids(eos_id)
-    rows = jnp.arange(batch)[:, None]
+    rows, penalty = jnp.arange(batch)[:, None], _length_penalty(length_penalty, length_penalty_form)
 
     def body(state):
         i = state.step
@@ -573,7 +620,7 @@ def beam_search(
         sequences = state.alive[rows, parent].at[:, :, i].set(token)  # [B, (1 + E)W, steps]
         ends = (i + 1 == steps) | _is_eos(token, eos_ids)  # at the length limit live beams finish too
 
-        normalised = jnp.where(ends & ~state.done[:, None], scores / _length_penalty(i + 1, length_penalty), _NEG_INF)
+        normalised = jnp.where(ends & ~state.done[:, None], scores / penalty(i + 1), _NEG_INF)
         finished, finished_scores, finished_lengths = _best_finished(state, sequences, normalised, i + 1)
 
         alive_scores, alive_keep = jax.lax.top_k(jnp.where(ends, _NEG_INF, scores), width)  # [B, W]
@@ -586,16 +633,14 @@ def beam_search(
             finished=finished,
             finished_scores=finished_scores,
             finished_lengths=finished_lengths,
-            done=state.done | _is_done(i + 1, alive_scores, finished_scores, steps, length_penalty, early_stopping),
+            done=state.done | _is_done(i + 1, alive_scores, finished_scores, steps, penalty, early_stopping),
             logits=logits,
             cache=cache,
         )
 
-    def cond(state):
-        return (state.step < steps) & ~jnp.all(state.done)
-
     cache = select_rows(cache, jnp.repeat(jnp.arange(batch), width))  # row b -> rows b*W .. b*W+W-1
-    state = jax.lax.while_loop(cond, body, BeamState.start(logits, cache, width=width, steps=steps, pad_id=pad_id))
+    start = BeamState.start(logits, cache, width=width, steps=steps, pad_id=pad_id)
+    state = jax.lax.while_loop(_unfinished(steps), body, start)
     # Every row has a finished hypothesis: the loop ends early only when each row has W of them.
     return GenerateOutput(state.finished[:, 0], state.finished_lengths[:, 0], state.finished_scores[:, 0])
 
@@ -617,13 +662,15 @@ def _generate(
     if config.strategy == "beam":
         return beam_search(
             step, logits, cache, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens,
-            length_penalty=length_penalty, early_stopping=config.early_stopping, eos_id=config.eos_id,
+            length_penalty=length_penalty, length_penalty_form=config.length_penalty_form,
+            early_stopping=config.early_stopping, eos_id=config.eos_id,
             pad_id=config.pad_id, no_repeat_ngram_size=config.no_repeat_ngram_size,
         )
     on_tokens = (lambda token: jax.debug.callback(_emit, stream_id, token, ordered=True)) if stream else None
     return sample_loop(
         step, logits, cache, rng, max_new_tokens=config.max_new_tokens, greedy=config.strategy == "greedy",
-        temperature=temperature, top_k=config.top_k, top_p=None if config.top_p is None else top_p,
+        temperature=temperature, top_k=config.top_k, top_k_uniform=config.top_k_uniform,
+        top_p=None if config.top_p is None else top_p,
         eos_id=config.eos_id, pad_id=config.pad_id, no_repeat_ngram_size=config.no_repeat_ngram_size,
         on_tokens=on_tokens,
     )

@@ -11,11 +11,15 @@ import argparse
 import sys
 
 from transformer.compile_cache import DEFAULT_DIR, use_compilation_cache
-from transformer.decoding import STRATEGIES, GenerationConfig
+from transformer.decoding import LENGTH_PENALTY_FORMS, STRATEGIES, GenerationConfig
 from transformer.sampler import Sampler, check_seed
 
 
 SAMPLE_TEMPERATURE = 0.8  # the command line samples a little sharper than GenerationConfig's 1.0
+# The GenerationConfig options of one strategy each, passed where given: an error with another strategy.
+STRATEGY_OPTIONS = (
+    "temperature", "top_k", "top_k_uniform", "top_p", "num_beams", "length_penalty", "length_penalty_form"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", choices=STRATEGIES, default="sample", help="default %(default)s")
     parser.add_argument("--temperature", type=float, help=f"sample only; default {SAMPLE_TEMPERATURE}")
     parser.add_argument("--top-k", type=int, help="sample only: the k most likely tokens; default all")
+    parser.add_argument("--top-k-uniform", action="store_true", default=None,
+                        help="sample only: pick uniformly among the --top-k tokens (no --temperature or --top-p)")
     parser.add_argument("--top-p", type=float, help="sample only: the nucleus of probability p; default all")
     parser.add_argument("--num-beams", type=int, help="beam only; default 4")
     parser.add_argument("--length-penalty", type=float, help="beam only; default 1.0")
+    parser.add_argument("--length-penalty-form", choices=LENGTH_PENALTY_FORMS,
+                        help="beam only: sum(log p) / length**a (power) or ((5 + length) / 6)**a (gnmt); default power")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0,
                         help="no n-gram occurs twice in the generated text (e.g. 3 against greedy loops; 0: off)")
     parser.add_argument("--seed", type=int, default=0)
@@ -46,10 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     use_compilation_cache(args.compilation_cache)
     try:
-        if args.strategy == "sample" and args.temperature is None:
+        if args.strategy == "sample" and args.temperature is None and not args.top_k_uniform:
             args.temperature = SAMPLE_TEMPERATURE
-        given = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "num_beams", "length_penalty")
-                 if getattr(args, name) is not None}  # each a flag of one strategy: an error with another
+        given = {name: getattr(args, name) for name in STRATEGY_OPTIONS if getattr(args, name) is not None}
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, strategy=args.strategy,
                                   no_repeat_ngram_size=args.no_repeat_ngram_size, **given)
         check_seed(args.seed)
