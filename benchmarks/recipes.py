@@ -37,11 +37,15 @@ RECIPES = [
     ("bert-tiny-mlm", "bert-tiny-mlm", []),
     ("roberta-tiny-mlm", "roberta-tiny-mlm", []),
     ("albert-tiny-sop", "albert-tiny-sop", []),
+    ("t5-tiny-denoise", "t5-tiny-denoise", []),
+    ("t5-tiny-sentiment", "t5-tiny-sentiment", ["init_from={runs}/t5-tiny-denoise"]),
+    ("bert-tiny-ner", "bert-tiny-ner", []),
     ("bert-tiny-sentiment", "bert-tiny-sentiment", ["init_from={runs}/bert-tiny-mlm"]),
     ("sentiment-from-scratch", "bert-tiny-sentiment", ["init_from="]),
     ("transformer-tiny-en-fr", "transformer-tiny-en-fr", []),
 ]
-FIGURES = ("loss", "perplexity", "nats_per_char", "nsp_accuracy", "accuracy", "bleu", "bleu_beam")
+FIGURES = ("loss", "perplexity", "nats_per_char", "nsp_accuracy", "accuracy", "bleu", "bleu_beam", "exact_match",
+           "entity_f1")
 DONE = re.compile(r"^Done: (\d+) steps in (\d+) s")
 
 

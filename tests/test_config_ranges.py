@@ -121,6 +121,22 @@ def test_masked_lm_row_options_are_checked():
     assert config.pair_head and not config.next_sentence_prediction
 
 
+def test_span_corruption_options_are_checked():
+    """Span corruption's targets fill seq_length exactly (the error gives the length); its noise
+    settings belong to it alone; sentinels go only into a tokenizer the run trains."""
+    t5 = ["t5-tiny-denoise"]
+    with pytest.raises(ValueError, match=r"makes targets of exactly 14 tokens: set seq_length=14\.$"):
+        config_lib.parse_args([*t5, "source_length=64"])
+    with pytest.raises(ValueError, match=r"^source_length=8 is too short for span corruption"):
+        config_lib.parse_args([*t5, "source_length=8"])
+    assert config_lib.parse_args([*t5, "source_length=64", "seq_length=14"]).seq_length == 14
+    assert config_lib.parse_args([*t5, "noise_density=0.3", "seq_length=65"]).noise_density == 0.3
+    with pytest.raises(ValueError, match="^noise_density and mean_span_length apply to task=span_corruption only"):
+        config_lib.parse_args(["transformer-tiny-en-fr", "mean_span_length=2"])
+    with pytest.raises(ValueError, match=r"^tokenizer_extra_ids=100 adds sentinels to a tokenizer the run trains"):
+        config_lib.parse_args([*t5, "init_from=runs/t5"])
+
+
 def test_yaml_nan_names_field(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("learning_rate: .nan\n")

@@ -733,3 +733,147 @@ def test_full_sentences_pack_across_documents(mlm_docs, tok):
     np.testing.assert_array_equal(examples.text_tokens(), text)
     with pytest.raises(ValueError, match="cannot be paired"):
         data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, pairs=data.Pairs.NEXT_SENTENCE, across_documents=True)
+
+
+# ----------------------------------------------------------------------------- span corruption (T5)
+
+
+@pytest.fixture(scope="module")
+def t5_tok(tmp_path_factory):
+    """A tokenizer trained with 20 sentinels among its 400 ids."""
+    folder = tmp_path_factory.mktemp("t5-tokenizer")
+    corpus = folder / "train.txt"
+    corpus.write_text("\n".join(sentences(3_000, seed=0)) + "\n")
+    return Tokenizer.train([corpus], 400, model_prefix=folder / "spm", extra_ids=20)
+
+
+def test_tokenizer_trained_with_sentinels_ends_with_them(t5_tok, tmp_path):
+    """The sentinels are the last of the vocab_size ids, <extra_id_0> the very last (T5's
+    numbering); text names them, decoding writes them, and saving and loading keeps them."""
+    assert t5_tok.vocab_size == 400
+    assert [t5_tok.token_to_id(f"<extra_id_{k}>") for k in (0, 19, 20)] == [399, 380, None]
+    loaded = Tokenizer.load(t5_tok.save(tmp_path))
+    assert loaded.vocab_size == 400 and loaded.sentinel_ids == t5_tok.sentinel_ids == frozenset(range(380, 400))
+    ids = loaded.encode("Ba <extra_id_3> ko")
+    assert 396 in ids and loaded.decode(ids) == t5_tok.decode(ids) == "Ba <extra_id_3> ko"
+
+
+@pytest.mark.parametrize("source_length, expected", [(512, (568, 114)), (128, (141, 29)), (10, (10, 4))])
+def test_span_corruption_lengths_are_t5s(source_length, expected):
+    """T5's length arithmetic: 512 input tokens take 568 tokens of text and make 114 target
+    tokens (T5's own figures for its C4 pretraining)."""
+    assert data.span_corruption_lengths(source_length, 0.15, 3.0) == expected
+
+
+def _spans_of(target: list[int], sentinel_of: dict[int, int]) -> dict[int, list[int]]:
+    """{k: the tokens after sentinel k} of a span-corruption target (EOS dropped)."""
+    spans, current = {}, None
+    for token in target[:-1]:
+        if token in sentinel_of:
+            current = sentinel_of[token]
+            spans[current] = []
+        else:
+            spans[current].append(token)
+    return spans
+
+
+@pytest.mark.parametrize("source_length", [10, 32, 128])
+def test_span_corruption_inputs_and_targets_reassemble_the_text(t5_tok, source_length):
+    """Each row's input fills source_length and its target target_length exactly (EOS last, no
+    padding); the target lists sentinels 0, 1, ... in order, each before a non-empty span; each
+    input sentinel replaced by its span gives the row's text back; round(15%) of the text is
+    dropped in round(noise / 3) spans; the rows are the text's tokens in order."""
+    rows = data.SpanCorruptionExamples(documents(60, seed=4), t5_tok, source_length)
+    text_length, target_length = data.span_corruption_lengths(source_length, 0.15, 3.0)
+    assert rows.target_length == target_length and rows.rows.shape[1] == text_length
+    stream = [t for d in documents(60, seed=4) for t in t5_tok.encode(d["text"])]
+    assert rows.rows.reshape(-1).tolist() == stream[: rows.rows.size]
+    sentinel_of = {int(s): k for k, s in enumerate(rows.sentinels)}
+    rng = np.random.default_rng(0)
+    for index in range(min(len(rows), 12)):
+        features = rows.example(index, rng)
+        source, target = features["source"].tolist(), features["targets"].tolist()
+        assert len(source) == source_length and len(target) == target_length
+        assert source[-1] == target[-1] == t5_tok.eos_id and t5_tok.pad_id not in source + target
+        assert features["target_in"].tolist() == [t5_tok.decoder_start_id, *target[:-1]]
+        assert features["weights"].tolist() == [1.0] * target_length
+        spans = _spans_of(target, sentinel_of)
+        assert list(spans) == list(range(len(spans))) and all(spans.values())
+        rebuilt = [t for s in source[:-1] for t in (spans[sentinel_of[s]] if s in sentinel_of else [s])]
+        assert rebuilt == rows.rows[index].tolist()
+        noise = round(0.15 * text_length)
+        assert sum(map(len, spans.values())) == noise and len(spans) == round(noise / 3)
+
+
+def test_span_corruption_draws_new_spans_anywhere_but_the_first_token(t5_tok):
+    """Spans are drawn anew at every read: over many draws every token but the first (a kept run
+    opens every row) is dropped sometimes, at 15% on average; the same rng seed, the same row."""
+    length = 141
+    masks = np.stack([data.random_spans_mask(length, np.random.default_rng(seed), 0.15, 3.0) for seed in range(400)])
+    assert not masks[:, 0].any() and masks[:, 1:].any(axis=0).all()
+    assert masks.mean() == pytest.approx(21 / 141)
+    rows = data.SpanCorruptionExamples(documents(60, seed=4), t5_tok, 32)
+    first, again = (rows.example(0, np.random.default_rng(7))["source"] for _ in range(2))
+    np.testing.assert_array_equal(first, again)
+    assert any((rows.example(0, np.random.default_rng(s))["source"] != first).any() for s in range(1, 4))
+
+
+def test_span_corruption_bad_input_is_a_clear_error(t5_tok, tok):
+    """Too short a source, too few sentinels, too little text and too dense noise name the setting."""
+    with pytest.raises(ValueError, match=r"source_length=8 is too short for span corruption"):
+        data.span_corruption_lengths(8, 0.15, 3.0)
+    with pytest.raises(ValueError, match=r"leaves .* too few to keep one between"):
+        data.span_corruption_lengths(64, 0.9, 1.0)
+    with pytest.raises(ValueError, match=r"needs 2 sentinels .* has 0: set tokenizer_extra_ids=2"):
+        data.SpanCorruptionExamples(documents(10, seed=1), tok, 32)
+    with pytest.raises(ValueError, match=r"needs 28 sentinels .* has 20: set tokenizer_extra_ids=28"):
+        data.SpanCorruptionExamples(documents(10, seed=1), t5_tok, 512)
+    with pytest.raises(ValueError, match=r"fewer than one span-corruption row of 141 text tokens \(source_length=128\)"):
+        data.SpanCorruptionExamples([{"text": "Ba ko."}], t5_tok, 128)
+
+
+# ----------------------------------------------------------------------------- token classification (named entities)
+
+
+def test_read_conll_sentences_words_and_tags(tmp_path):
+    """The first column is the word, the last its tag (columns between ignored); blank lines end
+    sentences, -DOCSTART- lines are skipped, a file's last sentence needs no blank line."""
+    path = write(tmp_path / "a.conll", "-DOCSTART- -X- O O\n\nEU NNP B-ORG\nrejects VBZ O\n\n\nPeter NNP B-PER\n"
+                 "Blackburn NNP I-PER")
+    assert data.read_conll([path]) == [
+        {"words": ["EU", "rejects"], "tags": ["B-ORG", "O"]}, {"words": ["Peter", "Blackburn"], "tags": ["B-PER", "I-PER"]},
+    ]
+
+
+@pytest.mark.parametrize("line, message", [("lonely\n", "has one column"), ("word NN B_LOC\n", "tag 'B_LOC' is not IOB2")])
+def test_read_conll_bad_lines_name_the_file_and_line(tmp_path, line, message):
+    path = write(tmp_path / "a.conll", "EU B-ORG\n\n" + line)
+    with pytest.raises(ValueError, match=at(path, 3) + ".*" + re.escape(message)):
+        data.read_conll([path])
+
+
+def test_encode_tags_ids_and_unknown_tags():
+    """Tags become ids into "O" and the sorted training tags; a validation tag the training data
+    never has is an error naming the sentence and the tag."""
+    train = [{"words": ["a", "b"], "tags": ["B-PER", "O"]}, {"words": ["c"], "tags": ["B-LOC"]}]
+    encoded, names = data.encode_tags(train)
+    assert names == ["O", "B-LOC", "B-PER"] and [e["labels"] for e in encoded] == [[2, 0], [1]]
+    with pytest.raises(ValueError, match=r"Sentence 0 \('x y'\): tag\(s\) \['I-LOC'\] never occur in the training"):
+        data.encode_tags([{"words": ["x", "y"], "tags": ["B-LOC", "I-LOC"]}], names)
+
+
+def test_token_classification_labels_sit_on_each_words_first_piece(tok):
+    """[CLS] pieces [SEP]: a word's label (weight 1) on its first piece, its other pieces and the
+    specials weight 0; truncation keeps [SEP] and the labels of the words that fit."""
+    words = ["Bakolu", "ka", "Imafetuno"]
+    example = {"words": words, "labels": [3, 0, 5]}
+    pieces = [tok.encode(w) for w in words]
+    assert len(pieces[0]) > 1 and len(pieces[2]) > 1  # several pieces: the alignment shows
+    features = data.token_classification_features(example, tok, 32)
+    ids = [tok.cls_id, *[p for word in pieces for p in word], tok.sep_id]
+    first = np.cumsum([1, *map(len, pieces[:-1])])  # each word's first piece, after [CLS]
+    assert features["tokens"][: len(ids)].tolist() == ids
+    assert np.flatnonzero(features["weights"]).tolist() == first.tolist()
+    assert features["labels"][first].tolist() == [3, 0, 5] and features["labels"].sum() == 8
+    short = data.token_classification_features(example, tok, len(pieces[0]) + 3)
+    assert short["tokens"][-1] == tok.sep_id and np.flatnonzero(short["weights"]).tolist() == first[:2].tolist()

@@ -7,12 +7,14 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import synthetic
 from processes import ROOT, subprocess_env
 
 from train import config as config_lib
 from train import loop
+from transformer.tokenizer import Tokenizer
 
 SHORT = [
     "steps=16", "warmup_steps=2", "schedule=constant", "learning_rate=2e-3", "log_every=4", "eval_every=1000",
@@ -25,6 +27,8 @@ SIZES = {
     "gpt2-small": ["model.num_decoder_layers=1"],
     "bert-base": ["model.num_encoder_layers=1"],
     "transformer-base": ["model.num_encoder_layers=1", "model.num_decoder_layers=1"],
+    "t5-tiny-denoise": ["seq_length=8"],  # the targets span corruption makes of 32 source tokens
+    "bert-tiny-ner": ["model.vocab_size=1400"],  # the Japanese text's 1,317 characters
 }
 
 
@@ -43,10 +47,18 @@ def pretrained_bert(tmp_path_factory) -> loop.RunResult:
     return run_experiment("bert-tiny-mlm", tmp_path_factory.mktemp("bert-tiny-mlm") / "run")
 
 
+@pytest.fixture(scope="module")
+def pretrained_t5(tmp_path_factory) -> loop.RunResult:
+    return run_experiment("t5-tiny-denoise", tmp_path_factory.mktemp("t5-tiny-denoise") / "run")
+
+
 # gpt-tiny and the default (the same task and data) are the README test's; bert-tiny-sentiment and
 # transformer-tiny-en-fr have tests of their own below; bert-tiny-mlm is the pretrained body they share.
 TRAINED_HERE = [n for n in config_lib.EXPERIMENTS if "tiny" not in n and n != config_lib.DEFAULT_EXPERIMENT]
-FAMILY = ["roberta-tiny-mlm", "albert-tiny-sop"]  # the variants' own rows, packing and pairs
+# The variants' own rows, packing and pairs; T5's span corruption, and its text-to-text fine-tune
+# from that run (with the sentinels of the tokenizer it trained).
+FAMILY = ["roberta-tiny-mlm", "albert-tiny-sop", "t5-tiny-denoise", "t5-tiny-sentiment", "bert-tiny-ner"]
+PRETRAINED = {"bert-tiny-mlm": "pretrained_bert", "t5-tiny-denoise": "pretrained_t5"}
 
 
 @pytest.mark.network
@@ -55,8 +67,13 @@ def test_experiment_runs_end_to_end_on_its_data(name, tmp_path, request):
     """Each recipe runs end to end on its real data set (shrunk): fetched, tokenized, trained,
     evaluated with its task's metrics. That the recipes learn is the business of the tests
     below and the README test, which train long enough to show it."""
-    if name == "bert-tiny-mlm":
-        result = request.getfixturevalue("pretrained_bert")
+    if name in PRETRAINED:
+        result = request.getfixturevalue(PRETRAINED[name])
+    elif name == "t5-tiny-sentiment":
+        pretrained = request.getfixturevalue("pretrained_t5").run_dir
+        result = run_experiment(name, tmp_path / "run", f"init_from={pretrained}", "seq_length=4")
+        assert Tokenizer.load(result.run_dir).sentinel_ids == Tokenizer.load(pretrained).sentinel_ids != frozenset()
+        assert {"exact_match"} <= set(result.validation) and {"majority_exact_match"} == set(result.baselines)
     else:
         result = run_experiment(name, tmp_path / "run")
     losses = train_losses(result.run_dir)
@@ -128,6 +145,65 @@ def test_pretraining_learns_sentence_order_where_order_shows(tmp_path):
         "eval_batches=4",
     )
     assert result.validation["nsp_accuracy"] > 0.9, result.validation
+
+
+def test_text_to_text_learns_labels_written_as_words(tmp_path):
+    """Where the label shows in the words (each text opens with its class's word), the
+    text-to-text task learns to write the label's name: exact match of the greedy output well
+    above the majority's share on held-out texts."""
+    words = synthetic.sentences(600, seed=5)
+    paths = {}
+    for split, (count, offset) in {"train": (400, 0), "validation": (60, 500)}.items():
+        paths[split] = tmp_path / f"{split}.jsonl"
+        labels = ["calm" if (i * 7) % 3 else "storm" for i in range(count)]  # 2 to 1
+        rows = [{"text": f"{label[:2]}ka {words[offset + i]}", "label": label} for i, label in enumerate(labels)]
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = run_experiment(
+        "t5-tiny-sentiment", tmp_path / "run", "init_from=", f"train_files=[{paths['train']}]",
+        f"validation_files=[{paths['validation']}]", "file_format=jsonl", "steps=300", "log_every=75",
+        "seq_length=6", "eval_every=300", "learning_rate=3e-3", "batch_size=32", "eval_batches=0", "model.dropout_rate=0", "model.attention_dropout_rate=0",
+        "model.feed_forward_dropout_rate=0",
+    )
+    assert result.baselines["majority_exact_match"] == pytest.approx(40 / 60)
+    assert result.validation["exact_match"] > 0.9, (result.validation, result.sample)
+    assert result.sample.endswith(" -> storm") or result.sample.endswith(" -> calm"), result.sample
+
+
+def _tagged_sentences(count: int, seed: int) -> str:
+    """CoNLL text: filler sentences where a name after "mr" is a person (B-PER I-PER) and a word
+    after "in" a place (B-LOC), and the same names and places also stand alone, untagged: only
+    the context tells, so tagging each word as it was tagged most often scores poorly."""
+    rng = np.random.default_rng(seed)
+    fillers = synthetic.sentences(count, seed)
+    names = [w for w in dict.fromkeys(" ".join(synthetic.sentences(400, 99)).lower().split()) if len(w) > 4][:60]
+    lines = []
+    for filler in fillers:
+        words = [(w, "O") for w in filler.rstrip(".").split()]
+        first, last, place = (names[i] for i in rng.integers(len(names), size=3))
+        entity = ([("mr", "O"), (first, "B-PER"), (last, "I-PER")] if rng.random() < 0.5
+                  else [(first, "O"), (last, "O")])
+        entity += [("in", "O"), (place, "B-LOC")] if rng.random() < 0.5 else [(place, "O")]
+        at = int(rng.integers(len(words) + 1))
+        lines += [f"{w} {t}" for w, t in words[:at] + entity + words[at:]] + [""]
+    return "\n".join(lines)
+
+
+def test_token_classification_learns_entities_from_context(tmp_path):
+    """Where only the context tells an entity (a name after "mr", a place after "in"; the same
+    words untagged elsewhere), token classification learns it: entity F1 on held-out sentences
+    well above memorising each word's most frequent tag."""
+    paths = {}
+    for split, (count, seed) in {"train": (400, 0), "validation": (60, 1)}.items():
+        paths[split] = tmp_path / f"{split}.conll"
+        paths[split].write_text(_tagged_sentences(count, seed))
+    result = run_experiment(
+        "bert-tiny-ner", tmp_path / "run", f"train_files=[{paths['train']}]", f"validation_files=[{paths['validation']}]",
+        "file_format=conll", "steps=300", "log_every=75", "batch_size=32", "learning_rate=2e-3", "eval_batches=0",
+        "model.dropout_rate=0", "model.attention_dropout_rate=0",
+    )
+    assert json.loads((result.run_dir / "labels.json").read_text()) == ["O", "B-LOC", "B-PER", "I-PER"]
+    assert result.baselines["memorised_entity_f1"] < 0.6, result.baselines
+    assert result.validation["entity_f1"] > 0.9, (result.validation, result.sample)
 
 
 @pytest.mark.network

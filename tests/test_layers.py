@@ -177,6 +177,25 @@ def test_gpt2_scaled_residual_init():
         0.02, rel=0.02)
 
 
+def test_t5_fan_in_initialisation():
+    """T5's initialisation (Initialisation.FAN_IN, the T5 presets'): every matrix at
+    1 / sqrt(fan_in), the query at 1 / sqrt(d_model * H) (it carries the logit scaling T5 leaves
+    out), embeddings at 1; the 0.02 of BERT and GPT otherwise."""
+    cfg = preset("t5-tiny").replace(d_model=256, num_heads=4, d_ff=1024, vocab_size=2048)
+    source, target = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 3), jnp.int32)
+    params = nn.unbox(jax.jit(tfm.Seq2SeqLM(cfg).init)(RNG, source, target)["params"])
+    layers_ = params["decoder"]["layers"]
+    for kernel, expected in [(params["embed"]["token"]["embedding"], 1.0),
+                             (layers_["self_attention"]["query"]["kernel"], (256 * 64) ** -0.5),
+                             (layers_["cross_attention"]["key"]["kernel"], 256**-0.5),
+                             (layers_["self_attention"]["out"]["kernel"], 256**-0.5),
+                             (layers_["feed_forward"]["wi"]["kernel"], 256**-0.5),
+                             (layers_["feed_forward"]["wo"]["kernel"], 1024**-0.5)]:
+        assert np.std(np.asarray(kernel)) == pytest.approx(expected, rel=0.03)
+    bert = nn.unbox(jax.jit(tfm.MaskedLM(preset("bert-tiny")).init)(RNG, source)["params"])
+    assert np.std(np.asarray(bert["embed"]["token"]["embedding"])) == pytest.approx(0.02, rel=0.03)
+
+
 def test_feed_forward_dropout_is_unbiased_inside_the_layer():
     """T5's dropout on the feed-forward's hidden activations: each draw differs, their mean is the
     layer without dropout (inverted dropout before a linear map), and nothing changes when

@@ -191,6 +191,14 @@ def test_a_broken_run_config_is_one_error_line(tmp_path, capsys, config, message
     assert re.search(message, command_error([str(tmp_path), "--prompt", "Ka"], capsys))
 
 
+def test_the_command_line_samples_uniformly_among_the_top_k(lm_run, capsys):
+    """--top-k-uniform leaves out the command line's default temperature, which it would refuse."""
+    assert sample_command([str(lm_run), "--prompt", "Ka", "--top-k", "3", "--top-k-uniform", "--max-new-tokens", "2",
+                           "--no-stream"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Ka") and not err, (out, err)
+
+
 def test_the_command_line_checks_a_prompt_before_showing_it(lm_run, capsys, monkeypatch):
     """A prompt too long for the context, streamed or not, is an error before the prompt is shown;
     so is input that is not UTF-8 (as Python reads it in a C locale), not a tokenizer's traceback."""
@@ -210,6 +218,9 @@ def test_bad_input_is_a_clear_error(lm_run, tmp_path, capsys):
         (["--strategy", "greedy", "--num-beams", "4"], "num_beams=4 applies to strategy='beam' only"),  # its default
         (["--temperature", "inf"], "temperature must be a finite number > 0 when sampling, got inf"),
         (["--seed", str(2**63)], r"seed must be from -2\*\*63 to 2\*\*63 - 1, got 9223372036854775808"),
+        (["--top-k-uniform"], "top_k_uniform=True picks uniformly among the top_k tokens: give top_k too"),
+        (["--top-k", "5", "--top-k-uniform", "--top-p", "0.9"], "top_p=0.9 would have no effect with top_k_uniform"),
+        (["--length-penalty-form", "gnmt"], "length_penalty_form='gnmt' applies to strategy='beam' only"),
     ]:
         assert re.search(message, command_error([str(lm_run), "--prompt", "Ka", *flags], capsys))
     with pytest.raises(FileNotFoundError, match="not a run directory"):
@@ -297,7 +308,8 @@ def test_translation_bleu_scores_greedy_and_beam_translations(translation_run):
     assert outputs["bleu"] != outputs["bleu_beam"] and all(outputs["bleu"]) and all(outputs["bleu_beam"])
     for name, references in outputs.items():
         examples = [{"source": s, "target": t} for s, t in zip(sources, references)]
-        metrics, _ = tasks.translation_bleu(config, run.model, run.params, run.tokenizer, examples)
+        data = tasks.TaskData(train=None, validation=None, validation_examples=examples, baselines={})
+        metrics, _ = tasks.translation_bleu(config, run.model, run.params, run.tokenizer, data)
         assert metrics[name] == pytest.approx(100.0)
         assert metrics[({"bleu", "bleu_beam"} - {name}).pop()] < 100.0
 

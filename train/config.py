@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from train.data import span_corruption_lengths
 from train.optim import Schedule
 from transformer import compile_cache
 from transformer.files import write_atomically
@@ -40,6 +41,7 @@ class FileFormat(enum.StrEnum):
     LINES = "lines"  # each non-empty line is one document
     JSONL = "jsonl"  # one JSON object per line: "text" (+ "label"), or "source" and "target"
     TSV = "tsv"  # text<TAB>label, or source<TAB>target
+    CONLL = "conll"  # a word and its IOB2 tag per line (columns between ignored), a blank line between sentences
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,9 @@ RANGES: dict[str, Range] = {
     "adam_b2": _FRACTION,
     "adam_eps": _POSITIVE,
     "label_smoothing": _FRACTION,
+    "noise_density": Range(0, 1, low_open=True),
+    "mean_span_length": Range(1),
+    "tokenizer_extra_ids": _count(0, MAX_TOKENS),
     "scheduled_sampling": Range(0, 1, high_open=False),
     "max_nonfinite_steps": _STEPS,
     "seed": Range(0, 2**32 - 2, high_open=False),  # grain seeds with seed + 1 and takes 32 bits
@@ -149,11 +154,17 @@ class TrainConfig:
         False, "masked LM: ALBERT's pairs, two consecutive segments swapped half the time, with the pair head"
     )
     full_sentences: bool = _field(False, "masked LM: RoBERTa's rows, sentences packed across documents")
+    noise_density: float = _field(0.15, "span corruption: the share of the text's tokens dropped into the target")
+    mean_span_length: float = _field(3.0, "span corruption: the mean length of a dropped span")
     tokenizer: str = _field(
         "", 'a sentencepiece .model file, a tokenizer.json or a checkpoint directory; "" trains one '
         "(model.vocab_size pieces)",
     )
     tokenizer_model_type: str = _field("bpe", '"bpe" or "unigram" when training one')
+    tokenizer_extra_ids: int = _field(
+        0, "sentinels <extra_id_k> among the model.vocab_size ids of a tokenizer trained by the run "
+        "(span corruption: one per span)",
+    )
 
     # Optimisation.
     steps: int = 1000
@@ -185,7 +196,10 @@ class TrainConfig:
     run_dir: str = "runs/gpt-tiny"
     log_every: int = 10
     eval_every: int = 200
-    eval_batches: int = _field(20, "validation batches per evaluation (a fixed, seeded sample of the split); 0 = all")
+    eval_batches: int = _field(
+        20, "validation batches per evaluation (a fixed, seeded sample of the split; text-to-text exact match: the "
+        "first examples); 0 = all",
+    )
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     resume_step: int = _field(0, "go back to this checkpoint step (once); 0 = the newest that restores cleanly")
@@ -243,8 +257,27 @@ class TrainConfig:
                     f"{name}={length} exceeds the model's max_length={self.model.max_length}; "
                     f"lower {name} or raise model.max_length."
                 )
+        if self.task == Task.SPAN_CORRUPTION:
+            self._check_span_corruption()
+        elif (self.noise_density, self.mean_span_length) != (0.15, 3.0):
+            raise ValueError("noise_density and mean_span_length apply to task=span_corruption only.")
+        if self.tokenizer_extra_ids and (self.tokenizer or self.init_from):
+            raise ValueError(
+                f"tokenizer_extra_ids={self.tokenizer_extra_ids} adds sentinels to a tokenizer the run trains, and this "
+                f"run takes its tokenizer from {self.tokenizer or self.init_from}: leave tokenizer_extra_ids out."
+            )
         if self.pair_head and self.model.type_vocab_size < 2:
             raise ValueError(f"{given[0]} needs two token types (segments A and B): set model.type_vocab_size=2.")
+
+    def _check_span_corruption(self):
+        """Inputs and targets fill source_length and seq_length exactly (T5's length arithmetic)."""
+        _, target_length = span_corruption_lengths(self.source_length, self.noise_density, self.mean_span_length)
+        if self.seq_length != target_length:
+            raise ValueError(
+                f"Span corruption of {self.source_length}-token inputs (source_length) at noise_density="
+                f"{self.noise_density} and mean_span_length={self.mean_span_length} makes targets of exactly "
+                f"{target_length} tokens: set seq_length={target_length}."
+            )
 
     @property
     def pair_head(self) -> bool:
@@ -426,6 +459,11 @@ _ALBERT_TINY = ModelConfig.preset(
     "albert-tiny", vocab_size=2048, embedding_size=64, d_model=128, num_heads=4, d_ff=512, num_encoder_layers=4,
     max_length=128, position="rope",
 )
+# T5's block (relative position buckets, RMSNorm, no biases) at bert-tiny's width, 2 + 2 layers.
+_T5_TINY = ModelConfig.preset(
+    "t5-tiny", vocab_size=2048, d_model=128, num_heads=4, d_ff=512, num_encoder_layers=2, num_decoder_layers=2,
+    max_length=128,
+)
 _TRANSFORMER_SMALL = ModelConfig.preset(
     "transformer-tiny", vocab_size=4096, d_model=256, num_heads=4, d_ff=1024, num_encoder_layers=3,
     num_decoder_layers=3, max_length=128,
@@ -467,6 +505,25 @@ EXPERIMENTS: dict[str, TrainConfig] = {
         task=Task.MASKED_LM, model=_ALBERT_TINY, dataset="opinions", sentence_order_prediction=True,
         seq_length=128, batch_size=32, steps=3000, learning_rate=1e-3, warmup_steps=50, eval_every=500,
         checkpoint_every=1000, run_dir="runs/albert-tiny-sop",
+    ),
+    # T5's pretraining: 15% of the text in spans of mean length 3, each span one sentinel in the
+    # input; 128 input tokens hold 141 of text, the 29 target tokens the spans (T5's arithmetic).
+    "t5-tiny-denoise": TrainConfig(
+        task=Task.SPAN_CORRUPTION, model=_T5_TINY, dataset="opinions", tokenizer_extra_ids=100, source_length=128,
+        seq_length=29, batch_size=32, steps=3000, learning_rate=1e-3, warmup_steps=50, eval_every=500,
+        checkpoint_every=1000, run_dir="runs/t5-tiny-denoise",
+    ),
+    # T5's text-to-text fine-tune: the sentiment written as "positive" or "negative", scored by exact match.
+    "t5-tiny-sentiment": TrainConfig(
+        task=Task.TEXT_TO_TEXT, model=_T5_TINY, init_from="runs/t5-tiny-denoise", dataset="rt-polarity",
+        source_length=64, seq_length=4, batch_size=32, steps=1500, learning_rate=1e-3, warmup_steps=50,
+        eval_every=300, checkpoint_every=500, eval_batches=0, run_dir="runs/t5-tiny-sentiment",
+    ),
+    # Named entities in Japanese news: a label per word on its first piece, entity F1 (seqeval).
+    "bert-tiny-ner": TrainConfig(
+        task=Task.TOKEN_CLASSIFICATION, model=_BERT_TINY, dataset="hironsan-ner",
+        seq_length=96, batch_size=16, steps=600, learning_rate=1e-3, warmup_steps=50, eval_every=100,
+        checkpoint_every=200, eval_batches=0, run_dir="runs/bert-tiny-ner",
     ),
     "bert-tiny-sentiment": TrainConfig(
         task=Task.CLASSIFICATION, model=_BERT_TINY, init_from="runs/bert-tiny-mlm", dataset="rt-polarity",

@@ -23,6 +23,7 @@ import enum
 import json
 import os
 import pathlib
+import re
 from typing import Iterable, Sequence
 
 import grain
@@ -107,6 +108,53 @@ def read_tsv(paths: Iterable[str | os.PathLike], columns: Sequence[str] = ("text
                 )
             examples.append(dict(zip(columns, values)))
     return examples
+
+
+TAG = re.compile(r"O|[BI]-\S+")  # IOB2: outside, or the beginning or inside of an entity of a type
+
+
+def parse_conll(lines: Iterable[str], where: str) -> list[dict]:
+    """CoNLL column lines -> [{"words", "tags"}] sentences: the first column is the word, the last
+    its IOB2 tag (O, B-TYPE, I-TYPE), columns between ignored; a blank line ends a sentence and
+    -DOCSTART- lines are skipped (CoNLL-2003). A line of one column or another tag is an error
+    naming `where` and the line."""
+    sentences, words, tags = [], [], []
+    for number, line in enumerate(lines, start=1):
+        columns = line.split()
+        if columns and columns[0] == "-DOCSTART-":
+            continue
+        if not columns:
+            if words:
+                sentences.append({"words": words, "tags": tags})
+            words, tags = [], []
+            continue
+        if len(columns) < 2:
+            raise ValueError(f"{where}:{number}: {line.strip()!r} has one column; a CoNLL line is a word, "
+                             "optional columns, and its tag.")
+        if not TAG.fullmatch(columns[-1]):
+            raise ValueError(f"{where}:{number}: tag {columns[-1]!r} is not IOB2: use O, B-TYPE or I-TYPE.")
+        words.append(columns[0])
+        tags.append(columns[-1])
+    return sentences + ([{"words": words, "tags": tags}] if words else [])
+
+
+def read_conll(paths: Iterable[str | os.PathLike]) -> list[dict]:
+    """CoNLL column files (see `parse_conll`) -> [{"words", "tags"}], one per sentence."""
+    return [sentence for path in paths for sentence in parse_conll(_read_lines(path), str(path))]
+
+
+def encode_tags(examples: list[dict], tag_names: Sequence[str] | None = None) -> tuple[list[dict], list[str]]:
+    """Each sentence's tags as ids ("labels") into `tag_names` (by default "O" and the sorted tags
+    seen); a tag outside them is an error naming the sentence."""
+    if tag_names is None:
+        tag_names = ["O", *sorted({t for e in examples for t in e["tags"]} - {"O"})]
+    index = {name: i for i, name in enumerate(tag_names)}
+    for number, example in enumerate(examples):
+        unknown = sorted(set(example["tags"]) - set(index))
+        if unknown:
+            raise ValueError(f"Sentence {number} ({' '.join(example['words'])[:60]!r}): tag(s) {unknown} never occur "
+                             f"in the training data, whose tags are {list(tag_names)}.")
+    return [{**e, "labels": [index[t] for t in e["tags"]]} for e in examples], list(tag_names)
 
 
 def encode_labels(examples: list[dict], label_names: Sequence[str] | None = None) -> tuple[list[dict], list[str]]:
@@ -382,6 +430,115 @@ def _chunks(sentences: list[list[list[int]]], budget: int) -> list[_Chunk]:
     return chunks
 
 
+# ----------------------------------------------------------------------------- span corruption (T5)
+
+
+def _noise_counts(length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+    """(noise tokens, noise spans) of a row of `length` text tokens, as T5 rounds them."""
+    noise = round(length * noise_density)
+    return noise, round(noise / mean_span_length)
+
+
+def span_corruption_lengths(source_length: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
+    """(text tokens per row, target length) for inputs of exactly `source_length` (T5's
+    `random_spans_helper`): the most text whose kept tokens, one sentinel per noise span and
+    EOS fit the source; the target holds the noise tokens, a sentinel per span and EOS. A length
+    too short for a noise span of at least one token is a clear error."""
+    def lengths(tokens: int) -> tuple[int, int]:
+        noise, spans = _noise_counts(tokens, noise_density, mean_span_length)
+        return tokens - noise + spans + 1, noise + spans + 1
+
+    tokens = source_length - 1
+    while lengths(tokens + 1)[0] <= source_length:
+        tokens += 1
+    noise, spans = _noise_counts(tokens, noise_density, mean_span_length)
+    if spans < 1:
+        raise ValueError(
+            f"source_length={source_length} is too short for span corruption: {tokens} text tokens at "
+            f"noise_density={noise_density} make no span of mean length {mean_span_length}. Raise source_length "
+            "or noise_density."
+        )
+    if spans > tokens - noise:
+        raise ValueError(
+            f"noise_density={noise_density} leaves {tokens - noise} of {tokens} tokens to keep, too few to keep one "
+            f"between each two of {spans} spans: lower noise_density or raise mean_span_length."
+        )
+    return tokens, lengths(tokens)[1]
+
+
+def random_spans_mask(length: int, rng: np.random.Generator, noise_density: float,
+                      mean_span_length: float) -> np.ndarray:
+    """[length] bool, True on noise: T5's spans. The noise tokens and the kept ones are each cut
+    into the same number of non-empty runs at uniformly random points, and interleaved starting
+    with a kept run, so every noise span sits between kept text (the last one ends the row)."""
+    noise, spans = _noise_counts(length, noise_density, mean_span_length)
+
+    def run_lengths(items: int) -> np.ndarray:  # `items` cut into `spans` non-empty runs
+        cuts = np.sort(rng.choice(np.arange(1, items), spans - 1, replace=False))
+        return np.diff(np.concatenate([[0], cuts, [items]]))
+
+    interleaved = np.stack([run_lengths(length - noise), run_lengths(noise)], axis=1).reshape(-1)
+    return np.repeat(np.tile([False, True], spans), interleaved)
+
+
+def corrupt_spans(tokens: np.ndarray, noise: np.ndarray, sentinels: np.ndarray, eos_id: int) -> tuple[list, list]:
+    """(inputs, targets) of T5's span corruption: in the inputs each noise span becomes one
+    sentinel (the k-th span sentinels[k]); the targets are sentinels[k] followed by span k, for
+    every span, so replacing each input sentinel by its run of the target gives `tokens` back.
+    Both end with EOS."""
+    def replace_runs(runs: np.ndarray) -> list[int]:  # each run of `runs` -> its sentinel
+        first = runs & ~np.concatenate([[False], runs[:-1]])
+        ids = np.where(first, sentinels[np.cumsum(first) - 1], tokens)
+        return [*ids[~runs | first].tolist(), eos_id]
+
+    return replace_runs(noise), replace_runs(~noise)  # the k-th kept run precedes the k-th span
+
+
+class SpanCorruptionExamples:
+    """T5's pretraining rows: the documents' tokens as one stream, cut into rows of text that
+    `span_corruption_lengths` sizes, each corrupted anew when indexed with an rng (as masked-LM
+    rows are masked anew): the source [source_length] holds the kept text with one sentinel
+    (<extra_id_k>) per noise span and EOS, filling it exactly; the target [target_length] the
+    spans after their sentinels and EOS, filling it exactly too."""
+
+    def __init__(self, documents: Sequence[dict], tokenizer: Tokenizer, source_length: int, *,
+                 noise_density: float = 0.15, mean_span_length: float = 3.0):
+        self.tokenizer, self.source_length = tokenizer, source_length
+        self.noise_density, self.mean_span_length = noise_density, mean_span_length
+        row, self.target_length = span_corruption_lengths(source_length, noise_density, mean_span_length)
+        spans = _noise_counts(row, noise_density, mean_span_length)[1]
+        sentinels = [tokenizer.token_to_id(f"<extra_id_{k}>") for k in range(spans)]
+        if None in sentinels:
+            raise ValueError(
+                f"Span corruption of rows of {row} text tokens (source_length={source_length}) needs {spans} sentinels "
+                f"<extra_id_0> .. <extra_id_{spans - 1}>, and {tokenizer!r} has {sentinels.index(None)}: set "
+                f"tokenizer_extra_ids={spans} or more (a tokenizer trained by the run), or use T5's tokenizer."
+            )
+        self.sentinels = np.asarray(sentinels, np.int32)
+        stream = np.asarray([t for ids in tokenizer.encode_batch([d["text"] for d in documents]) for t in ids], np.int32)
+        if len(stream) < row:
+            raise ValueError(
+                f"The texts hold {len(stream)} tokens, fewer than one span-corruption row of {row} text tokens "
+                f"(source_length={source_length}): give more text, or lower source_length."
+            )
+        self.rows = stream[: len(stream) // row * row].reshape(-1, row)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def example(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        tokens = self.rows[index]
+        noise = random_spans_mask(len(tokens), rng, self.noise_density, self.mean_span_length)
+        source, target = corrupt_spans(tokens, noise, self.sentinels, self.tokenizer.eos_id)
+        return _seq2seq_row(source, target, self.tokenizer, self.source_length, self.target_length)
+
+    def target_tokens(self, seed: int) -> np.ndarray:
+        """The targets of every row, each corrupted once with a seeded rng: what a context-free
+        model of the targets is measured on."""
+        rng = np.random.default_rng(seed)
+        return np.concatenate([self.example(i, rng)["targets"] for i in range(len(self))])
+
+
 def seq2seq_features(
     example: dict, tokenizer: Tokenizer, source_length: int, target_length: int
 ) -> dict[str, np.ndarray]:
@@ -390,6 +547,12 @@ def seq2seq_features(
     tok = tokenizer
     source = tok.encode(example["source"])[: source_length - 1] + [tok.eos_id]
     target = tok.encode(example["target"])[: target_length - 1] + [tok.eos_id]
+    return _seq2seq_row(source, target, tok, source_length, target_length)
+
+
+def _seq2seq_row(source: list[int], target: list[int], tok: Tokenizer, source_length: int,
+                 target_length: int) -> dict[str, np.ndarray]:
+    """The padded features of one (source, target) pair, the target shifted right after the decoder start."""
     target_in = [tok.decoder_start_id] + target[:-1]
     return {
         "source": _pad(source, source_length, tok.pad_id),
@@ -414,6 +577,26 @@ def classification_features(example: dict, tokenizer: Tokenizer, length: int) ->
 
 
 # ----------------------------------------------------------------------------- batches
+
+
+def token_classification_features(example: dict, tokenizer: Tokenizer, length: int) -> dict[str, np.ndarray]:
+    """[CLS] the words' pieces [SEP], truncated to `length`; each word's label on its first piece
+    (weight 1), its other pieces and the specials weight 0. Words are encoded one by one, as
+    a tokenizer's pre-split words are."""
+    tok = tokenizer
+    ids, labels, weights = [tok.cls_id], [0], [0.0]
+    for word, label in zip(tok.encode_batch(example["words"]), example["labels"]):
+        word = word or [tok.unk_id]
+        ids += word
+        labels += [label] + [0] * (len(word) - 1)
+        weights += [1.0] + [0.0] * (len(word) - 1)
+    ids, labels, weights = ids[: length - 1] + [tok.sep_id], labels[: length - 1] + [0], weights[: length - 1] + [0.0]
+    return {
+        "tokens": _pad(ids, length, tok.pad_id),
+        "segment_ids": _pad([1] * len(ids), length),
+        "labels": _pad(labels, length),
+        "weights": _pad(weights, length, dtype=np.float32),
+    }
 
 
 def _zeros_like(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

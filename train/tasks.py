@@ -12,6 +12,7 @@ run, for whatever task it trains.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import pathlib
@@ -39,14 +40,16 @@ from transformer.tokenizer import DIRECTORY_FILES, Tokenizer, TrainingFailed
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """The features of one split: a grain dataset, and for masked LM a per-example random map
-    (masking drawn per example and epoch) and the text's tokens (what masked positions are drawn
-    from); `rows` is the packed stream of a causal LM split."""
+    """The features of one split: a grain dataset; for masked LM and span corruption a
+    per-example random map (masking drawn per example and epoch) and the tokens a context-free
+    model is measured on (masked LM: the text's, whose tokens are masked uniformly; span
+    corruption: the targets, each row corrupted once); `rows` is the packed stream of a causal LM split."""
 
     dataset: grain.MapDataset
     random_map: Callable[[int, np.random.Generator], dict] | None = None
     rows: Any = None
-    text_tokens: np.ndarray | None = None
+    unigram_tokens: np.ndarray | None = None
+    word_tags: dict[str, str] | None = None  # token classification: each word's most frequent tag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +60,7 @@ class TrainingTask:
     features: Callable[[list[dict], Tokenizer, TrainConfig], Split]
     baselines: Callable[[TrainConfig, Split, Split, list[dict]], dict[str, float]]  # (.., train, validation, its examples)
     token_level: bool = True  # loss per token (perplexity is reported); else per example
-    generation: Callable | None = None  # (config, model, params, tokenizer, validation examples) -> (metrics, text)
+    generation: Callable | None = None  # (config, model, params, tokenizer, TaskData) -> (metrics, text)
 
 
 # ----------------------------------------------------------------------------- features
@@ -74,13 +77,32 @@ def _masked_lm(examples, tokenizer, config) -> Split:
     mlm = data_lib.MaskedLMExamples(examples, tokenizer, config.seq_length, pairs=pairs,
                                     across_documents=config.full_sentences)
     return Split(grain.MapDataset.range(len(mlm)), random_map=lambda index, rng: mlm.example(int(index), rng),
-                 text_tokens=mlm.text_tokens())
+                 unigram_tokens=mlm.text_tokens())
 
 
 def _seq2seq(examples, tokenizer, config) -> Split:
     return Split(grain.MapDataset.source(examples).map(
         lambda e: data_lib.seq2seq_features(e, tokenizer, config.source_length, config.seq_length)
     ))
+
+
+def _span_corruption(examples, tokenizer, config) -> Split:
+    rows = data_lib.SpanCorruptionExamples(
+        examples, tokenizer, config.source_length, noise_density=config.noise_density,
+        mean_span_length=config.mean_span_length,
+    )
+    return Split(grain.MapDataset.range(len(rows)), random_map=lambda index, rng: rows.example(int(index), rng),
+                 unigram_tokens=rows.target_tokens(config.seed))
+
+
+def _token_classification(examples, tokenizer, config) -> Split:
+    counts = collections.defaultdict(collections.Counter)
+    for example in examples:
+        for word, tag in zip(example["words"], example["tags"]):
+            counts[word][tag] += 1
+    return Split(grain.MapDataset.source(examples).map(
+        lambda e: data_lib.token_classification_features(e, tokenizer, config.seq_length)
+    ), word_tags={word: tags.most_common(1)[0][0] for word, tags in counts.items()})
 
 
 def _classification(examples, tokenizer, config) -> Split:
@@ -104,9 +126,10 @@ def predicted_tokens(rows: data_lib.PackedLM) -> np.ndarray:
     return rows.stream[1:][rows.document[1:] == rows.document[:-1]]
 
 
-def majority_accuracy(validation: list[dict]) -> float:
-    """The validation accuracy of the best constant answer: the share of the most common label."""
-    return float(np.bincount([e["label"] for e in validation]).max() / len(validation))
+def majority_accuracy(validation: list[dict], key: str = "label") -> float:
+    """The validation accuracy of the best constant answer: the share of the most common value
+    of `key` (the label; the target text of a text-to-text task)."""
+    return collections.Counter(e[key] for e in validation).most_common(1)[0][1] / len(validation)
 
 
 def copy_bleu(examples: list[dict]) -> float:
@@ -121,9 +144,22 @@ def _lm_baselines(config, train: Split, validation: Split, examples) -> dict[str
     return {"unigram_loss": loss, "unigram_nats_per_char": loss * validation.rows.tokens_per_character}
 
 
-def _masked_lm_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
-    """The masked tokens are drawn uniformly from the text: the unigram loss of all its tokens."""
-    return {"unigram_loss": unigram_loss(train.text_tokens, validation.text_tokens, config.model.vocab_size)}
+def _unigram_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
+    """The unigram loss of the split's `unigram_tokens` (masked LM: the text; span corruption: the targets)."""
+    return {"unigram_loss": unigram_loss(train.unigram_tokens, validation.unigram_tokens, config.model.vocab_size)}
+
+
+def _tagging_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
+    """The entity F1 of tagging each word with its most frequent training tag (O if unseen): what
+    memorising the training entities scores."""
+    from seqeval.metrics import f1_score
+
+    guesses = [[train.word_tags.get(word, "O") for word in e["words"]] for e in examples]
+    return {"memorised_entity_f1": f1_score([e["tags"] for e in examples], guesses)}
+
+
+def _text_to_text_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
+    return {"majority_exact_match": majority_accuracy(examples, key="target")}
 
 
 def _translation_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
@@ -138,7 +174,7 @@ def _classification_baselines(config, train: Split, validation: Split, examples)
 # ----------------------------------------------------------------------------- generation at evaluation
 
 
-def sample_text(config: TrainConfig, model, params, tokenizer: Tokenizer, examples) -> tuple[dict, str]:
+def sample_text(config: TrainConfig, model, params, tokenizer: Tokenizer, data: TaskData) -> tuple[dict, str]:
     """`sample_prompt` and a short continuation of it (top-k sampling, fixed seed)."""
     prompt_length = len(tokenizer.encode(config.sample_prompt)) or 1
     new_tokens = min(config.sample_tokens, config.model.max_length - prompt_length)
@@ -150,33 +186,74 @@ def sample_text(config: TrainConfig, model, params, tokenizer: Tokenizer, exampl
     return {}, config.sample_prompt + continuation
 
 
-def translation_bleu(config: TrainConfig, model, params, tokenizer: Tokenizer, examples) -> tuple[dict, str]:
+def translation_bleu(config: TrainConfig, model, params, tokenizer: Tokenizer, data: TaskData) -> tuple[dict, str]:
     """Corpus BLEU (sacrebleu) of the translations of the first `bleu_examples` validation pairs:
     greedy ("bleu") and, with `bleu_beams` > 0, beam search scoring sum(log p) / length**0.6
     ("bleu_beam"; the 2017 recipe's alpha, on this library's length penalty rather than GNMT's);
     and the first pair with its greedy translation."""
     import sacrebleu
 
-    examples = examples[: config.bleu_examples]
+    examples = data.validation_examples[: config.bleu_examples]
     if not examples:
         return {}, ""
-    variables = {"params": nn.meta.unbox(params)}
     searches = {"bleu": GenerationConfig(max_new_tokens=config.seq_length)}
     if config.bleu_beams:
         searches["bleu_beam"] = searches["bleu"].replace(strategy="beam", num_beams=config.bleu_beams, length_penalty=0.6)
     references = [[e["target"] for e in examples]]
-    sources = [tokenizer.encode(e["source"])[: config.source_length - 1] + [tokenizer.eos_id] for e in examples]
-    metrics, translations = {}, {}
-    for name, search in searches.items():
-        search = search.replace(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, bos_id=tokenizer.decoder_start_id)
-        hypotheses = []
-        for start in range(0, len(sources), config.batch_size):
-            output = generate(model, variables, sources[start : start + config.batch_size], search)
-            tokens, lengths = np.asarray(output.tokens), np.asarray(output.lengths)
-            hypotheses += [tokenizer.decode(t[:n]) for t, n in zip(tokens, lengths)]
-        metrics[name] = sacrebleu.corpus_bleu(hypotheses, references).score
-        translations[name] = hypotheses
+    translations = {name: _translations(config, model, params, tokenizer, examples, search)
+                    for name, search in searches.items()}
+    metrics = {name: sacrebleu.corpus_bleu(hypotheses, references).score for name, hypotheses in translations.items()}
     return metrics, f"{examples[0]['source']} -> {translations['bleu'][0]}"
+
+
+def exact_match(config: TrainConfig, model, params, tokenizer: Tokenizer, data: TaskData) -> tuple[dict, str]:
+    """The share of validation examples whose greedy output is their target text (surrounding
+    whitespace aside): a text-to-text task's accuracy, over the first `eval_batches` batches of
+    them (0: all); and the first example with its output."""
+    examples = data.validation_examples[: config.eval_batches * config.batch_size or None]
+    outputs = _translations(config, model, params, tokenizer, examples, GenerationConfig(max_new_tokens=config.seq_length))
+    matches = [output.strip() == e["target"].strip() for output, e in zip(outputs, examples)]
+    return {"exact_match": float(np.mean(matches))}, f"{examples[0]['source']} -> {outputs[0]}"
+
+
+def entity_scores(config: TrainConfig, model, params, tokenizer: Tokenizer, data: TaskData) -> tuple[dict, str]:
+    """Entity-level precision, recall and F1 (seqeval) of every validation sentence's predicted
+    tags, each word's the argmax at its first piece (words cut off by seq_length predicted O); and
+    the first sentence's predicted entities."""
+    from seqeval.metrics import f1_score, precision_score, recall_score
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    examples, names = data.validation_examples, data.label_names
+    apply = jax.jit(lambda p, tokens, segment_ids: model.apply({"params": p}, tokens, segment_ids=segment_ids))
+    predicted = []
+    for start in range(0, len(examples), config.batch_size):
+        rows = [data_lib.token_classification_features(e, tokenizer, config.seq_length)
+                for e in examples[start : start + config.batch_size]]
+        fill = [rows[0]] * (config.batch_size - len(rows))  # one batch shape: one compiled program
+        tokens, segment_ids = (np.stack([r[key] for r in rows + fill]) for key in ("tokens", "segment_ids"))
+        best = np.asarray(apply(nn.meta.unbox(params), tokens, segment_ids)).argmax(-1)
+        for row, labels, example in zip(rows, best, examples[start:]):
+            tags = [names[i] for i in labels[row["weights"] > 0]]
+            predicted.append(tags + ["O"] * (len(example["words"]) - len(tags)))
+    gold = [e["tags"] for e in examples]
+    metrics = {name: score(gold, predicted, zero_division=0) for name, score in
+               (("entity_precision", precision_score), ("entity_recall", recall_score), ("entity_f1", f1_score))}
+    words = examples[0]["words"]
+    entities = "; ".join(f"{kind} {' '.join(words[a : b + 1])}" for kind, a, b in get_entities(predicted[0]))
+    return metrics, f"{' '.join(words)} -> {entities or 'no entities'}"
+
+
+def _translations(config: TrainConfig, model, params, tokenizer: Tokenizer, examples, search) -> list[str]:
+    """The decoded outputs of `search` for each example's source (truncated to source_length)."""
+    variables = {"params": nn.meta.unbox(params)}
+    search = search.replace(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, bos_id=tokenizer.decoder_start_id)
+    sources = [tokenizer.encode(e["source"])[: config.source_length - 1] + [tokenizer.eos_id] for e in examples]
+    outputs = []
+    for start in range(0, len(sources), config.batch_size):
+        output = generate(model, variables, sources[start : start + config.batch_size], search)
+        tokens, lengths = np.asarray(output.tokens), np.asarray(output.lengths)
+        outputs += [tokenizer.decode(t[:n]) for t, n in zip(tokens, lengths)]
+    return outputs
 
 
 TASKS: dict[Task, TrainingTask] = {
@@ -186,7 +263,7 @@ TASKS: dict[Task, TrainingTask] = {
     ),
     Task.MASKED_LM: TrainingTask(
         data="lm", fields=("text",), objective=objectives.masked_lm, features=_masked_lm,
-        baselines=_masked_lm_baselines,
+        baselines=_unigram_baselines,
     ),
     Task.SEQ2SEQ: TrainingTask(
         data="translation", fields=("source", "target"), objective=objectives.seq2seq, features=_seq2seq,
@@ -195,6 +272,19 @@ TASKS: dict[Task, TrainingTask] = {
     Task.CLASSIFICATION: TrainingTask(
         data="classification", fields=("text", "label"), objective=objectives.classification,
         features=_classification, baselines=_classification_baselines, token_level=False,
+    ),
+    Task.SPAN_CORRUPTION: TrainingTask(
+        data="lm", fields=("text",), objective=objectives.seq2seq, features=_span_corruption,
+        baselines=_unigram_baselines,
+    ),
+    Task.TOKEN_CLASSIFICATION: TrainingTask(
+        data="token_classification", fields=("words", "tags"), objective=objectives.classification,
+        features=_token_classification, baselines=_tagging_baselines, generation=entity_scores,
+    ),
+    # Read as classification data: load_splits writes each label as its name, the target text.
+    Task.TEXT_TO_TEXT: TrainingTask(
+        data="classification", fields=("text", "label"), objective=objectives.seq2seq, features=_seq2seq,
+        baselines=_text_to_text_baselines, generation=exact_match,
     ),
 }
 
@@ -205,13 +295,16 @@ TASKS: dict[Task, TrainingTask] = {
 @dataclasses.dataclass
 class TaskData:
     """A run's examples as features, with what a trained model must beat on the validation split:
-    unigram_loss (causal LM: context-free token frequencies), majority_accuracy (classification:
-    the best constant answer), copy_bleu (seq2seq: the source copied as its translation)."""
+    unigram_loss (causal and masked LM, span corruption: context-free token frequencies),
+    majority_accuracy and majority_exact_match (classification, text-to-text: the best constant
+    answer), copy_bleu (seq2seq: the source copied as its translation), memorised_entity_f1
+    (token classification: each word's most frequent training tag); and the label names."""
 
     train: Split
     validation: Split | None
     validation_examples: list[dict]
     baselines: dict[str, float]
+    label_names: list[str] = dataclasses.field(default_factory=list)
 
 
 def load_examples(config: TrainConfig, split: str) -> list[dict]:
@@ -224,13 +317,16 @@ def load_examples(config: TrainConfig, split: str) -> list[dict]:
             return data_lib.read_text(files)
         if config.file_format == FileFormat.LINES and kind == "lm":
             return data_lib.read_text(files, one_document_per_line=True)
-        if config.file_format == FileFormat.JSONL:
+        if config.file_format == FileFormat.CONLL and kind == "token_classification":
+            return data_lib.read_conll(files)
+        if config.file_format == FileFormat.JSONL and kind != "token_classification":
             return data_lib.read_jsonl(files, fields)
         if config.file_format == FileFormat.TSV and kind != "lm":
             return data_lib.read_tsv(files, fields)
         raise ValueError(
             f"file_format={config.file_format} cannot hold {kind} data for task={config.task}: use text, lines or "
-            "jsonl for language modelling, tsv or jsonl for classification and translation."
+            "jsonl for language modelling, tsv or jsonl for classification and translation, conll for token "
+            "classification."
         )
     spec = datasets.DATASETS.get(config.dataset)
     if spec is not None and spec.task != kind:
@@ -243,26 +339,36 @@ def load_examples(config: TrainConfig, split: str) -> list[dict]:
 
 def load_splits(config: TrainConfig) -> tuple[list[dict], list[dict], list[str]]:
     """(training examples, validation examples, label names): labels as ids 0..n-1 for
-    classification (names from the data set, or the sorted labels seen), no names otherwise."""
+    classification (names from the data set, or the sorted labels seen), each word's tag as an
+    id for token classification ("O" and the sorted tags of the training data), no names otherwise."""
     train = load_examples(config, "train")
     validation = load_examples(config, "validation") if (config.validation_files or not config.train_files) else []
+    if "tags" in TASKS[config.task].fields:
+        train, names = data_lib.encode_tags(train)
+        return train, data_lib.encode_tags(validation, names)[0], names
     if "label" not in TASKS[config.task].fields:
         return train, validation, []
     spec = datasets.DATASETS.get(config.dataset) if not config.train_files else None
     train, names = data_lib.encode_labels(train, spec.label_names if spec else None)
     validation, _ = data_lib.encode_labels(validation, names)
+    if config.task == Task.TEXT_TO_TEXT:  # the label written as its name: the target text
+        train, validation = ([{"source": e["text"], "target": names[e["label"]]} for e in split]
+                             for split in (train, validation))
+        return train, validation, []
     return train, validation, names
 
 
-def task_data(config: TrainConfig, tokenizer: Tokenizer, train: list[dict], validation: list[dict]) -> TaskData:
+def task_data(
+    config: TrainConfig, tokenizer: Tokenizer, train: list[dict], validation: list[dict], label_names: list[str] = (),
+) -> TaskData:
     """Turns raw examples into the task's fixed-shape features, and measures the baselines."""
     task = TASKS[config.task]
     train_split = task.features(train, tokenizer, config)
     if not validation:
-        return TaskData(train_split, None, validation, {})
+        return TaskData(train_split, None, validation, {}, list(label_names))
     validation_split = task.features(validation, tokenizer, config)
     baselines = task.baselines(config, train_split, validation_split, validation)
-    return TaskData(train_split, validation_split, validation, baselines)
+    return TaskData(train_split, validation_split, validation, baselines, list(label_names))
 
 
 def init_source(init_from: str) -> pathlib.Path:
@@ -322,9 +428,10 @@ def _tokenizer_origin(config: TrainConfig, source: pathlib.Path | None, training
         return {"copied_from": sha256_file(source)}
     if source is not None:
         return {"copied_from": config.init_from or config.tokenizer, "files": _tokenizer_digest(source)}
+    sentinels = {"extra_ids": config.tokenizer_extra_ids} if config.tokenizer_extra_ids else {}
     return {
         "trained_on": training_data, "vocab_size": config.model.vocab_size,
-        "model_type": config.tokenizer_model_type, "seed": config.seed,
+        "model_type": config.tokenizer_model_type, "seed": config.seed, **sentinels,
     }
 
 
@@ -367,32 +474,44 @@ def prepare_tokenizer(
 
 
 def _make_sentencepiece(config, source, run_dir, train, origin, artefacts) -> None:
-    """tokenizer.model: the `source` file copied, or trained on the training texts."""
-    path = run_dir / "tokenizer.model"
-    if artefacts.check(path.name, origin) or jax.process_index() != 0:
+    """tokenizer.model: the `source` file copied, or trained on the training texts. One trained
+    with sentinels (`tokenizer_extra_ids`) is saved as spiece.model and the tokenizer_config.json
+    that records them."""
+    name = "spiece.model" if config.tokenizer_extra_ids else "tokenizer.model"
+    if artefacts.check(name, origin) or jax.process_index() != 0:
         return
+    path = run_dir / name
     with tempfile.TemporaryDirectory(dir=run_dir) as tmp:
         made = pathlib.Path(tmp) / path.name
         if source is not None:
             shutil.copyfile(source, made)
         else:
-            corpus = pathlib.Path(tmp) / "corpus.txt"
-            texts = [e[key] for e in train for key in ("text", "source", "target") if key in e]
-            corpus.write_text("\n".join(texts), encoding="utf-8")
-            try:
-                Tokenizer.train(
-                    [corpus], config.model.vocab_size, model_prefix=made.with_suffix(""),
-                    model_type=config.tokenizer_model_type, seed=config.seed,
-                )
-            except TrainingFailed as error:  # its message names the temporary corpus: name the run's data
-                data = ", ".join(config.train_files) or f"dataset={config.dataset}"
-                raise ValueError(
-                    f"No {config.model.vocab_size}-piece tokenizer can be trained on the training texts ({data}): "
-                    f"{error.reason}. Lower model.vocab_size, or give tokenizer=FILE."
-                ) from None
+            trained = _train_sentencepiece(config, train, made)
+            if config.tokenizer_extra_ids:
+                return _save_tokenizer(trained, run_dir, origin, artefacts)
             made.with_suffix(".vocab").replace(path.with_suffix(".vocab"))
         artefacts.record(path.name, origin, made)
         made.replace(path)
+
+
+def _train_sentencepiece(config, train, made: pathlib.Path) -> Tokenizer:
+    """A tokenizer of model.vocab_size ids (`tokenizer_extra_ids` of them sentinels) trained on
+    the training texts, written to `made` (and its .vocab beside it)."""
+    corpus = made.with_name("corpus.txt")
+    texts = [e[key] for e in train for key in ("text", "source", "target") if key in e]
+    texts += [" ".join(e["words"]) for e in train if "words" in e]  # encoded word by word: one "▁" each
+    corpus.write_text("\n".join(texts), encoding="utf-8")
+    try:
+        return Tokenizer.train(
+            [corpus], config.model.vocab_size, model_prefix=made.with_suffix(""),
+            model_type=config.tokenizer_model_type, seed=config.seed, extra_ids=config.tokenizer_extra_ids,
+        )
+    except TrainingFailed as error:  # its message names the temporary corpus: name the run's data
+        data = ", ".join(config.train_files) or f"dataset={config.dataset}"
+        raise ValueError(
+            f"No {config.model.vocab_size}-piece tokenizer can be trained on the training texts ({data}): "
+            f"{error.reason}. Lower model.vocab_size, or give tokenizer=FILE."
+        ) from None
 
 
 def _save_tokenizer(tokenizer: Tokenizer, run_dir: pathlib.Path, origin: dict, artefacts: rundir.Artefacts) -> None:

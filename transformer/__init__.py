@@ -23,6 +23,7 @@ from transformer.config import (
     PRESETS,
     Activation,
     AttentionImplementation,
+    Initialisation,
     ModelConfig,
     Norm,
     NormPosition,
@@ -88,6 +89,7 @@ __all__ = [
     "FeedForward",
     "GenerateOutput",
     "GenerationConfig",
+    "Initialisation",
     "KVCache",
     "MaskedLM",
     "ModelConfig",
@@ -136,5 +138,4 @@ __all__ = [
     "text_attention",
     "top_k_filter",
     "top_p_filter",
-    "unscanned",
-]
+    "unscanned",]

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from transformer.config import Activation, ModelConfig, Norm, NormPosition, Pooler, PositionEncoding
+from transformer.config import Activation, Initialisation, ModelConfig, Norm, NormPosition, Pooler, PositionEncoding
 
 # Heads a checkpoint can be loaded with (from_pretrained's `head`).
 ENCODER, MLM, PRETRAINING, CLASSIFY, TOKEN_CLASSIFY, QA, LM = (
@@ -621,8 +621,8 @@ class T5(Architecture):
             norm_position=NormPosition.PRE, norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
             activation=cls._FEED_FORWARD[projection], dropout_rate=hf.get("dropout_rate", 0.1),
             attention_dropout_rate=hf.get("dropout_rate", 0.1), feed_forward_dropout_rate=hf.get("dropout_rate", 0.1),
-            use_bias=False,
-            tie_embeddings=tied, rescale_tied_logits=tied, attention_logit_scaling=False,
+            use_bias=False, tie_embeddings=tied, rescale_tied_logits=tied, attention_logit_scaling=False,
+            initialisation=Initialisation.FAN_IN,  # what a head the checkpoint lacks starts from
         )
 
     @classmethod

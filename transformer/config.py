@@ -60,6 +60,13 @@ class Pooler(enum.StrEnum):
     RELU = "relu"  # DistilBERT's pre_classifier
 
 
+class Initialisation(enum.StrEnum):
+    """How weight matrices and tables start: normal draws of a fixed or a fan-in scale."""
+
+    NORMAL = "normal"  # N(0, 0.02) (BERT, GPT)
+    FAN_IN = "fan_in"  # N(0, 1 / fan_in) matrices, N(0, 1) embeddings (T5, Mesh TensorFlow)
+
+
 class RematPolicy(enum.StrEnum):
     NONE = "none"  # keep every activation
     FULL = "full"  # recompute the whole block in the backward pass
@@ -75,6 +82,7 @@ _ENUM_FIELDS = {
     "attention_implementation": AttentionImplementation,
     "remat_policy": RematPolicy,
     "pooler": Pooler,
+    "initialisation": Initialisation,
 }
 
 
@@ -110,7 +118,8 @@ class ModelConfig:
     dropout_rate: float = 0.1
     attention_dropout_rate: float = 0.0
     feed_forward_dropout_rate: float = 0.0  # on the feed-forward's hidden activations (T5)
-    scale_residual_init: bool = False  # residual projections initialised at 0.02 / sqrt(2L) (GPT-2)
+    initialisation: Initialisation = Initialisation.NORMAL
+    scale_residual_init: bool = False  # residual projections' initial scale divided by sqrt(2L) (GPT-2)
     use_bias: bool = True  # biases in attention and feed-forward projections
     tie_embeddings: bool = True  # output logits use the token embedding matrix
     scale_embeddings: bool = False  # multiply token embeddings by sqrt(d_model) (2017 paper)
@@ -381,6 +390,7 @@ _T5 = dict(
     use_bias=False,
     rescale_tied_logits=True,
     attention_logit_scaling=False,
+    initialisation=Initialisation.FAN_IN,  # with unscaled attention logits, the query's fan-in init carries 1/sqrt(H)
 )
 _TRANSFORMER_2017 = dict(
     vocab_size=37_000,  # shared source/target BPE vocabulary (the paper: "about 37000 tokens")

@@ -103,7 +103,7 @@ def text_attention(run: Run, text: str, *, max_new_tokens: int | None = None) ->
     if not tok.encode(text):
         raise ValueError("The text is empty: give at least one word to show attention over.")
     variables = {"params": run.params}
-    if run.task == Task.SEQ2SEQ:
+    if run.task.encoder_decoder:
         sampler = Sampler(run.model, run.params, tok)
         limit = run.model.config.max_length - 1 if max_new_tokens is None else max_new_tokens  # BOS + it fit
         source, translation = sampler.token_ids(text, max_new_tokens=limit)

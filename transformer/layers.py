@@ -20,7 +20,7 @@ from flax import struct
 from transformer import sharding as ax
 from transformer.attention import Bias, Mask, attention_weights, dot_product_attention
 from transformer.cache import KVCache
-from transformer.config import Activation, ModelConfig, Norm, NormPosition, PositionEncoding
+from transformer.config import Activation, Initialisation, ModelConfig, Norm, NormPosition, PositionEncoding
 from transformer.positions import RelativeBias, apply_rotary, sinusoidal_embedding
 
 _ACTIVATIONS: dict[Activation, Callable[[jax.Array], jax.Array]] = {
@@ -81,14 +81,16 @@ class Dense(nn.Module):
     axis: int | tuple[int, ...] = -1
     use_bias: bool | None = None  # None: config.use_bias
     float32_output: bool = False  # accumulate and return float32 whatever the compute dtype (logits)
-    kernel_stddev: float = 0.02
+    init_scale: float = 1.0  # multiplies the configured initial scale (`initial_stddev`)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         features = self.features if isinstance(self.features, tuple) else (self.features,)
         axis = tuple(a % x.ndim for a in (self.axis if isinstance(self.axis, tuple) else (self.axis,)))
-        kernel_init = nn.with_logical_partitioning(nn.initializers.normal(self.kernel_stddev), self.axes)
+        fan_in = math.prod(x.shape[a] for a in axis)
+        stddev = initial_stddev(cfg, fan_in) * self.init_scale
+        kernel_init = nn.with_logical_partitioning(nn.initializers.normal(stddev), self.axes)
         kernel = self.param("kernel", kernel_init, tuple(x.shape[a] for a in axis) + features, cfg.param_dtype)
         bias = None
         if cfg.use_bias if self.use_bias is None else self.use_bias:
@@ -106,6 +108,12 @@ class Dense(nn.Module):
         return out if bias is None else out + bias
 
 
+def initial_stddev(config: ModelConfig, fan_in: int) -> float:
+    """The initial scale of a matrix reading `fan_in` inputs (of a table: `fan_in` 1): 0.02, or
+    T5's 1 / sqrt(fan_in) (`Initialisation.FAN_IN`: each product starts at unit variance)."""
+    return 0.02 if config.initialisation == Initialisation.NORMAL else fan_in**-0.5
+
+
 def norm(config: ModelConfig, *, name: str) -> nn.Module:
     """The configured normalisation (statistics in float32)."""
     scale_init = nn.with_logical_partitioning(nn.initializers.ones, (ax.EMBED,))
@@ -121,8 +129,9 @@ def norm(config: ModelConfig, *, name: str) -> nn.Module:
     )
 
 
-def _embed(config: ModelConfig, num: int, axis: str, *, name: str, stddev: float = 0.02) -> nn.Embed:
+def _embed(config: ModelConfig, num: int, axis: str, *, name: str, stddev: float | None = None) -> nn.Embed:
     """A table of `num` rows of the embedding width (E with factorised embeddings, else D)."""
+    stddev = initial_stddev(config, 1) if stddev is None else stddev
     return nn.Embed(
         num, config.embedding_size or config.d_model, dtype=config.dtype, param_dtype=config.param_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev), (axis, ax.EMBED)),
@@ -140,7 +149,7 @@ class Embedder(nn.Module):
 
     def setup(self):
         cfg = self.config
-        token_stddev = cfg.d_model**-0.5 if cfg.scale_embeddings else 0.02
+        token_stddev = cfg.d_model**-0.5 if cfg.scale_embeddings else None
         self.token = _embed(cfg, cfg.vocab_size, ax.VOCAB, name="token", stddev=token_stddev)
         if cfg.position == PositionEncoding.LEARNED:
             self.position = _embed(cfg, cfg.max_length + cfg.position_offset, ax.POSITIONS, name="position")
@@ -190,7 +199,8 @@ class RelativePositionBias(nn.Module):
         cfg = self.config
         table = self.param(
             "embedding",
-            nn.with_logical_partitioning(nn.initializers.normal(0.02), (ax.RELATIVE_BUCKETS, ax.HEADS)),
+            nn.with_logical_partitioning(nn.initializers.normal(initial_stddev(cfg, cfg.d_model)),
+                                         (ax.RELATIVE_BUCKETS, ax.HEADS)),
             (cfg.relative_num_buckets, cfg.num_heads),
             cfg.param_dtype,
         )
@@ -235,9 +245,9 @@ class MultiHeadAttention(nn.Module):
         cfg = self.config
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # Without 1/sqrt(H) logit scaling (T5), the query initialisation carries it instead.
-        query_stddev = 0.02 if cfg.attention_logit_scaling else 0.02 * head_dim**-0.5
+        query_scale = 1.0 if cfg.attention_logit_scaling else head_dim**-0.5
         q_axes = (ax.EMBED, ax.HEADS, ax.HEAD_DIM)
-        q = Dense(cfg, (heads, head_dim), q_axes, kernel_stddev=query_stddev, name="query")(x)  # [B, T, N, H]
+        q = Dense(cfg, (heads, head_dim), q_axes, init_scale=query_scale, name="query")(x)  # [B, T, N, H]
         # Key/value heads split over "tensor" as the query heads do; fewer of them (grouped or
         # multi-query attention) only where they divide evenly (`sharding.axis_rules`).
         kv_axes = (ax.EMBED, ax.HEADS if kv_heads == heads else ax.KV_HEADS, ax.HEAD_DIM)
@@ -270,17 +280,17 @@ class MultiHeadAttention(nn.Module):
             scale = None if cfg.attention_logit_scaling else 1.0
             self.sow("intermediates", "attention_weights", attention_weights(q, k, mask, bias, scale=scale))
         out_axes = (ax.HEADS, ax.HEAD_DIM, ax.EMBED)
-        out = Dense(cfg, cfg.d_model, out_axes, axis=(-2, -1), kernel_stddev=residual_stddev(cfg), name="out")(out)
+        out = Dense(cfg, cfg.d_model, out_axes, axis=(-2, -1), init_scale=residual_scale(cfg), name="out")(out)
         return out, cache
 
 
-def residual_stddev(config: ModelConfig) -> float:
-    """The initial scale of a projection into the residual stream (attention out, feed-forward
-    out): 0.02, or GPT-2's 0.02 / sqrt(2L) (`scale_residual_init`: the residual path sums 2L of
-    them; L the deeper stack's layers)."""
+def residual_scale(config: ModelConfig) -> float:
+    """What multiplies the initial scale of a projection into the residual stream (attention out,
+    feed-forward out): 1, or GPT-2's 1 / sqrt(2L) (`scale_residual_init`: the residual path sums
+    2L of them; L the deeper stack's layers)."""
     if not config.scale_residual_init:
-        return 0.02
-    return 0.02 / math.sqrt(2 * max(config.num_encoder_layers, config.num_decoder_layers))
+        return 1.0
+    return 1 / math.sqrt(2 * max(config.num_encoder_layers, config.num_decoder_layers))
 
 
 class FeedForward(nn.Module):
@@ -299,7 +309,7 @@ class FeedForward(nn.Module):
         else:
             h = act(Dense(cfg, cfg.d_ff, axes, name="wi")(x))  # [B, T, F]
         h = nn.Dropout(cfg.feed_forward_dropout_rate)(h, deterministic=deterministic)
-        out = Dense(cfg, cfg.d_model, (ax.MLP, ax.EMBED), kernel_stddev=residual_stddev(cfg), name="wo")
+        out = Dense(cfg, cfg.d_model, (ax.MLP, ax.EMBED), init_scale=residual_scale(cfg), name="wo")
         return out(h)  # [B, T, D]
 
 

@@ -259,8 +259,8 @@ def _check_run_config(run_dir: str | os.PathLike) -> None:
     task = Task(values["task"])
     if not task.generates:
         raise ValueError(
-            f"{run_dir} trained a {task} model, which does not generate text; a Sampler needs a causal_lm "
-            "(decoder-only) or seq2seq (encoder-decoder) run."
+            f"{run_dir} trained a {task} model, which does not generate text; a Sampler needs a run of a task that "
+            f"does: {', '.join(t for t in Task if t.generates)}."
         )
     try:
         ModelConfig.from_dict(values["model"])

@@ -134,24 +134,22 @@ class Tokenizer(abc.ABC):
 
     @classmethod
     def train(
-        cls,
-        files: Sequence[str | os.PathLike],
-        vocab_size: int,
-        *,
-        model_prefix: str | os.PathLike,
-        model_type: str = "bpe",
-        character_coverage: float = 1.0,
-        max_sentences: int = 1_000_000,
-        seed: int = 0,
+        cls, files: Sequence[str | os.PathLike], vocab_size: int, *, model_prefix: str | os.PathLike,
+        model_type: str = "bpe", character_coverage: float = 1.0, max_sentences: int = 1_000_000, seed: int = 0,
+        extra_ids: int = 0,
     ) -> SentencePieceTokenizer:
         """Trains a sentencepiece model on text files (one sentence per line) and loads it.
 
         Writes `{model_prefix}.model` and `.vocab` (each whole or not at all; a full disk or a
         read-only folder is an OSError naming the file). `model_type` is "bpe" or "unigram". At
-        most `max_sentences` lines are sampled, so a few MB train in seconds.
+        most `max_sentences` lines are sampled, so a few MB train in seconds. `extra_ids`: T5's
+        sentinels, the last of the `vocab_size` ids (the model file holds the pieces before them;
+        `save` records them in tokenizer_config.json).
         """
         if model_type not in ("bpe", "unigram"):
             raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}.")
+        if not 0 <= extra_ids < vocab_size:
+            raise ValueError(f"extra_ids={extra_ids} must be in [0, vocab_size={vocab_size}).")
         files = [str(f) for f in files]
         if not files:
             raise ValueError("Tokenizer.train needs at least one text file.")
@@ -167,7 +165,7 @@ class Tokenizer(abc.ABC):
             spm.SentencePieceTrainer.train(
                 input=files,
                 model_writer=model,
-                vocab_size=vocab_size,
+                vocab_size=vocab_size - extra_ids,
                 model_type=model_type,
                 character_coverage=character_coverage,
                 pad_id=0,
@@ -188,7 +186,7 @@ class Tokenizer(abc.ABC):
             ) from None
         path = pathlib.Path(f"{model_prefix}.model")
         _write_trained(path, model.getvalue())
-        return _load_sentencepiece([path], _Configs())
+        return _load_sentencepiece([path], _Configs(tokenizer={"extra_ids": extra_ids}))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
