@@ -160,8 +160,9 @@ def test_text_to_text_learns_labels_written_as_words(tmp_path):
         paths[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = run_experiment(
         "t5-tiny-sentiment", tmp_path / "run", "init_from=", f"train_files=[{paths['train']}]",
-        f"validation_files=[{paths['validation']}]", "file_format=jsonl", "steps=300", "log_every=75",
-        "seq_length=6", "eval_every=300", "learning_rate=3e-3", "batch_size=32", "eval_batches=0", "model.dropout_rate=0", "model.attention_dropout_rate=0",
+        f"validation_files=[{paths['validation']}]", "file_format=jsonl", "steps=150", "log_every=50",
+        "seq_length=6", "eval_every=150", "learning_rate=3e-3", "batch_size=32", "eval_batches=0", "model.dropout_rate=0",
+        "model.attention_dropout_rate=0",
         "model.feed_forward_dropout_rate=0",
     )
     assert result.baselines["majority_exact_match"] == pytest.approx(40 / 60)
@@ -198,7 +199,7 @@ def test_token_classification_learns_entities_from_context(tmp_path):
         paths[split].write_text(_tagged_sentences(count, seed))
     result = run_experiment(
         "bert-tiny-ner", tmp_path / "run", f"train_files=[{paths['train']}]", f"validation_files=[{paths['validation']}]",
-        "file_format=conll", "steps=300", "log_every=75", "batch_size=32", "learning_rate=2e-3", "eval_batches=0",
+        "file_format=conll", "steps=150", "log_every=50", "batch_size=32", "learning_rate=3e-3", "eval_batches=0",
         "model.dropout_rate=0", "model.attention_dropout_rate=0",
     )
     assert json.loads((result.run_dir / "labels.json").read_text()) == ["O", "B-LOC", "B-PER", "I-PER"]

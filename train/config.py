@@ -259,7 +259,7 @@ class TrainConfig:
                 )
         if self.task == Task.SPAN_CORRUPTION:
             self._check_span_corruption()
-        elif (self.noise_density, self.mean_span_length) != (0.15, 3.0):
+        elif any(getattr(self, name) != FIELDS[name].default for name in ("noise_density", "mean_span_length")):
             raise ValueError("noise_density and mean_span_length apply to task=span_corruption only.")
         if self.tokenizer_extra_ids and (self.tokenizer or self.init_from):
             raise ValueError(

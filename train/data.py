@@ -110,7 +110,7 @@ def read_tsv(paths: Iterable[str | os.PathLike], columns: Sequence[str] = ("text
     return examples
 
 
-TAG = re.compile(r"O|[BI]-\S+")  # IOB2: outside, or the beginning or inside of an entity of a type
+IOB2_TAG = re.compile(r"O|[BI]-\S+")  # IOB2: outside, or the beginning or inside of an entity of a type
 
 
 def parse_conll(lines: Iterable[str], where: str) -> list[dict]:
@@ -131,7 +131,7 @@ def parse_conll(lines: Iterable[str], where: str) -> list[dict]:
         if len(columns) < 2:
             raise ValueError(f"{where}:{number}: {line.strip()!r} has one column; a CoNLL line is a word, "
                              "optional columns, and its tag.")
-        if not TAG.fullmatch(columns[-1]):
+        if not IOB2_TAG.fullmatch(columns[-1]):
             raise ValueError(f"{where}:{number}: tag {columns[-1]!r} is not IOB2: use O, B-TYPE or I-TYPE.")
         words.append(columns[0])
         tags.append(columns[-1])
@@ -515,7 +515,8 @@ class SpanCorruptionExamples:
                 f"tokenizer_extra_ids={spans} or more (a tokenizer trained by the run), or use T5's tokenizer."
             )
         self.sentinels = np.asarray(sentinels, np.int32)
-        stream = np.asarray([t for ids in tokenizer.encode_batch([d["text"] for d in documents]) for t in ids], np.int32)
+        encoded = tokenizer.encode_batch([d["text"] for d in documents])
+        stream = np.concatenate([np.asarray(ids, np.int32) for ids in encoded]) if encoded else np.zeros(0, np.int32)
         if len(stream) < row:
             raise ValueError(
                 f"The texts hold {len(stream)} tokens, fewer than one span-corruption row of {row} text tokens "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import pathlib
 import shutil
@@ -224,14 +225,13 @@ def entity_scores(config: TrainConfig, model, params, tokenizer: Tokenizer, data
     from seqeval.metrics.sequence_labeling import get_entities
 
     examples, names = data.validation_examples, data.label_names
-    apply = jax.jit(lambda p, tokens, segment_ids: model.apply({"params": p}, tokens, segment_ids=segment_ids))
     predicted = []
     for start in range(0, len(examples), config.batch_size):
         rows = [data_lib.token_classification_features(e, tokenizer, config.seq_length)
                 for e in examples[start : start + config.batch_size]]
         fill = [rows[0]] * (config.batch_size - len(rows))  # one batch shape: one compiled program
         tokens, segment_ids = (np.stack([r[key] for r in rows + fill]) for key in ("tokens", "segment_ids"))
-        best = np.asarray(apply(nn.meta.unbox(params), tokens, segment_ids)).argmax(-1)
+        best = np.asarray(_token_logits(model, nn.meta.unbox(params), tokens, segment_ids)).argmax(-1)
         for row, labels, example in zip(rows, best, examples[start:]):
             tags = [names[i] for i in labels[row["weights"] > 0]]
             predicted.append(tags + ["O"] * (len(example["words"]) - len(tags)))
@@ -241,6 +241,12 @@ def entity_scores(config: TrainConfig, model, params, tokenizer: Tokenizer, data
     words = examples[0]["words"]
     entities = "; ".join(f"{kind} {' '.join(words[a : b + 1])}" for kind, a, b in get_entities(predicted[0]))
     return metrics, f"{' '.join(words)} -> {entities or 'no entities'}"
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_logits(model, params, tokens, segment_ids):
+    """A token classifier's logits, compiled once per model (and batch shape) for every evaluation."""
+    return model.apply({"params": params}, tokens, segment_ids=segment_ids)
 
 
 def _translations(config: TrainConfig, model, params, tokenizer: Tokenizer, examples, search) -> list[str]:
