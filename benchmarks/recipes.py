@@ -37,6 +37,7 @@ RECIPES = [
     ("bert-tiny-mlm", "bert-tiny-mlm", []),
     ("roberta-tiny-mlm", "roberta-tiny-mlm", []),
     ("albert-tiny-sop", "albert-tiny-sop", []),
+    ("spanbert-tiny", "spanbert-tiny", []),
     ("t5-tiny-denoise", "t5-tiny-denoise", []),
     ("t5-tiny-sentiment", "t5-tiny-sentiment", ["init_from={runs}/t5-tiny-denoise"]),
     ("bert-tiny-ner", "bert-tiny-ner", []),
@@ -44,7 +45,7 @@ RECIPES = [
     ("sentiment-from-scratch", "bert-tiny-sentiment", ["init_from="]),
     ("transformer-tiny-en-fr", "transformer-tiny-en-fr", []),
 ]
-FIGURES = ("loss", "perplexity", "nats_per_char", "nsp_accuracy", "accuracy", "bleu", "bleu_beam", "exact_match",
+FIGURES = ("loss", "perplexity", "nats_per_char", "nsp_accuracy", "sbo_loss", "accuracy", "bleu", "bleu_beam", "exact_match",
            "entity_f1")
 DONE = re.compile(r"^Done: (\d+) steps in (\d+) s")
 

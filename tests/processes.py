@@ -5,6 +5,11 @@ processes themselves, conftest.py: pytest-xdist's workers inherit the folder fro
 that starts them), so a program compiled by one run (a train step, an evaluation) is loaded,
 not recompiled, by the next. A size limit turns on JAX's file lock around every read and
 write of the cache, which the processes share.
+
+Programs that compile in under 50 ms (each operation of an un-jitted `model.apply`, the
+smallest jits) are compiled again rather than written: with the size limit every write lists
+the whole cache to evict by age, so writing each of the suite's many thousand tiny programs
+made the writes quadratic (an eager test of 7 s alone took 42 s late in the full suite).
 """
 
 import atexit
@@ -21,9 +26,9 @@ if _SHARED not in os.environ:
     atexit.register(shutil.rmtree, os.environ[_SHARED], ignore_errors=True)
 
 
-# Every program is cached, however quickly it compiled or small it is.
+# Every program that took 50 ms or more to compile is cached, however small.
 CACHE_SETTINGS = {
-    "jax_compilation_cache_dir": os.environ[_SHARED], "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_compilation_cache_dir": os.environ[_SHARED], "jax_persistent_cache_min_compile_time_secs": 0.05,
     "jax_persistent_cache_min_entry_size_bytes": 0, "jax_compilation_cache_max_size": 2**32,
 }
 

@@ -107,8 +107,8 @@ def test_direct_construction_is_checked_too():
 
 
 def test_masked_lm_row_options_are_checked():
-    """Pairs (NSP, SOP) and packing across documents: masked LM only, one at a time, and pairs need
-    two token types."""
+    """Pairs (NSP, SOP), packing across documents and span masking: masked LM only, one at a time,
+    pairs need two token types, span masking no pairs, the span boundary objective span masking."""
     bert = ["bert-tiny-mlm"]
     with pytest.raises(ValueError, match="^sentence_order_prediction applies to task=masked_lm only"):
         config_lib.parse_args(["sentence_order_prediction=true"])
@@ -119,6 +119,14 @@ def test_masked_lm_row_options_are_checked():
                                "model.type_vocab_size=1"])
     config = config_lib.parse_args([*bert, "next_sentence_prediction=false", "sentence_order_prediction=true"])
     assert config.pair_head and not config.next_sentence_prediction
+    # SpanBERT's options: masked LM, unpaired rows, the boundary head over masked spans.
+    with pytest.raises(ValueError, match="^span_masking applies to task=masked_lm only"):
+        config_lib.parse_args(["span_masking=true"])
+    with pytest.raises(ValueError, match="^span_masking \\(SpanBERT\\) takes rows of one segment, without "
+                                         "next_sentence_prediction"):
+        config_lib.parse_args([*bert, "span_masking=true"])
+    with pytest.raises(ValueError, match="^span_boundary_objective predicts masked spans .* set span_masking=True"):
+        config_lib.parse_args(["spanbert-tiny", "span_masking=false"])
 
 
 def test_span_corruption_options_are_checked():

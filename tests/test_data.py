@@ -3,6 +3,7 @@
 All text is synthetic and written under pytest's tmp_path; nothing is downloaded.
 """
 
+import collections
 import json
 import re
 import types
@@ -373,6 +374,85 @@ def test_mask_tokens_without_maskable_tokens_changes_nothing():
     assert not weights.any()
 
 
+def test_span_length_probabilities_are_a_clipped_geometric():
+    """SpanBERT's lengths: p(l) proportional to 0.2 * 0.8^(l - 1) for l = 1..10, mean 3.8 words."""
+    probabilities = data.span_length_probabilities()
+    assert len(probabilities) == 10 and abs(probabilities.sum() - 1) < 1e-12
+    np.testing.assert_allclose(probabilities[1:] / probabilities[:-1], 0.8)
+    # sum of l q^(l-1) for l <= n is (1 - (n+1) q^n + n q^(n+1)) / (1 - q)^2
+    mean = 0.2 * (1 - 11 * 0.8**10 + 10 * 0.8**11) / 0.2**2 / (1 - 0.8**10)
+    assert abs(probabilities @ np.arange(1, 11) - mean) < 1e-12 and round(mean, 1) == 3.8
+
+
+def span_rows(count, length, rng, word_lengths=(1, 2, 3), special_rate=0.05):
+    """Random rows of words of 1-3 pieces with special tokens (ids 0-5) among them: tokens,
+    maskable, word_starts."""
+    tokens = rng.integers(7, 47, size=(count, length)).astype(np.int32)
+    word_starts = np.zeros((count, length), bool)
+    for row in word_starts:
+        row[np.cumsum(rng.choice(word_lengths, size=length)) % length] = True
+    word_starts[:, 0] = True
+    special = rng.random(tokens.shape) < special_rate
+    special[:, 0] = special[:, -1] = True  # [CLS] ... [SEP]
+    tokens[special] = rng.integers(0, 6, size=special.sum())
+    return tokens, ~special, word_starts | special
+
+
+def spans_of(weights, boundaries):
+    """The spans (first, one past the last) that `mask_spans` chose, read from the boundaries."""
+    chosen = np.flatnonzero(weights)
+    return sorted({(int(b[0]) + 1, int(b[1])) for b in boundaries[chosen]})
+
+
+def test_mask_spans_are_whole_words_until_the_coverage():
+    """SpanBERT masking: every span is contiguous whole words inside one run of maskable tokens,
+    the boundaries name the tokens just outside it and the offsets count from its start; spans
+    are taken until 15% of the maskable tokens are covered, passing it by less than one word."""
+    rng = np.random.default_rng(0)
+    tokens, maskable, word_starts = span_rows(300, 128, rng)
+    coverage = []
+    for t, m, w in zip(tokens, maskable, word_starts):
+        corrupted, weights, boundaries = data.mask_spans(
+            t, rng, maskable=m, word_starts=w, mask_id=6, random_ids=np.arange(7, 47)
+        )
+        chosen = weights == 1
+        assert not chosen[~m].any() and (boundaries[~chosen] == 0).all()
+        np.testing.assert_array_equal(corrupted[~chosen], t[~chosen])
+        covered, budget = chosen.sum(), round(0.15 * m.sum())
+        assert budget <= covered < budget + 3  # words have at most 3 pieces
+        coverage.append(covered / m.sum())
+        spans = spans_of(weights, boundaries)
+        assert sum(end - start for start, end in spans) == covered  # the spans do not overlap
+        for start, end in spans:
+            assert m[start:end].all() and chosen[start:end].all()
+            assert (w[start] or not m[start - 1]) and (end == len(t) or w[end])  # whole words (a special ends one)
+            np.testing.assert_array_equal(boundaries[start:end, 2], np.arange(end - start))
+    assert abs(np.mean(coverage) - 0.15) < 0.01
+
+
+def test_mask_spans_lengths_and_the_80_10_10_rule_per_span():
+    """On long rows of one-piece words, span lengths follow the clipped geometric distribution
+    (spans cut short by a chosen neighbour or the coverage are few), and each span is masked,
+    randomised or kept as a whole, 80/10/10."""
+    rng = np.random.default_rng(1)
+    tokens, maskable, word_starts = span_rows(40, 2048, rng, word_lengths=(1,), special_rate=0.0)
+    lengths, actions = [], collections.Counter()
+    for t, m, w in zip(tokens, maskable, word_starts):
+        corrupted, weights, boundaries = data.mask_spans(
+            t, rng, maskable=m, word_starts=w, mask_id=6, random_ids=np.arange(100, 140)
+        )
+        for start, end in spans_of(weights, boundaries):
+            lengths.append(end - start)
+            span = corrupted[start:end]
+            kind = "mask" if (span == 6).all() else "kept" if (span == t[start:end]).all() else "random"
+            assert kind != "random" or (span >= 100).all()  # never a mix
+            actions[kind] += 1
+    histogram = np.bincount(lengths, minlength=11)[1:11] / len(lengths)
+    assert np.abs(histogram - data.span_length_probabilities()).max() < 0.03
+    total = sum(actions.values())
+    assert abs(actions["mask"] / total - 0.8) < 0.03 and abs(actions["random"] / total - 0.1) < 0.02
+
+
 # ----------------------------------------------------------------------------- masked LM examples
 
 MLM_LENGTH = 64
@@ -733,6 +813,25 @@ def test_full_sentences_pack_across_documents(mlm_docs, tok):
     np.testing.assert_array_equal(examples.text_tokens(), text)
     with pytest.raises(ValueError, match="cannot be paired"):
         data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, pairs=data.Pairs.NEXT_SENTENCE, across_documents=True)
+
+
+def test_span_masked_rows_mask_whole_words_of_the_text(mlm_docs, tok):
+    """With span_masking every span starts at a word's first piece ("▁") and ends before the next
+    word's or a special token; rows hold span_boundaries; pairs are refused."""
+    examples = data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, across_documents=True, span_masking=True)
+    spans = 0
+    for index in range(len(examples)):
+        example = examples.example(index, np.random.default_rng(index))
+        targets, weights = example["targets"], example["weights"]
+        real = int(example["segment_ids"].sum())
+        assert abs(weights.sum() - 0.15 * (real - 2)) < 5  # [CLS] and [SEP] are never masked
+        for start, end in spans_of(weights, example["span_boundaries"]):
+            assert tok.id_to_token(int(targets[start])).startswith("\u2581")
+            assert int(targets[end]) in tok.special_ids or tok.id_to_token(int(targets[end])).startswith("\u2581")
+            spans += 1
+    assert spans > 2 * len(examples)
+    with pytest.raises(ValueError, match="cannot be paired"):
+        data.MaskedLMExamples(mlm_docs, tok, MLM_LENGTH, pairs=data.Pairs.SENTENCE_ORDER, span_masking=True)
 
 
 # ----------------------------------------------------------------------------- span corruption (T5)

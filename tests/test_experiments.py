@@ -55,9 +55,11 @@ def pretrained_t5(tmp_path_factory) -> loop.RunResult:
 # gpt-tiny and the default (the same task and data) are the README test's; bert-tiny-sentiment and
 # transformer-tiny-en-fr have tests of their own below; bert-tiny-mlm is the pretrained body they share.
 TRAINED_HERE = [n for n in config_lib.EXPERIMENTS if "tiny" not in n and n != config_lib.DEFAULT_EXPERIMENT]
-# The variants' own rows, packing and pairs; T5's span corruption, and its text-to-text fine-tune
+# The variants' own rows, packing, pairs and spans; T5's span corruption, and its text-to-text fine-tune
 # from that run (with the sentinels of the tokenizer it trained).
-FAMILY = ["roberta-tiny-mlm", "albert-tiny-sop", "t5-tiny-denoise", "t5-tiny-sentiment", "bert-tiny-ner"]
+FAMILY = [
+    "roberta-tiny-mlm", "albert-tiny-sop", "spanbert-tiny", "t5-tiny-denoise", "t5-tiny-sentiment", "bert-tiny-ner",
+]
 PRETRAINED = {"bert-tiny-mlm": "pretrained_bert", "t5-tiny-denoise": "pretrained_t5"}
 
 
@@ -79,6 +81,8 @@ def test_experiment_runs_end_to_end_on_its_data(name, tmp_path, request):
     losses = train_losses(result.run_dir)
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     assert result.step == 16 and {"loss", "accuracy"} <= set(result.validation)
+    if name == "spanbert-tiny":  # the span boundary objective, trained and evaluated beside the masked LM
+        assert {"sbo_loss", "sbo_accuracy"} <= set(result.validation) and "nsp_loss" not in result.validation
 
 
 @pytest.mark.network

@@ -1,10 +1,13 @@
 """Training objectives against hand computations: label smoothing, the masked-LM loss over
-selected positions only, NSP over real examples only, and scheduled sampling."""
+selected positions only, NSP over real examples only, SpanBERT's span boundary objective, and
+scheduled sampling."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 
 import transformer as tfm
 from train import objectives
@@ -113,6 +116,52 @@ def test_masked_lm_loss_counts_selected_positions_and_real_examples_only():
         model, variables["params"], dict(batch, targets=targets), rng=jax.random.PRNGKey(0), deterministic=True
     )
     assert float(changed["loss"]) == float(metrics["loss"])
+
+
+def layer_norm(x, params, epsilon):
+    x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + epsilon)
+    return x * params["scale"] + params["bias"]
+
+
+def test_span_boundary_objective_predicts_each_masked_token_from_its_spans_boundaries_by_hand():
+    """SpanBERT's SBO: a masked token at offset k of a span is predicted from the encoder states
+    just before and after the span and offset k's embedding, through two dense + GELU + layer norm
+    layers and the tied output layer (numpy, from the parameters); its loss is summed over the
+    masked tokens and counted in their weight."""
+    cfg = tfm.ModelConfig.preset("bert-tiny", dropout_rate=0.0, attention_dropout_rate=0.0, vocab_size=64)
+    model = tfm.MaskedLM(cfg, span_boundary_objective=True)
+    rng = np.random.default_rng(1)
+    boundaries = np.zeros((2, 8, 3), np.int32)
+    boundaries[0, 2:5] = [[1, 5, 0], [1, 5, 1], [1, 5, 2]]  # row 0: a span at 2..4
+    boundaries[1, 6] = [5, 7, 0]  # row 1: a span at 6
+    weights = (boundaries[..., 1] > 0).astype(np.float32)
+    batch = dict(tokens=rng.integers(7, 64, (2, 8)).astype(np.int32), targets=rng.integers(7, 64, (2, 8)).astype(np.int32),
+                 weights=weights, segment_ids=np.ones((2, 8), np.int32), token_types=np.zeros((2, 8), np.int32),
+                 span_boundaries=boundaries)
+    variables = nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch["tokens"]))
+    leaves, tree = jax.tree.flatten(variables)  # every parameter O(1), so that each term shows in the logits
+    variables = jax.tree.unflatten(tree, [rng.normal(0, 0.5, leaf.shape).astype(np.float32) for leaf in leaves])
+    metrics = objectives.masked_lm(model, variables["params"], batch, rng=jax.random.PRNGKey(0), deterministic=True)
+    _, sbo_logits = model.apply(variables, batch["tokens"], token_types=batch["token_types"],
+                                span_boundaries=boundaries)
+
+    p = jax.tree.map(np.asarray, variables["params"])
+    hidden = np.asarray(model.apply(variables, batch["tokens"], token_types=batch["token_types"],
+                                    method=lambda m, tokens, **kw: m.encode(tokens, **kw)))
+    gelu = lambda x: 0.5 * x * (1 + scipy.special.erf(x / np.sqrt(2)))  # noqa: E731
+    loss = 0.0
+    for row, position in zip(*np.nonzero(weights)):
+        before, after, offset = boundaries[row, position]
+        x = np.concatenate([hidden[row, before], hidden[row, after], p["sbo_offset"]["embedding"][offset]])
+        x = layer_norm(gelu(x @ p["sbo_hidden"]["kernel"] + p["sbo_hidden"]["bias"]), p["sbo_hidden_norm"], 1e-12)
+        x = layer_norm(gelu(x @ p["sbo_output"]["kernel"] + p["sbo_output"]["bias"]), p["sbo_output_norm"], 1e-12)
+        logits = x @ p["embed"]["token"]["embedding"].T + p["mlm_bias"]
+        np.testing.assert_allclose(sbo_logits[row, position], logits, rtol=1e-4, atol=1e-4)
+        loss -= logits[batch["targets"][row, position]] - scipy.special.logsumexp(logits)
+    np.testing.assert_allclose(metrics["sbo_loss"], loss, rtol=1e-4)
+    weights_sum = objectives.loss_weights(batch)
+    np.testing.assert_allclose(objectives.training_loss(metrics, weights_sum),
+                               (metrics["loss"] + metrics["sbo_loss"]) / 4, rtol=1e-6)
 
 
 def test_with_label_smoothing_the_loss_is_still_the_cross_entropy_and_the_step_minimises_the_smoothed_one():

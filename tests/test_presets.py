@@ -19,11 +19,12 @@ def count(tree) -> int:
 # Hugging Face `transformers` models built from their default configs: BertModel (with pooler),
 # GPT2LMHeadModel and T5ForConditionalGeneration (tied heads); RobertaModel and AlbertModel (with
 # pooler) and DistilBertModel (none) from roberta-base's, albert-base-v2's and albert-large-v2's,
-# distilbert-base-uncased's config.json. The ALBERT paper (Table 1) rounds to 12M and 18M. The 2017 paper (Table 3) reports
+# distilbert-base-uncased's config.json, BertModel from SpanBERT's (bert-base-cased's and
+# bert-large-cased's: 28,996 tokens). The ALBERT paper (Table 1) rounds to 12M and 18M. The 2017 paper (Table 3) reports
 # 65M and 213M with a shared vocabulary of about 37k tokens and rounds; with exactly 37,000
 # tokens we count 63,082,496 and 214,245,376.
 PUBLISHED = {
-    "bert-base": 109_482_240, "bert-large": 335_141_888,
+    "bert-base": 109_482_240, "bert-large": 335_141_888, "spanbert-base": 108_310_272, "spanbert-large": 333_579_264,
     "gpt2-small": 124_439_808, "gpt2-medium": 354_823_168,
     "t5-small": 60_506_624, "t5-base": 222_903_552,
     "roberta-base": 124_645_632, "roberta-large": 355_359_744,

@@ -754,3 +754,20 @@ def test_an_albert_tokenizer_saves_its_preprocessing(tmp_path, config):
     assert json.loads(default.read_text())["tokenizer_class"] == "AlbertTokenizer"
     with pytest.raises(ValueError, match="save it as tokenizer_class='AlbertTokenizer'"):
         albert.save(tmp_path / "t5", tokenizer_class="T5Tokenizer")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "byte-level", "wordpiece"])
+def test_word_starts_cut_the_ids_into_the_texts_words(kind, tmp_path, small_trained):
+    """`word_starts` marks the first piece of each word ("▁" and "Ġ" pieces; the pieces without
+    "##"), so the ids cut there decode to the text's words (a text's first piece begins one)."""
+    if kind == "wordpiece":
+        tok, texts, words = Tokenizer.load(wordpiece_dir(tmp_path)), [TEXT], [["the", "cats", "sat", "on", "a", "mat", "."]]
+    else:
+        tok = small_trained if kind == "sentencepiece" else Tokenizer.load(byte_level_dir(tmp_path))
+        texts = held_out(20)
+        words = [text.split() for text in texts]
+    assert tok.word_starts.shape == (tok.vocab_size,) and tok.word_starts[list(tok.special_ids)].all()
+    for text, expected in zip(texts, words):
+        ids = tok.encode(text)
+        starts = np.flatnonzero(tok.word_starts[ids][1:]) + 1
+        assert [tok.decode(piece).strip() for piece in np.split(ids, starts)] == expected

@@ -154,6 +154,13 @@ class TrainConfig:
         False, "masked LM: ALBERT's pairs, two consecutive segments swapped half the time, with the pair head"
     )
     full_sentences: bool = _field(False, "masked LM: RoBERTa's rows, sentences packed across documents")
+    span_masking: bool = _field(
+        False, "masked LM: SpanBERT's masking, spans of whole words (lengths Geometric(0.2), at most 10 words)"
+    )
+    span_boundary_objective: bool = _field(
+        False, "masked LM: SpanBERT's span boundary head, each masked token predicted from its span's boundaries "
+        "(needs span_masking)",
+    )
     noise_density: float = _field(0.15, "span corruption: the share of the text's tokens dropped into the target")
     mean_span_length: float = _field(3.0, "span corruption: the mean length of a dropped span")
     tokenizer: str = _field(
@@ -235,8 +242,14 @@ class TrainConfig:
             raise ValueError(f"scheduled_sampling applies to causal_lm and seq2seq, not {self.task}.")
         masked_lm_options = ("next_sentence_prediction", "sentence_order_prediction", "full_sentences")
         given = [name for name in masked_lm_options if getattr(self, name)]
-        if given and self.task != Task.MASKED_LM:
-            raise ValueError(f"{given[0]} applies to task=masked_lm only.")
+        spans = [name for name in ("span_masking", "span_boundary_objective") if getattr(self, name)]
+        if (given or spans) and self.task != Task.MASKED_LM:
+            raise ValueError(f"{(given + spans)[0]} applies to task=masked_lm only.")
+        if spans and self.pair_head:
+            raise ValueError(f"{spans[0]} (SpanBERT) takes rows of one segment, without {given[0]}: leave one out.")
+        if self.span_boundary_objective and not self.span_masking:
+            raise ValueError("span_boundary_objective predicts masked spans from their boundaries: set "
+                             "span_masking=True.")
         if len(given) > 1:
             raise ValueError(f"{' and '.join(given)} exclude each other: a row holds one kind of pair, or one "
                              "segment packed across documents.")
@@ -505,6 +518,13 @@ EXPERIMENTS: dict[str, TrainConfig] = {
         task=Task.MASKED_LM, model=_ALBERT_TINY, dataset="opinions", sentence_order_prediction=True,
         seq_length=128, batch_size=32, steps=3000, learning_rate=1e-3, warmup_steps=50, eval_every=500,
         checkpoint_every=1000, run_dir="runs/albert-tiny-sop",
+    ),
+    # SpanBERT's: spans of whole words masked, the span boundary objective, one segment per row of
+    # contiguous text (RoBERTa's rows), no pair objective.
+    "spanbert-tiny": TrainConfig(
+        task=Task.MASKED_LM, model=_BERT_TINY, dataset="opinions", full_sentences=True, span_masking=True,
+        span_boundary_objective=True, seq_length=128, batch_size=64, steps=1500, learning_rate=1e-3, warmup_steps=50,
+        eval_every=500, checkpoint_every=500, run_dir="runs/spanbert-tiny",
     ),
     # T5's pretraining: 15% of the text in spans of mean length 3, each span one sentinel in the
     # input; 128 input tokens hold 141 of text, the 29 target tokens the spans (T5's arithmetic).

@@ -7,6 +7,7 @@ fixed-shape numpy features (all int32 unless noted):
     causal LM       tokens, targets, segment_ids, positions, weights (float32)      [T]
     masked LM       tokens, token_types, segment_ids, targets, weights (float32)    [T]
                     (+ nsp_labels [], 0 = B follows A, 1 = B is random)
+                    (+ span_boundaries [T, 3] with span masking: before, after, offset)
     seq2seq         source, source_segment_ids [S]; target_in, target_segment_ids,
                     targets, weights (float32) [T]
     classification  tokens, segment_ids [T]; labels [], weights (float32) []
@@ -270,6 +271,67 @@ def mask_tokens(
     return corrupted, weights
 
 
+def span_length_probabilities(p: float = 0.2, max_words: int = 10) -> np.ndarray:
+    """SpanBERT's span lengths in words: Geometric(p) clipped at `max_words` (the tail beyond
+    it dropped and the rest renormalised; mean 3.8 words at p = 0.2). [max_words], for 1..max_words."""
+    probabilities = p * (1 - p) ** np.arange(max_words)
+    return probabilities / probabilities.sum()
+
+
+def mask_spans(
+    tokens: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    maskable: np.ndarray,
+    word_starts: np.ndarray,
+    mask_id: int,
+    random_ids: np.ndarray,
+    mask_rate: float = 0.15,
+    length_probabilities: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SpanBERT's masking: spans of whole words, until `mask_rate` of the maskable tokens are
+    covered; each span all [MASK] (80%), all random tokens from `random_ids` (10%) or unchanged.
+
+    A span starts at a random word not yet chosen and takes a length in words from
+    `length_probabilities` (default `span_length_probabilities()`), stopping early at an
+    unmaskable token, at a chosen word or once the coverage is reached, so the last span may
+    pass `mask_rate` by less than one word. tokens, maskable, word_starts (whether each token
+    begins a word): [T]. Returns the corrupted tokens, the loss weights [T] (1 on chosen) and
+    the span boundaries [T, 3]: for each chosen token the positions of the tokens just before
+    and just after its span and its offset in the span (0 elsewhere), the inputs of the span
+    boundary objective.
+    """
+    probabilities = span_length_probabilities() if length_probabilities is None else length_probabilities
+    length = len(tokens)
+    starts = np.flatnonzero(maskable & (word_starts | ~np.concatenate([[False], maskable[:-1]])))
+    breaks = np.append(np.flatnonzero(word_starts | ~maskable), length)
+    ends = breaks[np.searchsorted(breaks, starts, side="right")]  # one past each word
+    budget = max(1, round(mask_rate * int(maskable.sum()))) if maskable.any() else 0  # as mask_tokens
+    taken = np.zeros(len(starts), bool)  # per word
+    corrupted, weights = tokens.copy(), np.zeros(length, np.float32)
+    boundaries = np.zeros((length, 3), np.int32)
+    covered = 0
+    while covered < budget and not taken.all():
+        first = last = int(rng.choice(np.flatnonzero(~taken)))
+        words = 1 + int(rng.choice(len(probabilities), p=probabilities))
+        covered += ends[first] - starts[first]
+        while (last - first + 1 < words and covered < budget and last + 1 < len(starts)
+               and not taken[last + 1] and starts[last + 1] == ends[last]):
+            last += 1
+            covered += ends[last] - starts[last]
+        taken[first : last + 1] = True
+        span = np.arange(starts[first], ends[last])
+        action = rng.random()
+        if action < 0.8:
+            corrupted[span] = mask_id
+        elif action < 0.9:
+            corrupted[span] = rng.choice(random_ids, size=len(span))
+        weights[span] = 1.0
+        before, after = max(span[0] - 1, 0), min(span[-1] + 1, length - 1)
+        boundaries[span] = np.stack([np.full(len(span), before), np.full(len(span), after), span - span[0]], axis=1)
+    return corrupted, weights, boundaries
+
+
 @dataclasses.dataclass(frozen=True)
 class _Chunk:
     document: int
@@ -295,16 +357,19 @@ class MaskedLMExamples:
     with a [SEP] between documents. With pairs, the rows are the chunks that have a following
     chunk in their document; B is that chunk, and the label (1 half of the time, so both labels
     are equally likely in every row) replaces it by a chunk of another document (next sentence)
-    or swaps A and B (sentence order).
+    or swaps A and B (sentence order). `span_masking` (unpaired rows) masks SpanBERT's spans of
+    whole words (`mask_spans`) in place of single tokens, and adds each row's span_boundaries.
     """
 
     def __init__(self, documents: Sequence[dict], tokenizer: Tokenizer, length: int, *, pairs: Pairs = Pairs.NONE,
-                 across_documents: bool = False):
-        self.tokenizer, self.length, self.pairs = tokenizer, length, Pairs(pairs)
+                 across_documents: bool = False, span_masking: bool = False):
+        self.tokenizer, self.length, self.pairs, self.span_masking = tokenizer, length, Pairs(pairs), span_masking
         self.paired = self.pairs != Pairs.NONE
         if across_documents and self.paired:
             raise ValueError("Rows packed across documents hold one segment: they cannot be paired "
                              f"({self.pairs.value}).")
+        if span_masking and self.paired:
+            raise ValueError(f"Span masking (SpanBERT) takes rows of one segment: it cannot be paired ({self.pairs.value}).")
         shortest = 5 if self.paired else 3  # a token of text in each segment
         if length < shortest:
             layout = "[CLS] A [SEP] B [SEP]" if self.paired else "[CLS] A [SEP]"
@@ -363,6 +428,12 @@ class MaskedLMExamples:
     def _ids(self, chunk: _Chunk) -> list[int]:
         return [t for ids in self.sentences[chunk.document][chunk.start : chunk.end] for t in ids]
 
+    def _word_starts(self, chunk: int) -> np.ndarray:
+        """[length] whether each token of an unpaired row begins a word (a sentence's first does)."""
+        sentences = self.sentences[self.chunks[chunk].document][self.chunks[chunk].start : self.chunks[chunk].end]
+        starts = [bool(i == 0 or self.tokenizer.word_starts[t]) for ids in sentences for i, t in enumerate(ids)]
+        return _pad([True, *starts[: self.length - 2], True], self.length, True, bool)
+
     def _segments(self, chunk: int, rng: np.random.Generator) -> tuple[list[int], list[int], int]:
         """(A, B, label) of a paired row, the longer segment truncated until both fit."""
         label = int(rng.random() < 0.5)
@@ -389,7 +460,15 @@ class MaskedLMExamples:
             token_types = [0] * len(ids)
         tokens = _pad(ids, self.length, tok.pad_id)
         maskable = ~np.isin(tokens, list(tok.special_ids))
-        corrupted, weights = mask_tokens(tokens, rng, maskable=maskable, mask_id=tok.mask_id, random_ids=self.random_ids)
+        if self.span_masking:
+            corrupted, weights, features["span_boundaries"] = mask_spans(
+                tokens, rng, maskable=maskable, word_starts=self._word_starts(chunk), mask_id=tok.mask_id,
+                random_ids=self.random_ids,
+            )
+        else:
+            corrupted, weights = mask_tokens(
+                tokens, rng, maskable=maskable, mask_id=tok.mask_id, random_ids=self.random_ids
+            )
         features.update(
             tokens=corrupted,
             token_types=_pad(token_types, self.length),

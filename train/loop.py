@@ -194,7 +194,8 @@ def set_up(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> Job:
         )
     check_batch_axes(mesh)
     data, tokenizer, num_labels = prepare_data(config, run_dir, resuming)
-    model = config.task.model(config.model, num_labels=num_labels, next_sentence_prediction=config.pair_head)
+    model = config.task.model(config.model, num_labels=num_labels, next_sentence_prediction=config.pair_head,
+                              span_boundary_objective=config.span_boundary_objective)
     schedule = learning_rate_schedule(config.schedule, config.learning_rate, config.warmup_steps, config.steps)
     optimizer = make_optimizer(
         schedule, weight_decay=config.weight_decay, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,

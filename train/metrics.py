@@ -35,7 +35,7 @@ PEAK_FLOPS = {
 def summarize(sums: dict[str, float], *, token_level: bool = True) -> dict[str, float]:
     """Metric sums -> means: loss (cross-entropy) per weighted token (or example), perplexity
     (token-level tasks), accuracy, and when present the label-smoothed loss the step minimises
-    and the next-sentence loss and accuracy."""
+    and the next-sentence and span boundary losses and accuracies."""
     weight = max(sums["weight"], 1e-9)
     out = {"loss": sums["loss"] / weight, "accuracy": sums["correct"] / weight}
     if token_level:
@@ -46,6 +46,9 @@ def summarize(sums: dict[str, float], *, token_level: bool = True) -> dict[str, 
         nsp_weight = max(sums["nsp_weight"], 1e-9)
         out["nsp_loss"] = sums["nsp_loss"] / nsp_weight
         out["nsp_accuracy"] = sums["nsp_correct"] / nsp_weight
+    if "sbo_loss" in sums:
+        out["sbo_loss"] = sums["sbo_loss"] / weight
+        out["sbo_accuracy"] = sums["sbo_correct"] / weight
     return out
 
 

@@ -1,7 +1,7 @@
 """Training objectives: pure functions of (model, params, batch) -> metric sums.
 
 Every metric is a sum over the batch (loss, weight, correct; nsp_loss, nsp_weight, nsp_correct
-for next-sentence prediction), so that sums over microbatches, devices and evaluation batches
+for next-sentence prediction; sbo_loss, sbo_correct for the span boundary objective), so that sums over microbatches, devices and evaluation batches
 divide once at the end: a mean is loss / weight, never a mean of means. Padding carries weight 0.
 
 The loss a step minimises is the sum of each term's mean (`training_loss`): each term's sum
@@ -24,7 +24,7 @@ Metrics = dict[str, jax.Array]
 Objective = Callable[..., Metrics]  # (model, params, batch, *, rng, deterministic, ...) -> metric sums
 # Each loss term and the metric that holds its weight; a step minimises "smoothed_" + term where
 # the objective reports one (label smoothing).
-LOSS_TERMS = {"loss": "weight", "nsp_loss": "nsp_weight"}
+LOSS_TERMS = {"loss": "weight", "nsp_loss": "nsp_weight", "sbo_loss": "weight"}  # SBO: the masked tokens too
 
 
 def cross_entropy(
@@ -146,16 +146,23 @@ def causal_lm(model, params, batch, *, rng, deterministic, label_smoothing=0.0, 
 
 
 def masked_lm(model, params, batch, *, rng, deterministic, label_smoothing=0.0, sampling_probability=None):
-    """Masked-token prediction (+ next-sentence prediction when the batch has nsp_labels)."""
+    """Masked-token prediction, + next-sentence prediction when the batch has nsp_labels, + the
+    span boundary objective (SpanBERT: the masked tokens again, from their spans' boundaries)
+    when the model has its head."""
+    boundary_head = getattr(model, "span_boundary_objective", False)
     outputs = model.apply(
         {"params": params}, batch["tokens"], token_types=batch["token_types"], segment_ids=batch["segment_ids"],
         deterministic=deterministic, rngs={"dropout": rng},
+        **({"span_boundaries": batch["span_boundaries"]} if boundary_head else {}),
     )
-    mlm_logits = outputs[0] if "nsp_labels" in batch else outputs
+    mlm_logits = outputs[0] if "nsp_labels" in batch or boundary_head else outputs
     metrics = _token_metrics(mlm_logits, batch["targets"], batch["weights"], label_smoothing)
     if "nsp_labels" in batch:
         nsp_loss, nsp_weight, nsp_correct = cross_entropy(outputs[1], batch["nsp_labels"], nsp_weights(batch))
         metrics.update(nsp_loss=nsp_loss, nsp_weight=nsp_weight, nsp_correct=nsp_correct)
+    if boundary_head:
+        sbo_loss, _, sbo_correct = cross_entropy(outputs[1], batch["targets"], batch["weights"])
+        metrics.update(sbo_loss=sbo_loss, sbo_correct=sbo_correct)
     return metrics
 
 

@@ -76,7 +76,7 @@ def _masked_lm(examples, tokenizer, config) -> Split:
     pairs = (data_lib.Pairs.NEXT_SENTENCE if config.next_sentence_prediction
              else data_lib.Pairs.SENTENCE_ORDER if config.sentence_order_prediction else data_lib.Pairs.NONE)
     mlm = data_lib.MaskedLMExamples(examples, tokenizer, config.seq_length, pairs=pairs,
-                                    across_documents=config.full_sentences)
+                                    across_documents=config.full_sentences, span_masking=config.span_masking)
     return Split(grain.MapDataset.range(len(mlm)), random_map=lambda index, rng: mlm.example(int(index), rng),
                  unigram_tokens=mlm.text_tokens())
 

@@ -416,6 +416,11 @@ PRESETS: dict[str, ModelConfig] = {
     "bert-base": ModelConfig(**_BERT, d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=12),
     "bert-large": ModelConfig(**_BERT, d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=24),
     "bert-tiny": _tiny(_BERT, num_encoder_layers=2),
+    # SpanBERT changes the pretraining, not the model: BERT with BERT's cased vocabulary.
+    "spanbert-base": ModelConfig(**{**_BERT, "vocab_size": 28_996}, d_model=768, num_heads=12, d_ff=3072,
+                                 num_encoder_layers=12),
+    "spanbert-large": ModelConfig(**{**_BERT, "vocab_size": 28_996}, d_model=1024, num_heads=16, d_ff=4096,
+                                  num_encoder_layers=24),
     "roberta-base": ModelConfig(**_ROBERTA, d_model=768, num_heads=12, d_ff=3072, num_encoder_layers=12),
     "roberta-large": ModelConfig(**_ROBERTA, d_model=1024, num_heads=16, d_ff=4096, num_encoder_layers=24),
     "roberta-tiny": _tiny(_ROBERTA, num_encoder_layers=2),

@@ -2,7 +2,8 @@
 
     CausalLM            decoder-only language model (GPT-2)
     EncoderModel        the encoder body alone: hidden states (BERT's BertModel, sentence encoders)
-    MaskedLM            encoder + masked-LM head (+ next-sentence head) (BERT pretraining)
+    MaskedLM            encoder + masked-LM head (+ next-sentence or span boundary head) (BERT,
+                        SpanBERT pretraining)
     SequenceClassifier  encoder + pooled [CLS] classifier
     TokenClassifier     encoder + per-token classifier
     QuestionAnswering   encoder + start and end logits of an answer span (extractive QA;
@@ -24,7 +25,7 @@ from flax import traverse_util
 from transformer import sharding as ax
 from transformer.cache import DecoderCache
 from transformer.config import ModelConfig, PositionEncoding, Pooler
-from transformer.layers import Dense, Embedder, activation_fn, norm
+from transformer.layers import Dense, Embedder, activation_fn, initial_stddev, norm
 from transformer.positions import segment_positions
 from transformer.stacks import Stack
 
@@ -203,14 +204,19 @@ def sentence_embedding(hidden: jax.Array, mask: jax.Array) -> jax.Array:
     return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
-class MaskedLM(_EncoderModel):
-    """Encoder with BERT's masked-LM head, and a next-sentence head when asked for.
+SPAN_OFFSETS = 32  # rows of the span boundary objective's offset table; a longer span's tail shares the last
 
-    Returns MLM logits [B, T, V] float32, or (MLM logits, NSP logits [B, 2]) with
-    `next_sentence_prediction=True`.
+
+class MaskedLM(_EncoderModel):
+    """Encoder with BERT's masked-LM head, and a next-sentence head or SpanBERT's span boundary
+    head when asked for.
+
+    Returns MLM logits [B, T, V] float32; with `next_sentence_prediction=True` (MLM logits, NSP
+    logits [B, 2]); with `span_boundary_objective=True` (MLM logits, SBO logits [B, T, V]).
     """
 
     next_sentence_prediction: bool = False
+    span_boundary_objective: bool = False
 
     def setup(self):
         super().setup()
@@ -226,19 +232,53 @@ class MaskedLM(_EncoderModel):
         self.lm_head = _lm_head(cfg, use_bias=True)
         if self.next_sentence_prediction:
             self.nsp_head = _classifier(cfg, 2, name="nsp_head")
+        if self.span_boundary_objective:
+            if self.next_sentence_prediction:
+                raise ValueError("A MaskedLM has a next-sentence head or a span boundary head, not both (SpanBERT "
+                                 "drops next-sentence prediction).")
+            self.sbo_offset = nn.Embed(
+                SPAN_OFFSETS, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="sbo_offset",
+                embedding_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(initial_stddev(cfg, 1)), (ax.POSITIONS, ax.EMBED)
+                ),
+            )
+            self.sbo_hidden = Dense(cfg, cfg.d_model, (ax.MLP, ax.EMBED), use_bias=True, name="sbo_hidden")
+            self.sbo_hidden_norm = norm(cfg, name="sbo_hidden_norm")
+            self.sbo_output = Dense(cfg, width, (ax.EMBED, ax.MLP), use_bias=True, name="sbo_output")
+            self.sbo_output_norm = norm(cfg, name="sbo_output_norm")
 
-    def __call__(self, tokens, *, token_types=None, segment_ids=None, positions=None, deterministic=True):
+    def __call__(self, tokens, *, token_types=None, segment_ids=None, positions=None, span_boundaries=None,
+                 deterministic=True):
+        """`span_boundaries` [B, T, 3] (the SBO head's input, see `span_boundary_logits`)."""
         cfg = self.config
         hidden = self.encode(
             tokens, token_types=token_types, segment_ids=segment_ids, positions=positions, deterministic=deterministic
         )
-        h = self.mlm_norm(activation_fn(cfg.activation)(self.mlm_transform(hidden)))
-        logits = _output_logits(self, cfg, h)
-        if cfg.tie_embeddings:
-            logits += self.mlm_bias
-        if not self.next_sentence_prediction:
-            return logits
-        return logits, self.nsp_head(self.pool(hidden))
+        logits = self._vocabulary_logits(self.mlm_norm(activation_fn(cfg.activation)(self.mlm_transform(hidden))))
+        if self.next_sentence_prediction:
+            return logits, self.nsp_head(self.pool(hidden))
+        if self.span_boundary_objective:
+            return logits, self.span_boundary_logits(hidden, span_boundaries)
+        return logits
+
+    def _vocabulary_logits(self, h):
+        logits = _output_logits(self, self.config, h)
+        return logits + self.mlm_bias if self.config.tie_embeddings else logits
+
+    def span_boundary_logits(self, hidden, span_boundaries=None):
+        """SpanBERT's span boundary objective: each token predicted from the encoder states just
+        before and just after its span and its offset in the span, through two layers, by the
+        masked-LM output layer. hidden [B, T, D]; span_boundaries [B, T, 3] int (position before,
+        position after, offset; None: all 0, as at init) -> logits [B, T, V] float32."""
+        cfg = self.config
+        if span_boundaries is None:
+            span_boundaries = jnp.zeros(hidden.shape[:2] + (3,), jnp.int32)
+        before = jnp.take_along_axis(hidden, span_boundaries[..., 0:1], axis=1)  # [B, T, D]
+        after = jnp.take_along_axis(hidden, span_boundaries[..., 1:2], axis=1)
+        offset = self.sbo_offset(jnp.minimum(span_boundaries[..., 2], SPAN_OFFSETS - 1))
+        act = activation_fn(cfg.activation)
+        h = self.sbo_hidden_norm(act(self.sbo_hidden(jnp.concatenate([before, after, offset.astype(hidden.dtype)], -1))))
+        return self._vocabulary_logits(self.sbo_output_norm(act(self.sbo_output(h))))
 
 
 class _Classifier(_EncoderModel):

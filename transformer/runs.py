@@ -73,6 +73,7 @@ def run_model(run_dir: str | os.PathLike) -> tuple[Task, nn.Module]:
         ModelConfig.from_dict(values["model"]),
         num_labels=max(len(label_names(run_dir)), 2),
         next_sentence_prediction=bool(values.get("next_sentence_prediction") or values.get("sentence_order_prediction")),
+        span_boundary_objective=bool(values.get("span_boundary_objective")),
     )
     return task, model
 

@@ -41,12 +41,14 @@ class Task(enum.StrEnum):
         """(needs an encoder, needs a decoder)."""
         return (self != Task.CAUSAL_LM, self == Task.CAUSAL_LM or self.encoder_decoder)
 
-    def model(self, config: ModelConfig, *, num_labels: int = 2, next_sentence_prediction: bool = False) -> nn.Module:
-        """The task's model: `num_labels` for (token) classification, the NSP head for masked LM."""
+    def model(self, config: ModelConfig, *, num_labels: int = 2, next_sentence_prediction: bool = False,
+              span_boundary_objective: bool = False) -> nn.Module:
+        """The task's model: `num_labels` for (token) classification, the NSP or SBO head for masked LM."""
         if self == Task.CAUSAL_LM:
             return CausalLM(config)
         if self == Task.MASKED_LM:
-            return MaskedLM(config, next_sentence_prediction=next_sentence_prediction)
+            return MaskedLM(config, next_sentence_prediction=next_sentence_prediction,
+                            span_boundary_objective=span_boundary_objective)
         if self.encoder_decoder:
             return Seq2SeqLM(config)
         if self == Task.TOKEN_CLASSIFICATION:

@@ -291,6 +291,19 @@ class Tokenizer(abc.ABC):
         its other special ids (T5's extra ids, a tokenizer.json's added special tokens)."""
         return self._special_ids
 
+    @functools.cached_property
+    def word_starts(self) -> np.ndarray:
+        """[vocab_size] bool: whether a piece begins a word (whole-word masking). WordPiece marks
+        the pieces that go on with a word ("##"); sentencepiece ("▁") and byte-level BPE ("Ġ")
+        the pieces that begin one. Special ids begin one: no word runs across them."""
+        pieces = [self.id_to_token(i) for i in range(self.vocab_size)]
+        if any(piece.startswith("##") for piece in pieces):
+            starts = np.array([not piece.startswith("##") for piece in pieces])
+        else:
+            starts = np.array([piece.startswith(("▁", "Ġ")) for piece in pieces])
+        starts[list(self.special_ids)] = True
+        return starts
+
     def pad(
         self, ids: Sequence[Sequence[int]], length: int, *, truncate: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
