@@ -127,7 +127,7 @@ def test_span_boundary_objective_predicts_each_masked_token_from_its_spans_bound
     """SpanBERT's SBO: a masked token at offset k of a span is predicted from the encoder states
     just before and after the span and offset k's embedding, through two dense + GELU + layer norm
     layers and the tied output layer (numpy, from the parameters); its loss is summed over the
-    masked tokens and counted in their weight."""
+    masked tokens and counted in their weight, and smoothed like the masked LM's."""
     cfg = tfm.ModelConfig.preset("bert-tiny", dropout_rate=0.0, attention_dropout_rate=0.0, vocab_size=64)
     model = tfm.MaskedLM(cfg, span_boundary_objective=True)
     rng = np.random.default_rng(1)
@@ -162,6 +162,13 @@ def test_span_boundary_objective_predicts_each_masked_token_from_its_spans_bound
     weights_sum = objectives.loss_weights(batch)
     np.testing.assert_allclose(objectives.training_loss(metrics, weights_sum),
                                (metrics["loss"] + metrics["sbo_loss"]) / 4, rtol=1e-6)
+    # with label smoothing the step minimises both terms smoothed, and reports them plain
+    smoothed = objectives.masked_lm(model, variables["params"], batch, rng=jax.random.PRNGKey(0), deterministic=True,
+                                    label_smoothing=0.1)
+    np.testing.assert_allclose(smoothed["sbo_loss"], metrics["sbo_loss"], rtol=1e-6)
+    assert float(smoothed["smoothed_sbo_loss"]) != float(smoothed["sbo_loss"])
+    np.testing.assert_allclose(objectives.training_loss(smoothed, weights_sum),
+                               (smoothed["smoothed_loss"] + smoothed["smoothed_sbo_loss"]) / 4, rtol=1e-6)
 
 
 def test_with_label_smoothing_the_loss_is_still_the_cross_entropy_and_the_step_minimises_the_smoothed_one():

@@ -771,3 +771,24 @@ def test_word_starts_cut_the_ids_into_the_texts_words(kind, tmp_path, small_trai
         ids = tok.encode(text)
         starts = np.flatnonzero(tok.word_starts[ids][1:]) + 1
         assert [tok.decode(piece).strip() for piece in np.split(ids, starts)] == expected
+
+
+def test_word_starts_follow_the_model_not_a_stray_piece_and_fail_without_markers(tmp_path):
+    """A byte-level BPE whose vocabulary holds "##" pieces (Markdown headings) still begins words at
+    "Ġ"; a BPE split on whitespace without markers cannot tell words apart: a clear error."""
+    texts = [f"## {text}" for text in sentences(200, seed=0)]
+    bpe = tokenizers.ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.save_model(str(tmp_path))
+    tok = Tokenizer.load(tmp_path)
+    assert tok.token_to_id("##") is not None
+    ids = tok.encode("the cats sat")
+    assert tok.word_starts[ids].sum() == 2  # "Ġcats" and "Ġsat" ("the", the text's first piece, has no marker)
+    plain = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    plain.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    plain.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    plain.save(str(folder / "tokenizer.json"))
+    with pytest.raises(ValueError, match="marks no word boundaries in its pieces"):
+        Tokenizer.load(folder).word_starts

@@ -295,12 +295,15 @@ def mask_spans(
     A span starts at a random word not yet chosen and takes a length in words from
     `length_probabilities` (default `span_length_probabilities()`), stopping early at an
     unmaskable token, at a chosen word or once the coverage is reached, so the last span may
-    pass `mask_rate` by less than one word. tokens, maskable, word_starts (whether each token
-    begins a word): [T]. Returns the corrupted tokens, the loss weights [T] (1 on chosen) and
+    pass `mask_rate` by less than one word. tokens, maskable (never the first or last token),
+    word_starts (whether each token begins a word): [T]. Returns the corrupted tokens, the loss weights [T] (1 on chosen) and
     the span boundaries [T, 3]: for each chosen token the positions of the tokens just before
     and just after its span and its offset in the span (0 elsewhere), the inputs of the span
     boundary objective.
     """
+    if maskable[0] or maskable[-1]:
+        raise ValueError("mask_spans needs an unmaskable first and last token ([CLS] ... [SEP] or padding): the "
+                         "tokens just outside each span are its boundaries.")
     probabilities = span_length_probabilities() if length_probabilities is None else length_probabilities
     length = len(tokens)
     starts = np.flatnonzero(maskable & (word_starts | ~np.concatenate([[False], maskable[:-1]])))
@@ -370,6 +373,8 @@ class MaskedLMExamples:
                              f"({self.pairs.value}).")
         if span_masking and self.paired:
             raise ValueError(f"Span masking (SpanBERT) takes rows of one segment: it cannot be paired ({self.pairs.value}).")
+        # [vocab] whether each piece begins a word; a tokenizer that cannot tell fails here, before training
+        self.word_starts = tokenizer.word_starts if span_masking else None
         shortest = 5 if self.paired else 3  # a token of text in each segment
         if length < shortest:
             layout = "[CLS] A [SEP] B [SEP]" if self.paired else "[CLS] A [SEP]"
@@ -431,7 +436,7 @@ class MaskedLMExamples:
     def _word_starts(self, chunk: int) -> np.ndarray:
         """[length] whether each token of an unpaired row begins a word (a sentence's first does)."""
         sentences = self.sentences[self.chunks[chunk].document][self.chunks[chunk].start : self.chunks[chunk].end]
-        starts = [bool(i == 0 or self.tokenizer.word_starts[t]) for ids in sentences for i, t in enumerate(ids)]
+        starts = [bool(i == 0 or self.word_starts[t]) for ids in sentences for i, t in enumerate(ids)]
         return _pad([True, *starts[: self.length - 2], True], self.length, True, bool)
 
     def _segments(self, chunk: int, rng: np.random.Generator) -> tuple[list[int], list[int], int]:

@@ -109,19 +109,22 @@ def training_flops(model: ModelConfig, length: int, source_length: int = 0, *, h
     return flops
 
 
-def head_weights(model: ModelConfig, task: Task) -> int:
+def head_weights(model: ModelConfig, task: Task, *, span_boundary_objective: bool = False) -> int:
     """Per-token weights of the task's output head: the vocabulary projection (masked LM: and
-    its d x d transform); none counted for classification (one pooled row per example) and token
-    classification (a few labels)."""
+    its d x d transform; with SpanBERT's span boundary head also its 3d -> d and d -> d layers
+    and the projection again); none counted for classification (one pooled row per example) and
+    token classification (a few labels)."""
     d, vocab = model.d_model, model.vocab_size
-    heads = {Task.CLASSIFICATION: 0, Task.TOKEN_CLASSIFICATION: 0, Task.MASKED_LM: d * vocab + d * d}
+    masked_lm = (d * vocab + d * d) + span_boundary_objective * (3 * d * d + d * d + d * vocab)
+    heads = {Task.CLASSIFICATION: 0, Task.TOKEN_CLASSIFICATION: 0, Task.MASKED_LM: masked_lm}
     return heads.get(task, d * vocab)
 
 
 def flops_per_step(config: TrainConfig) -> float:
     """Training FLOPs of one step (`training_flops` of each row)."""
     source = config.source_length if config.task.encoder_decoder else 0
-    return config.batch_size * training_flops(config.model, config.seq_length, source, head=head_weights(config.model, config.task))
+    head = head_weights(config.model, config.task, span_boundary_objective=config.span_boundary_objective)
+    return config.batch_size * training_flops(config.model, config.seq_length, source, head=head)
 
 
 def published_peak_flops(device_kind: str) -> float | None:

@@ -161,8 +161,10 @@ def masked_lm(model, params, batch, *, rng, deterministic, label_smoothing=0.0, 
         nsp_loss, nsp_weight, nsp_correct = cross_entropy(outputs[1], batch["nsp_labels"], nsp_weights(batch))
         metrics.update(nsp_loss=nsp_loss, nsp_weight=nsp_weight, nsp_correct=nsp_correct)
     if boundary_head:
-        sbo_loss, _, sbo_correct = cross_entropy(outputs[1], batch["targets"], batch["weights"])
-        metrics.update(sbo_loss=sbo_loss, sbo_correct=sbo_correct)
+        sbo = _token_metrics(outputs[1], batch["targets"], batch["weights"], label_smoothing)
+        metrics.update(sbo_loss=sbo["loss"], sbo_correct=sbo["correct"])
+        if label_smoothing:
+            metrics["smoothed_sbo_loss"] = sbo["smoothed_loss"]
     return metrics
 
 

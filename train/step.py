@@ -122,7 +122,7 @@ def activation_bytes(model, sample_inputs: tuple, rows: int, tensor_shards: int 
     "dots" also the attention's batched products (its values, and its float32 scores, heads x
     keys, which cuDNN and chunked attention never hold whole), "none" about twice that (the
     elementwise results too). Policies that recompute hold one layer's "none" while they do.
-    Plus a language model's float32 logits and their gradient. All but the layer inputs split
+    Plus a language model's float32 logits and their gradient (the span boundary head's too). All but the layer inputs split
     over `tensor_shards`. For the presets, 0.6 to 1.1 times what XLA plans on a CPU.
     """
     config, policy = model.config, model.config.remat_policy
@@ -145,7 +145,8 @@ def activation_bytes(model, sample_inputs: tuple, rows: int, tensor_shards: int 
             kept += length * layers * (config.d_model * compute + policy_kept / tensor_shards)
             recomputed = max(recomputed, length * 2 * dots / tensor_shards)  # one layer at a time
     language_model = isinstance(model, (CausalLM, MaskedLM, Seq2SeqLM))
-    logits = language_model * target * config.vocab_size * 4 * 2 / tensor_shards
+    vocabulary_outputs = language_model * (1 + getattr(model, "span_boundary_objective", False))  # SBO: twice
+    logits = vocabulary_outputs * target * config.vocab_size * 4 * 2 / tensor_shards
     return int(rows * (kept + (policy != RematPolicy.NONE) * recomputed + logits))
 
 

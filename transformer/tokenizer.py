@@ -293,16 +293,24 @@ class Tokenizer(abc.ABC):
 
     @functools.cached_property
     def word_starts(self) -> np.ndarray:
-        """[vocab_size] bool: whether a piece begins a word (whole-word masking). WordPiece marks
-        the pieces that go on with a word ("##"); sentencepiece ("▁") and byte-level BPE ("Ġ")
-        the pieces that begin one. Special ids begin one: no word runs across them."""
-        pieces = [self.id_to_token(i) for i in range(self.vocab_size)]
-        if any(piece.startswith("##") for piece in pieces):
-            starts = np.array([not piece.startswith("##") for piece in pieces])
-        else:
-            starts = np.array([piece.startswith(("▁", "Ġ")) for piece in pieces])
+        """[vocab_size] bool: whether a piece begins a word (whole-word masking), by the marker the
+        tokenizer writes (`_word_marker`). Special ids begin one: no word runs across them. A
+        tokenizer without such a marker is a ValueError: it cannot tell where words begin."""
+        marker = self._word_marker()
+        if marker is None:
+            raise ValueError(
+                f"{self!r} marks no word boundaries in its pieces (neither a continuing prefix such as WordPiece's "
+                "'##' nor a word-start mark such as sentencepiece's '▁' or byte-level BPE's 'Ġ'): whole-word "
+                "masking cannot find the words. Use such a tokenizer, or mask single tokens (span_masking=False)."
+            )
+        prefix, begins = marker
+        starts = np.array([self.id_to_token(i).startswith(prefix) == begins for i in range(self.vocab_size)])
         starts[list(self.special_ids)] = True
         return starts
+
+    def _word_marker(self) -> tuple[str, bool] | None:
+        """(prefix, whether it begins a word): sentencepiece's "▁" begins one."""
+        return "▁", True
 
     def pad(
         self, ids: Sequence[Sequence[int]], length: int, *, truncate: bool = True
@@ -592,6 +600,18 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _word_marker(self) -> tuple[str, bool] | None:
+        """WordPiece's continuing prefix ("##") goes on with a word; a byte-level pre-tokenizer's
+        "Ġ" and a Metaspace's (or Llama's normalizer's) "▁" begin one; else None."""
+        spec = json.loads(self._tokenizer.to_str())
+        continuing = spec["model"].get("continuing_subword_prefix") or ("##" if spec["model"]["type"] == "WordPiece" else "")
+        if continuing:
+            return continuing, False
+        text = json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer")], ensure_ascii=False)
+        if '"ByteLevel"' in text:
+            return "Ġ", True
+        return ("▁", True) if "▁" in text else None
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
         return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
