@@ -428,6 +428,8 @@ def test_mask_spans_are_whole_words_until_the_coverage():
             assert (w[start] or not m[start - 1]) and (end == len(t) or w[end])  # whole words (a special ends one)
             np.testing.assert_array_equal(boundaries[start:end, 2], np.arange(end - start))
     assert abs(np.mean(coverage) - 0.15) < 0.01
+    with pytest.raises(ValueError, match="needs an unmaskable first and last token"):  # no boundary before a span
+        data.mask_spans(t, rng, maskable=np.ones_like(m), word_starts=w, mask_id=6, random_ids=np.arange(7, 47))
 
 
 def test_mask_spans_lengths_and_the_80_10_10_rule_per_span():

@@ -74,19 +74,22 @@ def _matmul_flops(jaxpr) -> float:
     return flops
 
 
-@pytest.mark.parametrize("name, task", [("gpt2-tiny", Task.CAUSAL_LM), ("llama-tiny", Task.CAUSAL_LM),
-                                        ("t5-tiny", Task.SEQ2SEQ), ("bert-tiny", Task.MASKED_LM)])
-def test_training_flops_are_three_times_the_forward_matrix_products(name, task):
+@pytest.mark.parametrize("name, task, span_boundary_objective", [
+    ("gpt2-tiny", Task.CAUSAL_LM, False), ("llama-tiny", Task.CAUSAL_LM, False), ("t5-tiny", Task.SEQ2SEQ, False),
+    ("bert-tiny", Task.MASKED_LM, False), ("bert-tiny", Task.MASKED_LM, True),
+])
+def test_training_flops_are_three_times_the_forward_matrix_products(name, task, span_boundary_objective):
     """MFU's FLOP count (all T x T attention pairs) is 3 x the matrix products the forward pass
-    really runs (counted in its jaxpr): gated activations, grouped-query heads, cross-attention
-    and the masked-LM transform included."""
+    really runs (counted in its jaxpr): gated activations, grouped-query heads, cross-attention,
+    the masked-LM transform and SpanBERT's span boundary head included."""
     config = preset(name, scan_layers=False)
-    model = task.model(config)
+    model = task.model(config, span_boundary_objective=span_boundary_objective)
     length, source = 12, (8 if task == Task.SEQ2SEQ else 0)
     inputs = task.example_inputs(length, source)
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)
     forward = jax.make_jaxpr(lambda p: model.apply(p, *inputs))(params)
-    counted = training_flops(config, length, source, head=head_weights(config, task), causal_pairs="all")
+    head = head_weights(config, task, span_boundary_objective=span_boundary_objective)
+    counted = training_flops(config, length, source, head=head, causal_pairs="all")
     assert counted == pytest.approx(3 * _matmul_flops(forward.jaxpr), rel=1e-9)
 
 

@@ -296,10 +296,10 @@ def mask_spans(
     `length_probabilities` (default `span_length_probabilities()`), stopping early at an
     unmaskable token, at a chosen word or once the coverage is reached, so the last span may
     pass `mask_rate` by less than one word. tokens, maskable (never the first or last token),
-    word_starts (whether each token begins a word): [T]. Returns the corrupted tokens, the loss weights [T] (1 on chosen) and
-    the span boundaries [T, 3]: for each chosen token the positions of the tokens just before
-    and just after its span and its offset in the span (0 elsewhere), the inputs of the span
-    boundary objective.
+    word_starts (whether each token begins a word): [T]. Returns the corrupted tokens, the loss
+    weights [T] (1 on chosen) and the span boundaries [T, 3]: for each chosen token the
+    positions of the tokens just before and just after its span and its offset in the span (0
+    elsewhere), the inputs of the span boundary objective.
     """
     if maskable[0] or maskable[-1]:
         raise ValueError("mask_spans needs an unmaskable first and last token ([CLS] ... [SEP] or padding): the "
@@ -330,8 +330,8 @@ def mask_spans(
         elif action < 0.9:
             corrupted[span] = rng.choice(random_ids, size=len(span))
         weights[span] = 1.0
-        before, after = max(span[0] - 1, 0), min(span[-1] + 1, length - 1)
-        boundaries[span] = np.stack([np.full(len(span), before), np.full(len(span), after), span - span[0]], axis=1)
+        boundaries[span] = np.stack([np.full(len(span), span[0] - 1), np.full(len(span), span[-1] + 1), span - span[0]],
+                                    axis=1)
     return corrupted, weights, boundaries
 
 
@@ -366,14 +366,14 @@ class MaskedLMExamples:
 
     def __init__(self, documents: Sequence[dict], tokenizer: Tokenizer, length: int, *, pairs: Pairs = Pairs.NONE,
                  across_documents: bool = False, span_masking: bool = False):
-        self.tokenizer, self.length, self.pairs, self.span_masking = tokenizer, length, Pairs(pairs), span_masking
+        self.tokenizer, self.length, self.pairs = tokenizer, length, Pairs(pairs)
         self.paired = self.pairs != Pairs.NONE
         if across_documents and self.paired:
             raise ValueError("Rows packed across documents hold one segment: they cannot be paired "
                              f"({self.pairs.value}).")
         if span_masking and self.paired:
             raise ValueError(f"Span masking (SpanBERT) takes rows of one segment: it cannot be paired ({self.pairs.value}).")
-        # [vocab] whether each piece begins a word; a tokenizer that cannot tell fails here, before training
+        # span masking: [vocab] whether each piece begins a word (a tokenizer that cannot tell fails here)
         self.word_starts = tokenizer.word_starts if span_masking else None
         shortest = 5 if self.paired else 3  # a token of text in each segment
         if length < shortest:
@@ -465,7 +465,7 @@ class MaskedLMExamples:
             token_types = [0] * len(ids)
         tokens = _pad(ids, self.length, tok.pad_id)
         maskable = ~np.isin(tokens, list(tok.special_ids))
-        if self.span_masking:
+        if self.word_starts is not None:
             corrupted, weights, features["span_boundaries"] = mask_spans(
                 tokens, rng, maskable=maskable, word_starts=self._word_starts(chunk), mask_id=tok.mask_id,
                 random_ids=self.random_ids,

@@ -122,8 +122,8 @@ def activation_bytes(model, sample_inputs: tuple, rows: int, tensor_shards: int 
     "dots" also the attention's batched products (its values, and its float32 scores, heads x
     keys, which cuDNN and chunked attention never hold whole), "none" about twice that (the
     elementwise results too). Policies that recompute hold one layer's "none" while they do.
-    Plus a language model's float32 logits and their gradient (the span boundary head's too). All but the layer inputs split
-    over `tensor_shards`. For the presets, 0.6 to 1.1 times what XLA plans on a CPU.
+    Plus a language model's float32 logits and their gradient (the span boundary head's too).
+    All but the layer inputs split over `tensor_shards`. For the presets, 0.6 to 1.1 times what XLA plans on a CPU.
     """
     config, policy = model.config, model.config.remat_policy
     compute = jnp.dtype(config.dtype).itemsize
