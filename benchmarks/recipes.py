@@ -8,7 +8,7 @@ Results table; translation BLEU here is the run's own, on its `bleu_examples` ve
 Each run is its own `python -m train` process: "train s" is the loop's own time (its `Done: N
 steps in T s`: the first, compiling step to the last evaluation and save), "wall s" adds the
 process's start, data and tokenizer preparation and building the model (compiled cold, as in a
-first run: `compilation_cache=` is off unless `--set` says otherwise). The
+first run: `compilation_cache=` is off unless `--set` says otherwise). A
 sentiment fine-tune starts from the pretraining run made before it (skipped if that run failed;
 `--only bert-tiny-sentiment` needs it in `--runs` already); `sentiment-from-scratch` is the same
 fine-tune with a fresh body and a tokenizer trained on the reviews. A run directory that holds a
@@ -33,6 +33,7 @@ from train import rundir
 # (name, experiment, overrides); {runs} is the folder of run directories
 RECIPES = [
     ("gpt-quick", "gpt-quick", []),
+    ("gpt-quick-sentiment", "gpt-quick-sentiment", ["init_from={runs}/gpt-quick"]),
     ("gpt-tiny", "gpt-tiny", []),
     ("bert-tiny-mlm", "bert-tiny-mlm", []),
     ("roberta-tiny-mlm", "roberta-tiny-mlm", []),

@@ -11,6 +11,7 @@ import types
 import grain
 import numpy as np
 import pytest
+from processes import ROOT
 from synthetic import sentences
 
 from train import data, tasks
@@ -289,7 +290,6 @@ def test_packed_lm_rows(tok):
 def test_packed_documents_start_as_prompts_do():
     """A tokenizer that adds BOS (Llama's) trains on documents that start with it, as the
     sampler's prompts do; BOS is never a target of weight 1."""
-    from processes import ROOT
     from transformer.sampler import prompt_ids
 
     llama = Tokenizer.load(ROOT / "tests" / "fixtures" / "pretrained" / "llama")
@@ -642,6 +642,52 @@ def test_classification_features(tok, length):
     np.testing.assert_array_equal(features["segment_ids"], np.arange(length) < len(ids))
     assert features["labels"] == 3 and features["labels"].dtype == np.int32
     assert features["weights"] == 1.0
+
+
+def _cut_longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Hugging Face's "longest_first", written out: drop the last token of the longer text
+    (of the second on a tie) until the two fit."""
+    a, b = list(a), list(b)
+    while len(a) + len(b) > budget:
+        (a if len(a) > len(b) else b).pop()
+    return a, b
+
+
+@pytest.mark.parametrize("length", [64, 12, 7], ids=["fits", "cut", "both-cut"])
+def test_pair_features_for_an_encoder_and_a_decoder(tok, length):
+    """An encoder reads [CLS] A [SEP] B [SEP] with token type 1 on B's segment (0 where the model
+    has one type); a decoder A [SEP] B [EOS], whose last real token is the one its head reads.
+    Too long, the longer text is cut first (the reference loop above), so B is never lost to A."""
+    first, second = sentences(2, seed=9)
+    first = first + " " + first  # the longer one
+    example = {"text": first, "text_pair": second, "label": 1}
+    a, b = _cut_longest_first(tok.encode(first), tok.encode(second), length - 3)
+    features = data.classification_features(example, tok, length)
+    ids = [tok.cls_id, *a, tok.sep_id, *b, tok.sep_id]
+    assert features["tokens"][: len(ids)].tolist() == ids and (features["tokens"][len(ids):] == tok.pad_id).all()
+    np.testing.assert_array_equal(features["token_types"], [0] * (len(a) + 2) + [1] * (len(b) + 1)
+                                  + [0] * (length - len(ids)))
+    np.testing.assert_array_equal(features["segment_ids"], np.arange(length) < len(ids))
+    assert not data.classification_features(example, tok, length, token_types=False)["token_types"].any()
+    if length < 64:
+        assert len(ids) == length and b  # B keeps its place
+    a, b = _cut_longest_first(tok.encode(first), tok.encode(second), length - 2)
+    decoded = data.classification_features(example, tok, length, decoder=True)
+    ids = [*a, tok.sep_id, *b, tok.eos_id]
+    assert decoded["tokens"][: len(ids)].tolist() == ids and "token_types" not in decoded
+    np.testing.assert_array_equal(decoded["segment_ids"], np.arange(length) < len(ids))
+    single = data.classification_features({"text": second, "label": 0}, tok, length, decoder=True)
+    ids = [*tok.encode(second)[: length - 1], tok.eos_id]
+    assert single["tokens"][: len(ids)].tolist() == ids and "token_types" not in single
+
+
+def test_a_decoder_without_a_separator_delimits_a_pair_with_eos():
+    """GPT-2's vocabulary has no [SEP]: its end-of-text token delimits the pair (and ends it)."""
+    gpt2 = Tokenizer.load(ROOT / "tests" / "fixtures" / "pretrained" / "gpt2")
+    assert gpt2.specials.sep is None
+    features = data.classification_features({"text": "a b", "text_pair": "c", "label": 0}, gpt2, 16, decoder=True)
+    ids = [*gpt2.encode("a b"), gpt2.eos_id, *gpt2.encode("c"), gpt2.eos_id]
+    assert features["tokens"][: len(ids)].tolist() == ids
 
 
 # ----------------------------------------------------------------------------- batches

@@ -6,7 +6,11 @@ import pytest
 
 from train import datasets
 
-EXPECTED_SIZES = {"shakespeare": 42, "rt-polarity": 10_568, "opinions": 798, "bible-en-fr": 31_099}
+EXPECTED_SIZES = {"shakespeare": 42, "rt-polarity": 10_568, "opinions": 798, "sts-b": 8_628, "conll2003-en": 20_744,
+                  "squad": 98_169, "bible-en-fr": 31_099}
+# Examples in (train and validation, train and test, validation and test): the splits made here share
+# none; STS-B's and CoNLL-2003's files repeat a few as published (CoNLL's datelines and scores).
+SHARED_ACROSS_SPLITS = {"sts-b": [6, 6, 2], "conll2003-en": [129, 73, 23]}
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED_SIZES))
@@ -19,10 +23,10 @@ def splits(request):
 def test_sizes_are_exact_and_splits_disjoint(splits):
     name, data = splits
     assert sum(len(v) for v in data.values()) == EXPECTED_SIZES[name]
-    assert all(len(v) > 0 for v in data.values())
+    assert all(len(v) > 0 for split, v in data.items() if (name, split) != ("squad", "test"))  # SQuAD's is hidden
     keys = {split: {repr(sorted(e.items())) for e in examples} for split, examples in data.items()}
-    assert not keys["train"] & keys["validation"] and not keys["train"] & keys["test"]
-    assert not keys["validation"] & keys["test"]
+    shared = [len(keys[a] & keys[b]) for a, b in (("train", "validation"), ("train", "test"), ("validation", "test"))]
+    assert shared == SHARED_ACROSS_SPLITS.get(name, [0, 0, 0])
 
 
 @pytest.mark.network
@@ -48,6 +52,28 @@ def test_contents(splits):
         assert len(sentences) == 3_708 + 5_190 and all(s.strip() and "\r" not in s for s in sentences)
         review = next(e["text"] for e in examples if e["text"].startswith("troubleshooting ad-2500"))
         assert review.split("\n")[1] == "repost from january 13, 2004 with a better fit title."
+    elif name == "sts-b":  # STS-B's own splits; "equivalent" (1) where the mean score is 3 or more
+        assert [len(data[split]) for split in datasets.SPLIT_NAMES] == [5_749, 1_500, 1_379]
+        assert data["train"][0] == {"text": "A plane is taking off.", "text_pair": "An air plane is taking off.",
+                                    "label": 1}  # 5.000
+        assert data["train"][1]["label"] == 1 and data["train"][1]["text"] == "A man is playing a large flute."  # 3.800
+        assert sum(e["label"] for e in data["train"]) == 2_994
+        assert all(e["text"] and e["text_pair"] and "\t" not in e["text_pair"] for e in examples)
+    elif name == "conll2003-en":  # CoNLL-2003's own splits, IOB2 tags of 4 entity types
+        assert [len(data[split]) for split in datasets.SPLIT_NAMES] == [14_041, 3_250, 3_453]
+        assert data["train"][0] == {"words": "EU rejects German call to boycott British lamb .".split(),
+                                    "tags": ["B-ORG", "O", "B-MISC", "O", "O", "O", "B-MISC", "O", "O"]}
+        entities = [sum(t.startswith("B-") for e in data[split] for t in e["tags"]) for split in datasets.SPLIT_NAMES]
+        assert entities == [23_499, 5_942, 5_648]  # the published counts
+        assert {t for e in examples for t in e["tags"]} == {"O"} | {f"{p}-{k}" for p in "BI"
+                                                                  for k in ("PER", "ORG", "LOC", "MISC")}
+    elif name == "squad":  # SQuAD 1.1's train and dev files, each answer its context's text at answer_start
+        assert [len(data[split]) for split in datasets.SPLIT_NAMES] == [87_599, 10_570, 0]
+        first = data["validation"][0]
+        assert first["question"] == "Which NFL team represented the AFC at Super Bowl 50?"
+        assert first["answers"][0] == {"text": "Denver Broncos", "answer_start": 177}
+        assert sum(len(e["answers"]) for e in data["validation"]) == 34_726
+        assert all(e["context"][a["answer_start"]:].startswith(a["text"]) for e in examples for a in e["answers"])
     else:
         assert all(e["source"] and e["target"] for e in examples)
         assert not any("dummy verse" in e["source"] or "`" in e["source"] for e in examples)

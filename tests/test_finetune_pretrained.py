@@ -14,6 +14,7 @@ from processes import ROOT
 import flax.linen as nn
 from train import config as config_lib
 from train import loop
+from transformer.models import DecoderClassifier
 from transformer.pretrained import from_pretrained, pretrained_checkpoint
 from transformer.runs import load_run
 from transformer.tokenizer import Tokenizer
@@ -102,9 +103,28 @@ def test_the_run_keeps_the_checkpoint_tokenizer_and_reopens(checkpoint, data, tm
     assert from_pretrained(run_dir).label_names == ("0", "1")
 
 
-def test_a_decoder_checkpoint_for_classification_is_a_clear_error(tmp_path, data):
-    config = config_lib.parse_args(fine_tune_args(FIXTURES / "gpt2", data, tmp_path / "run"))
-    with pytest.raises(ValueError, match="gpt2 is a Hugging Face checkpoint with a decoder only, but task=classification needs an encoder"):
+def test_a_gpt2_checkpoint_fine_tunes_as_a_decoder_classifier(tmp_path, data):
+    """A decoder-only checkpoint classifies as GPT does: its LM's body under a classifier on the
+    last real token (`DecoderClassifier`, no bias), the text fed with EOS after it (GPT-2's
+    vocabulary has no [CLS] or [SEP]); at step 0 every body parameter is the checkpoint's."""
+    config = loop.resolve_init_from(config_lib.parse_args(fine_tune_args(FIXTURES / "gpt2", data, tmp_path / "run")))
+    config.run_path.mkdir(parents=True)
+    job = loop.set_up(config, config.run_path, resuming=False)
+    assert isinstance(job.model, DecoderClassifier)
+    started = flat(loop.load_pretrained(job, say=lambda *_: None).params)
+    body = flat(from_pretrained(FIXTURES / "gpt2", head="lm", scan_layers=config.model.scan_layers).params)
+    assert set(started) - set(body) == {"classifier/kernel"}
+    for name in set(started) & set(body):
+        np.testing.assert_array_equal(started[name], body[name], err_msg=name)
+    batch = next(job.batches)
+    last = batch["segment_ids"].sum(axis=1) - 1  # right-padded rows: the last real token
+    assert (batch["tokens"][np.arange(len(last)), last] == job.tokenizer.eos_id).all()
+
+
+def test_an_encoder_decoder_checkpoint_for_classification_is_a_clear_error(tmp_path, data):
+    config = config_lib.parse_args(fine_tune_args(FIXTURES / "t5", data, tmp_path / "run"))
+    with pytest.raises(ValueError, match="t5 is a Hugging Face checkpoint with an encoder and a decoder, but "
+                       "task=classification needs an encoder only .* or a decoder only"):
         loop.run(config, progress=False)
     assert not (tmp_path / "run").exists()
 

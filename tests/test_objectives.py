@@ -118,6 +118,49 @@ def test_masked_lm_loss_counts_selected_positions_and_real_examples_only():
     assert float(changed["loss"]) == float(metrics["loss"])
 
 
+def test_a_pairs_token_types_reach_the_classifier():
+    """Text pairs carry token types (the second text's are 1): the classification loss is the
+    cross-entropy of the logits the model gives with them, not without."""
+    cfg = tfm.ModelConfig.preset("bert-tiny", dropout_rate=0.0, attention_dropout_rate=0.0, vocab_size=64)
+    model = tfm.SequenceClassifier(cfg, num_labels=3)
+    rng = np.random.default_rng(1)
+    batch = dict(tokens=rng.integers(7, 64, (2, 8)).astype(np.int32), segment_ids=np.ones((2, 8), np.int32),
+                 token_types=np.repeat([[0] * 4 + [1] * 4], 2, axis=0).astype(np.int32),
+                 labels=np.array([0, 2], np.int32), weights=np.ones(2, np.float32))
+    variables = model.init(jax.random.PRNGKey(0), batch["tokens"])
+    metrics = objectives.classification(model, variables["params"], batch, rng=jax.random.PRNGKey(0),
+                                        deterministic=True)
+    for token_types, same in ((batch["token_types"], True), (None, False)):
+        log_p = jax.nn.log_softmax(model.apply(variables, batch["tokens"], token_types=token_types))
+        expected = -(log_p[0, 0] + log_p[1, 2])
+        assert np.isclose(float(metrics["loss"]), float(expected), rtol=1e-5) == same, (metrics["loss"], expected)
+
+
+def test_question_answering_loss_is_the_mean_of_the_start_and_end_cross_entropies():
+    """BERT on SQuAD: (CE(start) + CE(end)) / 2 per real row; a row is correct when both the
+    start and the end are its highest logits; a filler row counts nowhere."""
+    cfg = tfm.ModelConfig.preset("bert-tiny", dropout_rate=0.0, attention_dropout_rate=0.0, vocab_size=64)
+    model = tfm.QuestionAnswering(cfg)
+    rng = np.random.default_rng(2)
+    batch = dict(tokens=rng.integers(7, 64, (3, 8)).astype(np.int32), segment_ids=np.ones((3, 8), np.int32),
+                 token_types=np.repeat([[0] * 3 + [1] * 5], 3, axis=0).astype(np.int32),
+                 start_positions=np.array([3, 0, 5], np.int32), end_positions=np.array([4, 0, 7], np.int32),
+                 weights=np.array([1, 1, 0], np.float32))
+    variables = model.init(jax.random.PRNGKey(0), batch["tokens"])
+    start, end = (np.asarray(x) for x in model.apply(variables, batch["tokens"], token_types=batch["token_types"]))
+    batch["start_positions"][:2] = start[:2].argmax(1)  # row 0 wholly right, row 1 right at its start only
+    batch["end_positions"][0], batch["end_positions"][1] = end[0].argmax(), (end[1].argmax() + 1) % 8
+    log_start, log_end = scipy.special.log_softmax(start, axis=1), scipy.special.log_softmax(end, axis=1)
+    expected = -sum(log_start[i, batch["start_positions"][i]] + log_end[i, batch["end_positions"][i]]
+                    for i in range(2)) / 2
+    both = [start[i].argmax() == batch["start_positions"][i] and end[i].argmax() == batch["end_positions"][i]
+            for i in range(2)]
+    metrics = objectives.question_answering(model, variables["params"], batch, rng=jax.random.PRNGKey(0),
+                                            deterministic=True)
+    np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+    assert float(metrics["weight"]) == 2.0 and float(metrics["correct"]) == sum(both) == 1
+
+
 def layer_norm(x, params, epsilon):
     x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + epsilon)
     return x * params["scale"] + params["bias"]

@@ -119,6 +119,10 @@ def test_config_from_experiment_yaml_and_overrides(tmp_path):
         (["schedule=linear"], "schedule='linear' is not valid; use one of: inverse_sqrt, cosine, constant"),
         (["batch_size=30", "accumulation=4"], "batch_size=30 is not divisible by accumulation=4"),
         (["model=bert-tiny"], "task=causal_lm needs a model with a decoder only"),
+        (["minilm-squad", "doc_stride=200"], "seq_length=128 leaves 93 context pieces per window after a question of "
+         "max_question_length=32 and [CLS], [SEP], [SEP]; doc_stride=200 must be in [1, 93]"),
+        (["bert-tiny-sentiment", "model=t5-tiny"],
+         "task=classification needs a model with an encoder only (num_decoder_layers=0) or a decoder only"),
         (["seq_length=4096"], "seq_length=4096 exceeds the model's max_length=256"),
         (["gpt-tiny", "steps"], "Cannot parse override 'steps'"),
     ],

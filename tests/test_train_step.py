@@ -85,6 +85,12 @@ def _task_case(task, rng):
         model = tfm.SequenceClassifier(_tiny("bert-tiny"), num_labels=3)
         batch = dict(tokens=tokens(), segment_ids=segments, labels=rng.integers(0, 3, BATCH).astype(np.int32),
                      weights=segments[:, 0].astype(np.float32))
+    elif task == "question_answering":
+        model = tfm.QuestionAnswering(_tiny("bert-tiny"))
+        positions = np.sort(rng.integers(0, LENGTH, (2, BATCH)).astype(np.int32), axis=0)
+        batch = dict(tokens=tokens(), segment_ids=segments, token_types=(np.arange(LENGTH) >= LENGTH // 2)[None]
+                     .repeat(BATCH, 0).astype(np.int32), start_positions=positions[0], end_positions=positions[1],
+                     weights=segments[:, 0].astype(np.float32))
     else:
         model = tfm.CausalLM(_tiny("gpt2-tiny"))
         positions = np.tile(np.arange(LENGTH, dtype=np.int32), (BATCH, 1))
@@ -92,8 +98,10 @@ def _task_case(task, rng):
     return model, TASKS[task].objective, batch
 
 
-# Span corruption and text-to-text train with seq2seq's objective on the same features.
-@pytest.mark.parametrize("task", [t for t in Task if t not in (Task.SPAN_CORRUPTION, Task.TEXT_TO_TEXT)])
+# Span corruption and text-to-text train with seq2seq's objective on the same features; text pairs with
+# classification's (token types added).
+@pytest.mark.parametrize("task", [t for t in Task if t not in (Task.SPAN_CORRUPTION, Task.TEXT_TO_TEXT,
+                                                             Task.PAIR_CLASSIFICATION)])
 def test_accumulation_equals_one_large_batch_for_every_task(task):
     """k microbatches of unequal weight (and a filler row) give one batch's loss and update
     (plain SGD, so the update is the gradient), for every objective: MLM and NSP each keep their

@@ -42,6 +42,7 @@ class FileFormat(enum.StrEnum):
     JSONL = "jsonl"  # one JSON object per line: "text" (+ "label"), or "source" and "target"
     TSV = "tsv"  # text<TAB>label, or source<TAB>target
     CONLL = "conll"  # a word and its IOB2 tag per line (columns between ignored), a blank line between sentences
+    SQUAD = "squad"  # SQuAD's JSON: articles of paragraphs, each a context and its questions with answer spans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,9 @@ RANGES: dict[str, Range] = {
     "noise_density": Range(0, 1, low_open=True),
     "mean_span_length": Range(1),
     "tokenizer_extra_ids": _count(0, MAX_TOKENS),
+    "doc_stride": _count(1, MAX_TOKENS),
+    "max_question_length": _count(1, MAX_TOKENS),
+    "max_answer_length": _count(1, MAX_TOKENS),
     "scheduled_sampling": Range(0, 1, high_open=False),
     "max_nonfinite_steps": _STEPS,
     "seed": Range(0, 2**32 - 2, high_open=False),  # grain seeds with seed + 1 and takes 32 bits
@@ -163,6 +167,9 @@ class TrainConfig:
     )
     noise_density: float = _field(0.15, "span corruption: the share of the text's tokens dropped into the target")
     mean_span_length: float = _field(3.0, "span corruption: the mean length of a dropped span")
+    doc_stride: int = _field(64, "question answering: context pieces between the starts of a long context's windows")
+    max_question_length: int = _field(32, "question answering: a question's pieces kept (the rest cut)")
+    max_answer_length: int = _field(30, "question answering: the longest answer picked, in pieces")
     tokenizer: str = _field(
         "", 'a sentencepiece .model file, a tokenizer.json or a checkpoint directory; "" trains one '
         "(model.vocab_size pieces)",
@@ -254,12 +261,8 @@ class TrainConfig:
             raise ValueError(f"{' and '.join(given)} exclude each other: a row holds one kind of pair, or one "
                              "segment packed across documents.")
         stacks = (self.model.num_encoder_layers > 0, self.model.num_decoder_layers > 0)
-        if stacks != self.task.layers:
-            needed = {
-                (False, True): "a decoder only (num_encoder_layers=0)",
-                (True, False): "an encoder only (num_decoder_layers=0)",
-                (True, True): "an encoder and a decoder",
-            }[self.task.layers]
+        if stacks not in self.task.layers:
+            needed = " or ".join(STACKS[layers] for layers in self.task.layers)
             raise ValueError(f"task={self.task} needs a model with {needed}; pick a matching model preset.")
         lengths = {"seq_length": self.seq_length}
         if self.task.encoder_decoder:
@@ -274,6 +277,12 @@ class TrainConfig:
             self._check_span_corruption()
         elif any(getattr(self, name) != FIELDS[name].default for name in ("noise_density", "mean_span_length")):
             raise ValueError("noise_density and mean_span_length apply to task=span_corruption only.")
+        if self.task == Task.QUESTION_ANSWERING and not 0 < self.doc_stride <= self._context_pieces:
+            raise ValueError(
+                f"seq_length={self.seq_length} leaves {self._context_pieces} context pieces per window after a question "
+                f"of max_question_length={self.max_question_length} and [CLS], [SEP], [SEP]; doc_stride="
+                f"{self.doc_stride} must be in [1, {max(self._context_pieces, 1)}]: raise seq_length or lower the others."
+            )
         if self.tokenizer_extra_ids and (self.tokenizer or self.init_from):
             raise ValueError(
                 f"tokenizer_extra_ids={self.tokenizer_extra_ids} adds sentinels to a tokenizer the run trains, and this "
@@ -291,6 +300,11 @@ class TrainConfig:
                 f"{self.noise_density} and mean_span_length={self.mean_span_length} makes targets of exactly "
                 f"{target_length} tokens: set seq_length={target_length}."
             )
+
+    @property
+    def _context_pieces(self) -> int:
+        """Question answering: the context pieces a window holds after the longest question."""
+        return self.seq_length - self.max_question_length - 3
 
     @property
     def pair_head(self) -> bool:
@@ -335,6 +349,9 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# A model's stacks (has an encoder, has a decoder) in words, for errors.
+STACKS = {(True, False): "an encoder only (num_decoder_layers=0)", (False, True): "a decoder only (num_encoder_layers=0)",
+          (True, True): "an encoder and a decoder"}
 
 
 def _coerce(name: str, value):
@@ -545,16 +562,43 @@ EXPERIMENTS: dict[str, TrainConfig] = {
         seq_length=96, batch_size=16, steps=600, learning_rate=1e-3, warmup_steps=50, eval_every=100,
         checkpoint_every=200, eval_batches=0, run_dir="runs/bert-tiny-ner",
     ),
+    # The same on CoNLL-2003's English news: people, organisations, places and other names.
+    "bert-tiny-conll": TrainConfig(
+        task=Task.TOKEN_CLASSIFICATION, model=_BERT_TINY, dataset="conll2003-en",
+        seq_length=64, batch_size=32, steps=1500, learning_rate=1e-3, warmup_steps=50, eval_every=500,
+        checkpoint_every=500, eval_batches=0, run_dir="runs/bert-tiny-conll",
+    ),
     "bert-tiny-sentiment": TrainConfig(
         task=Task.CLASSIFICATION, model=_BERT_TINY, init_from="runs/bert-tiny-mlm", dataset="rt-polarity",
         seq_length=64, batch_size=32, steps=600, learning_rate=5e-4, warmup_steps=50, eval_every=100,
         checkpoint_every=200, eval_batches=0, run_dir="runs/bert-tiny-sentiment",
+    ),
+    # GPT's classification: the main job's LM, fine-tuned, reads the text and EOS; a head on that last token's state.
+    "gpt-quick-sentiment": TrainConfig(
+        task=Task.CLASSIFICATION, model=_GPT_QUICK, init_from="runs/gpt-quick", dataset="rt-polarity",
+        seq_length=64, batch_size=32, steps=600, learning_rate=5e-4, warmup_steps=50, eval_every=100,
+        checkpoint_every=200, eval_batches=0, run_dir="runs/gpt-quick-sentiment",
+    ),
+    # Text pairs: [CLS] A [SEP] B [SEP], B's token type 1; is the second sentence (roughly) equivalent to the first?
+    "minilm-sts": TrainConfig(
+        task=Task.PAIR_CLASSIFICATION, model=_MINILM, init_from="all-minilm-l6-v2", dataset="sts-b",
+        seq_length=64, batch_size=32, steps=600, learning_rate=5e-5, warmup_steps=60, weight_decay=0.01,
+        adam_b2=0.999, adam_eps=1e-6, eval_every=150, checkpoint_every=300, eval_batches=0,
+        run_dir="runs/minilm-sts",
     ),
     "minilm-sentiment": TrainConfig(
         task=Task.CLASSIFICATION, model=_MINILM, init_from="all-minilm-l6-v2", dataset="rt-polarity",
         seq_length=64, batch_size=32, steps=900, learning_rate=5e-5, warmup_steps=90, weight_decay=0.01,
         adam_b2=0.999, adam_eps=1e-6, eval_every=150, checkpoint_every=300, eval_batches=0,
         run_dir="runs/minilm-sentiment",
+    ),
+    # Extractive QA, BERT's recipe: [CLS] question [SEP] a window of the paragraph [SEP], windows 64 pieces
+    # apart; one evaluation, on every dev question, at the end.
+    "minilm-squad": TrainConfig(
+        task=Task.QUESTION_ANSWERING, model=_MINILM, init_from="all-minilm-l6-v2", dataset="squad",
+        seq_length=128, doc_stride=64, max_question_length=32, batch_size=32, steps=600, learning_rate=1e-4,
+        warmup_steps=60, weight_decay=0.01, adam_b2=0.999, adam_eps=1e-6, eval_every=600, checkpoint_every=200,
+        eval_batches=0, run_dir="runs/minilm-squad",
     ),
     "transformer-tiny-en-fr": TrainConfig(  # 80 tokens hold 99% of the verses
         task=Task.SEQ2SEQ, model=_TRANSFORMER_SMALL, dataset="bible-en-fr", seq_length=80, source_length=80,

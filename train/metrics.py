@@ -112,12 +112,13 @@ def training_flops(model: ModelConfig, length: int, source_length: int = 0, *, h
 def head_weights(model: ModelConfig, task: Task, *, span_boundary_objective: bool = False) -> int:
     """Per-token weights of the task's output head: the vocabulary projection (masked LM: and
     its d x d transform; with SpanBERT's span boundary head also its 3d -> d and d -> d layers
-    and the projection again); none counted for classification (one pooled row per example) and
-    token classification (a few labels)."""
+    and the projection again); none counted for classification (one pooled row per example), token
+    classification (a few labels) and question answering (two logits a token)."""
     d, vocab = model.d_model, model.vocab_size
     masked_lm = (d * vocab + d * d) + span_boundary_objective * (3 * d * d + d * d + d * vocab)
-    heads = {Task.CLASSIFICATION: 0, Task.TOKEN_CLASSIFICATION: 0, Task.MASKED_LM: masked_lm}
-    return heads.get(task, d * vocab)
+    if task.classifies or task in (Task.TOKEN_CLASSIFICATION, Task.QUESTION_ANSWERING):
+        return 0
+    return masked_lm if task == Task.MASKED_LM else d * vocab
 
 
 def flops_per_step(config: TrainConfig) -> float:

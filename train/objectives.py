@@ -188,10 +188,27 @@ def seq2seq(model, params, batch, *, rng, deterministic, label_smoothing=0.0, sa
 
 
 def classification(model, params, batch, *, rng, deterministic, label_smoothing=0.0, sampling_probability=None):
-    """Sequence classification: one label per example (weight 0 for filler rows)."""
+    """Sequence classification: one label per example (weight 0 for filler rows); a label per
+    token with token classification's [B, T] labels. An encoder's text pairs carry token types."""
     logits = model.apply(
         {"params": params}, batch["tokens"], segment_ids=batch["segment_ids"], deterministic=deterministic,
-        rngs={"dropout": rng},
+        rngs={"dropout": rng}, **({"token_types": batch["token_types"]} if "token_types" in batch else {}),
     )
     return _token_metrics(logits, batch["labels"], batch["weights"], label_smoothing)
 
+
+def question_answering(model, params, batch, *, rng, deterministic, label_smoothing=0.0, sampling_probability=None):
+    """Extractive QA: cross-entropy of the answer's start and of its end over the row's tokens,
+    averaged (BERT on SQuAD); a row is correct when both are the highest logits."""
+    start_logits, end_logits = model.apply(
+        {"params": params}, batch["tokens"], token_types=batch["token_types"], segment_ids=batch["segment_ids"],
+        deterministic=deterministic, rngs={"dropout": rng},
+    )
+    start = _token_metrics(start_logits, batch["start_positions"], batch["weights"], label_smoothing)
+    end = _token_metrics(end_logits, batch["end_positions"], batch["weights"], label_smoothing)
+    both = (argmax(start_logits) == batch["start_positions"]) & (argmax(end_logits) == batch["end_positions"])
+    metrics = {"loss": (start["loss"] + end["loss"]) / 2, "weight": start["weight"],
+               "correct": jnp.sum(both * batch["weights"])}
+    if label_smoothing:
+        metrics["smoothed_loss"] = (start["smoothed_loss"] + end["smoothed_loss"]) / 2
+    return metrics

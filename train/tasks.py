@@ -28,11 +28,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from train import data as data_lib
-from train import datasets, objectives, rundir
+from train import datasets, objectives, rundir, squad
 from train.config import FileFormat, TrainConfig
 from transformer import runs
 from transformer.decoding import GenerationConfig, generate
 from transformer.files import sha256_file
+from transformer.models import best_spans
 from transformer.pretrained import CHECKPOINTS, pretrained_checkpoint
 from transformer.sampler import Sampler
 from transformer.tasks import Task
@@ -51,11 +52,12 @@ class Split:
     rows: Any = None
     unigram_tokens: np.ndarray | None = None
     word_tags: dict[str, str] | None = None  # token classification: each word's most frequent tag
+    windows: squad.QuestionWindows | None = None  # question answering: its rows, to read answers back from
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingTask:
-    data: str  # the kind of data set it reads (train.datasets): "lm", "classification" or "translation"
+    data: str  # the kind of data it reads (train.datasets' task): "lm", "classification", "translation", ...
     fields: tuple[str, ...]  # the fields of an example in a JSONL or TSV file
     objective: objectives.Objective
     features: Callable[[list[dict], Tokenizer, TrainConfig], Split]
@@ -106,9 +108,17 @@ def _token_classification(examples, tokenizer, config) -> Split:
     ), word_tags={word: tags.most_common(1)[0][0] for word, tags in counts.items()})
 
 
+def _question_answering(examples, tokenizer, config) -> Split:
+    windows = squad.QuestionWindows(examples, tokenizer, config.seq_length, doc_stride=config.doc_stride,
+                                    max_question_length=config.max_question_length)
+    return Split(grain.MapDataset.source(windows), windows=windows)
+
+
 def _classification(examples, tokenizer, config) -> Split:
+    decoder, token_types = not config.model.num_encoder_layers, config.model.type_vocab_size > 1
     return Split(grain.MapDataset.source(examples).map(
-        lambda e: data_lib.classification_features(e, tokenizer, config.seq_length)
+        lambda e: data_lib.classification_features(e, tokenizer, config.seq_length, decoder=decoder,
+                                                   token_types=token_types)
     ))
 
 
@@ -170,6 +180,12 @@ def _translation_baselines(config, train: Split, validation: Split, examples) ->
 
 def _classification_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
     return {"majority_accuracy": majority_accuracy(examples)}
+
+
+def _question_answering_baselines(config, train: Split, validation: Split, examples) -> dict[str, float]:
+    """The scores of answering with the context's sentence that shares the most words with the question."""
+    scores = squad.squad_scores(examples, squad.overlap_sentence_answers(examples))
+    return {f"overlap_sentence_{name}": value for name, value in scores.items()}
 
 
 # ----------------------------------------------------------------------------- generation at evaluation
@@ -243,6 +259,39 @@ def entity_scores(config: TrainConfig, model, params, tokenizer: Tokenizer, data
     return metrics, f"{' '.join(words)} -> {entities or 'no entities'}"
 
 
+def squad_answers(config: TrainConfig, model, params, tokenizer: Tokenizer, data: TaskData) -> tuple[dict, str]:
+    """SQuAD's exact match and F1 of the validation questions' answers (each the best span over
+    its windows, at most `max_answer_length` pieces), over the first `eval_batches` batches of
+    questions (0: all); and the first question with its answer."""
+    windows = data.validation.windows
+    questions = data.validation_examples[: config.eval_batches * config.batch_size or None]
+    count, batch = int(np.searchsorted(windows.rows["example"], len(questions))), config.batch_size
+    filler = -count % batch  # rows of zeros: one batch shape, one compiled program
+
+    def column(key, dtype=np.int32):
+        values = windows.rows[key][:count].astype(dtype)
+        return np.concatenate([values, np.zeros((filler, *values.shape[1:]), dtype)])
+
+    inputs = {key: column(key) for key in ("tokens", "token_types", "segment_ids")}
+    allowed = column("context", bool) & column("max_context", bool)
+    spans = [
+        _answer_spans(model, nn.meta.unbox(params), {k: v[i : i + batch] for k, v in inputs.items()},
+                      allowed[i : i + batch], config.max_answer_length)
+        for i in range(0, count + filler, batch)
+    ]
+    starts, ends, scores = (np.concatenate(parts)[:count] for parts in zip(*spans))
+    answers = squad.answer_texts(windows, starts, ends, scores)
+    return squad.squad_scores(questions, answers), f"{questions[0]['question']} -> {answers[0]}"
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _answer_spans(model, params, inputs, allowed, max_length):
+    """Each row's best answer span among its `allowed` pieces: start, end [B] and score [B]."""
+    start_logits, end_logits = model.apply({"params": params}, inputs["tokens"], token_types=inputs["token_types"],
+                                           segment_ids=inputs["segment_ids"])
+    return best_spans(start_logits, end_logits, allowed, max_length=max_length)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _token_logits(model, params, tokens, segment_ids):
     """A token classifier's logits, compiled once per model (and batch shape) for every evaluation."""
@@ -279,6 +328,10 @@ TASKS: dict[Task, TrainingTask] = {
         data="classification", fields=("text", "label"), objective=objectives.classification,
         features=_classification, baselines=_classification_baselines, token_level=False,
     ),
+    Task.PAIR_CLASSIFICATION: TrainingTask(
+        data="pair_classification", fields=("text", "text_pair", "label"), objective=objectives.classification,
+        features=_classification, baselines=_classification_baselines, token_level=False,
+    ),
     Task.SPAN_CORRUPTION: TrainingTask(
         data="lm", fields=("text",), objective=objectives.seq2seq, features=_span_corruption,
         baselines=_unigram_baselines,
@@ -286,6 +339,11 @@ TASKS: dict[Task, TrainingTask] = {
     Task.TOKEN_CLASSIFICATION: TrainingTask(
         data="token_classification", fields=("words", "tags"), objective=objectives.classification,
         features=_token_classification, baselines=_tagging_baselines, generation=entity_scores,
+    ),
+    Task.QUESTION_ANSWERING: TrainingTask(
+        data="question_answering", fields=("question", "context", "answers"), objective=objectives.question_answering,
+        features=_question_answering, baselines=_question_answering_baselines, token_level=False,
+        generation=squad_answers,
     ),
     # Read as classification data: load_splits writes each label as its name, the target text.
     Task.TEXT_TO_TEXT: TrainingTask(
@@ -325,14 +383,16 @@ def load_examples(config: TrainConfig, split: str) -> list[dict]:
             return data_lib.read_text(files, one_document_per_line=True)
         if config.file_format == FileFormat.CONLL and kind == "token_classification":
             return data_lib.read_conll(files)
-        if config.file_format == FileFormat.JSONL and kind != "token_classification":
+        if config.file_format == FileFormat.SQUAD and kind == "question_answering":
+            return squad.read_squad(files)
+        if config.file_format == FileFormat.JSONL and kind not in ("token_classification", "question_answering"):
             return data_lib.read_jsonl(files, fields)
-        if config.file_format == FileFormat.TSV and kind != "lm":
+        if config.file_format == FileFormat.TSV and kind not in ("lm", "question_answering"):
             return data_lib.read_tsv(files, fields)
         raise ValueError(
             f"file_format={config.file_format} cannot hold {kind} data for task={config.task}: use text, lines or "
-            "jsonl for language modelling, tsv or jsonl for classification and translation, conll for token "
-            "classification."
+            "jsonl for language modelling, tsv or jsonl for classification (text, label; pairs: text, text_pair, "
+            "label) and translation (source, target), conll for token classification, squad for question answering."
         )
     spec = datasets.DATASETS.get(config.dataset)
     if spec is not None and spec.task != kind:
@@ -504,7 +564,8 @@ def _train_sentencepiece(config, train, made: pathlib.Path) -> Tokenizer:
     """A tokenizer of model.vocab_size ids (`tokenizer_extra_ids` of them sentinels) trained on
     the training texts, written to `made` (and its .vocab beside it)."""
     corpus = made.with_name("corpus.txt")
-    texts = [e[key] for e in train for key in ("text", "source", "target") if key in e]
+    texts = [e[key] for e in train for key in ("text", "text_pair", "source", "target", "question") if key in e]
+    texts += dict.fromkeys(e["context"] for e in train if "context" in e)  # once, not once per question
     texts += [" ".join(e["words"]) for e in train if "words" in e]  # encoded word by word: one "▁" each
     corpus.write_text("\n".join(texts), encoding="utf-8")
     try:
