@@ -682,12 +682,17 @@ def test_pair_features_for_an_encoder_and_a_decoder(tok, length):
 
 
 def test_a_decoder_without_a_separator_delimits_a_pair_with_eos():
-    """GPT-2's vocabulary has no [SEP]: its end-of-text token delimits the pair (and ends it)."""
+    """GPT-2's vocabulary has no [SEP]: its end-of-text token delimits the pair (and ends it); a
+    tokenizer that adds BOS to prompts (Llama's) has it first."""
     gpt2 = Tokenizer.load(ROOT / "tests" / "fixtures" / "pretrained" / "gpt2")
     assert gpt2.specials.sep is None
     features = data.classification_features({"text": "a b", "text_pair": "c", "label": 0}, gpt2, 16, decoder=True)
     ids = [*gpt2.encode("a b"), gpt2.eos_id, *gpt2.encode("c"), gpt2.eos_id]
     assert features["tokens"][: len(ids)].tolist() == ids
+    llama = Tokenizer.load(ROOT / "tests" / "fixtures" / "pretrained" / "llama")  # adds BOS to its prompts: here too
+    features = data.classification_features({"text": "a b", "label": 0}, llama, 16, decoder=True)
+    ids = [llama.bos_id, *llama.encode("a b"), llama.eos_id]
+    assert llama.adds_bos and features["tokens"][: len(ids)].tolist() == ids and features["segment_ids"].sum() == len(ids)
 
 
 # ----------------------------------------------------------------------------- batches

@@ -518,18 +518,22 @@ def test_a_new_encoder_output_replaces_the_cached_cross_attention_in_both_stacks
     np.testing.assert_allclose(caches["scanned"], caches["loop"], atol=ATOL)
 
 
-def test_best_spans_equal_a_brute_force_search():
+@pytest.mark.parametrize("restricted_starts", [False, True])
+def test_best_spans_equal_a_brute_force_search(restricted_starts):
     """The span picker against every (start, end) pair tried in Python: valid spans only (start <=
-    end, at most max_length tokens, both in the context), the highest summed logit."""
+    end, at most max_length tokens, both in the context, the start among `starts` where given),
+    the highest summed logit."""
     rng = np.random.default_rng(0)
     batch, length, longest = 64, 12, 4
     start, end = rng.normal(size=(2, batch, length)).astype(np.float32)
     context = rng.random((batch, length)) < 0.6
     context[0] = False  # a row with no context: no span
-    got_start, got_end, got_score = map(np.asarray, tfm.best_spans(start, end, context, max_length=longest))
+    starts = (rng.random((batch, length)) < 0.5) & context if restricted_starts else context
+    got_start, got_end, got_score = map(np.asarray, tfm.best_spans(
+        start, end, context, max_length=longest, starts=starts if restricted_starts else None))
     for row in range(batch):
         spans = [(start[row, i] + end[row, j], i, j) for i in range(length) for j in range(i, min(i + longest, length))
-                 if context[row, i] and context[row, j]]
+                 if starts[row, i] and context[row, j]]
         if not spans:
             assert got_score[row] == -np.inf
             continue

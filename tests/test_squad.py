@@ -96,15 +96,18 @@ def test_windows_cover_the_context_and_point_at_the_answer_where_they_hold_it(to
         else:
             assert b == 0
     assert (seen == 1).all() and holding >= 1
-    for piece, window in enumerate(marked):  # the most pieces on its shorter side, searched by brute force
-        around = [min(piece - i * doc_stride, min(i * doc_stride + size, len(pieces)) - 1 - piece)
-                  for i in range(len(windows)) if i * doc_stride <= piece < i * doc_stride + size]
-        assert min(piece - window * doc_stride, min(window * doc_stride + size, len(pieces)) - 1 - piece) == max(around)
+    def score(piece, i):  # BERT's: the pieces on the shorter side, plus 0.01 x the window's length
+        start, end = i * doc_stride, min(i * doc_stride + size, len(pieces)) - 1
+        return min(piece - start, end - piece) + 0.01 * (end - start + 1) if start <= piece <= end else -1.0
+
+    for piece, window in enumerate(marked):  # the first of the best windows, searched by brute force
+        scores = [score(piece, i) for i in range(len(windows))]
+        assert window == scores.index(max(scores))
 
 
 def test_an_answer_inside_a_word_is_narrowed_to_its_own_pieces(tok):
     """Where the answer's own pieces lie inside its words' pieces, it points at them alone
-    (BERT's `_improve_answer_span`); otherwise at the whole words."""
+    (BERT's `_improve_answer_span`), and a span of them reads back as their characters."""
     words = sentences(1, seed=11)[0].split()
     target = max(words, key=lambda w: len(tok.encode(w)))
     pieces = tok.encode(target)
@@ -113,9 +116,12 @@ def test_an_answer_inside_a_word_is_narrowed_to_its_own_pieces(tok):
     start = context.index(target)
     head = tok.decode(pieces[:1]).strip()  # the word's first piece, an answer inside the word
     example = {"id": "n", "question": "q", "context": context, "answers": [{"text": head, "answer_start": start}]}
-    rows = squad.QuestionWindows([example], tok, 64, doc_stride=16, max_question_length=4).rows
+    windows = squad.QuestionWindows([example], tok, 64, doc_stride=16, max_question_length=4)
+    rows = windows.rows
     assert rows["start_positions"][0] == rows["end_positions"][0]
     assert rows["tokens"][0][rows["start_positions"][0]] == pieces[0]
+    # and read back as that piece's characters alone, not its whole word
+    assert squad.answer_texts(windows, rows["start_positions"], rows["end_positions"], np.zeros(len(windows))) == [head]
 
 
 def test_answers_are_read_back_as_the_words_of_the_best_window(tok):

@@ -121,6 +121,9 @@ def test_config_from_experiment_yaml_and_overrides(tmp_path):
         (["model=bert-tiny"], "task=causal_lm needs a model with a decoder only"),
         (["minilm-squad", "doc_stride=200"], "seq_length=128 leaves 93 context pieces per window after a question of "
          "max_question_length=32 and [CLS], [SEP], [SEP]; doc_stride=200 must be in [1, 93]"),
+        (["minilm-squad", "seq_length=32"], "seq_length=32 leaves no context after a question of max_question_length=32"),
+        (["bert-tiny-sentiment", "doc_stride=8"], "doc_stride, max_question_length, max_answer_length apply to "
+         "task=question_answering only"),
         (["bert-tiny-sentiment", "model=t5-tiny"],
          "task=classification needs a model with an encoder only (num_decoder_layers=0) or a decoder only"),
         (["seq_length=4096"], "seq_length=4096 exceeds the model's max_length=256"),

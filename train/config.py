@@ -211,8 +211,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = _field(
-        20, "validation batches per evaluation (a fixed, seeded sample of the split; text-to-text exact match: the "
-        "first examples); 0 = all",
+        20, "validation batches per evaluation (a fixed, seeded sample of the split; text-to-text exact match and "
+        "SQuAD's scores: the first examples); 0 = all",
     )
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
@@ -277,12 +277,10 @@ class TrainConfig:
             self._check_span_corruption()
         elif any(getattr(self, name) != FIELDS[name].default for name in ("noise_density", "mean_span_length")):
             raise ValueError("noise_density and mean_span_length apply to task=span_corruption only.")
-        if self.task == Task.QUESTION_ANSWERING and not 0 < self.doc_stride <= self._context_pieces:
-            raise ValueError(
-                f"seq_length={self.seq_length} leaves {self._context_pieces} context pieces per window after a question "
-                f"of max_question_length={self.max_question_length} and [CLS], [SEP], [SEP]; doc_stride="
-                f"{self.doc_stride} must be in [1, {max(self._context_pieces, 1)}]: raise seq_length or lower the others."
-            )
+        if self.task == Task.QUESTION_ANSWERING:
+            self._check_windows()
+        elif any(getattr(self, name) != FIELDS[name].default for name in _WINDOW_FIELDS):
+            raise ValueError(f"{', '.join(_WINDOW_FIELDS)} apply to task=question_answering only.")
         if self.tokenizer_extra_ids and (self.tokenizer or self.init_from):
             raise ValueError(
                 f"tokenizer_extra_ids={self.tokenizer_extra_ids} adds sentinels to a tokenizer the run trains, and this "
@@ -301,10 +299,20 @@ class TrainConfig:
                 f"{target_length} tokens: set seq_length={target_length}."
             )
 
-    @property
-    def _context_pieces(self) -> int:
-        """Question answering: the context pieces a window holds after the longest question."""
-        return self.seq_length - self.max_question_length - 3
+    def _check_windows(self):
+        """Question answering: a row holds [CLS] question [SEP] context [SEP], and its windows overlap."""
+        room = self.seq_length - self.max_question_length - 3  # context pieces after the longest question
+        if room < 1:
+            raise ValueError(
+                f"seq_length={self.seq_length} leaves no context after a question of max_question_length="
+                f"{self.max_question_length} and [CLS], [SEP], [SEP]: raise seq_length or lower max_question_length."
+            )
+        if self.doc_stride > room:
+            raise ValueError(
+                f"seq_length={self.seq_length} leaves {room} context pieces per window after a question of "
+                f"max_question_length={self.max_question_length} and [CLS], [SEP], [SEP]; doc_stride={self.doc_stride} "
+                f"must be in [1, {room}]: lower doc_stride, or raise seq_length."
+            )
 
     @property
     def pair_head(self) -> bool:
@@ -349,6 +357,7 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_WINDOW_FIELDS = ("doc_stride", "max_question_length", "max_answer_length")  # question answering's
 # A model's stacks (has an encoder, has a decoder) in words, for errors.
 STACKS = {(True, False): "an encoder only (num_decoder_layers=0)", (False, True): "a decoder only (num_encoder_layers=0)",
           (True, True): "an encoder and a decoder"}

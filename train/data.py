@@ -657,15 +657,17 @@ def classification_features(
     An encoder reads [CLS] A [SEP] (B [SEP]), and a pair's second segment has token type 1
     where the model has two types (BERT; `token_types`). A decoder reads A ([SEP] B) [EOS]: its
     head reads the last token's state, the only one that has seen the whole input (GPT; the
-    delimiter is EOS where the tokenizer has no [SEP], as GPT-2's). Texts longer than `length`
+    delimiter is EOS where the tokenizer has no [SEP], as GPT-2's; BOS first where the tokenizer
+    adds one, as Llama's, as its prompts have it). Texts longer than `length`
     are cut at their end, the longer one first (Hugging Face's "longest_first").
     """
     tok = tokenizer
     texts = [tok.encode(example["text"])] + ([tok.encode(example["text_pair"])] if "text_pair" in example else [])
-    texts = _longest_first(texts, length - len(texts) - (not decoder))  # room for the special tokens
+    texts = _longest_first(texts, length - len(texts) - (not decoder) - (decoder and tok.adds_bos))  # the specials
     if decoder:
         delimiter = tok.sep_id if tok.specials.sep is not None else tok.eos_id
-        segments = [texts[0] + ([delimiter] + texts[1] if len(texts) > 1 else []) + [tok.eos_id]]
+        segments = [[tok.bos_id] * tok.adds_bos + texts[0] + ([delimiter] + texts[1] if len(texts) > 1 else [])
+                    + [tok.eos_id]]
     else:
         segments = [[tok.cls_id, *texts[0], tok.sep_id]] + [[*text, tok.sep_id] for text in texts[1:]]
     ids = [token for segment in segments for token in segment]

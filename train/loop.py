@@ -132,8 +132,9 @@ def resolve_init_from(config: TrainConfig, resuming: bool = False) -> TrainConfi
         has, needs = STACKS[stacks], " or ".join(STACKS[layers] for layers in config.task.layers)
         raise ValueError(
             f"init_from={config.init_from} is a {kind} with {has}, but task={config.task} needs {needs}: "
-            f"fine-tune a checkpoint of that kind (classification takes an encoder's or a decoder's body: "
-            f"all-minilm-l6-v2, runs/gpt-tiny)."
+            "fine-tune a checkpoint of that kind"
+            + (" (an encoder's body, as all-minilm-l6-v2, or a decoder's, as runs/gpt-quick)." if config.task.classifies
+               else ".")
         )
     kept = {key: getattr(config.model, key) for key in FINE_TUNING_MODEL_KEYS}
     return dataclasses.replace(config, model=pretrained.replace(**kept))

@@ -4,13 +4,15 @@ Each question is read with a window of its context, [CLS] question [SEP] window 
 types 0 then 1 (Devlin et al. 2019). A context longer than the window is read in windows
 `doc_stride` pieces apart; an answer that a training window does not hold whole points at
 [CLS]. At evaluation a question's answer is the best span (start + end logit) over its windows,
-each context piece answering only in the window where it has the most context on either side,
-read back from the context as the whole words it covers. Exact match and F1 are SQuAD's own
+its start in the window where that piece has the most context on either side, read back from
+the context at its pieces' characters. Exact match and F1 are SQuAD's own
 (answers normalised: lower case, no punctuation, articles or extra spaces; the best over the
 reference answers).
 
 Contexts split into words at whitespace and each word is encoded alone, as BERT's run_squad.py
-does, so that every piece belongs to one word with known character offsets.
+does, so that every piece belongs to one word with known character offsets (a piece's own
+characters within its word where the word's pieces decode to as many characters as it has; the
+whole word where they do not, as "[UNK]" or a split-off punctuation mark).
 """
 
 from __future__ import annotations
@@ -83,24 +85,25 @@ class QuestionWindows:
     `segment_ids`, `start_positions` / `end_positions` (the first answer's pieces, 0 where the
     window does not hold it whole), `weights`; and for reading answers back: `example` (the
     question's index), `context` [T] (the window's context pieces), `max_context` [T] (the
-    pieces this window has the most context around) and `word` [T] (each piece's word, -1 for
-    the others). Stored narrow (rows of a SQuAD-sized set take 1.3 KB each at T = 128); a row read
-    by index is the model's int32 input.
+    pieces this window has the most context around) and `piece` [T] (each context piece's index
+    in its context, -1 for the others). The context has token type 1 where the model has two
+    (`token_types`), else 0. Stored narrow (rows of a SQuAD-sized set take 1.4 KB each at T =
+    128); a row read by index is the model's int32 input.
     """
 
     def __init__(self, examples: Sequence[dict], tokenizer: Tokenizer, length: int, *, doc_stride: int,
-                 max_question_length: int):
+                 max_question_length: int, token_types: bool = True):
         if not 0 < doc_stride <= length - 3 - max_question_length:
             raise ValueError(f"doc_stride={doc_stride} must be in [1, seq_length - max_question_length - 3].")
-        self.examples, self.length = examples, length
+        self.examples, self.length, self.tokenizer = examples, length, tokenizer
         questions = [ids[:max_question_length] for ids in tokenizer.encode_batch([e["question"] for e in examples])]
         answers = tokenizer.encode_batch([e["answers"][0]["text"] for e in examples])
-        contexts = _ContextPieces([e["context"] for e in examples], tokenizer)
+        self.contexts = _ContextPieces([e["context"] for e in examples], tokenizer)
         rows = collections.defaultdict(list)
         for index, (example, question, answer) in enumerate(zip(examples, questions, answers)):
-            pieces, word, starts, ends = contexts[example["context"]]
+            pieces, word, starts, ends = self.contexts[example["context"]]
             span = _answer_pieces(example["answers"][0], answer, pieces, word, starts, ends)
-            for row in _windows(question, pieces, word, span, length, doc_stride, tokenizer):
+            for row in _windows(question, pieces, span, length, doc_stride, tokenizer, int(token_types)):
                 rows["example"].append(index)
                 for key, value in row.items():
                     rows[key].append(value)
@@ -112,6 +115,20 @@ class QuestionWindows:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         keys = ("tokens", "token_types", "segment_ids", "start_positions", "end_positions", "weights")
         return {key: self.rows[key][index].astype(np.float32 if key == "weights" else np.int32) for key in keys}
+
+    def text(self, context: str, first: int, last: int) -> str:
+        """The context's text from piece `first` to piece `last` (indices into its pieces)."""
+        return context[self._edge(context, first, start=True) : self._edge(context, last, start=False)]
+
+    def _edge(self, context: str, piece: int, *, start: bool) -> int:
+        """The character where a piece starts (or ends): counted within its word by decoding the
+        word's pieces before it (or up to it), where they spell the word out; else the word's."""
+        pieces, word, starts, ends = self.contexts[context]
+        w = word[piece]
+        first, past = int(np.searchsorted(word, w)), int(np.searchsorted(word, w, side="right"))
+        if len(self.tokenizer.decode(pieces[first:past])) != ends[w] - starts[w]:
+            return int(starts[w] if start else ends[w])
+        return int(starts[w] + len(self.tokenizer.decode(pieces[first : piece + (not start)])))
 
 
 class _ContextPieces(dict):
@@ -144,7 +161,7 @@ def _answer_pieces(answer: dict, own: list[int], pieces: list[int], word: np.nda
     return first, last
 
 
-def _windows(question, pieces, word, answer, length, doc_stride, tokenizer):
+def _windows(question, pieces, answer, length, doc_stride, tokenizer, context_type):
     """The rows of one question: windows over its context's pieces, `doc_stride` apart."""
     offset = len(question) + 2  # [CLS] question [SEP]
     size = length - offset - 1
@@ -157,23 +174,23 @@ def _windows(question, pieces, word, answer, length, doc_stride, tokenizer):
         ids = [tokenizer.cls_id, *question, tokenizer.sep_id, *window, tokenizer.sep_id]
         inside = start <= answer[0] and answer[1] < start + len(window)
         held = slice(offset, offset + len(window))
-        context, max_context, words = np.zeros(length, bool), np.zeros(length, bool), np.full(length, -1, np.int16)
+        context, max_context, index = np.zeros(length, bool), np.zeros(length, bool), np.full(length, -1, np.int32)
         context[held], max_context[held] = True, best[start : start + len(window)] == window_index
-        words[held] = word[start : start + len(window)]
+        index[held] = np.arange(start, start + len(window))
         yield {
             "tokens": _pad(ids, length, tokenizer.pad_id),
-            "token_types": _pad([0] * offset + [1] * (len(ids) - offset), length, dtype=np.int8),
+            "token_types": _pad([0] * offset + [context_type] * (len(ids) - offset), length, dtype=np.int8),
             "segment_ids": _pad([1] * len(ids), length, dtype=np.int8),
             "start_positions": np.int32(answer[0] - start + offset if inside else 0),
             "end_positions": np.int32(answer[1] - start + offset if inside else 0),
-            "weights": np.float32(1.0), "context": context, "max_context": max_context, "word": words,
+            "weights": np.float32(1.0), "context": context, "max_context": max_context, "piece": index,
         }
 
 
 def _most_context(starts: np.ndarray, size: int, count: int) -> np.ndarray:
     """For each of `count` pieces, the window (index into `starts`, each `size` long) with the
-    most context around it: the most pieces on its shorter side, then the longer window
-    (BERT's `_check_is_max_context`)."""
+    most context around it, by BERT's score (`_check_is_max_context`): the pieces on its shorter
+    side plus 0.01 x the window's length; the first window on a tie."""
     piece = np.arange(count)[None, :]
     ends = np.minimum(starts + size, count)[:, None] - 1  # [W, 1]
     score = np.minimum(piece - starts[:, None], ends - piece) + 0.01 * (ends - starts[:, None] + 1)
@@ -190,7 +207,7 @@ def _pad(values, length: int, fill: int = 0, dtype=np.int32) -> np.ndarray:
 def answer_texts(windows: QuestionWindows, starts: np.ndarray, ends: np.ndarray, scores: np.ndarray) -> list[str]:
     """The answers of the questions of the first len(scores) rows: each one's best-scoring span
     over its windows (starts, ends, scores [rows], as `transformer.models.best_spans` gives them),
-    as the context's text of the words it covers ("" where no window has a valid span)."""
+    as the context's text at its pieces ("" where no window has a valid span)."""
     examples = windows.rows["example"][: len(scores)]
     best: dict[int, int] = {}  # question -> its best row
     for row, (example, score) in enumerate(zip(examples, scores)):
@@ -202,9 +219,8 @@ def answer_texts(windows: QuestionWindows, starts: np.ndarray, ends: np.ndarray,
         if row is None:
             texts.append("")
             continue
-        _, first, last = words_of(example["context"])
-        word = windows.rows["word"][row]
-        texts.append(example["context"][first[word[starts[row]]] : last[word[ends[row]]]])
+        piece = windows.rows["piece"][row]
+        texts.append(windows.text(example["context"], piece[starts[row]], piece[ends[row]]))
     return texts
 
 

@@ -110,7 +110,8 @@ def _token_classification(examples, tokenizer, config) -> Split:
 
 def _question_answering(examples, tokenizer, config) -> Split:
     windows = squad.QuestionWindows(examples, tokenizer, config.seq_length, doc_stride=config.doc_stride,
-                                    max_question_length=config.max_question_length)
+                                    max_question_length=config.max_question_length,
+                                    token_types=config.model.type_vocab_size > 1)
     return Split(grain.MapDataset.source(windows), windows=windows)
 
 
@@ -268,28 +269,27 @@ def squad_answers(config: TrainConfig, model, params, tokenizer: Tokenizer, data
     count, batch = int(np.searchsorted(windows.rows["example"], len(questions))), config.batch_size
     filler = -count % batch  # rows of zeros: one batch shape, one compiled program
 
-    def column(key, dtype=np.int32):
+    def column(key, dtype):
         values = windows.rows[key][:count].astype(dtype)
         return np.concatenate([values, np.zeros((filler, *values.shape[1:]), dtype)])
 
-    inputs = {key: column(key) for key in ("tokens", "token_types", "segment_ids")}
-    allowed = column("context", bool) & column("max_context", bool)
-    spans = [
-        _answer_spans(model, nn.meta.unbox(params), {k: v[i : i + batch] for k, v in inputs.items()},
-                      allowed[i : i + batch], config.max_answer_length)
-        for i in range(0, count + filler, batch)
-    ]
+    inputs = {key: column(key, dtype) for key, dtype in (("tokens", np.int32), ("token_types", np.int32),
+                                                          ("segment_ids", np.int32), ("context", bool),
+                                                          ("max_context", bool))}
+    spans = [_answer_spans(model, nn.meta.unbox(params), {k: v[i : i + batch] for k, v in inputs.items()},
+                           config.max_answer_length) for i in range(0, count + filler, batch)]
     starts, ends, scores = (np.concatenate(parts)[:count] for parts in zip(*spans))
     answers = squad.answer_texts(windows, starts, ends, scores)
     return squad.squad_scores(questions, answers), f"{questions[0]['question']} -> {answers[0]}"
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _answer_spans(model, params, inputs, allowed, max_length):
-    """Each row's best answer span among its `allowed` pieces: start, end [B] and score [B]."""
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _answer_spans(model, params, inputs, max_length):
+    """Each row's best answer span in its context, starting where the row has the most context
+    around the start (BERT's rule): start, end [B] and score [B]."""
     start_logits, end_logits = model.apply({"params": params}, inputs["tokens"], token_types=inputs["token_types"],
                                            segment_ids=inputs["segment_ids"])
-    return best_spans(start_logits, end_logits, allowed, max_length=max_length)
+    return best_spans(start_logits, end_logits, inputs["context"], max_length=max_length, starts=inputs["max_context"])
 
 
 @functools.partial(jax.jit, static_argnums=0)

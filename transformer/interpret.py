@@ -112,8 +112,8 @@ def text_attention(run: Run, text: str, *, max_new_tokens: int | None = None) ->
     else:
         if run.task == Task.CAUSAL_LM:
             source = prompt_ids(tok, text)
-        elif not run.model.config.num_encoder_layers:  # a decoder's classifier reads the text and EOS
-            source = [*tok.encode(text), tok.eos_id]
+        elif not run.model.config.num_encoder_layers:  # a decoder's classifier reads the text (as a prompt) and EOS
+            source = [*prompt_ids(tok, text), tok.eos_id]
         else:
             source = [tok.cls_id, *tok.encode(text), tok.sep_id]
         target = source

@@ -329,19 +329,23 @@ class QuestionAnswering(_EncoderModel):
         return logits[..., 0], logits[..., 1]
 
 
-def best_spans(start_logits: jax.Array, end_logits: jax.Array, context: jax.Array, *, max_length: int = 30):
-    """Each row's best answer span: start <= end < start + max_length, both tokens in the context,
-    scored start logit + end logit (BERT on SQuAD).
+def best_spans(start_logits: jax.Array, end_logits: jax.Array, context: jax.Array, *, max_length: int = 30,
+               starts: jax.Array | None = None):
+    """Each row's best answer span: start <= end < start + max_length, both tokens in the context
+    (the start also among `starts`, where given), scored start logit + end logit (BERT on SQuAD).
 
-    start_logits, end_logits [B, T] float, context [B, T] bool (the tokens an answer may be) ->
-    start [B], end [B] int32 and score [B] float32 (-inf for a row with no context token).
+    start_logits, end_logits [B, T] float, context [B, T] bool (the tokens an answer may be),
+    starts [B, T] bool (default: context; a window of a long text: the tokens it has the most
+    context around, as BERT's `write_predictions` asks of a start only) -> start [B], end [B]
+    int32 and score [B] float32 (-inf for a row with no valid span).
     """
     if max_length < 1:
         raise ValueError(f"max_length={max_length}: an answer span holds at least one token.")
+    starts = context if starts is None else starts & context
     batch, length = start_logits.shape
     index = jnp.arange(length)
     span = index[None, :] - index[:, None]  # [T start, T end]: end - start
-    valid = (span >= 0) & (span < max_length) & context[:, :, None] & context[:, None, :]  # [B, T, T]
+    valid = (span >= 0) & (span < max_length) & starts[:, :, None] & context[:, None, :]  # [B, T, T]
     scores = start_logits[:, :, None].astype(jnp.float32) + end_logits[:, None, :].astype(jnp.float32)
     scores = jnp.where(valid, scores, -jnp.inf).reshape(batch, -1)
     best = jnp.argmax(scores, axis=1)
