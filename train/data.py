@@ -192,7 +192,8 @@ def encode_labels(examples: list[dict], label_names: Sequence[str] | None = None
 # ----------------------------------------------------------------------------- features
 
 
-def _pad(values: Sequence[int], length: int, fill: int = 0, dtype=np.int32) -> np.ndarray:
+def pad(values: Sequence[int], length: int, fill: int = 0, dtype=np.int32) -> np.ndarray:
+    """`values` then `fill` up to `length` (cut at `length`): one fixed-length feature row."""
     out = np.full((length,), fill, dtype)
     out[: len(values)] = values[:length]
     return out
@@ -437,7 +438,7 @@ class MaskedLMExamples:
         """[length] whether each token of an unpaired row begins a word (a sentence's first does)."""
         sentences = self.sentences[self.chunks[chunk].document][self.chunks[chunk].start : self.chunks[chunk].end]
         starts = [bool(i == 0 or self.word_starts[t]) for ids in sentences for i, t in enumerate(ids)]
-        return _pad([True, *starts[: self.length - 2], True], self.length, True, bool)
+        return pad([True, *starts[: self.length - 2], True], self.length, True, bool)
 
     def _segments(self, chunk: int, rng: np.random.Generator) -> tuple[list[int], list[int], int]:
         """(A, B, label) of a paired row, the longer segment truncated until both fit."""
@@ -463,7 +464,7 @@ class MaskedLMExamples:
         else:
             ids = [tok.cls_id, *self._ids(self.chunks[chunk])[: self.length - 2], tok.sep_id]
             token_types = [0] * len(ids)
-        tokens = _pad(ids, self.length, tok.pad_id)
+        tokens = pad(ids, self.length, tok.pad_id)
         maskable = ~np.isin(tokens, list(tok.special_ids))
         if self.word_starts is not None:
             corrupted, weights, features["span_boundaries"] = mask_spans(
@@ -476,8 +477,8 @@ class MaskedLMExamples:
             )
         features.update(
             tokens=corrupted,
-            token_types=_pad(token_types, self.length),
-            segment_ids=_pad([1] * len(ids), self.length),
+            token_types=pad(token_types, self.length),
+            segment_ids=pad([1] * len(ids), self.length),
             targets=tokens,
             weights=weights,
         )
@@ -640,12 +641,12 @@ def _seq2seq_row(source: list[int], target: list[int], tok: Tokenizer, source_le
     """The padded features of one (source, target) pair, the target shifted right after the decoder start."""
     target_in = [tok.decoder_start_id] + target[:-1]
     return {
-        "source": _pad(source, source_length, tok.pad_id),
-        "source_segment_ids": _pad([1] * len(source), source_length),
-        "target_in": _pad(target_in, target_length, tok.pad_id),
-        "target_segment_ids": _pad([1] * len(target), target_length),
-        "targets": _pad(target, target_length, tok.pad_id),
-        "weights": _pad([1] * len(target), target_length, dtype=np.float32),
+        "source": pad(source, source_length, tok.pad_id),
+        "source_segment_ids": pad([1] * len(source), source_length),
+        "target_in": pad(target_in, target_length, tok.pad_id),
+        "target_segment_ids": pad([1] * len(target), target_length),
+        "targets": pad(target, target_length, tok.pad_id),
+        "weights": pad([1] * len(target), target_length, dtype=np.float32),
     }
 
 
@@ -672,13 +673,13 @@ def classification_features(
         segments = [[tok.cls_id, *texts[0], tok.sep_id]] + [[*text, tok.sep_id] for text in texts[1:]]
     ids = [token for segment in segments for token in segment]
     features = {
-        "tokens": _pad(ids, length, tok.pad_id),
-        "segment_ids": _pad([1] * len(ids), length),
+        "tokens": pad(ids, length, tok.pad_id),
+        "segment_ids": pad([1] * len(ids), length),
         "labels": np.int32(example["label"]),
         "weights": np.float32(1.0),
     }
     if len(segments) > 1:
-        features["token_types"] = _pad([0] * len(segments[0]) + [int(token_types)] * len(segments[1]), length)
+        features["token_types"] = pad([0] * len(segments[0]) + [int(token_types)] * len(segments[1]), length)
     return features
 
 
@@ -708,10 +709,10 @@ def token_classification_features(example: dict, tokenizer: Tokenizer, length: i
         weights += [1.0] + [0.0] * (len(word) - 1)
     ids, labels, weights = ids[: length - 1] + [tok.sep_id], labels[: length - 1] + [0], weights[: length - 1] + [0.0]
     return {
-        "tokens": _pad(ids, length, tok.pad_id),
-        "segment_ids": _pad([1] * len(ids), length),
-        "labels": _pad(labels, length),
-        "weights": _pad(weights, length, dtype=np.float32),
+        "tokens": pad(ids, length, tok.pad_id),
+        "segment_ids": pad([1] * len(ids), length),
+        "labels": pad(labels, length),
+        "weights": pad(weights, length, dtype=np.float32),
     }
 
 

@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from train.data import pad
 from transformer.tokenizer import Tokenizer
 
 
@@ -178,9 +179,9 @@ def _windows(question, pieces, answer, length, doc_stride, tokenizer, context_ty
         context[held], max_context[held] = True, best[start : start + len(window)] == window_index
         index[held] = np.arange(start, start + len(window))
         yield {
-            "tokens": _pad(ids, length, tokenizer.pad_id),
-            "token_types": _pad([0] * offset + [context_type] * (len(ids) - offset), length, dtype=np.int8),
-            "segment_ids": _pad([1] * len(ids), length, dtype=np.int8),
+            "tokens": pad(ids, length, tokenizer.pad_id),
+            "token_types": pad([0] * offset + [context_type] * (len(ids) - offset), length, dtype=np.int8),
+            "segment_ids": pad([1] * len(ids), length, dtype=np.int8),
             "start_positions": np.int32(answer[0] - start + offset if inside else 0),
             "end_positions": np.int32(answer[1] - start + offset if inside else 0),
             "weights": np.float32(1.0), "context": context, "max_context": max_context, "piece": index,
@@ -196,12 +197,6 @@ def _most_context(starts: np.ndarray, size: int, count: int) -> np.ndarray:
     score = np.minimum(piece - starts[:, None], ends - piece) + 0.01 * (ends - starts[:, None] + 1)
     held = (starts[:, None] <= piece) & (piece <= ends)
     return np.argmax(np.where(held, score, -np.inf), axis=0)
-
-
-def _pad(values, length: int, fill: int = 0, dtype=np.int32) -> np.ndarray:
-    out = np.full((length,), fill, dtype)
-    out[: len(values)] = values
-    return out
 
 
 def answer_texts(windows: QuestionWindows, starts: np.ndarray, ends: np.ndarray, scores: np.ndarray) -> list[str]:
