@@ -23,6 +23,7 @@ them, so a run killed and restarted ends with the same parameters as one that ne
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -54,8 +55,9 @@ from transformer.architectures import ENCODER, LM, MLM, PRETRAINING
 from transformer.checkpoint import CheckpointUnreadable, Checkpointer
 from transformer.compile_cache import use_compilation_cache
 from transformer.files import read_json_object, write_atomically
-from transformer.models import merge_pretrained
+from transformer.models import MaskedLM, keep_layers, merge_pretrained
 from transformer.pretrained import checkpoint_config, from_pretrained
+from transformer.sharding import axis_rules
 from transformer.tasks import Task
 from transformer.tokenizer import Tokenizer
 
@@ -120,9 +122,9 @@ def resolve_init_from(config: TrainConfig, resuming: bool = False) -> TrainConfi
     checkpoint's config.json), keeping this run's dropout, dtype, remat and attention
     implementation, so its body loads under the new head. Resuming, the run's own config.yaml
     has it (`init_from` is not read again, and may be gone)."""
-    if not config.init_from:
+    if not config.start_from:
         return config
-    source = config.run_path if resuming else init_source(config.init_from)
+    source = config.run_path if resuming else init_source(config.start_from)
     if (source / "config.yaml").is_file():
         pretrained, kind = load_yaml(source / "config.yaml").model, "run"
     else:
@@ -131,18 +133,33 @@ def resolve_init_from(config: TrainConfig, resuming: bool = False) -> TrainConfi
     if stacks not in config.task.layers:
         has, needs = STACKS[stacks], " or ".join(STACKS[layers] for layers in config.task.layers)
         raise ValueError(
-            f"init_from={config.init_from} is a {kind} with {has}, but task={config.task} needs {needs}: "
-            "fine-tune a checkpoint of that kind"
-            + (" (an encoder's body, as all-minilm-l6-v2, or a decoder's, as runs/gpt-quick)." if config.task.classifies
-               else ".")
+            f"{'init_from' if config.init_from else 'teacher'}={config.start_from} is a {kind} with {has}, but "
+            f"task={config.task} needs {needs}: "
+            + ("distil an encoder (as all-minilm-l6-v2, or a masked-LM run)." if not config.init_from else
+               "fine-tune a checkpoint of that kind"
+               + (" (an encoder's body, as all-minilm-l6-v2, or a decoder's, as runs/gpt-quick)."
+                  if config.task.classifies else "."))
         )
     kept = {key: getattr(config.model, key) for key in FINE_TUNING_MODEL_KEYS}
+    if config.teacher and not config.init_from and not resuming:  # a student of some of the teacher's layers
+        kept["num_encoder_layers"] = len(student_layers(config, pretrained.num_encoder_layers))
     return dataclasses.replace(config, model=pretrained.replace(**kept))
+
+
+def student_layers(config: TrainConfig, teacher_layers: int) -> list[int]:
+    """The teacher layers a distillation's student starts from: `student_layers` of them (default
+    half), every (teacher's / student's)-th from the first, as DistilBERT took every other one."""
+    count = config.student_layers or max(1, teacher_layers // 2)
+    if count > teacher_layers:
+        raise ValueError(f"student_layers={count}, but the teacher {config.teacher} has {teacher_layers} layers: a "
+                         f"student starts from some of them; set student_layers <= {teacher_layers}.")
+    return [i * teacher_layers // count for i in range(count)]
 
 
 # The head a Hugging Face checkpoint is opened with for each task; merge_pretrained keeps what fits.
 _CHECKPOINT_HEADS = {Task.CLASSIFICATION: ENCODER, Task.PAIR_CLASSIFICATION: ENCODER, Task.TOKEN_CLASSIFICATION: ENCODER,
-                     Task.QUESTION_ANSWERING: ENCODER, Task.MASKED_LM: MLM} | {task: LM for task in Task if task.generates}
+                     Task.QUESTION_ANSWERING: ENCODER, Task.MASKED_LM: MLM, Task.DISTILLATION: MLM,
+                     **{task: LM for task in Task if task.generates}}
 
 
 @dataclasses.dataclass
@@ -205,9 +222,16 @@ def set_up(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> Job:
     state, shardings = create_state(model, optimizer, inputs, jax.random.PRNGKey(config.seed), mesh,
                                     microbatch=config.batch_size // config.accumulation)
     sampling = optax.linear_schedule(0.0, config.scheduled_sampling, config.steps) if config.scheduled_sampling else None
+    objective, frozen = TASKS[config.task].objective, None
+    if config.task == Task.DISTILLATION:
+        teacher, frozen = load_teacher(config, tokenizer, mesh)
+        objective = functools.partial(
+            objective, teacher=teacher, temperature=config.distill_temperature, kl_weight=config.distill_kl_weight,
+            mlm_weight=config.distill_mlm_weight, cosine_weight=config.distill_cosine_weight,
+        )
     train_step, eval_step = compile_steps(
-        model, TASKS[config.task].objective, optimizer, mesh, shardings, accumulation=config.accumulation,
-        label_smoothing=config.label_smoothing, sampling_probability=sampling,
+        model, objective, optimizer, mesh, shardings, accumulation=config.accumulation,
+        label_smoothing=config.label_smoothing, sampling_probability=sampling, frozen=frozen,
     )
     batches = data_lib.batches(
         data.train.dataset, global_batch_size=config.batch_size, seed=config.seed, random_map=data.train.random_map,
@@ -216,21 +240,83 @@ def set_up(config: TrainConfig, run_dir: pathlib.Path, resuming: bool) -> Job:
     return Job(config, run_dir, data, tokenizer, model, mesh, state, shardings, train_step, eval_step, schedule, batches)
 
 
+def load_teacher(config: TrainConfig, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> tuple[nn.Module, Any]:
+    """A distillation's teacher (`config.teacher`: a run directory or a checkpoint) and its
+    parameters laid out on `mesh` by their logical axes (in the run's dtype), once checked against
+    the student: an encoder, of the student's width and vocabulary, with a masked-LM head where the
+    KL term reads one."""
+    source = init_source(config.teacher)
+    head = MLM if config.distill_kl_weight else ENCODER
+    if (source / "config.yaml").is_file():
+        run = runs.load_run(source)
+        model, params, vocabulary = run.model, nn.meta.unbox(run.params), run.tokenizer
+        headless = () if head == ENCODER or isinstance(model, MaskedLM) else (f"its {run.task} head",)
+    else:
+        opened = from_pretrained(source, head, dtype=config.model.dtype, scan_layers=config.model.scan_layers,
+                                 max_length=config.model.max_length)
+        model, params, vocabulary, headless = opened.model, opened.params, opened.tokenizer, opened.fresh
+    student = config.model
+    if not model.config.num_encoder_layers or model.config.num_decoder_layers:
+        raise ValueError(f"teacher={config.teacher} is not an encoder-only model: distillation trains a smaller encoder "
+                         "on an encoder's masked-LM outputs and hidden states.")
+    if headless:
+        raise ValueError(f"teacher={config.teacher} has no masked-LM head (it would be {', '.join(headless)}), so "
+                         "the KL term has no distribution to learn from: set distill_kl_weight=0 to distil its "
+                         "hidden states (distill_cosine_weight) and train the student's head on the text "
+                         "(distill_mlm_weight).")
+    if model.config.d_model != student.d_model:
+        raise ValueError(f"teacher={config.teacher} has d_model={model.config.d_model}, the student "
+                         f"{student.d_model}: the cosine term compares their hidden states; give the student the "
+                         "teacher's width.")
+    _check_vocabulary(config, vocabulary, model.config.vocab_size, tokenizer)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *Task.MASKED_LM.example_inputs())["params"])
+    rules = axis_rules(model.config.num_kv_heads, mesh.shape["tensor"])
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    return model, jax.device_put(params, shardings)
+
+
+def _check_vocabulary(config: TrainConfig, teacher: Tokenizer | None, teacher_rows: int, student: Tokenizer) -> None:
+    """An error where the teacher's tokens are not the student's: as many embedding rows, and the
+    same piece at every id."""
+    differing = None  # the first id whose piece differs; None where the vocabularies cannot be compared
+    if teacher is not None and teacher.vocab_size == student.vocab_size:
+        differing = next((i for i in range(student.vocab_size) if teacher.id_to_token(i) != student.id_to_token(i)), -1)
+    if differing == -1 and teacher_rows == config.model.vocab_size:
+        return
+    if differing is not None and differing >= 0:
+        where = (f"id {differing} is {teacher.id_to_token(differing)!r} to the teacher, "
+                 f"{student.id_to_token(differing)!r} to the student")
+    else:
+        where = (f"the teacher has {teacher.vocab_size if teacher else 'no'} pieces and {teacher_rows} embedding rows, "
+                 f"the student {student.vocab_size} pieces and {config.model.vocab_size} rows")
+    raise ValueError(
+        f"teacher={config.teacher} reads another vocabulary than the student ({config.init_from or 'the run'}'s "
+        f"tokenizer): {where}. Distillation compares the two models token by token; leave init_from out (the "
+        "student then starts from the teacher's layers and tokenizer) or give a student with the teacher's tokenizer."
+    )
+
+
 def load_pretrained(job: Job, say) -> Any:
     """The train state with the body of `init_from` (a run's latest parameters, or a Hugging Face
-    checkpoint's) under this run's (new) head."""
+    checkpoint's) under this run's (new) head; a distillation's student without `init_from`: some
+    of the teacher's layers (`student_layers`)."""
     config = job.config
-    source = init_source(config.init_from)
+    source = init_source(config.start_from)
     opened_fresh: tuple[str, ...] = ()  # a checkpoint's head parameters that from_pretrained initialised
     if (source / "config.yaml").is_file():
-        pretrained = runs.load_run(source).params
+        run = runs.load_run(source)
+        pretrained, depth = run.params, run.model.config.num_encoder_layers
     else:
         decoder_only = not config.model.num_encoder_layers  # (a classifier's body is then its LM's, as GPT's)
         head = PRETRAINING if config.pair_head else LM if decoder_only else _CHECKPOINT_HEADS[config.task]
         opened = from_pretrained(
             source, head, scan_layers=config.model.scan_layers, max_length=config.model.max_length, seed=config.seed,
         )
-        pretrained, opened_fresh = opened.params, opened.fresh
+        pretrained, opened_fresh, depth = opened.params, opened.fresh, opened.model.config.num_encoder_layers
+    if config.teacher and not config.init_from:
+        layers = student_layers(config, depth)
+        pretrained = keep_layers(pretrained, layers)
+        say(f"The student starts from the teacher's layers {', '.join(map(str, layers))} (of {depth}).")
     merged, fresh = merge_pretrained(job.state.params, pretrained)
     fresh = sorted({*fresh, *opened_fresh})
     boxed = jax.tree.map(
@@ -516,7 +602,7 @@ def _train(config: TrainConfig, run_dir: pathlib.Path, checkpointer: Checkpointe
         open_interval = data_state.pop(LOG_INTERVAL, None)  # none in checkpoints of older code
         job.batches.set_state(data_state)
         say(f"Resumed {run_dir} at step {int(job.state.step)}.")
-    elif config.init_from:
+    elif config.start_from:
         job.state = load_pretrained(job, say)
     log = metrics_lib.MetricsLog(run_dir, resume_step=int(job.state.step) if resuming else -1, say=say)
     try:

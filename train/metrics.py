@@ -35,7 +35,8 @@ PEAK_FLOPS = {
 def summarize(sums: dict[str, float], *, token_level: bool = True) -> dict[str, float]:
     """Metric sums -> means: loss (cross-entropy) per weighted token (or example), perplexity
     (token-level tasks), accuracy, and when present the label-smoothed loss the step minimises
-    and the next-sentence and span boundary losses and accuracies."""
+    and the next-sentence and span boundary losses and accuracies, and a distillation's KL (per
+    masked token) and cosine (per token) losses."""
     weight = max(sums["weight"], 1e-9)
     out = {"loss": sums["loss"] / weight, "accuracy": sums["correct"] / weight}
     if token_level:
@@ -49,6 +50,10 @@ def summarize(sums: dict[str, float], *, token_level: bool = True) -> dict[str, 
     if "sbo_loss" in sums:
         out["sbo_loss"] = sums["sbo_loss"] / weight
         out["sbo_accuracy"] = sums["sbo_correct"] / weight
+    if "kl_loss" in sums:
+        out["kl_loss"] = sums["kl_loss"] / weight
+    if "cosine_loss" in sums:
+        out["cosine_loss"] = sums["cosine_loss"] / max(sums["token_weight"], 1e-9)
     return out
 
 
@@ -118,7 +123,7 @@ def head_weights(model: ModelConfig, task: Task, *, span_boundary_objective: boo
     masked_lm = (d * vocab + d * d) + span_boundary_objective * (3 * d * d + d * d + d * vocab)
     if task.classifies or task in (Task.TOKEN_CLASSIFICATION, Task.QUESTION_ANSWERING):
         return 0
-    return masked_lm if task == Task.MASKED_LM else d * vocab
+    return masked_lm if task in (Task.MASKED_LM, Task.DISTILLATION) else d * vocab  # distillation: the student's
 
 
 def flops_per_step(config: TrainConfig) -> float:

@@ -8,7 +8,8 @@ The loss a step minimises is the sum of each term's mean (`training_loss`): each
 divided by that term's weight in the whole batch (`loss_weights`, known before the forward
 pass), so k microbatches give exactly the gradient of one k-times-larger batch. With label
 smoothing the step minimises the smoothed sum (`smoothed_loss`), while `loss` stays the plain
-cross-entropy, so that training and validation report the same quantity.
+cross-entropy, so that training and validation report the same quantity; a distillation's terms
+are minimised times their weights (`scaled_loss`, ...), and reported as they are.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from transformer.decoding import argmax
 
 Metrics = dict[str, jax.Array]
 Objective = Callable[..., Metrics]  # (model, params, batch, *, rng, deterministic, ...) -> metric sums
-# Each loss term and the metric that holds its weight; a step minimises "smoothed_" + term where
-# the objective reports one (label smoothing).
-LOSS_TERMS = {"loss": "weight", "nsp_loss": "nsp_weight", "sbo_loss": "weight"}  # SBO: the masked tokens too
+# Each loss term and the metric that holds its weight; a step minimises "scaled_" + term where the
+# objective reports one (distillation's weights), else "smoothed_" + term (label smoothing), else the term.
+# SBO and distillation's KL: the masked tokens too; distillation's cosine: every real token.
+LOSS_TERMS = {"loss": "weight", "nsp_loss": "nsp_weight", "sbo_loss": "weight", "kl_loss": "weight",
+              "cosine_loss": "token_weight"}
 
 
 def cross_entropy(
@@ -94,9 +97,16 @@ def nsp_weights(batch) -> jax.Array:
     return (batch["segment_ids"][:, 0] != 0).astype(jnp.float32)
 
 
+def real_tokens(batch) -> jax.Array:
+    """[B, T] 1.0 on the tokens of a row, 0.0 on its padding."""
+    return (batch["segment_ids"] != 0).astype(jnp.float32)
+
+
 def loss_weights(batch) -> Metrics:
     """Each loss term's summed weight over a batch, computed from the batch alone."""
     weights = {"weight": jnp.sum(batch["weights"].astype(jnp.float32))}
+    if "segment_ids" in batch:
+        weights["token_weight"] = jnp.sum(real_tokens(batch))
     if "nsp_labels" in batch:
         weights["nsp_weight"] = jnp.sum(nsp_weights(batch))
     return weights
@@ -110,7 +120,7 @@ def training_loss(metrics: Metrics, total_weights: Metrics) -> jax.Array:
     (MLM and NSP each keep their own mean, as in BERT).
     """
     return sum(
-        metrics.get("smoothed_" + term, metrics[term]) / jnp.maximum(total_weights[weight], 1.0)
+        metrics.get("scaled_" + term, metrics.get("smoothed_" + term, metrics[term])) / jnp.maximum(total_weights[weight], 1.0)
         for term, weight in LOSS_TERMS.items() if term in metrics
     )
 
@@ -211,4 +221,48 @@ def question_answering(model, params, batch, *, rng, deterministic, label_smooth
                "correct": jnp.sum(both * batch["weights"])}
     if label_smoothing:
         metrics["smoothed_loss"] = (start["smoothed_loss"] + end["smoothed_loss"]) / 2
+    return metrics
+
+
+def softened_kl(teacher_logits: jax.Array, student_logits: jax.Array, temperature: float) -> jax.Array:
+    """KL(p_teacher || p_student) of the two softmaxes at `temperature`, times temperature^2 so that
+    its gradients keep their scale as the temperature changes (Hinton et al. 2015; DistilBERT's
+    loss_ce). [..., V] -> [...] float32."""
+    log_teacher = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+    log_student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+    return jnp.sum(jnp.exp(log_teacher) * (log_teacher - log_student), axis=-1) * temperature**2
+
+
+def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
+    """cos(a, b) along the last axis, in float32. [..., D] x [..., D] -> [...]."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
+    return jnp.sum(a * b, axis=-1) / jnp.maximum(norms, 1e-8)
+
+
+def distillation(model, params, batch, *, rng, deterministic, label_smoothing=0.0, sampling_probability=None,
+                 frozen, teacher, temperature: float, kl_weight: float, mlm_weight: float, cosine_weight: float):
+    """DistilBERT's objective for a student `model` (a MaskedLM) on masked-LM rows: its own masked-LM
+    cross-entropy (`loss`), KL of the teacher's softened distribution to its own on the masked
+    tokens (`kl_loss`, `softened_kl`) and 1 - cos between the two models' last hidden states on
+    every real token (`cosine_loss`); the step minimises each times its weight. `teacher` is the
+    teacher's model (a MaskedLM; any encoder at kl_weight 0), `frozen` its parameters: read without
+    dropout, and never differentiated."""
+    inputs = dict(token_types=batch["token_types"], segment_ids=batch["segment_ids"])
+    hidden = model.apply({"params": params}, batch["tokens"], **inputs, deterministic=deterministic,
+                         rngs={"dropout": rng}, method="encode")
+    logits = model.apply({"params": params}, hidden, method="mlm_logits")
+    frozen = jax.lax.stop_gradient(frozen)
+    teacher_hidden = teacher.apply({"params": frozen}, batch["tokens"], **inputs, method="encode")
+    metrics = _token_metrics(logits, batch["targets"], batch["weights"], label_smoothing)
+    # a term of weight 0 is left out of the step's loss (not multiplied by 0): no gradient through the head for it
+    metrics["scaled_loss"] = mlm_weight * metrics.get("smoothed_loss", metrics["loss"]) if mlm_weight else jnp.zeros(())
+    metrics["cosine_loss"] = jnp.sum((1.0 - cosine_similarity(hidden, teacher_hidden)) * real_tokens(batch))
+    metrics["scaled_cosine_loss"] = cosine_weight * metrics["cosine_loss"]
+    metrics["token_weight"] = jnp.sum(real_tokens(batch))
+    if kl_weight:
+        teacher_logits = teacher.apply({"params": frozen}, teacher_hidden, method="mlm_logits")
+        kl = softened_kl(teacher_logits, logits, temperature)
+        metrics["kl_loss"] = jnp.sum(kl * batch["weights"].astype(jnp.float32))
+        metrics["scaled_kl_loss"] = kl_weight * metrics["kl_loss"]
     return metrics

@@ -219,6 +219,7 @@ def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     rng: jax.Array,
+    frozen: Any = None,
     *,
     model,
     objective: Objective,
@@ -232,17 +233,19 @@ def train_step(
     Each loss term is summed over the whole batch and divided by its weight in the whole batch
     (see `objectives.training_loss`), so k microbatches give the same update as one k-times-larger
     batch, for every objective. Returns the new state and metric sums (loss, weight, correct,
-    ...) plus the gradient norm and `finite_steps` (1). A step with non-finite gradients leaves
+    ...) plus the gradient norm and `finite_steps` (1). `frozen`: parameters the objective reads
+    and the step never trains (a distillation's teacher), passed to it where given. A step with non-finite gradients leaves
     parameters and optimizer moments unchanged (see train.optim), and its metrics are zeros
     (`finite_steps` 0), so that a logged interval averages the steps applied.
     """
     probability = None if sampling_probability is None else sampling_probability(state.step)
     total_weights = objectives.loss_weights(batch)
+    reads = {} if frozen is None else {"frozen": frozen}
 
     def microbatch_loss(params, microbatch, rng):
         metrics = objective(
             model, params, microbatch, rng=rng, deterministic=False, label_smoothing=label_smoothing,
-            sampling_probability=probability,
+            sampling_probability=probability, **reads,
         )
         return objectives.training_loss(metrics, total_weights), metrics
 
@@ -257,28 +260,31 @@ def train_step(
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, model, objective: Objective) -> dict[str, jax.Array]:
+def eval_step(params, batch, frozen=None, *, model, objective: Objective) -> dict[str, jax.Array]:
     """Metric sums of a batch without dropout or label smoothing."""
-    return objective(model, params, batch, rng=jax.random.PRNGKey(0), deterministic=True)
+    reads = {} if frozen is None else {"frozen": frozen}
+    return objective(model, params, batch, rng=jax.random.PRNGKey(0), deterministic=True, **reads)
 
 
 def compile_steps(model, objective, optimizer, mesh: Mesh, shardings, *, accumulation=1, label_smoothing=0.0,
-                  sampling_probability=None):
-    """jit-compiled (train_step, eval_step) with input/output shardings; the state is donated."""
+                  sampling_probability=None, frozen=None):
+    """jit-compiled (train_step, eval_step) with input/output shardings; the state is donated.
+    `frozen`: parameters on the mesh that both steps pass to the objective (`train_step`)."""
     batch_sharding = NamedSharding(mesh, BATCH_SPEC)
     replicated = NamedSharding(mesh, PartitionSpec())
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
     train = jax.jit(
         functools.partial(
             train_step, model=model, objective=objective, optimizer=optimizer, accumulation=accumulation,
             label_smoothing=label_smoothing, sampling_probability=sampling_probability,
         ),
-        in_shardings=(shardings, batch_sharding, replicated),
+        in_shardings=(shardings, batch_sharding, replicated, frozen_shardings),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
     evaluate = jax.jit(
         functools.partial(eval_step, model=model, objective=objective),
-        in_shardings=(shardings.params, batch_sharding),
+        in_shardings=(shardings.params, batch_sharding, frozen_shardings),
         out_shardings=replicated,
     )
 
@@ -286,15 +292,15 @@ def compile_steps(model, objective, optimizer, mesh: Mesh, shardings, *, accumul
 
     def run_train(state, batch, rng):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return train(state, batch, rng)
+            return train(state, batch, rng, frozen)
 
     def run_eval(params, batch):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return evaluate(params, batch)
+            return evaluate(params, batch, frozen)
 
     def trace_train(state, batch, rng):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return train.trace(state, batch, rng)
+            return train.trace(state, batch, rng, frozen)
 
     run_train.trace = trace_train  # ahead-of-time: .trace(...).lower().compile(), as jax.jit's
     return run_train, run_eval

@@ -345,6 +345,10 @@ TASKS: dict[Task, TrainingTask] = {
         features=_question_answering, baselines=_question_answering_baselines, token_level=False,
         generation=squad_answers,
     ),
+    Task.DISTILLATION: TrainingTask(  # the teacher and the loss weights are bound by the job (train.loop)
+        data="lm", fields=("text",), objective=objectives.distillation, features=_masked_lm,
+        baselines=_unigram_baselines,
+    ),
     # Read as classification data: load_splits writes each label as its name, the target text.
     Task.TEXT_TO_TEXT: TrainingTask(
         data="classification", fields=("text", "label"), objective=objectives.seq2seq, features=_seq2seq,
@@ -468,8 +472,8 @@ TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json", "added_
 def _tokenizer_source(config: TrainConfig) -> pathlib.Path | None:
     """Where the run's tokenizer comes from: a sentencepiece .model file (copied as it is), a
     directory or tokenizer.json (opened and saved into the run directory), or None (trained)."""
-    if config.init_from:
-        source = init_source(config.init_from)
+    if config.start_from:
+        source = init_source(config.start_from)
         own_model = (source / "config.yaml").is_file() and (source / "tokenizer.model").is_file()
         return source / "tokenizer.model" if own_model else source  # a checkpoint's: with its configs
     return pathlib.Path(config.tokenizer) if config.tokenizer else None
@@ -493,7 +497,7 @@ def _tokenizer_origin(config: TrainConfig, source: pathlib.Path | None, training
         Tokenizer.load(source)  # a clear error when it is missing or not a sentencepiece model
         return {"copied_from": sha256_file(source)}
     if source is not None:
-        return {"copied_from": config.init_from or config.tokenizer, "files": _tokenizer_digest(source)}
+        return {"copied_from": config.start_from or config.tokenizer, "files": _tokenizer_digest(source)}
     sentinels = {"extra_ids": config.tokenizer_extra_ids} if config.tokenizer_extra_ids else {}
     return {
         "trained_on": training_data, "vocab_size": config.model.vocab_size,
@@ -516,7 +520,7 @@ def prepare_tokenizer(
     settings, or edited since, is refused rather than reused. A run resumed keeps the tokenizer
     it copied from `init_from` (which is not read again, and may be gone).
     """
-    if resuming and config.init_from and any((run_dir / n).exists() and n in artefacts.records for n in TOKENIZER_MODELS):
+    if resuming and config.start_from and any((run_dir / n).exists() and n in artefacts.records for n in TOKENIZER_MODELS):
         runs.check_unchanged(run_dir, artefacts.records)
         return Tokenizer.load(run_dir)
     source = _tokenizer_source(config)
@@ -530,7 +534,7 @@ def prepare_tokenizer(
     sync("tokenizer")
     tokenizer = Tokenizer.load(run_dir)
     tokenizer.check_compatible(config.model)
-    if tokenizer.vocab_size != config.model.vocab_size and not config.init_from:  # only checkpoints pad rows
+    if tokenizer.vocab_size != config.model.vocab_size and not config.start_from:  # only checkpoints pad rows
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
             f"{config.model.vocab_size}: the rows past its ids would never be trained. Set "

@@ -250,16 +250,21 @@ class MaskedLM(_EncoderModel):
     def __call__(self, tokens, *, token_types=None, segment_ids=None, positions=None, span_boundaries=None,
                  deterministic=True):
         """`span_boundaries` [B, T, 3] (the SBO head's input, see `span_boundary_logits`)."""
-        cfg = self.config
         hidden = self.encode(
             tokens, token_types=token_types, segment_ids=segment_ids, positions=positions, deterministic=deterministic
         )
-        logits = self._vocabulary_logits(self.mlm_norm(activation_fn(cfg.activation)(self.mlm_transform(hidden))))
+        logits = self.mlm_logits(hidden)
         if self.next_sentence_prediction:
             return logits, self.nsp_head(self.pool(hidden))
         if self.span_boundary_objective:
             return logits, self.span_boundary_logits(hidden, span_boundaries)
         return logits
+
+    def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+        """The masked-LM head: hidden states [B, T, D] -> logits [B, T, V] float32 (what
+        `__call__` returns first; distillation reads the states and the logits apart)."""
+        act = activation_fn(self.config.activation)
+        return self._vocabulary_logits(self.mlm_norm(act(self.mlm_transform(hidden))))
 
     def _vocabulary_logits(self, h):
         logits = _output_logits(self, self.config, h)
@@ -476,3 +481,22 @@ def merge_pretrained(params, pretrained) -> tuple[dict, list[str]]:
     fresh = sorted(path for path in target if path not in source)
     merged = {path: jnp.asarray(source.get(path, value), value.dtype) for path, value in target.items()}
     return traverse_util.unflatten_dict(merged, sep="/"), fresh
+
+
+def keep_layers(params, layers: list[int], stack: str = "encoder") -> dict:
+    """The parameters with only `layers` (indices, in order) of `stack`, renumbered from 0: a
+    student initialised from some of its teacher's layers (DistilBERT's, from every other one).
+    Scanned stacks (a leading layer axis under "layers") and unscanned ones (layers_0, ...) alike;
+    a stack of shared layers (ALBERT) keeps its one layer. Returns a plain tree."""
+    flat = traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
+    kept = {}
+    for path, value in flat.items():
+        parts = path.split("/")
+        if len(parts) < 2 or parts[0] != stack or not parts[1].startswith("layers"):
+            kept[path] = value
+        elif parts[1] == "layers":  # scanned: [L, ...]
+            kept[path] = value[jnp.asarray(layers)]
+        elif int(parts[1].removeprefix("layers_")) in layers:
+            index = layers.index(int(parts[1].removeprefix("layers_")))
+            kept["/".join([stack, f"layers_{index}", *parts[2:]])] = value
+    return traverse_util.unflatten_dict(kept, sep="/")

@@ -150,7 +150,7 @@ def from_pretrained(
                           may_be_new=head != own_head)
     _check_all_read(family, config, tensors, path)
     if fresh:
-        initial = _flat(model.init(jax.random.PRNGKey(seed), *_example(model))["params"])
+        initial = _flat(jax.jit(model.init)(jax.random.PRNGKey(seed), *_example(model))["params"])  # one program
         params |= {name: initial[name] for name in fresh}
     params = {name: jnp.asarray(value, dtype) for name, value in params.items()}
     if scan_layers:

@@ -31,6 +31,7 @@ class Task(enum.StrEnum):
     TEXT_TO_TEXT = "text_to_text"  # encoder-decoder classification, the label written as a word (T5)
     TOKEN_CLASSIFICATION = "token_classification"  # encoder body + a label per word (named entities)
     QUESTION_ANSWERING = "question_answering"  # encoder body + an answer's start and end in the context (SQuAD)
+    DISTILLATION = "distillation"  # a smaller masked LM trained on a teacher's outputs and states (DistilBERT)
 
     @property
     def generates(self) -> bool:
@@ -61,6 +62,8 @@ class Task(enum.StrEnum):
         a decoder-only config classifies with `DecoderClassifier`."""
         if self == Task.CAUSAL_LM:
             return CausalLM(config)
+        if self == Task.DISTILLATION:
+            return MaskedLM(config)
         if self == Task.MASKED_LM:
             return MaskedLM(config, next_sentence_prediction=next_sentence_prediction,
                             span_boundary_objective=span_boundary_objective)
